@@ -1,0 +1,33 @@
+# Two entry points, both idempotent and quick when everything is installed:
+#   make demo   set up, then run the whole pipeline on Fashion-MNIST
+#   make test   set up, then run the test suite
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+FADRM   = $(VENV)/bin/fadrm
+STAMP   = $(VENV)/.fadrm-installed
+FMNIST  = /usr/share/datasets/fashion-mnist
+RUNS   ?= runs
+
+.PHONY: setup demo test clean-venv
+
+setup: $(STAMP) $(FMNIST)
+
+$(FMNIST):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,plots]'
+	touch $(STAMP)
+
+demo: setup
+	$(FADRM) train-teacher --dataset fashion-mnist --model convnet-small --epochs 8 --out $(RUNS)/demo/teacher.pt
+	$(FADRM) distill --dataset fashion-mnist --teacher $(RUNS)/demo/teacher.pt --method fadrm --ipc 10 --out $(RUNS)/demo/fadrm-ipc10
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,30 @@
+"""fadrm: dataset distillation with FADRM / FADRM+ and the baselines on the same engine."""
+
+from ._version import __version__
+from .api import distill, train_teacher
+from .config import DistillConfig, resolve_distill_config
+from .data import DATASETS, DatasetSpec, get_dataset_spec, load_split
+from .errors import FadrmError
+from .models import MODELS, build_model, list_models
+from .synthesis.methods import METHODS
+from .teachers import Teacher, TeacherTrainConfig, load_teacher
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "DistillConfig",
+    "FadrmError",
+    "METHODS",
+    "MODELS",
+    "Teacher",
+    "TeacherTrainConfig",
+    "__version__",
+    "build_model",
+    "distill",
+    "get_dataset_spec",
+    "list_models",
+    "load_split",
+    "load_teacher",
+    "resolve_distill_config",
+    "train_teacher",
+]

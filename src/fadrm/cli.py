@@ -1,0 +1,163 @@
+"""The ``fadrm`` command: one thin function per subcommand over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from ._version import __version__
+from .errors import FadrmError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _key_values(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """Parse ``key=value`` options; values are read as YAML scalars (numbers, booleans, strings)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise FadrmError(f"expected key=value, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--amp", default="auto", choices=["auto", "off", "fp16", "bf16"],
+                        help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)")  # fmt: skip
+
+
+# ------------------------------------------------------------ train-teacher
+def _train_teacher_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-teacher", help="train a teacher on a full dataset (resumable)",
+                       description="Train a teacher; rerun the same command to resume after an interruption.")  # fmt: skip
+    p.add_argument("--dataset", required=True, help="registered dataset name (fadrm list datasets)")
+    p.add_argument("--model", required=True, help="registered model name (fadrm list models) or timm:<name>")
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.add_argument("--data-root", help="dataset folder (default: the dataset's usual place, if any)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="architecture option, e.g. width=64")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, help="data-loading processes (default: 0 on <= 2 cores)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing checkpoint or unfinished run")
+    _add_runtime_flags(p)
+    p.set_defaults(handler=_train_teacher)
+
+
+def _train_teacher(args: argparse.Namespace) -> int:
+    from .api import train_teacher
+
+    train_teacher(
+        args.dataset, args.model, args.out, data_root=args.data_root, model_args=_key_values(args.model_arg),
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+        workers=args.workers, device=args.device, amp=args.amp, overwrite=args.overwrite,
+    )  # fmt: skip
+    return 0
+
+
+# ------------------------------------------------------------------ distill
+def _distill_parser(sub: argparse._SubParsersAction) -> None:
+    from .synthesis.methods import METHODS
+
+    methods = ", ".join(f"{m} ({METHODS.get(m).summary})" for m in METHODS.names())
+    p = sub.add_parser("distill", help="build a distilled dataset (resumable)",
+                       description=f"Distill a dataset. Methods: {methods}. Unset options come from the "
+                       "dataset's preset (fadrm list presets); the resolved config is saved in --out.")  # fmt: skip
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--teacher", action="append", required=True, dest="teachers",
+                   help="teacher checkpoint, .safetensors, or torchvision weights arch:WEIGHTS; repeat for fadrm+")  # fmt: skip
+    p.add_argument("--teacher-arch", help="architecture of a plain state-dict teacher")
+    p.add_argument("--method", default=None, help="fadrm (default), fadrm+, sre2l, sre2l++ or rded")
+    p.add_argument("--ipc", type=int, required=True, help="images per class")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--data-root")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--sizes", type=int, nargs="+", help="input size of each stage")
+    p.add_argument("--budgets", type=int, nargs="+", help="iterations of each stage")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--r-bn", type=float, help="weight of the BN-statistics loss")
+    p.add_argument("--first-bn-multiplier", type=float)
+    p.add_argument("--jitter", type=int, help="largest random shift in pixels")
+    p.add_argument("--alpha", type=float, help="ARC merge ratio in [0, 1] (1: no residual)")
+    p.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    p.add_argument("--classes-per-group", type=int, help="classes sharing BN statistics in one group")
+    p.add_argument("--groups-per-batch", type=int, help="groups optimised in one forward pass")
+    p.add_argument("--mipc", type=int, help="candidate real images per class for patch selection")
+    p.add_argument("--num-crop", type=int, help="crops scored per candidate image")
+    p.add_argument("--factor", type=int, help="patches per side of a stitched image")
+    p.add_argument("--difficulty", help="easy, medium, hard, or a quantile in [0, 1]")
+    p.add_argument("--patch-crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    _add_runtime_flags(p)
+    p.set_defaults(handler=_distill)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from .api import distill
+
+    options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "dataset", "teachers", "out")}
+    for key in ("crop_scale", "patch_crop_scale"):
+        if options[key] is not None:
+            options[key] = list(options[key])
+    distill(args.dataset, args.teachers, args.out, **options)
+    return 0
+
+
+# --------------------------------------------------------------------- list
+def _list_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list", help="list datasets, models, methods or presets")
+    p.add_argument("what", choices=["datasets", "models", "methods", "presets"])
+    p.set_defaults(handler=_list)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .config import preset_names
+    from .data import DATASETS
+    from .models import list_models
+    from .synthesis.methods import METHODS
+
+    if args.what == "datasets":
+        for name in DATASETS.names():
+            spec = DATASETS.get(name)
+            classes = spec.num_classes or "any"
+            print(f"{name:14s} {classes!s:>5} classes, {spec.channels} ch, {spec.image_size} px  ({spec.layout})")
+    elif args.what == "models":
+        print("\n".join(list_models()))
+        print("timm:<name>  (any timm model, with pip install 'fadrm[timm]')")
+    elif args.what == "methods":
+        for name in METHODS.names():
+            print(f"{name:8s} {METHODS.get(name).summary}")
+    else:
+        print("\n".join(preset_names()))
+    return 0
+
+
+# --------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used to render the docs)."""
+    parser = argparse.ArgumentParser(prog="fadrm", description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED.")
+    parser.add_argument("--version", action="version", version=f"fadrm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_train_teacher_parser, _distill_parser, _list_parser):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: user errors print one line and exit 2; Ctrl-C exits 130 with a resume hint."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except FadrmError as exc:
+        print(f"fadrm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fadrm: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130

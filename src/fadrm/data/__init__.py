@@ -1,0 +1,19 @@
+"""Datasets: frozen specs in a registry, and readers for each on-disk format."""
+
+from .datasets import ImageDataset, FileImageDataset, TensorImageDataset
+from .specs import DATASETS, DatasetSpec, get_dataset_spec, load_split
+from .transforms import eval_transform, normalize, denormalize, train_transform
+
+__all__ = [
+    "DATASETS",
+    "DatasetSpec",
+    "FileImageDataset",
+    "ImageDataset",
+    "TensorImageDataset",
+    "denormalize",
+    "eval_transform",
+    "get_dataset_spec",
+    "load_split",
+    "normalize",
+    "train_transform",
+]

@@ -1,0 +1,135 @@
+"""Realistic patch selection (RDED-style): the initial images P0 and ARC's residual source.
+
+Per class: take ``mipc`` real images, ``num_crop`` square random-resized crops
+of each, score every crop by the teacher's cross-entropy on the true class,
+keep each image's best crop, sort the kept crops by score and take a band of
+``ipc * factor**2`` of them; stitch ``factor x factor`` crops into each image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import ImageDataset, normalize
+from ..errors import FadrmError
+from ..runtime import Runtime
+from .augment import random_resized_crop_box, resize
+
+DIFFICULTY_BANDS = ("easy", "medium", "hard")
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    """How patches are chosen.
+
+    Attributes:
+        mipc: candidate real images per class.
+        num_crop: crops scored per candidate image.
+        factor: crops per side of a stitched image (2 for the ImageNet family, 1 for small images).
+        difficulty: "easy" (lowest loss first, RDED), "medium" (the central band),
+            "hard" (highest loss), or a number q in [0, 1]: the band starting at quantile q.
+        crop_scale: area range of the random-resized crops.
+    """
+
+    mipc: int = 300
+    num_crop: int = 5
+    factor: int = 1
+    difficulty: str | float = "easy"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+
+
+def band_start(num_scored: int, needed: int, difficulty: str | float) -> int:
+    """Index of the first kept crop in the ascending-loss order for a difficulty band."""
+    spare = num_scored - needed
+    if difficulty == "easy":
+        return 0
+    if difficulty == "hard":
+        return spare
+    if difficulty == "medium":
+        return spare // 2
+    try:
+        quantile = float(difficulty)
+    except (TypeError, ValueError):
+        raise FadrmError(f"difficulty must be easy, medium, hard or a number in [0, 1], not {difficulty!r}") from None
+    if not 0.0 <= quantile <= 1.0:
+        raise FadrmError(f"difficulty quantile must be in [0, 1], got {quantile}")
+    return round(quantile * spare)
+
+
+def stitch(patches: torch.Tensor, factor: int) -> torch.Tensor:
+    """Tile ``factor**2 * n`` patches into n images: image i uses patches i, n+i, 2n+i, ... row-major."""
+    if factor == 1:
+        return patches
+    n = len(patches) // factor**2
+    tiles = patches.view(factor, factor, n, *patches.shape[1:])  # (row, col, image, C, h, w)
+    rows = torch.cat(list(tiles.permute(0, 2, 3, 4, 1, 5).flatten(-2).unbind(0)), dim=-2)
+    return rows
+
+
+@torch.no_grad()
+def select_class_patches(
+    dataset: ImageDataset,
+    label: int,
+    ipc: int,
+    teacher: nn.Module,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    image_size: int,
+    settings: PatchSettings,
+    generator: torch.Generator,
+    runtime: Runtime,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, dict]:
+    """Choose and stitch ``ipc`` initial images of class ``label``, in [0, 1], shape (ipc, C, S, S).
+
+    Returns the images and a record of the selection (source indices, scores).
+    """
+    needed = ipc * settings.factor**2
+    pool = dataset.indices_of_class(label)
+    if len(pool) < needed:
+        raise FadrmError(
+            f"class {label} ({dataset.classes[label]}) has {len(pool)} training images; IPC {ipc} with "
+            f"factor {settings.factor} needs {needed}; lower --ipc"
+        )
+    order = torch.randperm(len(pool), generator=generator)[: max(settings.mipc, needed)]
+    candidates = [pool[i] for i in order.tolist()]
+    crop_size = image_size // settings.factor
+    crops = []
+    for index in candidates:
+        image = dataset.load(index).float().div_(255)
+        for _ in range(settings.num_crop):
+            top, left, h, w = random_resized_crop_box(
+                generator, image.shape[-2], image.shape[-1], settings.crop_scale, (1.0, 1.0)
+            )
+            crops.append(resize(image[None, :, top : top + h, left : left + w], crop_size)[0])
+    crops_t = torch.stack(crops)
+    scores = []
+    target = torch.full((batch_size,), label, dtype=torch.long, device=runtime.device)
+    for chunk in crops_t.split(batch_size):
+        batch = normalize(chunk.to(runtime.device), mean, std)
+        if image_size != crop_size:
+            # Score each patch at the size the teacher was trained on.
+            batch = resize(batch, image_size)
+        with runtime.autocast():
+            logits = teacher(batch)
+        scores.append(F.cross_entropy(logits.float(), target[: len(chunk)], reduction="none").cpu())
+    per_crop = torch.cat(scores).view(len(candidates), settings.num_crop)
+    best_score, best_crop = per_crop.min(dim=1)
+    best = crops_t.view(len(candidates), settings.num_crop, *crops_t.shape[1:])[
+        torch.arange(len(candidates)), best_crop
+    ]
+    ranked = best_score.argsort(stable=True)
+    start = band_start(len(candidates), needed, settings.difficulty)
+    chosen = ranked[start : start + needed]
+    images = stitch(best[chosen], settings.factor)
+    record = {
+        "class": label,
+        "source_indices": [candidates[i] for i in chosen.tolist()],
+        "scores": [round(float(best_score[i]), 6) for i in chosen.tolist()],
+        "candidates": len(candidates),
+    }
+    return images.clamp_(0, 1), record

@@ -1,0 +1,369 @@
+"""Teachers: the checkpoint format, safe loading from every source, and training.
+
+A teacher is a classifier with BatchNorm layers whose input is a normalised
+image. Our checkpoints carry their own metadata (architecture, dataset,
+classes, channels, normalisation, accuracy, package version), so every later
+command needs only the path. Loading never executes pickled code.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split, train_transform
+from .data.specs import IMAGENET_MEAN, IMAGENET_STD
+from .errors import FadrmError
+from .io import save_torch, sha256_file
+from .models import build_model
+from .runtime import make_runtime
+from .training import evaluate_accuracy, make_loader, train_one_epoch
+
+CHECKPOINT_FORMAT = "fadrm-teacher"
+CHECKPOINT_VERSION = 1
+_TORCHVISION_WEIGHTS = re.compile(r"^([a-z0-9_]+):([A-Za-z0-9_]+)$")
+
+
+@dataclass
+class Teacher:
+    """A loaded, frozen teacher (eval mode) and what it was trained on.
+
+    ``model`` maps normalised images (with ``mean``/``std``) to one logit per
+    class of ``class_names``.
+    """
+
+    model: nn.Module
+    arch: str
+    dataset: str
+    class_names: list[str]
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+    sha256: str | None = None
+    val_top1: float | None = None
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    kind: str = "fadrm"  # "fadrm" checkpoint, plain "state_dict", or "torchvision" weights
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def has_batchnorm(self) -> bool:
+        """Whether the model has BatchNorm layers (synthesis matches their statistics)."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+
+    def describe(self) -> dict[str, Any]:
+        """JSON summary for manifests and result files."""
+        return {
+            "source": self.source, "sha256": self.sha256, "arch": self.arch, "arch_args": self.arch_args,
+            "dataset": self.dataset, "num_classes": self.num_classes, "in_channels": self.in_channels,
+            "val_top1": self.val_top1, "kind": self.kind,
+        }  # fmt: skip
+
+
+class LogitSubset(nn.Module):
+    """Restrict a classifier's logits to some classes (an ImageNet-1k teacher on ImageNette)."""
+
+    def __init__(self, model: nn.Module, indices: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("indices", torch.tensor(indices, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).index_select(1, self.indices)
+
+
+# ------------------------------------------------------------------ saving
+def checkpoint_dict(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """Our checkpoint: the state dict plus self-describing metadata (all weights_only-safe types)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "fadrm_version": __version__,
+        **meta,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+# ----------------------------------------------------------------- loading
+def _safe_torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise FadrmError(
+            f"refusing to load {path}: it is not a plain-weights checkpoint ({first[:120]}); "
+            "save a state_dict or use safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise FadrmError(f"cannot read checkpoint {path} ({str(exc).splitlines()[0][:120]}); is it corrupt?") from None
+
+
+def _load_state_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, arch: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise FadrmError(f"{what} does not fit architecture {arch!r} ({detail})") from None
+
+
+def _plain_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    """Find a state dict inside common wrappers ({"state_dict": ...}, {"model": ...})."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            # DataParallel / DDP checkpoints prefix every key with "module."
+            if all(k.startswith("module.") for k in obj):
+                obj = {k[len("module.") :]: v for k, v in obj.items()}
+            return obj
+    return None
+
+
+def _torchvision_teacher(arch: str, weights_name: str) -> Teacher:
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(arch)[weights_name]
+    except (ValueError, KeyError):
+        raise FadrmError(f"torchvision has no weights {arch}:{weights_name}") from None
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not cache.exists():
+        raise FadrmError(
+            f"weights {arch}:{weights_name} are not in the local torch cache; without network access, "
+            f"download {weights.url} elsewhere and copy it to {cache}"
+        )
+    model = build_model(arch, num_classes=1000, in_channels=3)
+    _load_state_into(model, _safe_torch_load(cache), str(cache), arch)
+    return Teacher(
+        model=model.eval(), arch=arch, dataset="imagenet-1k", class_names=list(weights.meta["categories"]),
+        in_channels=3, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        source=f"{arch}:{weights_name}", sha256=sha256_file(cache),
+        val_top1=weights.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1"), kind="torchvision",
+    )  # fmt: skip
+
+
+def load_teacher(source: str | Path, spec: DatasetSpec | None = None, arch: str | None = None) -> Teacher:
+    """Load a teacher from any supported source, frozen and in eval mode.
+
+    Args:
+        source: our checkpoint (.pt), a plain state dict (.pt/.pth), a .safetensors
+            file, or torchvision weights as ``arch:WEIGHTS`` (e.g. ``resnet18:IMAGENET1K_V1``).
+        spec: the dataset, needed for plain state dicts (classes, channels, normalisation).
+        arch: the architecture, needed for plain state dicts.
+    """
+    path = Path(source)
+    match = _TORCHVISION_WEIGHTS.match(str(source))
+    if match and not path.exists():
+        teacher = _torchvision_teacher(*match.groups())
+    elif not path.exists():
+        raise FadrmError(f"teacher checkpoint {path} not found; train one with: fadrm train-teacher")
+    elif path.is_dir():
+        raise FadrmError(f"teacher {path} is a folder; give the checkpoint file")
+    else:
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                obj: Any = load_file(str(path))
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise FadrmError(f"cannot read safetensors file {path} ({exc})") from None
+        else:
+            obj = _safe_torch_load(path)
+        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+            teacher = _teacher_from_checkpoint(obj, path)
+        else:
+            state = _plain_state_dict(obj)
+            if state is None:
+                raise FadrmError(f"{path} holds neither a fadrm checkpoint nor a state dict")
+            if spec is None or arch is None or spec.num_classes is None:
+                raise FadrmError(f"{path} is a plain state dict; also give --teacher-arch and --dataset")
+            model = build_model(arch, spec.num_classes, spec.channels, spec.image_size)
+            _load_state_into(model, state, str(path), arch)
+            teacher = Teacher(
+                model=model, arch=arch, dataset=spec.name, class_names=[str(i) for i in range(spec.num_classes)],
+                in_channels=spec.channels, image_size=spec.image_size, mean=spec.mean, std=spec.std,
+                source=str(path), sha256=sha256_file(path), kind="state_dict",
+            )  # fmt: skip
+    teacher.model.eval().requires_grad_(False)
+    return teacher
+
+
+def _teacher_from_checkpoint(ckpt: dict[str, Any], path: Path) -> Teacher:
+    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise FadrmError(f"{path} was written by a newer fadrm ({ckpt.get('fadrm_version')}); upgrade fadrm")
+    arch, args = ckpt["arch"], dict(ckpt.get("arch_args", {}))
+    model = build_model(arch, len(ckpt["class_names"]), ckpt["in_channels"], ckpt["image_size"], **args)
+    _load_state_into(model, ckpt["state_dict"], str(path), arch)
+    return Teacher(
+        model=model, arch=arch, dataset=ckpt["dataset"], class_names=list(ckpt["class_names"]),
+        in_channels=ckpt["in_channels"], image_size=ckpt["image_size"], mean=tuple(ckpt["mean"]),
+        std=tuple(ckpt["std"]), source=str(path), sha256=sha256_file(path), val_top1=ckpt.get("val_top1"),
+        arch_args=args,
+    )  # fmt: skip
+
+
+def fit_teacher_to_dataset(teacher: Teacher, spec: DatasetSpec, class_names: list[str]) -> Teacher:
+    """Check the teacher suits the dataset and adapt an ImageNet-1k teacher to an ImageNet subset.
+
+    Args:
+        teacher: a loaded teacher.
+        spec: the dataset being distilled or evaluated.
+        class_names: the dataset's classes as read from disk, in label order.
+
+    Raises:
+        FadrmError: when channels, class count, training dataset or class names differ.
+    """
+    if teacher.in_channels != spec.channels:
+        raise FadrmError(
+            f"teacher {teacher.source} takes {teacher.in_channels}-channel images, {spec.name} has "
+            f"{spec.channels}; use a teacher trained on {spec.name}"
+        )
+    if teacher.num_classes == 1000 and teacher.dataset == "imagenet-1k" and spec.imagenet_indices is not None:
+        # The mapping goes through each class's ImageNet index, never by position.
+        model = LogitSubset(teacher.model, spec.imagenet_indices).eval()
+        names = [teacher.class_names[i] for i in spec.imagenet_indices]
+        return replace(teacher, model=model, class_names=names, dataset=spec.name)
+    fix = f"train a teacher on {spec.name} with: fadrm train-teacher --dataset {spec.name}"
+    if teacher.num_classes != len(class_names):
+        raise FadrmError(
+            f"teacher {teacher.source} predicts {teacher.num_classes} classes, {spec.name} has {len(class_names)}; {fix}"
+        )
+    if teacher.kind == "state_dict":
+        return replace(teacher, class_names=list(class_names))
+    if teacher.dataset != spec.name:
+        raise FadrmError(f"teacher {teacher.source} was trained on {teacher.dataset}, not {spec.name}; {fix}")
+    if teacher.kind == "fadrm" and teacher.class_names != list(class_names):
+        raise FadrmError(f"teacher {teacher.source} was trained on other classes than the data given; {fix}")
+    return teacher
+
+
+# ---------------------------------------------------------------- training
+@dataclass
+class TeacherTrainConfig:
+    """How to train a teacher; every field is also a ``fadrm train-teacher`` flag."""
+
+    dataset: str
+    model: str
+    out: str
+    data_root: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    workers: int | None = None
+    device: str = "auto"
+    amp: str = "auto"
+    overwrite: bool = False
+
+    # Fields that change the trained weights; a resume needs them unchanged.
+    IDENTITY = ("dataset", "model", "model_args", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed")
+
+    def identity(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.IDENTITY}
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where an unfinished teacher run keeps its per-epoch state."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def train_teacher(config: TeacherTrainConfig, log: Callable[[str], None] = print) -> Teacher:
+    """Train a teacher on the full training set and save a self-describing checkpoint.
+
+    SGD with Nesterov momentum and a per-step cosine schedule. State is saved
+    after every epoch to ``<out>.partial``; running again continues from the
+    last finished epoch. A finished checkpoint with the same settings is
+    returned as is.
+    """
+    out = Path(config.out)
+    if out.is_dir():
+        raise FadrmError(f"--out {out} is a folder; give a file name such as {out / 'teacher.pt'}")
+    spec = get_dataset_spec(config.dataset)
+    if out.exists() and not config.overwrite:
+        ckpt = _safe_torch_load(out)
+        if isinstance(ckpt, dict) and ckpt.get("train_config", {}) == config.identity():
+            log(f"teacher {out} already trained with these settings (val top-1 {ckpt.get('val_top1'):.2f}%)")
+            return load_teacher(out)
+        raise FadrmError(f"{out} exists and was not trained with these settings; pass --overwrite or another --out")
+    runtime = make_runtime(config.device, config.amp)
+    train_set = load_split(spec, "train", config.data_root)
+    val_set = load_split(spec, "val", config.data_root)
+    train_set.transform = train_transform(spec)
+    val_set.transform = eval_transform(spec)
+    num_classes = len(train_set.classes)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, num_classes, spec.channels, spec.image_size, **config.model_args)
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
+    )
+    steps_per_epoch = len(make_loader(train_set, config.batch_size, shuffle=True, workers=0, drop_last=True))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15,
+        anneal_strategy="cos", div_factor=25.0, final_div_factor=1e3,
+    )  # fmt: skip
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    partial = partial_path(out)
+    if partial.exists() and not config.overwrite:
+        state = _safe_torch_load(partial)
+        if state.get("train_config") != config.identity():
+            raise FadrmError(f"{partial} is from a run with other settings; pass --overwrite to start again")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, start_epoch = list(state["history"]), int(state["epoch"])
+        log(f"resuming {out} after epoch {start_epoch}")
+    val_loader = make_loader(val_set, 512, shuffle=False, workers=config.workers)
+    metrics = history[-1] if history else {"top1": float("nan"), "top5": float("nan")}
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        # Seeding per epoch makes a resumed run see the same batches and augmentations.
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        loader = make_loader(
+            train_set, config.batch_size, shuffle=True, seed=config.seed * 100_003 + epoch,
+            workers=config.workers, drop_last=True,
+        )  # fmt: skip
+        loss = train_one_epoch(
+            model, loader, optimizer, scheduler, runtime, spec.mean, spec.std, desc=f"epoch {epoch + 1}/{config.epochs}"
+        )
+        metrics = evaluate_accuracy(model, val_loader, runtime, spec.mean, spec.std)
+        history.append({"epoch": epoch + 1, "train_loss": loss, **metrics})
+        save_torch(partial, {
+            "train_config": config.identity(), "epoch": epoch + 1, "history": history,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        })  # fmt: skip
+        log(
+            f"epoch {epoch + 1}/{config.epochs}: train loss {loss:.4f}, val top-1 {metrics['top1']:.2f}%, "
+            f"top-5 {metrics['top5']:.2f}% ({time.perf_counter() - started:.0f}s)"
+        )
+    meta = {
+        "arch": config.model, "arch_args": config.model_args, "dataset": spec.name,
+        "class_names": list(train_set.classes), "in_channels": spec.channels, "image_size": spec.image_size,
+        "mean": list(spec.mean), "std": list(spec.std), "val_top1": metrics["top1"], "val_top5": metrics["top5"],
+        "history": history, "train_config": config.identity(), "trained_on": runtime.describe(),
+    }  # fmt: skip
+    save_torch(out, checkpoint_dict(model.to(memory_format=torch.contiguous_format), meta))
+    partial.unlink(missing_ok=True)
+    log(f"saved teacher to {out} (val top-1 {metrics['top1']:.2f}%)")
+    return load_teacher(out)

@@ -1,0 +1,126 @@
+"""Each dataset format loads through the registry, from fixtures in its real on-disk layout."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fadrm.data import DATASETS, eval_transform, get_dataset_spec, load_split, train_transform
+from fadrm.data.specs import IMAGENETTE_CLASSES, IMAGEWOOF_CLASSES
+from fadrm.errors import FadrmError
+
+from conftest import write_image_folder
+
+
+def test_unknown_dataset_lists_valid_names():
+    with pytest.raises(FadrmError, match="choose one of: .*fashion-mnist"):
+        get_dataset_spec("mnist-fashion")
+
+
+def test_fashion_mnist_idx(fmnist_root):
+    spec = get_dataset_spec("fashion-mnist")
+    train = load_split(spec, "train", fmnist_root)
+    val = load_split(spec, "val", fmnist_root)
+    assert len(train) == 160 and len(val) == 40
+    assert train.classes[0] == "T-shirt/top" and train.targets[:17] == [0] * 16 + [1]
+    image, label = train[20]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32 and label == 1
+    assert train.indices_of_class(3) == list(range(48, 64))
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="Debian dataset not installed")
+def test_fashion_mnist_debian_package():
+    spec = get_dataset_spec("fashion-mnist")
+    train, val = load_split(spec, "train"), load_split(spec, "val")
+    assert (len(train), len(val)) == (60000, 10000)
+    assert sorted(set(val.targets)) == list(range(10))
+
+
+@pytest.mark.parametrize("name,count,prefix", [("cifar10", 50, "c10_"), ("cifar100", 100, "c100_")])
+def test_cifar_pickles(cifar_root, name, count, prefix):
+    spec = get_dataset_spec(name)
+    train = load_split(spec, "train", cifar_root)
+    assert len(train) == count and train.classes[1] == f"{prefix}1"
+    assert train.load(0).shape == (3, 32, 32)
+    # Pointing at the batch folder itself works too.
+    folder = cifar_root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    assert len(load_split(spec, "val", folder)) > 0
+
+
+def test_tiny_imagenet_layout(tiny_imagenet_root):
+    spec = replace(get_dataset_spec("tiny-imagenet"), num_classes=3)
+    train = load_split(spec, "train", tiny_imagenet_root)
+    val = load_split(spec, "val", tiny_imagenet_root)
+    assert train.classes == sorted(train.classes)  # label = position in sorted wnids
+    assert len(train) == 9 and len(val) == 3
+    assert val.targets == [0, 1, 2]
+    assert train[0][0].shape == (3, 64, 64)
+
+
+def test_imagenette_order_and_imagenet_mapping(imagenette_root):
+    spec = get_dataset_spec("imagenette")
+    train = load_split(spec, "train", imagenette_root)
+    assert train.classes == sorted(c[0] for c in IMAGENETTE_CLASSES)
+    assert spec.imagenet_indices == (0, 217, 482, 491, 497, 566, 569, 571, 574, 701)
+    assert spec.display_names[0] == "tench" and spec.display_names[-1] == "parachute"
+    woof = get_dataset_spec("imagewoof")
+    assert woof.imagenet_indices == tuple(c[2] for c in IMAGEWOOF_CLASSES)
+    assert [c[0] for c in IMAGEWOOF_CLASSES] == sorted(c[0] for c in IMAGEWOOF_CLASSES)
+    image, _ = train[0]
+    assert image.shape == (3, 40, 40)
+    train.transform = train_transform(spec)
+    assert train[0][0].shape == (3, 224, 224)
+    train.transform = eval_transform(spec)
+    assert train[0][0].shape == (3, 224, 224)
+
+
+def test_imagenette_wrong_folders_is_a_clear_error(tmp_path):
+    write_image_folder(tmp_path, [f"class{i}" for i in range(10)], 1)
+    with pytest.raises(FadrmError, match="class folders .* do not match"):
+        load_split(get_dataset_spec("imagenette"), "train", tmp_path)
+
+
+def test_generic_imagefolder(tmp_path):
+    write_image_folder(tmp_path, ["zebra", "apple", "mango"], 2)
+    train = load_split(get_dataset_spec("imagefolder"), "train", tmp_path)
+    assert train.classes == ["apple", "mango", "zebra"] and len(train) == 6
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    with pytest.raises(FadrmError, match="does not exist"):
+        load_split(get_dataset_spec("cifar10"), "train", tmp_path / "nowhere")
+    with pytest.raises(FadrmError, match="needs --data-root"):
+        load_split(get_dataset_spec("cifar100"), "train")
+    with pytest.raises(FadrmError, match="not found"):
+        load_split(get_dataset_spec("fashion-mnist"), "train", tmp_path)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    write_image_folder(tmp_path, ["a", "b"], 1)
+    bad = tmp_path / "train" / "a" / "img_0.png"
+    bad.write_bytes(b"not a png")
+    train = load_split(get_dataset_spec("imagefolder"), "train", tmp_path)
+    with pytest.raises(FadrmError, match="cannot read image .*img_0.png"):
+        train[0]
+
+
+def test_pad_crop_flip_batch_matches_shapes_and_range():
+    spec = get_dataset_spec("cifar10")
+    transform = train_transform(spec)
+    batch = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    out = transform.batch(batch)
+    assert out.shape == (5, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
+    # With zero padding a crop is the image or its mirror.
+    transform.padding = 0
+    out = transform.batch(batch)
+    for image, aug in zip(batch.float() / 255, out):
+        assert torch.equal(aug, image) or torch.equal(aug, image.flip(-1))
+
+
+def test_every_spec_has_a_preset():
+    from fadrm.config import preset_names
+
+    assert set(DATASETS.names()) <= set(preset_names())

@@ -1,0 +1,142 @@
+"""Teacher checkpoints: safe loading from every source, mismatches, training with resume."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fadrm.data import get_dataset_spec
+from fadrm.data.specs import FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES
+from fadrm.errors import FadrmError
+from fadrm.io import save_torch
+from fadrm.models import build_model
+from fadrm.teachers import (
+    TeacherTrainConfig, fit_teacher_to_dataset, load_teacher, partial_path, train_teacher,
+)  # fmt: skip
+
+from conftest import make_teacher_checkpoint
+
+FMNIST = get_dataset_spec("fashion-mnist")
+
+
+def test_our_checkpoint_carries_its_metadata(teacher_ckpt):
+    teacher = load_teacher(teacher_ckpt)
+    assert teacher.arch == "convnet-small" and teacher.arch_args == {"width": 8}
+    assert teacher.dataset == "fashion-mnist" and teacher.num_classes == 10 and teacher.in_channels == 1
+    assert len(teacher.sha256) == 64 and teacher.has_batchnorm()
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
+
+
+def test_plain_state_dict_and_safetensors(tmp_path):
+    model = build_model("convnet-small", 10, 1, 28)
+    pt, st = tmp_path / "plain.pth", tmp_path / "plain.safetensors"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, pt)
+    save_file(model.state_dict(), str(st))
+    for path in (pt, st):
+        teacher = load_teacher(path, FMNIST, "convnet-small")
+        x = torch.randn(2, 1, 28, 28)
+        assert torch.allclose(teacher.model(x), model.eval()(x))
+    with pytest.raises(FadrmError, match="--teacher-arch"):
+        load_teacher(pt)
+    with pytest.raises(FadrmError, match="does not fit architecture"):
+        load_teacher(pt, FMNIST, "convnet")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"state_dict": Evil()}, fh)
+    with pytest.raises(FadrmError, match="refusing to load"):
+        load_teacher(path)
+
+
+def test_unreadable_and_missing_checkpoints(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(FadrmError, match="cannot read checkpoint|refusing"):
+        load_teacher(bad)
+    with pytest.raises(FadrmError, match="not found"):
+        load_teacher(tmp_path / "none.pt")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"12345678")
+    with pytest.raises(FadrmError, match="cannot read safetensors"):
+        load_teacher(broken)
+
+
+def test_class_and_channel_mismatches(tmp_path, teacher_ckpt):
+    teacher = load_teacher(teacher_ckpt)
+    cifar = get_dataset_spec("cifar10")
+    with pytest.raises(FadrmError, match="1-channel images, cifar10 has 3"):
+        fit_teacher_to_dataset(teacher, cifar, [str(i) for i in range(10)])
+    with pytest.raises(FadrmError, match="predicts 10 classes, fashion-mnist has 5"):
+        fit_teacher_to_dataset(teacher, FMNIST, list(FASHION_MNIST_CLASSES[:5]))
+    other = make_teacher_checkpoint(tmp_path / "c.pt", dataset="imagefolder", channels=1, width=4)
+    with pytest.raises(FadrmError, match="trained on imagefolder, not fashion-mnist"):
+        fit_teacher_to_dataset(load_teacher(other), FMNIST, list(FASHION_MNIST_CLASSES))
+
+
+def test_imagenet_teacher_restricted_to_imagenette(tmp_path):
+    path = make_teacher_checkpoint(
+        tmp_path / "in1k.pt", arch="convnet-small", dataset="imagenet-1k", num_classes=1000, channels=3, size=32,
+        class_names=[f"in{i}" for i in range(1000)], width=4,
+    )  # fmt: skip
+    teacher = fit_teacher_to_dataset(load_teacher(path), get_dataset_spec("imagenette"), [c[0] for c in IMAGENETTE_CLASSES])
+    x = torch.randn(2, 3, 32, 32)
+    full = teacher.model.model(x)
+    assert torch.equal(teacher.model(x), full[:, [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]])
+    assert teacher.class_names[1] == "in217" and teacher.dataset == "imagenette"
+
+
+def test_torchvision_weights_offline_message(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FadrmError, match=r"not in the local torch cache.*copy it to .*resnet18-"):
+        load_teacher("resnet18:IMAGENET1K_V1")
+    with pytest.raises(FadrmError, match="no weights"):
+        load_teacher("resnet18:NOPE")
+
+
+def test_train_teacher_resumes_after_interruption(fmnist_root, tmp_path):
+    def config(out: Path, **kw) -> TeacherTrainConfig:
+        return TeacherTrainConfig(
+            dataset="fashion-mnist", model="convnet-small", model_args={"width": 4}, out=str(out),
+            data_root=str(fmnist_root), epochs=2, batch_size=32, workers=0, device="cpu", **kw,
+        )  # fmt: skip
+
+    straight = train_teacher(config(tmp_path / "a.pt"), log=lambda s: None)
+
+    def stop_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch 1/2"):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "b.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(config(out), log=stop_after_first_epoch)
+    assert partial_path(out).exists() and not out.exists()
+    lines: list[str] = []
+    resumed = train_teacher(config(out), log=lines.append)
+    assert any("resuming" in line for line in lines)
+    assert not partial_path(out).exists()
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["dataset"] == "fashion-mnist" and ckpt["in_channels"] == 1 and "fadrm_version" in ckpt
+    assert len(ckpt["history"]) == 2
+    # Same command again: reused, not retrained; other settings: refused.
+    assert "already trained" in " ".join(_capture(lambda log: train_teacher(config(out), log=log)))
+    with pytest.raises(FadrmError, match="--overwrite"):
+        train_teacher(config(out, lr=0.5), log=lambda s: None)
+
+
+def _capture(run) -> list[str]:
+    lines: list[str] = []
+    run(lines.append)
+    return lines
