@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import resolve_distill_config
-from .distill import distill as _distill
+from .synthesis.pipeline import distill as _distill
 from .teachers import Teacher, TeacherTrainConfig
 from .teachers import train_teacher as _train_teacher
 

@@ -31,10 +31,12 @@ class ConvNet(nn.Module):
         if size < 1:
             raise TypeError(f"depth {depth} pools {image_size}px images down to nothing")
         self.features = nn.Sequential(*layers)
+        # Identity at the training size; lets multi-resolution synthesis feed smaller or larger inputs.
+        self.pool = nn.AdaptiveAvgPool2d(size)
         self.classifier = nn.Linear(width * size * size, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x).flatten(1))
+        return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
 @register_model("convnet", min_size=8)

@@ -29,20 +29,20 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ._version import __version__
-from .config import DistillConfig, write_config
-from .data import DatasetSpec, get_dataset_spec, load_split, normalize
-from .data.transforms import denormalize
-from .distributed import Ranks, init_ranks
-from .errors import FadrmError
-from .io import atomic_path, read_json, safe_name, save_png, write_json
-from .runtime import Runtime, make_runtime
-from .synthesis.methods import METHODS, Method
-from .synthesis.patches import PatchSettings, select_class_patches
-from .synthesis.recover import RecoverSettings, recover
-from .synthesis.units import Unit, make_generator, plan_units
-from .teachers import Teacher, fit_teacher_to_dataset, load_teacher
-from .training import progress
+from .._version import __version__
+from ..config import DistillConfig, write_config
+from ..data import DatasetSpec, get_dataset_spec, load_split, normalize
+from ..data.transforms import denormalize
+from ..distributed import Ranks, init_ranks
+from ..errors import FadrmError
+from ..io import atomic_path, read_json, safe_name, save_png, write_json
+from ..runtime import Runtime, make_runtime
+from .methods import METHODS, Method
+from .patches import PatchSettings, select_class_patches
+from .recover import RecoverSettings, recover
+from .units import Unit, make_generator, plan_units
+from ..teachers import Teacher, fit_teacher_to_dataset, load_teacher
+from ..training import progress
 
 MANIFEST_FORMAT = "fadrm-distilled"
 MANIFEST_VERSION = 1
