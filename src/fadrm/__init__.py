@@ -1,7 +1,7 @@
 """fadrm: dataset distillation with FADRM / FADRM+ and the baselines on the same engine."""
 
 from ._version import __version__
-from .api import distill, train_teacher
+from .api import distill, evaluate, run, train_teacher
 from .config import DistillConfig, resolve_distill_config
 from .data import DATASETS, DatasetSpec, get_dataset_spec, load_split
 from .errors import FadrmError
@@ -21,10 +21,12 @@ __all__ = [
     "__version__",
     "build_model",
     "distill",
+    "evaluate",
     "get_dataset_spec",
     "list_models",
     "load_split",
     "load_teacher",
     "resolve_distill_config",
+    "run",
     "train_teacher",
 ]

@@ -7,11 +7,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import resolve_distill_config
+from .config import load_preset_section, resolve_distill_config
+from .evaluate import EvalConfig
+from .evaluate import evaluate as _evaluate
 from .synthesis.pipeline import distill as _distill
+from .errors import FadrmError
 from .teachers import Teacher, TeacherTrainConfig
 from .teachers import train_teacher as _train_teacher
 
@@ -36,3 +40,67 @@ def distill(
     """
     sources = [str(t) for t in (teachers if isinstance(teachers, list) else [teachers])]
     return _distill(resolve_distill_config(dataset, sources, str(out), **options), log=log)
+
+
+def evaluate(distilled: str | Path, log: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
+    """Train students on a distilled set (and baselines); ``options`` are :class:`EvalConfig` fields
+    overriding the dataset preset's ``evaluate`` section. Returns the results (also written to disk)."""
+    from .evaluate import read_manifest
+
+    dataset = read_manifest(distilled)["dataset"]["name"]
+    preset = load_preset_section(dataset, "evaluate")
+    chosen = {k: v for k, v in options.items() if v is not None}
+    return _evaluate(EvalConfig(distilled=str(distilled), **{**preset, **chosen}), log=log)
+
+
+def run(
+    dataset: str,
+    ipc: int,
+    out: str | Path,
+    method: str = "fadrm",
+    teachers: list[str] | None = None,
+    data_root: str | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    amp: str = "auto",
+    distill_options: dict[str, Any] | None = None,
+    eval_options: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The whole pipeline in ``out``: teacher (trained unless given), distillation, evaluation with
+    the random-real baseline. Each stage reuses what an earlier run already finished.
+
+    Returns a summary with each stage's accuracy and wall time.
+    """
+    out = Path(out)
+    common = {"device": device, "amp": amp}
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    if not teachers:
+        teacher_preset = load_preset_section(dataset, "teacher")
+        if not teacher_preset:
+            raise FadrmError(f"{dataset} has no default teacher recipe; train one with fadrm train-teacher and pass --teacher")
+        model = teacher_preset.pop("model")
+        path = out / "teacher.pt"
+        train_teacher(dataset, model, path, log=log, data_root=data_root, seed=seed, **teacher_preset, **common)
+        teachers = [str(path)]
+    timings["teacher"] = time.perf_counter() - started
+    from .teachers import load_teacher
+
+    teacher_acc = [load_teacher(t).val_top1 for t in teachers]
+    started = time.perf_counter()
+    distilled = out / f"{method}-ipc{ipc}"
+    distill(dataset, teachers, distilled, log=log, method=method, ipc=ipc, data_root=data_root, seed=seed,
+            **common, **(distill_options or {}))  # fmt: skip
+    timings["distill"] = time.perf_counter() - started
+    started = time.perf_counter()
+    options = {"baselines": ["random-real"], "data_root": data_root, "seed": seed, **common, **(eval_options or {})}
+    results = evaluate(distilled, log=log, **options)
+    timings["evaluate"] = time.perf_counter() - started
+    summary = {"teacher_top1": teacher_acc, "runs": results["runs"], "seconds": timings, "distilled": str(distilled)}
+    lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}"]
+    for r in results["runs"]:
+        lines.append(f"{r['student']:>14s} on {r['train_set']:<10s} ({r['labels']} labels): top-1 {r['top1']:.2f}%")
+    lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    log("\n".join(["== fadrm run summary ==", *lines]))
+    return summary

@@ -110,6 +110,75 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------- evaluate
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", action="append", dest="students", help="student model; repeat for a cross-architecture table")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--accumulation", type=int, help="batches per optimiser step")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"])
+    p.add_argument("--student-lr", type=float, dest="lr")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--eta", type=float, help="cosine stretch: lr factor 0.5(1 + cos(pi e / (eta E)))")
+    p.add_argument("--temperature", type=float, help="KL temperature (20 as published)")
+    p.add_argument("--mix", choices=["cutmix", "mixup", "none"])
+    p.add_argument("--labels", choices=["live", "stored"], help="teacher in the loop, or labels stored once and reused")
+    p.add_argument("--labels-dir", help="where stored labels live (default: <out>/labels)")
+    p.add_argument("--topk", type=int, help="store only the top-k probabilities per view")
+    p.add_argument("--bssl", action="store_true", default=None, help="teachers in train mode on half-batches")
+    p.add_argument("--teacher-weight", type=float, action="append", dest="teacher_weights")
+    p.add_argument("--eval-at", type=int, nargs="+", help="also evaluate after these epochs")
+    p.add_argument("--baseline", action="append", dest="baselines", choices=["random-real"],
+                   help="also train on a random real subset of the same IPC, with soft and hard labels")  # fmt: skip
+    p.add_argument("--workers", type=int)
+
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="train students on a distilled set, report validation accuracy",
+                       description="Train fresh students only on a distilled set (soft labels from its teachers) "
+                       "and report top-1/top-5 on the real validation set. Finished runs are reused.")  # fmt: skip
+    p.add_argument("distilled", help="folder written by fadrm distill")
+    p.add_argument("--out", help="results folder (default: <distilled>/eval)")
+    p.add_argument("--teacher", action="append", dest="teachers", help="relabelling teacher (default: the set's own)")
+    p.add_argument("--data-root")
+    p.add_argument("--seed", type=int)
+    _add_eval_flags(p)
+    _add_runtime_flags(p)
+    p.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .api import evaluate
+
+    options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "distilled")}
+    evaluate(args.distilled, **options)
+    return 0
+
+
+# ---------------------------------------------------------------------- run
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the whole pipeline: teacher, distill, evaluate with a baseline",
+                       description="Train (or load) the teacher, distill, evaluate against the random-real "
+                       "baseline. Rerunning reuses every finished stage.")  # fmt: skip
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--ipc", type=int, required=True)
+    p.add_argument("--method", default="fadrm")
+    p.add_argument("--out", required=True)
+    p.add_argument("--teacher", action="append", dest="teachers", help="use these teachers instead of training one")
+    p.add_argument("--data-root")
+    p.add_argument("--seed", type=int, default=0)
+    _add_runtime_flags(p)
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .api import run
+
+    run(args.dataset, args.ipc, args.out, method=args.method, teachers=args.teachers, data_root=args.data_root,
+        seed=args.seed, device=args.device, amp=args.amp)  # fmt: skip
+    return 0
+
+
 # --------------------------------------------------------------------- list
 def _list_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list datasets, models, methods or presets")
@@ -145,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fadrm", description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED.")
     parser.add_argument("--version", action="version", version=f"fadrm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_train_teacher_parser, _distill_parser, _list_parser):
+    for add in (_train_teacher_parser, _distill_parser, _evaluate_parser, _run_parser, _list_parser):
         add(sub)
     return parser
 
@@ -153,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2; Ctrl-C exits 130 with a resume hint."""
     args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:
         return args.handler(args)
     except FadrmError as exc:

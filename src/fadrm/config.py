@@ -83,6 +83,14 @@ def load_preset(dataset: str, method: str, ipc: int) -> dict[str, Any]:
     return values
 
 
+def load_preset_section(dataset: str, section: str) -> dict[str, Any]:
+    """Another section of a dataset's preset ("teacher", "evaluate"), or {}."""
+    path = resources.files("fadrm") / "presets" / f"{dataset}.yaml"
+    if not path.is_file():
+        return {}
+    return dict((yaml.safe_load(path.read_text()) or {}).get(section, {}) or {})
+
+
 def resolve_distill_config(dataset: str, teachers: list[str], out: str, **flags: Any) -> DistillConfig:
     """Build a :class:`DistillConfig`: defaults < preset < flags (flags that are None are unset)."""
     names = {f.name for f in fields(DistillConfig)}

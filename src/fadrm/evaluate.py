@@ -1,0 +1,341 @@
+"""Evaluate a distilled set: train fresh students on it alone, report real validation accuracy.
+
+Implements sections 4 and 5 of the method: soft labels from the teacher(s) on
+the exact augmented view the student sees (random-resized crop, flip, CutMix
+or MixUp), KL divergence at temperature T, AdamW with a stretched cosine
+schedule. The same loop trains like-for-like baselines on a random real
+subset of the same size, with soft and with hard labels.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split, normalize
+from .data.datasets import ImageDataset
+from .errors import FadrmError
+from .io import read_json, write_json
+from .labels import (
+    MIX_MODES, LabelStore, TeacherLabeller, ViewSampler, label_epoch, render, soft_targets, stored_label_bytes,
+)  # fmt: skip
+from .models import build_model
+from .runtime import Runtime, make_runtime
+from .synthesis.augment import resize
+from .synthesis.pipeline import MANIFEST_FORMAT, MANIFEST_VERSION, read_png
+from .synthesis.units import make_generator
+from .teachers import Teacher, fit_teacher_to_dataset, load_teacher
+from .training import check_finite, evaluate_accuracy, make_loader, progress
+
+BASELINES = ("random-real",)
+
+
+@dataclass
+class EvalConfig:
+    """Student training on a distilled set; each field is also a ``fadrm evaluate`` flag."""
+
+    distilled: str
+    out: str | None = None
+    teachers: list[str] | None = None
+    students: list[str] | None = None
+    epochs: int = 300
+    batch_size: int = 16
+    accumulation: int = 1
+    optimizer: str = "adamw"
+    lr: float = 0.001
+    weight_decay: float = 0.01
+    eta: float = 2.0
+    temperature: float = 20.0
+    mix: str = "cutmix"
+    mix_alpha: float = 1.0
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    labels: str = "live"
+    labels_dir: str | None = None
+    topk: int | None = None
+    bssl: bool = False
+    teacher_weights: list[float] | None = None
+    eval_at: list[int] = field(default_factory=list)
+    baselines: list[str] = field(default_factory=list)
+    seed: int = 0
+    data_root: str | None = None
+    device: str = "auto"
+    amp: str = "auto"
+    workers: int | None = None
+
+    EXECUTION_FIELDS = ("out", "labels_dir", "data_root", "device", "amp", "workers", "students", "baselines", "eval_at")
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in self.EXECUTION_FIELDS}
+
+
+@dataclass
+class TrainingSet:
+    """Images (uint8, N x C x H x W) and their classes: a distilled set or a baseline subset."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+# ----------------------------------------------------------------- loading
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of a distilled set, checked for format and completeness."""
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        raise FadrmError(f"{folder} is not a distilled set (no manifest.json); make one with: fadrm distill")
+    manifest = read_json(path)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise FadrmError(f"{path} is not a fadrm manifest")
+    if manifest.get("format_version", 0) > MANIFEST_VERSION:
+        raise FadrmError(f"{path} was written by a newer fadrm ({manifest.get('fadrm_version')}); upgrade fadrm")
+    return manifest
+
+
+def load_distilled(folder: str | Path, manifest: dict[str, Any]) -> TrainingSet:
+    """Every image the manifest lists, in class order."""
+    folder = Path(folder)
+    images, labels = [], []
+    for record in manifest["images"]:
+        path = folder / record["file"]
+        if not path.exists():
+            raise FadrmError(f"{path} listed in the manifest is missing; rerun fadrm distill")
+        images.append(read_png(path).mul(255).round().to(torch.uint8))
+        labels.append(record["class"])
+    return TrainingSet("distilled", torch.stack(images), torch.tensor(labels))
+
+
+def random_real_subset(dataset: ImageDataset, spec: DatasetSpec, ipc: int, seed: int) -> TrainingSet:
+    """``ipc`` random real training images per class (the like-for-like baseline), at the spec's size."""
+    gen = make_generator(seed, "random-real")
+    images, labels = [], []
+    for label in range(len(dataset.classes)):
+        pool = dataset.indices_of_class(label)
+        if len(pool) < ipc:
+            raise FadrmError(f"class {label} has only {len(pool)} images, fewer than IPC {ipc}")
+        for i in torch.randperm(len(pool), generator=gen)[:ipc].tolist():
+            image = dataset.load(pool[i])
+            if image.shape[-2:] != (spec.image_size, spec.image_size):
+                image = eval_transform(spec)(image).mul(255).round().to(torch.uint8)
+            images.append(image)
+            labels.append(label)
+    return TrainingSet("random-real", torch.stack(images), torch.tensor(labels))
+
+
+# ---------------------------------------------------------------- training
+def _optimizer(config: EvalConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    raise FadrmError(f"unknown --optimizer {config.optimizer!r}; choose adamw or sgd")
+
+
+def stretched_cosine(epoch: int, epochs: int, eta: float) -> float:
+    """Learning-rate factor 0.5 * (1 + cos(pi * epoch / (eta * epochs))): eta > 1 stops before zero."""
+    return 0.5 * (1 + math.cos(math.pi * epoch / (eta * epochs)))
+
+
+def train_student(
+    model: nn.Module,
+    train: TrainingSet,
+    config: EvalConfig,
+    spec: DatasetSpec,
+    runtime: Runtime,
+    val_loader: torch.utils.data.DataLoader,
+    labeller: TeacherLabeller | None,
+    store: LabelStore | None = None,
+    desc: str = "student",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train ``model`` on ``train`` only; soft labels from ``store`` or ``labeller``, hard labels when both are None.
+
+    Returns the per-epoch loss, the evaluations at ``config.eval_at`` and the final top-1/top-5.
+    """
+    sampler = ViewSampler(config.seed, spec.image_size, tuple(config.crop_scale), config.mix, config.mix_alpha)
+    model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(config, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: stretched_cosine(e, config.epochs, config.eta))
+    scaler = runtime.grad_scaler()
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for epoch in progress(range(config.epochs), desc):
+        model.train()
+        targets_epoch = store.read(epoch) if store is not None else None
+        offset, total, count = 0, 0.0, 0
+        batches = sampler.batches(epoch, len(train.images), config.batch_size)
+        optimizer.zero_grad(set_to_none=True)
+        for b, indices in enumerate(batches):
+            view = sampler.view(epoch, b, indices, train.images.shape[-2], train.images.shape[-1])
+            pixels = normalize(render(train.images, view, spec.image_size).to(runtime.device), spec.mean, spec.std)
+            if runtime.channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            if targets_epoch is not None:
+                targets = targets_epoch[offset : offset + len(indices)].to(runtime.device)
+            elif labeller is not None:
+                targets = soft_targets(labeller(pixels, runtime), config.temperature)
+            else:
+                targets = None
+            offset += len(indices)
+            with runtime.autocast():
+                logits = model(pixels).float()
+            if targets is not None:
+                loss = F.kl_div(F.log_softmax(logits / config.temperature, dim=1), targets, reduction="batchmean")
+            else:
+                hard = train.labels[indices].to(runtime.device)
+                loss = view.lam * F.cross_entropy(logits, hard) + (1 - view.lam) * F.cross_entropy(
+                    logits, hard[view.partner.to(runtime.device)]
+                )
+            check_finite(loss, f"training {desc}")
+            scaled = loss / config.accumulation
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            if (b + 1) % config.accumulation == 0 or b + 1 == len(batches):
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            total += float(loss.detach()) * len(indices)
+            count += len(indices)
+        scheduler.step()
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / count}
+        if epoch + 1 in config.eval_at and epoch + 1 != config.epochs:
+            record.update(evaluate_accuracy(model, val_loader, runtime, spec.mean, spec.std))
+            log(f"{desc}: epoch {epoch + 1}: top-1 {record['top1']:.2f}%")
+        history.append(record)
+    final = evaluate_accuracy(model, val_loader, runtime, spec.mean, spec.std)
+    history[-1].update(final)
+    return {"top1": final["top1"], "top5": final["top5"], "epochs": config.epochs,
+            "seconds": round(time.perf_counter() - started, 2), "history": history}  # fmt: skip
+
+
+# --------------------------------------------------------------------- API
+def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train each student on the distilled set (and each baseline), write results; returns them.
+
+    Finished runs are kept in ``<out>/runs/`` and skipped when the command is
+    repeated with the same settings, so an interrupted evaluation resumes.
+    """
+    from .report import write_report
+
+    validate_eval_config(config)
+    manifest = read_manifest(config.distilled)
+    spec = get_dataset_spec(manifest["dataset"]["name"])
+    runtime = make_runtime(config.device, config.amp)
+    out = Path(config.out or Path(config.distilled) / "eval")
+    distilled = load_distilled(config.distilled, manifest)
+    class_names = list(manifest["dataset"]["class_names"])
+    val_set = load_split(spec, "val", config.data_root)
+    val_set.transform = eval_transform(spec)
+    val_loader = make_loader(val_set, 256, shuffle=False, workers=config.workers)
+    teachers = load_eval_teachers(config, manifest, spec, val_set.classes, runtime)
+    labeller = TeacherLabeller([t.model for t in teachers], config.teacher_weights, config.bssl)
+    students = config.students or [teachers[0].arch]
+    for name in students:
+        build_model(name, 2, spec.channels, spec.image_size)  # fail now on an unknown student, not after hours
+    sets = [distilled]
+    if "random-real" in config.baselines:
+        sets.append(random_real_subset(load_split(spec, "train", config.data_root), spec, manifest["ipc"], config.seed))
+    store = None
+    if config.labels == "stored":
+        store = prepare_store(config, manifest, distilled, spec, labeller, runtime, out, log)
+    results: dict[str, Any] = {
+        "distilled": str(config.distilled), "dataset": spec.name, "method": manifest["method"], "ipc": manifest["ipc"],
+        "teachers": [t.describe() for t in teachers], "config": asdict(config), "runs": [],
+    }  # fmt: skip
+    if store is not None:
+        results["stored_labels"] = {"dir": str(store.folder), "bytes": store.bytes_on_disk(),
+                                    "bytes_per_image_per_epoch": stored_label_bytes(len(class_names), config.topk)}  # fmt: skip
+    for student in students:
+        for training_set in sets:
+            for label_mode in (("soft", "hard") if training_set.name != "distilled" else ("soft",)):
+                key = f"{training_set.name}-{student}-{label_mode}"
+                run_file = out / "runs" / f"{key}.json"
+                if run_file.exists() and read_json(run_file).get("identity") == config.identity():
+                    run = read_json(run_file)["result"]
+                    log(f"{key}: reusing finished run (top-1 {run['top1']:.2f}%)")
+                else:
+                    torch.manual_seed(make_generator(config.seed, "student", student).initial_seed())
+                    args = teachers[0].arch_args if student == teachers[0].arch else {}
+                    model = build_model(student, len(class_names), spec.channels, spec.image_size, **args)
+                    use_store = store if training_set.name == "distilled" else None
+                    run = train_student(
+                        model, training_set, config, spec, runtime, val_loader,
+                        labeller if label_mode == "soft" else None, use_store, desc=key, log=log,
+                    )  # fmt: skip
+                    run.update({"student": student, "train_set": training_set.name, "labels": label_mode,
+                                "images": len(training_set.images)})  # fmt: skip
+                    write_json(run_file, {"identity": config.identity(), "result": run})
+                    log(f"{key}: top-1 {run['top1']:.2f}%, top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)")
+                results["runs"].append(run)
+    write_report(out, results)
+    return results
+
+
+def validate_eval_config(config: EvalConfig) -> None:
+    """Reject impossible settings with one clear line each."""
+    if config.epochs < 1 or config.batch_size < 1 or config.accumulation < 1:
+        raise FadrmError("--epochs, --batch-size and --accumulation must be at least 1")
+    if config.mix not in MIX_MODES:
+        raise FadrmError(f"unknown --mix {config.mix!r}; choose one of {', '.join(MIX_MODES)}")
+    if config.labels not in ("live", "stored"):
+        raise FadrmError(f"unknown --labels {config.labels!r}; choose live or stored")
+    unknown = set(config.baselines) - set(BASELINES)
+    if unknown:
+        raise FadrmError(f"unknown --baseline {sorted(unknown)[0]!r}; choose one of {', '.join(BASELINES)}")
+    if config.temperature <= 0 or config.eta <= 0:
+        raise FadrmError("--temperature and --eta must be positive")
+
+
+def load_eval_teachers(
+    config: EvalConfig, manifest: dict[str, Any], spec: DatasetSpec, class_names: list[str], runtime: Runtime
+) -> list[Teacher]:
+    """The relabelling teachers (the distilled set's own unless given), checked against the set's dataset."""
+    sources = config.teachers or [t["source"] for t in manifest["teachers"]]
+    teachers = []
+    for source in sources:
+        teacher = load_teacher(source, spec)
+        if teacher.dataset not in (spec.name, "imagenet-1k"):
+            raise FadrmError(
+                f"teacher {source} was trained on {teacher.dataset}, but {config.distilled} is a {spec.name} set"
+            )
+        teacher = fit_teacher_to_dataset(teacher, spec, class_names)
+        teacher.model.to(runtime.device)
+        if runtime.channels_last:
+            teacher.model.to(memory_format=torch.channels_last)
+        teachers.append(teacher)
+    return teachers
+
+
+def prepare_store(
+    config: EvalConfig, manifest: dict[str, Any], distilled: TrainingSet, spec: DatasetSpec,
+    labeller: TeacherLabeller, runtime: Runtime, out: Path, log: Callable[[str], None],
+) -> LabelStore:  # fmt: skip
+    """Open (or create) the label store and compute the epochs it lacks."""
+    identity = {
+        "images": len(distilled.images), "ipc": manifest["ipc"], "seed": config.seed, "epochs": config.epochs,
+        "batch_size": config.batch_size, "mix": config.mix, "mix_alpha": config.mix_alpha,
+        "crop_scale": list(config.crop_scale), "temperature": config.temperature, "bssl": config.bssl,
+        "teachers": [t["sha256"] for t in manifest["teachers"]] if not config.teachers else list(config.teachers),
+        "teacher_weights": config.teacher_weights,
+    }  # fmt: skip
+    store = LabelStore(Path(config.labels_dir or out / "labels"), identity, len(manifest["dataset"]["class_names"]),
+                       config.topk, config.temperature)  # fmt: skip
+    store.open()
+    sampler = ViewSampler(config.seed, spec.image_size, tuple(config.crop_scale), config.mix, config.mix_alpha)
+    missing = [e for e in range(config.epochs) if not store.has(e)]
+    if missing:
+        log(f"storing soft labels for {len(missing)} epochs in {store.folder}")
+    for epoch in progress(missing, "labels"):
+        logits = label_epoch(distilled.images, sampler, epoch, config.batch_size, labeller, spec.mean, spec.std, runtime)
+        store.write(epoch, logits)
+    return store

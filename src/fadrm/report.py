@@ -1,0 +1,78 @@
+"""Result files: results.json, a Markdown table, training curves, and image grids."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from .io import atomic_path, to_uint8, write_json
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """Markdown table: each student's distilled accuracy next to its baselines."""
+    lines = [
+        f"# {results['method']} on {results['dataset']}, IPC {results['ipc']}",
+        "",
+        "| student | training set | labels | images | epochs | top-1 (%) | top-5 (%) | seconds |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in results["runs"]:
+        lines.append(
+            f"| {run['student']} | {run['train_set']} | {run['labels']} | {run['images']} | {run['epochs']} "
+            f"| {run['top1']:.2f} | {run['top5']:.2f} | {run['seconds']:.0f} |"
+        )
+    if "stored_labels" in results:
+        stored = results["stored_labels"]
+        lines += ["", f"Stored soft labels: {stored['bytes']} bytes ({stored['bytes_per_image_per_epoch']} per image per epoch)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(path: Path, runs: Sequence[dict[str, Any]]) -> bool:
+    """Training loss and validation top-1 per epoch, one line per run; False when matplotlib is absent."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        label = f"{run['student']} / {run['train_set']} / {run['labels']}"
+        epochs = [h["epoch"] for h in run["history"]]
+        ax_loss.plot(epochs, [h["train_loss"] for h in run["history"]], label=label)
+        points = [(h["epoch"], h["top1"]) for h in run["history"] if "top1" in h]
+        ax_acc.plot(*zip(*points), marker="o", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1")
+    ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(out: Path, results: dict[str, Any]) -> None:
+    """Write results.json, results.md and curves.png into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(results_table(results))
+    plot_curves(out / "curves.png", results["runs"])
+
+
+def image_grid(images: torch.Tensor, columns: int, scale: int = 1) -> Image.Image:
+    """Tile [0, 1] images (N, C, H, W) into one picture, ``columns`` per row, upscaled by ``scale``."""
+    n, c, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    canvas = torch.ones(c, rows * (h + 2), columns * (w + 2))
+    for i, image in enumerate(images):
+        r, k = divmod(i, columns)
+        canvas[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, k * (w + 2) + 1 : k * (w + 2) + 1 + w] = image
+    picture = Image.fromarray(to_uint8(canvas))
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture

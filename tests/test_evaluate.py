@@ -1,0 +1,208 @@
+"""Relabelling and student training: views, soft labels, live vs stored, CutMix, accuracy, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import fadrm
+from fadrm.data import get_dataset_spec, normalize
+from fadrm.errors import FadrmError
+from fadrm.labels import LabelStore, TeacherLabeller, ViewSampler, label_epoch, render, soft_targets, stored_label_bytes
+from fadrm.runtime import make_runtime
+from fadrm.training import evaluate_accuracy
+
+CPU = make_runtime("cpu", "off")
+SPEC = get_dataset_spec("fashion-mnist")
+QUICK = dict(epochs=2, batch_size=8, device="cpu", amp="off", workers=0)
+
+
+@pytest.fixture(scope="module")
+def distilled(fmnist_root, teacher_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("set") / "rded"
+    fadrm.distill("fashion-mnist", [teacher_ckpt], out, method="rded", ipc=2, data_root=str(fmnist_root),
+                  mipc=16, num_crop=2, device="cpu", log=lambda s: None)  # fmt: skip
+    return out
+
+
+def test_views_are_a_function_of_seed_epoch_batch():
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    sampler = ViewSampler(seed=1, size=28)
+    a = [sampler.view(3, b, idx, 28, 28) for b, idx in enumerate(sampler.batches(3, 6, 4))]
+    b = [sampler.view(3, b, idx, 28, 28) for b, idx in enumerate(sampler.batches(3, 6, 4))]
+    assert all(torch.equal(render(images, x, 28), render(images, y, 28)) for x, y in zip(a, b))
+    other = sampler.view(4, 0, sampler.batches(4, 6, 4)[0], 28, 28)
+    assert not torch.equal(render(images, a[0], 28), render(images, other, 28)[: len(a[0].indices)])
+
+
+def test_cutmix_box_and_weight_are_shared_by_images_and_labels():
+    images = torch.zeros(4, 1, 20, 20, dtype=torch.uint8)
+    images[1] = 255  # one white image among black ones
+    sampler = ViewSampler(seed=0, size=20, scale=(1.0, 1.0), mix="cutmix")
+    for batch in range(20):
+        view = sampler.view(0, batch, torch.arange(4), 20, 20)
+        mixed = render(images, view, 20)
+        top, left, h, w = view.cut_box
+        # The pasted rectangle is exactly the partner's pixels, the rest the image's own.
+        for i in range(4):
+            own = float(i == 1)
+            partner = float(view.partner[i] == 1)
+            assert torch.all(mixed[i, :, top : top + h, left : left + w] == partner)
+            outside = mixed[i].clone()
+            outside[:, top : top + h, left : left + w] = own
+            assert torch.all(outside == own)
+        assert view.lam == pytest.approx(1 - h * w / 400)
+
+
+def test_mixup_labels_the_mixed_image():
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval()
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    sampler = ViewSampler(seed=0, size=28, mix="mixup")
+    view = sampler.view(0, 0, torch.arange(4), 28, 28)
+    pixels = normalize(render(images, view, 28), SPEC.mean, SPEC.std)
+    labels = TeacherLabeller([teacher])(pixels, CPU)
+    assert torch.allclose(labels, teacher(pixels))  # the view the student sees, mixed, not the clean images
+    assert 0 < view.lam < 1
+
+
+def test_soft_labels_equal_teacher_output_on_identical_views(teacher_ckpt, second_teacher_ckpt):
+    a, b = fadrm.load_teacher(teacher_ckpt).model, fadrm.load_teacher(second_teacher_ckpt).model
+    x = torch.randn(6, 1, 28, 28)
+    assert torch.allclose(TeacherLabeller([a])(x, CPU), a(x))
+    assert torch.allclose(TeacherLabeller([a, b])(x, CPU), (a(x) + b(x)) / 2, atol=1e-6)
+    assert torch.allclose(TeacherLabeller([a, b], weights=[3, 1])(x, CPU), 0.75 * a(x) + 0.25 * b(x), atol=1e-6)
+
+
+def test_bssl_uses_batch_statistics_and_leaves_teacher_untouched(teacher_ckpt):
+    model = fadrm.load_teacher(teacher_ckpt).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 1, 28, 28)
+    out = TeacherLabeller([model], bssl=True)(x, CPU)
+    model.train()
+    with torch.no_grad():
+        expected = torch.cat([model(x[:4]), model(x[4:])])
+    model.load_state_dict(before)
+    model.eval()
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_live_and_stored_give_the_same_batches_and_labels(teacher_ckpt, tmp_path):
+    model = fadrm.load_teacher(teacher_ckpt).model
+    labeller = TeacherLabeller([model])
+    images = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8)
+    sampler = ViewSampler(seed=2, size=28)
+    store = LabelStore(tmp_path / "labels", {"images": 10}, 10, None, 20.0)
+    store.open()
+    store.write(0, label_epoch(images, sampler, 0, 4, labeller, SPEC.mean, SPEC.std, CPU))
+    stored = store.read(0)
+    offset = 0
+    for b, idx in enumerate(sampler.batches(0, 10, 4)):
+        view = sampler.view(0, b, idx, 28, 28)
+        live = labeller(normalize(render(images, view, 28), SPEC.mean, SPEC.std), CPU)
+        expected = soft_targets(live.half(), 20.0)  # stored logits are fp16
+        assert torch.allclose(stored[offset : offset + len(idx)], expected, atol=1e-6)
+        offset += len(idx)
+    assert store.bytes_on_disk() < 10 * 10 * 2 + 1024  # fp16 logits + a small header
+    assert stored_label_bytes(100, None) == 200 and stored_label_bytes(100, 10) == 40
+
+
+def test_topk_store_keeps_mass(tmp_path):
+    store = LabelStore(tmp_path, {}, 10, 3, 1.0)
+    store.open()
+    logits = torch.randn(5, 10)
+    store.write(0, logits)
+    probs = store.read(0)
+    assert torch.allclose(probs.sum(1), torch.ones(5), atol=1e-3)
+    top = soft_targets(logits, 1.0).topk(3, dim=1)
+    assert torch.allclose(probs.gather(1, top.indices), top.values, atol=1e-3)
+
+
+def test_accuracy_on_a_known_answer():
+    class Fixed(nn.Module):
+        def forward(self, x):  # predicts class = first pixel value, second guess = class + 1
+            cls = x[:, 0, 0, 0].long()
+            out = torch.zeros(len(x), 10)
+            out[torch.arange(len(x)), cls] = 2.0
+            out[torch.arange(len(x)), (cls + 1) % 10] = 1.0
+            return out
+
+    x = torch.zeros(8, 1, 2, 2)
+    x[:, 0, 0, 0] = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7.0])
+    y = torch.tensor([0, 1, 2, 3, 5, 6, 0, 0])  # 4 exact, 2 second-guess, 2 wrong
+    loader = torch.utils.data.DataLoader(list(zip(x, y)), batch_size=3)
+    metrics = evaluate_accuracy(Fixed(), loader, CPU, (0.0,), (1.0,))
+    assert metrics["top1"] == pytest.approx(50.0) and metrics["top5"] == pytest.approx(100.0 * 6 / 8)
+
+
+def test_evaluate_with_baseline_and_stored_labels(distilled, fmnist_root, tmp_path):
+    results = fadrm.evaluate(distilled, out=str(tmp_path / "e"), data_root=str(fmnist_root), baselines=["random-real"],
+                             labels="stored", log=lambda s: None, **QUICK)  # fmt: skip
+    kinds = [(r["train_set"], r["labels"]) for r in results["runs"]]
+    assert kinds == [("distilled", "soft"), ("random-real", "soft"), ("random-real", "hard")]
+    assert all(0 <= r["top1"] <= 100 and r["images"] == 20 for r in results["runs"])
+    assert results["stored_labels"]["bytes_per_image_per_epoch"] == 20
+    on_disk = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert on_disk["runs"][0]["history"][-1]["epoch"] == 2
+    assert "| convnet-small | distilled | soft |" in (tmp_path / "e" / "results.md").read_text()
+    assert (tmp_path / "e" / "curves.png").exists()
+    # Same command again: every run is reused.
+    lines: list[str] = []
+    again = fadrm.evaluate(distilled, out=str(tmp_path / "e"), data_root=str(fmnist_root), baselines=["random-real"],
+                           labels="stored", log=lines.append, **QUICK)  # fmt: skip
+    assert sum("reusing" in line for line in lines) == 3 and again["runs"] == results["runs"]
+
+
+def test_live_and_stored_students_match(distilled, fmnist_root, tmp_path):
+    common = dict(data_root=str(fmnist_root), log=lambda s: None, **QUICK)
+    live = fadrm.evaluate(distilled, out=str(tmp_path / "live"), labels="live", **common)
+    stored = fadrm.evaluate(distilled, out=str(tmp_path / "stored"), labels="stored", **common)
+    # fp16 storage of the logits is the only difference: the same batches, nearly the same labels.
+    assert abs(live["runs"][0]["history"][0]["train_loss"] - stored["runs"][0]["history"][0]["train_loss"]) < 1e-3
+
+
+# ---------------------------------------------------------------- bad input
+def test_not_a_distilled_set(tmp_path):
+    with pytest.raises(FadrmError, match="not a distilled set"):
+        fadrm.evaluate(tmp_path, **QUICK)
+
+
+def test_newer_manifest(distilled, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(distilled, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FadrmError, match="newer fadrm"):
+        fadrm.evaluate(copy, **QUICK)
+
+
+def test_teacher_from_another_dataset(distilled, fmnist_root, tmp_path):
+    from conftest import make_teacher_checkpoint
+
+    other = make_teacher_checkpoint(tmp_path / "o.pt", dataset="imagefolder", width=4)
+    with pytest.raises(FadrmError, match="trained on imagefolder"):
+        fadrm.evaluate(distilled, teachers=[str(other)], data_root=str(fmnist_root), **QUICK)
+
+
+def test_unknown_student(distilled, fmnist_root):
+    with pytest.raises(FadrmError, match="unknown model 'resnet9000'"):
+        fadrm.evaluate(distilled, students=["resnet9000"], data_root=str(fmnist_root), **QUICK)
+
+
+def test_stored_labels_for_another_ipc(distilled, fmnist_root, tmp_path):
+    fadrm.evaluate(distilled, out=str(tmp_path / "e"), labels="stored", data_root=str(fmnist_root),
+                   log=lambda s: None, **QUICK)  # fmt: skip
+    manifest = json.loads((distilled / "manifest.json").read_text())
+    smaller = tmp_path / "ipc1"
+    shutil.copytree(distilled, smaller)
+    manifest["ipc"], manifest["images"] = 1, [r for r in manifest["images"] if r["ipc_index"] == 0]
+    (smaller / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FadrmError, match="made for another setup .*images, ipc"):
+        fadrm.evaluate(smaller, labels="stored", labels_dir=str(tmp_path / "e" / "labels"),
+                       data_root=str(fmnist_root), **QUICK)  # fmt: skip
