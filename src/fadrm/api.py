@@ -100,7 +100,7 @@ def run(
     summary = {"teacher_top1": teacher_acc, "runs": results["runs"], "seconds": timings, "distilled": str(distilled)}
     lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}"]
     for r in results["runs"]:
-        lines.append(f"{r['student']:>14s} on {r['train_set']:<10s} ({r['labels']} labels): top-1 {r['top1']:.2f}%")
+        lines.append(f"{r['student']} on {r['train_set']} ({r['labels']} labels): top-1 {r['top1']:.2f}%")
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     log("\n".join(["== fadrm run summary ==", *lines]))
     return summary

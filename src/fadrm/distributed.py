@@ -29,6 +29,11 @@ class Ranks:
         """This rank's share: every ``world``-th item starting at ``rank``."""
         return list(items[self.rank :: self.world])
 
+    def close(self) -> None:
+        """Leave the process group (no-op in a single process)."""
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def barrier(self) -> None:
         """Wait for every rank (no-op in a single process)."""
         if self.world > 1:

@@ -358,6 +358,16 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict[s
     validate_config(config, method, spec)
     runtime = make_runtime(config.device, config.amp)
     ranks = init_ranks(runtime.device.type)
+    try:
+        return _distill_ranked(config, method, spec, runtime, ranks, started, log)
+    finally:
+        ranks.close()
+
+
+def _distill_ranked(
+    config: DistillConfig, method: Method, spec: DatasetSpec, runtime: Runtime, ranks: Ranks, started: float,
+    log: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
     if ranks.world > 1 and runtime.device.type == "cuda":
         runtime = Runtime(torch.device("cuda", ranks.local_rank), runtime.amp)
     dataset = load_split(spec, "train", config.data_root)

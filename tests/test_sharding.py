@@ -1,0 +1,49 @@
+"""torchrun sharding: two gloo processes give the same set as one process, each unit done once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_distill import pngs
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
+def test_two_processes_equal_one(fmnist_root, teacher_ckpt, tmp_path):
+    common = [
+        "distill", "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--teacher", str(teacher_ckpt),
+        "--ipc", "3", "--sizes", "24", "28", "--budgets", "3", "3", "--mipc", "16", "--num-crop", "2",
+        "--classes-per-group", "5", "--groups-per-batch", "1", "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "fadrm", *common, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    sharded = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "fadrm", *common, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    assert pngs(tmp_path / "one" / "images") == pngs(tmp_path / "two" / "images")
+    assert pngs(tmp_path / "one" / "init") == pngs(tmp_path / "two" / "init")
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["images"]) == 30
+    ranks = [u["rank"] for u in manifest["units"]]
+    assert sorted(set(ranks)) == [0, 1] and len(manifest["units"]) == 6  # each unit once, both ranks worked
+    # A rank that died leaves unit records missing; rerunning (even in one process) finishes the job.
+    for record in sorted((tmp_path / "two" / "state" / "units").glob("*.json"))[::2]:
+        record.unlink()
+    (tmp_path / "two" / "manifest.json").unlink()
+    rerun = subprocess.run([sys.executable, "-m", "fadrm", *common, "--out", str(tmp_path / "two")],
+                           capture_output=True, text=True, env=env)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert pngs(tmp_path / "one" / "images") == pngs(tmp_path / "two" / "images")
