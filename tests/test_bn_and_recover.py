@@ -150,3 +150,29 @@ def test_non_finite_loss_stops_with_clear_error():
     teacher[-1].bias.fill_(float("nan"))
     with pytest.raises(FadrmError, match="non-finite loss"):
         _run(torch.rand(3, 1, 12, 12), torch.tensor([0, 1, 2]), [0], RecoverSettings(sizes=(12,), budgets=(2,)), [teacher])
+
+
+def test_group_moments_match_var_mean_and_gradcheck():
+    from fadrm.synthesis.bn_stats import GroupMoments
+
+    x = torch.randn(6, 3, 5, 4, dtype=torch.double) * 2 + 0.7
+    mean, var = GroupMoments.apply(x, 2)
+    ref_var, ref_mean = torch.var_mean(x.unflatten(0, (2, 3)), dim=(1, 3, 4), correction=0)
+    assert torch.allclose(mean, ref_mean.float(), atol=1e-5) and torch.allclose(var, ref_var.float(), rtol=1e-5)
+    channels_last = x.float().contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(GroupMoments.apply(channels_last, 2)[1], ref_var.float(), rtol=1e-5)
+
+    def moments(t):  # gradcheck in double through the same backward formula
+        return GroupMoments.apply(t, 2)
+
+    x.requires_grad_(True)
+    weights = (torch.randn(2, 3, dtype=torch.double), torch.randn(2, 3, dtype=torch.double))
+
+    def reference(t):
+        v, m = torch.var_mean(t.unflatten(0, (2, 3)), dim=(1, 3, 4), correction=0)
+        return (m * weights[0]).sum() + (v * weights[1]).sum()
+
+    (expected,) = torch.autograd.grad(reference(x), x)
+    mean, var = moments(x)
+    (got,) = torch.autograd.grad((mean * weights[0]).sum() + (var * weights[1]).sum(), x)
+    assert torch.allclose(got, expected, atol=1e-5)

@@ -124,3 +124,15 @@ def test_every_spec_has_a_preset():
     from fadrm.config import preset_names
 
     assert set(DATASETS.names()) <= set(preset_names())
+
+
+def test_holdout_split_never_touches_the_test_set(fmnist_root):
+    spec = get_dataset_spec("fashion-mnist")
+    train = load_split(spec, "train", fmnist_root, holdout=3)
+    val = load_split(spec, "val", fmnist_root, holdout=3)
+    full = load_split(spec, "train", fmnist_root)
+    assert len(train) == 130 and len(val) == 30 and val.targets.count(4) == 3
+    # val is the last three training images of each class; train is the rest, disjoint.
+    assert torch.equal(val.load(0), full.load(13)) and torch.equal(train.load(13), full.load(16))
+    with pytest.raises(FadrmError, match="without training images"):
+        load_split(spec, "train", fmnist_root, holdout=16)

@@ -219,3 +219,8 @@ def test_different_config_refused_unless_overwrite(fmnist_root, teacher_ckpt, tm
 def test_unknown_method(fmnist_root, teacher_ckpt, tmp_path):
     with pytest.raises(FadrmError, match="unknown method 'fadrm2'; choose one of"):
         run(fmnist_root, teacher_ckpt, tmp_path / "o", method="fadrm2")
+
+
+def test_holdout_teacher_must_match(fmnist_root, teacher_ckpt, tmp_path):
+    with pytest.raises(FadrmError, match="trained with --holdout 0, this run holds out 2"):
+        run(fmnist_root, teacher_ckpt, tmp_path / "o", holdout=2)

@@ -61,6 +61,7 @@ def run(
     teachers: list[str] | None = None,
     data_root: str | None = None,
     seed: int = 0,
+    holdout: int = 0,
     device: str = "auto",
     amp: str = "auto",
     distill_options: dict[str, Any] | None = None,
@@ -82,7 +83,8 @@ def run(
             raise FadrmError(f"{dataset} has no default teacher recipe; train one with fadrm train-teacher and pass --teacher")
         model = teacher_preset.pop("model")
         path = out / "teacher.pt"
-        train_teacher(dataset, model, path, log=log, data_root=data_root, seed=seed, **teacher_preset, **common)
+        train_teacher(dataset, model, path, log=log, data_root=data_root, seed=seed, holdout=holdout,
+                      **teacher_preset, **common)  # fmt: skip
         teachers = [str(path)]
     timings["teacher"] = time.perf_counter() - started
     from .teachers import load_teacher
@@ -91,10 +93,11 @@ def run(
     started = time.perf_counter()
     distilled = out / f"{method}-ipc{ipc}"
     distill(dataset, teachers, distilled, log=log, method=method, ipc=ipc, data_root=data_root, seed=seed,
-            **common, **(distill_options or {}))  # fmt: skip
+            holdout=holdout, **common, **(distill_options or {}))  # fmt: skip
     timings["distill"] = time.perf_counter() - started
     started = time.perf_counter()
-    options = {"baselines": ["random-real"], "data_root": data_root, "seed": seed, **common, **(eval_options or {})}
+    options = {"baselines": ["random-real"], "data_root": data_root, "seed": seed, "holdout": holdout, **common,
+               **(eval_options or {})}  # fmt: skip
     results = evaluate(distilled, log=log, **options)
     timings["evaluate"] = time.perf_counter() - started
     summary = {"teacher_top1": teacher_acc, "runs": results["runs"], "seconds": timings, "distilled": str(distilled)}

@@ -45,6 +45,7 @@ def _train_teacher_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=int, default=0, help="hold out the last N training images per class as val")
     p.add_argument("--workers", type=int, help="data-loading processes (default: 0 on <= 2 cores)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing checkpoint or unfinished run")
     _add_runtime_flags(p)
@@ -57,7 +58,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
     train_teacher(
         args.dataset, args.model, args.out, data_root=args.data_root, model_args=_key_values(args.model_arg),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-        workers=args.workers, device=args.device, amp=args.amp, overwrite=args.overwrite,
+        holdout=args.holdout, workers=args.workers, device=args.device, amp=args.amp, overwrite=args.overwrite,
     )  # fmt: skip
     return 0
 
@@ -79,6 +80,7 @@ def _distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--data-root")
     p.add_argument("--seed", type=int)
+    p.add_argument("--holdout", type=int, help="validate on the last N training images per class, not the test set")
     p.add_argument("--sizes", type=int, nargs="+", help="input size of each stage")
     p.add_argument("--budgets", type=int, nargs="+", help="iterations of each stage")
     p.add_argument("--lr", type=float)
@@ -142,6 +144,7 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", action="append", dest="teachers", help="relabelling teacher (default: the set's own)")
     p.add_argument("--data-root")
     p.add_argument("--seed", type=int)
+    p.add_argument("--holdout", type=int, help="validate on the last N training images per class, not the test set")
     _add_eval_flags(p)
     _add_runtime_flags(p)
     p.set_defaults(handler=_evaluate)
@@ -167,6 +170,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", action="append", dest="teachers", help="use these teachers instead of training one")
     p.add_argument("--data-root")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=int, default=0, help="validate on the last N training images per class")
     _add_runtime_flags(p)
     p.set_defaults(handler=_run)
 
@@ -175,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
     from .api import run
 
     run(args.dataset, args.ipc, args.out, method=args.method, teachers=args.teachers, data_root=args.data_root,
-        seed=args.seed, device=args.device, amp=args.amp)  # fmt: skip
+        seed=args.seed, holdout=args.holdout, device=args.device, amp=args.amp)  # fmt: skip
     return 0
 
 

@@ -28,6 +28,7 @@ class DistillConfig:
     method: str = "fadrm"
     ipc: int = 10
     seed: int = 0
+    holdout: int = 0
     data_root: str | None = None
     teacher_arch: str | None = None
     # recover loop

@@ -31,7 +31,7 @@ from .runtime import Runtime, make_runtime
 from .synthesis.augment import resize
 from .synthesis.pipeline import MANIFEST_FORMAT, MANIFEST_VERSION, read_png
 from .synthesis.units import make_generator
-from .teachers import Teacher, fit_teacher_to_dataset, load_teacher
+from .teachers import Teacher, check_holdout, fit_teacher_to_dataset, load_teacher
 from .training import check_finite, evaluate_accuracy, make_loader, progress
 
 BASELINES = ("random-real",)
@@ -64,6 +64,7 @@ class EvalConfig:
     eval_at: list[int] = field(default_factory=list)
     baselines: list[str] = field(default_factory=list)
     seed: int = 0
+    holdout: int | None = None
     data_root: str | None = None
     device: str = "auto"
     amp: str = "auto"
@@ -234,7 +235,9 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     out = Path(config.out or Path(config.distilled) / "eval")
     distilled = load_distilled(config.distilled, manifest)
     class_names = list(manifest["dataset"]["class_names"])
-    val_set = load_split(spec, "val", config.data_root)
+    if config.holdout is None:
+        config.holdout = int(manifest["config"].get("holdout", 0))
+    val_set = load_split(spec, "val", config.data_root, config.holdout)
     val_set.transform = eval_transform(spec)
     val_loader = make_loader(val_set, 256, shuffle=False, workers=config.workers)
     teachers = load_eval_teachers(config, manifest, spec, val_set.classes, runtime)
@@ -244,7 +247,8 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
         build_model(name, 2, spec.channels, spec.image_size)  # fail now on an unknown student, not after hours
     sets = [distilled]
     if "random-real" in config.baselines:
-        sets.append(random_real_subset(load_split(spec, "train", config.data_root), spec, manifest["ipc"], config.seed))
+        train_set = load_split(spec, "train", config.data_root, config.holdout)
+        sets.append(random_real_subset(train_set, spec, manifest["ipc"], config.seed))
     store = None
     if config.labels == "stored":
         store = prepare_store(config, manifest, distilled, spec, labeller, runtime, out, log)
@@ -309,6 +313,7 @@ def load_eval_teachers(
                 f"teacher {source} was trained on {teacher.dataset}, but {config.distilled} is a {spec.name} set"
             )
         teacher = fit_teacher_to_dataset(teacher, spec, class_names)
+        check_holdout(teacher, config.holdout or 0)
         teacher.model.to(runtime.device)
         if runtime.channels_last:
             teacher.model.to(memory_format=torch.channels_last)

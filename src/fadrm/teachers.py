@@ -53,6 +53,7 @@ class Teacher:
     val_top1: float | None = None
     arch_args: dict[str, Any] = field(default_factory=dict)
     kind: str = "fadrm"  # "fadrm" checkpoint, plain "state_dict", or "torchvision" weights
+    holdout: int = 0  # training images per class it never saw (see load_split)
 
     @property
     def num_classes(self) -> int:
@@ -212,8 +213,17 @@ def _teacher_from_checkpoint(ckpt: dict[str, Any], path: Path) -> Teacher:
         model=model, arch=arch, dataset=ckpt["dataset"], class_names=list(ckpt["class_names"]),
         in_channels=ckpt["in_channels"], image_size=ckpt["image_size"], mean=tuple(ckpt["mean"]),
         std=tuple(ckpt["std"]), source=str(path), sha256=sha256_file(path), val_top1=ckpt.get("val_top1"),
-        arch_args=args,
+        arch_args=args, holdout=int(ckpt.get("train_config", {}).get("holdout", 0)),
     )  # fmt: skip
+
+
+def check_holdout(teacher: Teacher, holdout: int) -> None:
+    """Refuse a teacher that was trained on the images a run holds out for validation."""
+    if holdout and teacher.kind == "fadrm" and teacher.holdout != holdout:
+        raise FadrmError(
+            f"teacher {teacher.source} was trained with --holdout {teacher.holdout}, this run holds out {holdout} "
+            "images per class; train the teacher with the same --holdout"
+        )
 
 
 def fit_teacher_to_dataset(teacher: Teacher, spec: DatasetSpec, class_names: list[str]) -> Teacher:
@@ -267,13 +277,16 @@ class TeacherTrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    holdout: int = 0
     workers: int | None = None
     device: str = "auto"
     amp: str = "auto"
     overwrite: bool = False
 
     # Fields that change the trained weights; a resume needs them unchanged.
-    IDENTITY = ("dataset", "model", "model_args", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed")
+    IDENTITY = (
+        "dataset", "model", "model_args", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed", "holdout",
+    )  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.IDENTITY}
@@ -304,8 +317,8 @@ def train_teacher(config: TeacherTrainConfig, log: Callable[[str], None] = print
             return load_teacher(out)
         raise FadrmError(f"{out} exists and was not trained with these settings; pass --overwrite or another --out")
     runtime = make_runtime(config.device, config.amp)
-    train_set = load_split(spec, "train", config.data_root)
-    val_set = load_split(spec, "val", config.data_root)
+    train_set = load_split(spec, "train", config.data_root, config.holdout)
+    val_set = load_split(spec, "val", config.data_root, config.holdout)
     train_set.transform = train_transform(spec)
     val_set.transform = eval_transform(spec)
     num_classes = len(train_set.classes)

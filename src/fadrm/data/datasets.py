@@ -45,6 +45,10 @@ class ImageDataset(Dataset):
         """Indices of every image whose target is ``label``, in dataset order."""
         return [i for i, t in enumerate(self.targets) if t == label]
 
+    def subset(self, indices: Sequence[int]) -> "ImageDataset":
+        """A dataset of the images at ``indices`` (same classes and transform)."""
+        raise NotImplementedError
+
 
 class TensorImageDataset(ImageDataset):
     """Images already decoded into one uint8 tensor (IDX, CIFAR pickles)."""
@@ -66,6 +70,10 @@ class TensorImageDataset(ImageDataset):
 
     def load(self, index: int) -> torch.Tensor:
         return self.images[index]
+
+    def subset(self, indices: Sequence[int]) -> "TensorImageDataset":
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return TensorImageDataset(self.images[index], [self.targets[i] for i in indices], self.classes, self.transform)
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         """Batched fetch used by DataLoader: one vectorised transform call when the transform has ``batch``."""
@@ -95,6 +103,12 @@ class FileImageDataset(ImageDataset):
 
     def load(self, index: int) -> torch.Tensor:
         return read_image(self.paths[index], self.channels)
+
+    def subset(self, indices: Sequence[int]) -> "FileImageDataset":
+        return FileImageDataset(
+            [self.paths[i] for i in indices], [self.targets[i] for i in indices], self.classes, self.channels,
+            self.transform,
+        )  # fmt: skip
 
 
 def read_image(path: Path, channels: int) -> torch.Tensor:

@@ -178,8 +178,24 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     return DATASETS.get(name)
 
 
-def load_split(spec: DatasetSpec, split: str, root: str | Path | None = None) -> ImageDataset:
-    """Load the ``train`` or ``val`` split of ``spec`` from ``root`` (or its default place)."""
+def holdout_indices(targets: list[int], per_class: int) -> list[int]:
+    """The last ``per_class`` images of each class, in dataset order: a fixed validation split."""
+    by_class: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(t, []).append(i)
+    short = [c for c, idx in by_class.items() if len(idx) <= per_class]
+    if short:
+        raise FadrmError(f"--holdout {per_class} would leave class {short[0]} without training images; lower it")
+    return sorted(i for idx in by_class.values() for i in idx[-per_class:])
+
+
+def load_split(spec: DatasetSpec, split: str, root: str | Path | None = None, holdout: int = 0) -> ImageDataset:
+    """Load the ``train`` or ``val`` split of ``spec`` from ``root`` (or its default place).
+
+    With ``holdout`` > 0 the real validation set is not touched: the last
+    ``holdout`` training images of each class form "val", and "train" is the
+    rest. Hyperparameters are chosen this way, never on the test set.
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     folder = Path(root) if root is not None else spec.default_root
@@ -187,7 +203,15 @@ def load_split(spec: DatasetSpec, split: str, root: str | Path | None = None) ->
         raise FadrmError(f"{spec.name} needs --data-root ({spec.layout})")
     if not folder.exists():
         raise FadrmError(f"data root {folder} does not exist; {_hint(spec.name, spec.layout)}")
-    dataset = spec.reader(folder, split)
+    if holdout < 0:
+        raise FadrmError(f"--holdout must be >= 0, got {holdout}")
+    dataset = spec.reader(folder, "train" if holdout else split)
+    if holdout:
+        held = holdout_indices(dataset.targets, holdout)
+        if split == "train":
+            kept = set(held)
+            held = [i for i in range(len(dataset)) if i not in kept]
+        dataset = dataset.subset(held)
     if spec.num_classes is not None and len(dataset.classes) != spec.num_classes:
         raise FadrmError(f"{folder} holds {len(dataset.classes)} classes, {spec.name} has {spec.num_classes}")
     return dataset

@@ -14,6 +14,59 @@ def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 
 
+# Added under the square root by the statistics kernels; small enough to vanish
+# next to any real variance in fp32, and subtracted again below.
+_STATS_EPS = 1e-12
+
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance over all but dim 1, with BatchNorm's own fused kernel.
+
+    ``torch.var_mean`` over (N, H, W) measured 4-5x slower than the
+    training-mode statistics pass of batch norm on a 2-core CPU (26.8 vs
+    5.8 ms for a 100x64x32x32 channels-last activation), and it dominated
+    the overhead of synthesis over the bare teacher.
+    """
+    if x.is_cuda:
+        mean, invstd = torch.batch_norm_stats(x, _STATS_EPS)
+    else:
+        _, mean, invstd = torch.ops.aten.native_batch_norm(x, None, None, None, None, True, 0.0, _STATS_EPS)
+    var = (invstd.double().pow(-2) - _STATS_EPS).clamp_min(0).to(mean.dtype)
+    return mean.float(), var.float()
+
+
+class GroupMoments(torch.autograd.Function):
+    """Per-group, per-channel mean and biased variance of a BN layer's input, with a one-pass backward.
+
+    Forward: ``x`` (G*B, C, ...) -> mean, var of shape (G, C). Backward:
+    d var / d x = 2 (x - mean) / n and d mean / d x = 1 / n, so the input
+    gradient is ``x * a + b`` with per-(group, channel) a, b: a single fused
+    ``addcmul`` over the activation instead of autograd's chain of
+    full-size subtract, multiply, divide and add.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        groups = x.detach().unflatten(0, (num_groups, -1))
+        moments = [_moments(groups[g]) for g in range(num_groups)]
+        mean = torch.stack([m for m, _ in moments])
+        var = torch.stack([v for _, v in moments])
+        ctx.save_for_backward(x, mean)
+        ctx.num_groups = num_groups
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor, grad_var: torch.Tensor):  # type: ignore[override]
+        x, mean = ctx.saved_tensors
+        groups = x.unflatten(0, (ctx.num_groups, -1))
+        count = groups[0].numel() // x.shape[1]  # values per channel per group
+        scale = 2.0 * grad_var / count
+        shift = grad_mean / count - scale * mean
+        shape = (ctx.num_groups, 1, x.shape[1]) + (1,) * (x.dim() - 2)
+        grad = torch.addcmul(shift.view(shape), groups, scale.view(shape))
+        return grad.flatten(0, 1).to(x.dtype), None
+
+
 def group_stat_distance(
     features: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, num_groups: int
 ) -> torch.Tensor:
@@ -22,12 +75,9 @@ def group_stat_distance(
     ``features`` is a BN layer's input (N, C, ...) holding ``num_groups``
     consecutive groups of N / num_groups samples. Statistics are over each
     group's samples and spatial positions, with the biased variance that
-    BatchNorm itself uses. One fused ``var_mean`` reads the activations once,
-    with no permuted copy.
+    BatchNorm itself uses; groups never mix.
     """
-    grouped = features.unflatten(0, (num_groups, -1))
-    dims = (1, *range(3, grouped.dim()))
-    var, mean = torch.var_mean(grouped.float(), dim=dims, correction=0)
+    mean, var = GroupMoments.apply(features, num_groups)
     return torch.linalg.vector_norm(mean - running_mean, dim=1) + torch.linalg.vector_norm(var - running_var, dim=1)
 
 

@@ -41,7 +41,7 @@ from .methods import METHODS, Method
 from .patches import PatchSettings, select_class_patches
 from .recover import RecoverSettings, recover
 from .units import Unit, make_generator, plan_units
-from ..teachers import Teacher, fit_teacher_to_dataset, load_teacher
+from ..teachers import Teacher, check_holdout, fit_teacher_to_dataset, load_teacher
 from ..training import progress
 
 MANIFEST_FORMAT = "fadrm-distilled"
@@ -141,6 +141,7 @@ def load_teachers(config: DistillConfig, spec: DatasetSpec, class_names: list[st
     teachers = []
     for source in config.teachers:
         teacher = fit_teacher_to_dataset(load_teacher(source, spec, config.teacher_arch), spec, class_names)
+        check_holdout(teacher, config.holdout)
         if not teacher.has_batchnorm():
             raise FadrmError(
                 f"teacher {source} ({teacher.arch}) has no BatchNorm layers, so there are no statistics to match"
@@ -370,7 +371,7 @@ def _distill_ranked(
 ) -> dict[str, Any]:  # fmt: skip
     if ranks.world > 1 and runtime.device.type == "cuda":
         runtime = Runtime(torch.device("cuda", ranks.local_rank), runtime.amp)
-    dataset = load_split(spec, "train", config.data_root)
+    dataset = load_split(spec, "train", config.data_root, config.holdout)
     class_names = list(spec.display_names or dataset.classes)
     teachers = load_teachers(config, spec, dataset.classes, runtime)
     layout = Layout(Path(config.out), tuple(class_names), config.ipc)
