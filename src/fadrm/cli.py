@@ -183,6 +183,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------- download
+def _download_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="fetch fashion-mnist, cifar10 or cifar100 with torchvision (needs network)")
+    p.add_argument("dataset")
+    p.add_argument("--data-root", required=True, help="folder to download into; pass it as --data-root later")
+    p.set_defaults(handler=_download)
+
+
+def _download(args: argparse.Namespace) -> int:
+    from .data.specs import download_dataset
+
+    print(f"{args.dataset} is ready in {download_dataset(args.dataset, args.data_root)}")
+    return 0
+
+
 # --------------------------------------------------------------------- list
 def _list_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list datasets, models, methods or presets")
@@ -218,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fadrm", description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED.")
     parser.add_argument("--version", action="version", version=f"fadrm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_train_teacher_parser, _distill_parser, _evaluate_parser, _run_parser, _list_parser):
+    for add in (
+        _train_teacher_parser, _distill_parser, _evaluate_parser, _run_parser, _download_parser, _list_parser,
+    ):  # fmt: skip
         add(sub)
     return parser
 

@@ -173,6 +173,32 @@ _add(_folder_spec("imagewoof", 10, IMAGEWOOF_CLASSES))
 _add(_folder_spec("imagefolder", None))
 
 
+# Datasets torchvision can fetch, and the class that does it. Downloads happen
+# only when asked for (``fadrm download``), never as a side effect of a run.
+TORCHVISION_DOWNLOADS = {"fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+def download_dataset(name: str, root: str | Path) -> Path:
+    """Fetch a dataset with torchvision into ``root`` (in the layout our readers accept)."""
+    spec = get_dataset_spec(name)
+    if name not in TORCHVISION_DOWNLOADS:
+        raise FadrmError(f"{name} cannot be downloaded automatically; place it under a folder holding {spec.layout}")
+    import torchvision
+
+    cls = getattr(torchvision.datasets, TORCHVISION_DOWNLOADS[name])
+    root = Path(root)
+    try:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except (OSError, RuntimeError) as exc:  # urllib errors are OSErrors
+        raise FadrmError(
+            f"downloading {name} failed ({str(exc).splitlines()[0][:120]}); without network access, copy "
+            f"{spec.layout} into {root} by hand"
+        ) from None
+    load_split(spec, "val", root)  # what was fetched must load
+    return root
+
+
 def get_dataset_spec(name: str) -> DatasetSpec:
     """The registered spec for ``name`` (unknown names list the valid ones)."""
     return DATASETS.get(name)
