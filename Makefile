@@ -23,8 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(FADRM) train-teacher --dataset fashion-mnist --model convnet-small --epochs 8 --out $(RUNS)/demo/teacher.pt
-	$(FADRM) distill --dataset fashion-mnist --teacher $(RUNS)/demo/teacher.pt --method fadrm --ipc 10 --out $(RUNS)/demo/fadrm-ipc10
+	$(FADRM) run --dataset fashion-mnist --ipc 10 --method fadrm --out $(RUNS)/demo
 
 test: setup
 	$(PY) -m pytest -q

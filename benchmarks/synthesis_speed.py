@@ -14,6 +14,7 @@ Configs (issue 5):
   cifar100     CIFAR-style ResNet-18, 100 classes per group, 32 px, one FADRM stage
   cifar100-4t  the same with four teachers round-robin (FADRM+)
   imagenet     torchvision ResNet-18, 10 classes per group, stages 200/224
+  fashion-mnist  (not run by default) the demo's ConvNet-w32, 10 groups of 10, stages 24/28
 """
 
 from __future__ import annotations
@@ -35,11 +36,17 @@ CONFIGS = {
         "classes": 100, "group": 100, "sizes": [32],
     },
     "imagenet": {"teachers": ["resnet18"], "classes": 1000, "group": 10, "sizes": [200, 224]},
+    # The README demo's shape: ten one-image-per-class groups of the CPU teacher in one pass.
+    "fashion-mnist": {"teachers": ["convnet-small"], "classes": 10, "group": 10, "sizes": [24, 28], "channels": 1,
+                      "groups": 10},
 }  # fmt: skip
+DEFAULT_CONFIGS = ["cifar100", "cifar100-4t", "imagenet"]
 PAPER_BUDGET = 2000
 
 
-def worker(config_name: str, mode: str, iters: int, warmup: int, device: str, amp: str, groups: int) -> dict:
+def worker(
+    config_name: str, mode: str, iters: int, warmup: int, device: str, amp: str, groups: int | None, memory_format: str
+) -> dict:
     """One measurement in this process: seconds per iteration and peak memory."""
     import torch
     import torch.nn.functional as F
@@ -50,12 +57,14 @@ def worker(config_name: str, mode: str, iters: int, warmup: int, device: str, am
     from fadrm.synthesis.units import make_generator
 
     cfg = CONFIGS[config_name]
-    runtime = make_runtime(device, amp)
+    groups = groups or cfg.get("groups", 1)
+    channels = cfg.get("channels", 3)
+    runtime = make_runtime(device, amp, channels_last=None if memory_format == "auto" else memory_format == "channels-last")
     torch.manual_seed(0)
     size = cfg["sizes"][-1]
     teachers = []
     for name in cfg["teachers"]:
-        model = build_model(name, cfg["classes"], 3, size).to(runtime.device).eval().requires_grad_(False)
+        model = build_model(name, cfg["classes"], channels, size).to(runtime.device).eval().requires_grad_(False)
         if runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
         teachers.append(model)
@@ -66,7 +75,7 @@ def worker(config_name: str, mode: str, iters: int, warmup: int, device: str, am
     if mode == "bare":
         per_size = []
         for s in cfg["sizes"]:
-            x = torch.randn(batch, 3, s, s, device=runtime.device, requires_grad=True)
+            x = torch.randn(batch, channels, s, s, device=runtime.device, requires_grad=True)
             if runtime.channels_last:
                 x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
 
@@ -85,8 +94,8 @@ def worker(config_name: str, mode: str, iters: int, warmup: int, device: str, am
             per_size.append((time.perf_counter() - start) / iters)
         seconds = statistics.mean(per_size)
     else:
-        init = torch.rand(batch, 3, size, size)
-        bounds = (torch.full((1, 3, 1, 1), -3.0), torch.full((1, 3, 1, 1), 3.0))
+        init = torch.rand(batch, channels, size, size)
+        bounds = (torch.full((1, channels, 1, 1), -3.0), torch.full((1, channels, 1, 1), 3.0))
 
         def settings(n: int) -> RecoverSettings:
             return RecoverSettings(sizes=tuple(cfg["sizes"]), budgets=tuple([n] * len(cfg["sizes"])), jitter=4)
@@ -115,7 +124,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
             for mode in ("bare", "fadrm"):
                 cmd = [sys.executable, __file__, "--worker", name, mode, "--iters", str(args.iters),
                        "--warmup", str(args.warmup), "--device", args.device, "--amp", args.amp,
-                       "--groups", str(args.groups)]  # fmt: skip
+                       "--memory-format", args.memory_format,
+                       *(["--groups", str(args.groups)] if args.groups else [])]  # fmt: skip
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 samples[mode].append(json.loads(out.strip().splitlines()[-1]))
         bare = statistics.median(s["seconds_per_iter"] for s in samples["bare"])
@@ -133,18 +143,21 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per measurement (per stage)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternating bare/ours rounds; the median is kept")
-    parser.add_argument("--groups", type=int, default=1, help="groups optimised in one forward pass")
+    parser.add_argument("--groups", type=int, help="groups optimised in one forward pass (default: the config's, 1)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="off")
+    parser.add_argument("--memory-format", default="auto", choices=["auto", "channels-last", "contiguous"],
+                        help="auto: channels-last on CPU (the library's default)")  # fmt: skip
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.iters, args.warmup, args.device, args.amp, args.groups)))
+        print(json.dumps(worker(*args.worker, args.iters, args.warmup, args.device, args.amp, args.groups,
+                                args.memory_format)))  # fmt: skip
         return
     rows = measure(args)
     gib = 1024**3
@@ -157,7 +170,7 @@ def main() -> None:
     if args.json:
         import torch
 
-        meta = {"device": args.device, "amp": args.amp, "groups": args.groups, "iters": args.iters,
+        meta = {"device": args.device, "amp": args.amp, "groups": args.groups, "memory_format": args.memory_format, "iters": args.iters,
                 "rounds": args.rounds, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                 "command": " ".join(sys.argv)}  # fmt: skip
         if args.device.startswith("cuda"):

@@ -206,3 +206,29 @@ def test_stored_labels_for_another_ipc(distilled, fmnist_root, tmp_path):
     with pytest.raises(FadrmError, match="made for another setup .*images, ipc"):
         fadrm.evaluate(smaller, labels="stored", labels_dir=str(tmp_path / "e" / "labels"),
                        data_root=str(fmnist_root), **QUICK)  # fmt: skip
+
+
+def test_run_resumes_without_redoing_finished_stages(fmnist_root, tmp_path, monkeypatch):
+    import fadrm.api as api
+
+    options = dict(data_root=str(fmnist_root), device="cpu", amp="off",
+                   distill_options={"budgets": [1, 1, 1, 1], "mipc": 16, "num_crop": 2},
+                   eval_options={"epochs": 2, "batch_size": 8, "eval_at": [], "workers": 0})  # fmt: skip
+    real_evaluate = api.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fadrm.run("fashion-mnist", 1, tmp_path / "run", log=lambda s: None, **options)
+    teacher_stamp = (tmp_path / "run" / "teacher.pt").stat().st_mtime_ns
+    assert (tmp_path / "run" / "fadrm-ipc1" / "manifest.json").exists()
+    monkeypatch.setattr(api, "evaluate", real_evaluate)
+    lines: list[str] = []
+    summary = fadrm.run("fashion-mnist", 1, tmp_path / "run", log=lines.append, **options)
+    text = "\n".join(lines)
+    assert "already trained" in text and "resuming" in text and "0 groups" not in text
+    assert (tmp_path / "run" / "teacher.pt").stat().st_mtime_ns == teacher_stamp
+    assert [r["train_set"] for r in summary["runs"]] == ["distilled", "random-real", "random-real"]
+    assert "== fadrm run summary ==" in text and "wall time: teacher" in text

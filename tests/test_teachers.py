@@ -12,7 +12,6 @@ from safetensors.torch import save_file
 from fadrm.data import get_dataset_spec
 from fadrm.data.specs import FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES
 from fadrm.errors import FadrmError
-from fadrm.io import save_torch
 from fadrm.models import build_model
 from fadrm.teachers import (
     TeacherTrainConfig, fit_teacher_to_dataset, load_teacher, partial_path, train_teacher,

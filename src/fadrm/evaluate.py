@@ -28,7 +28,6 @@ from .labels import (
 )  # fmt: skip
 from .models import build_model
 from .runtime import Runtime, make_runtime
-from .synthesis.augment import resize
 from .synthesis.pipeline import MANIFEST_FORMAT, MANIFEST_VERSION, read_png
 from .synthesis.units import make_generator
 from .teachers import Teacher, check_holdout, fit_teacher_to_dataset, load_teacher

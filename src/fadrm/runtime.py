@@ -20,10 +20,12 @@ class Runtime:
     Attributes:
         device: the torch device.
         amp: "off", "fp16" or "bf16" (already resolved from "auto").
+        channels_last: run convolutions on channels-last tensors.
     """
 
     device: torch.device
     amp: str
+    channels_last: bool = False
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -39,21 +41,20 @@ class Runtime:
         """A gradient scaler, needed only for fp16 (bf16 has fp32's range)."""
         return torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
 
-    @property
-    def channels_last(self) -> bool:
-        """Channels-last convolutions: measured ~1.4x faster for ConvNet training on CPU."""
-        return self.device.type == "cpu"
-
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return f"{name} ({self.device}), amp={self.amp}"
 
 
-def make_runtime(device: str | None = "auto", amp: str | None = "auto") -> Runtime:
+def make_runtime(
+    device: str | None = "auto", amp: str | None = "auto", channels_last: bool | None = None
+) -> Runtime:
     """Resolve ``device`` ("auto", "cpu", "cuda", "cuda:N") and ``amp`` ("auto", "off", "fp16", "bf16").
 
     "auto" picks CUDA when present, and on CUDA bf16 where supported (fp16
     otherwise); on CPU mixed precision is off unless asked for (bf16 only).
+    ``channels_last`` defaults to on for the CPU, where it measured 1.4x
+    faster for ConvNet training (41.5 vs 28.7 s per Fashion-MNIST epoch).
     """
     device = device or "auto"
     amp = amp or "auto"
@@ -73,4 +74,6 @@ def make_runtime(device: str | None = "auto", amp: str | None = "auto") -> Runti
         amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if dev.type == "cuda" else "off"
     if amp == "fp16" and dev.type == "cpu":
         raise FadrmError("--amp fp16 needs CUDA; on CPU use --amp bf16 or off")
-    return Runtime(dev, amp)
+    if channels_last is None:
+        channels_last = dev.type == "cpu"
+    return Runtime(dev, amp, channels_last)

@@ -330,7 +330,9 @@ def train_teacher(config: TeacherTrainConfig, log: Callable[[str], None] = print
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
     )
-    steps_per_epoch = len(make_loader(train_set, config.batch_size, shuffle=True, workers=0, drop_last=True))
+    # Dropping the ragged last batch keeps BatchNorm away from tiny batches, unless it is the only batch.
+    drop_last = len(train_set) > config.batch_size
+    steps_per_epoch = len(make_loader(train_set, config.batch_size, shuffle=True, workers=0, drop_last=drop_last))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15,
         anneal_strategy="cos", div_factor=25.0, final_div_factor=1e3,
@@ -355,7 +357,7 @@ def train_teacher(config: TeacherTrainConfig, log: Callable[[str], None] = print
         torch.manual_seed(config.seed * 100_003 + epoch)
         loader = make_loader(
             train_set, config.batch_size, shuffle=True, seed=config.seed * 100_003 + epoch,
-            workers=config.workers, drop_last=True,
+            workers=config.workers, drop_last=drop_last,
         )  # fmt: skip
         loss = train_one_epoch(
             model, loader, optimizer, scheduler, runtime, spec.mean, spec.std, desc=f"epoch {epoch + 1}/{config.epochs}"

@@ -20,7 +20,7 @@ import platform
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .._version import __version__
 from ..config import DistillConfig, write_config
-from ..data import DatasetSpec, get_dataset_spec, load_split, normalize
+from ..data import DatasetSpec, ImageDataset, get_dataset_spec, load_split, normalize
 from ..data.transforms import denormalize
 from ..distributed import Ranks, init_ranks
 from ..errors import FadrmError
@@ -203,7 +203,7 @@ def read_png(path: Path) -> torch.Tensor:
 
 
 def select_patches(
-    config: DistillConfig, spec: DatasetSpec, dataset, teacher: Teacher, layout: Layout, runtime: Runtime,
+    config: DistillConfig, spec: DatasetSpec, dataset: ImageDataset, teacher: Teacher, layout: Layout, runtime: Runtime,
     ranks: Ranks, log: Callable[[str], None],
 ) -> None:  # fmt: skip
     """Choose the initial images of every class (this rank's share), skipping finished classes."""
@@ -248,7 +248,7 @@ def synthesize(
 ) -> None:  # fmt: skip
     """Run the recover loop over this rank's unfinished units and write their images and records."""
     settings = effective_recover_settings(config, method)
-    units = [u for u in ranks.shard(plan_units(len(layout.class_names), config.ipc, config.classes_per_group))]
+    units = ranks.shard(plan_units(len(layout.class_names), config.ipc, config.classes_per_group))
     todo = [u for u in units if not layout.unit_record(u).exists()]
     if not todo:
         return
@@ -370,7 +370,7 @@ def _distill_ranked(
     log: Callable[[str], None],
 ) -> dict[str, Any]:  # fmt: skip
     if ranks.world > 1 and runtime.device.type == "cuda":
-        runtime = Runtime(torch.device("cuda", ranks.local_rank), runtime.amp)
+        runtime = replace(runtime, device=torch.device("cuda", ranks.local_rank))
     dataset = load_split(spec, "train", config.data_root, config.holdout)
     class_names = list(spec.display_names or dataset.classes)
     teachers = load_teachers(config, spec, dataset.classes, runtime)
