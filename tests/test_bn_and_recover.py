@@ -176,3 +176,12 @@ def test_group_moments_match_var_mean_and_gradcheck():
     mean, var = moments(x)
     (got,) = torch.autograd.grad((mean * weights[0]).sum() + (var * weights[1]).sum(), x)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_chunked_moments_combine_exactly():
+    from fadrm.synthesis.bn_stats import _chunked_moments
+
+    x = (torch.randn(7, 5, 6, 6) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    mean, var = _chunked_moments(x)  # chunks of 2, 2, 2, 1 images
+    ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    assert torch.allclose(mean, ref_mean, atol=1e-5) and torch.allclose(var, ref_var, rtol=1e-5)

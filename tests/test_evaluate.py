@@ -232,3 +232,15 @@ def test_run_resumes_without_redoing_finished_stages(fmnist_root, tmp_path, monk
     assert (tmp_path / "run" / "teacher.pt").stat().st_mtime_ns == teacher_stamp
     assert [r["train_set"] for r in summary["runs"]] == ["distilled", "random-real", "random-real"]
     assert "== fadrm run summary ==" in text and "wall time: teacher" in text
+
+
+def test_finished_runs_are_not_reused_for_other_images(distilled, fmnist_root, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(distilled, copy)
+    fadrm.evaluate(copy, data_root=str(fmnist_root), log=lambda s: None, **QUICK)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["images"][0]["ce"] += 1.0  # as after re-distilling into the same folder
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    lines: list[str] = []
+    fadrm.evaluate(copy, data_root=str(fmnist_root), log=lines.append, **QUICK)
+    assert not any("reusing" in line for line in lines)

@@ -9,6 +9,8 @@ subset of the same size, with soft and with hard labels.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -96,6 +98,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if manifest.get("format_version", 0) > MANIFEST_VERSION:
         raise FadrmError(f"{path} was written by a newer fadrm ({manifest.get('fadrm_version')}); upgrade fadrm")
     return manifest
+
+
+def distilled_set_id(manifest: dict[str, Any]) -> str:
+    """A fingerprint of a distilled set's content: its config and per-image records (not its timings)."""
+    payload = json.dumps({"config": manifest["config"], "images": manifest["images"]}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def load_distilled(folder: str | Path, manifest: dict[str, Any]) -> TrainingSet:
@@ -251,6 +259,9 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     store = None
     if config.labels == "stored":
         store = prepare_store(config, manifest, distilled, spec, labeller, runtime, out, log)
+    # A finished run is reused only for the same settings and the same images: re-distilling
+    # into the folder (new pixels, new per-image losses) invalidates it.
+    identity = {**config.identity(), "distilled_set": distilled_set_id(manifest)}
     results: dict[str, Any] = {
         "distilled": str(config.distilled), "dataset": spec.name, "method": manifest["method"], "ipc": manifest["ipc"],
         "teachers": [t.describe() for t in teachers], "config": asdict(config), "runs": [],
@@ -263,7 +274,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
             for label_mode in (("soft", "hard") if training_set.name != "distilled" else ("soft",)):
                 key = f"{training_set.name}-{student}-{label_mode}"
                 run_file = out / "runs" / f"{key}.json"
-                if run_file.exists() and read_json(run_file).get("identity") == config.identity():
+                if run_file.exists() and read_json(run_file).get("identity") == identity:
                     run = read_json(run_file)["result"]
                     log(f"{key}: reusing finished run (top-1 {run['top1']:.2f}%)")
                 else:
@@ -277,7 +288,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
                     )  # fmt: skip
                     run.update({"student": student, "train_set": training_set.name, "labels": label_mode,
                                 "images": len(training_set.images)})  # fmt: skip
-                    write_json(run_file, {"identity": config.identity(), "result": run})
+                    write_json(run_file, {"identity": identity, "result": run})
                     log(f"{key}: top-1 {run['top1']:.2f}%, top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)")
                 results["runs"].append(run)
     write_report(out, results)

@@ -18,10 +18,13 @@ def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
 # next to any real variance in fp32, and subtracted again below.
 _STATS_EPS = 1e-12
 _CPU_CHUNKS = 4
+# Group activations smaller than this (elements) skip chunking: their transient copy is
+# small, and for them the per-call overhead of chunking dominated (tiny ConvNet teachers).
+_CHUNK_ABOVE = 1 << 20
 
 
-def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance over all but dim 1, with BatchNorm's own fused kernel.
+def _mean_invstd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and 1/sqrt(var + eps) over all but dim 1, with BatchNorm's own fused kernel.
 
     ``torch.var_mean`` over (N, H, W) measured 4-5x slower than the
     training-mode statistics pass of batch norm on a 2-core CPU (26.8 vs
@@ -29,30 +32,29 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the overhead of synthesis over the bare teacher.
     """
     if x.is_cuda:
-        mean, invstd = torch.batch_norm_stats(x, _STATS_EPS)
-        return mean.float(), _variance(invstd)
-    # The CPU kernel also writes a normalised copy of its input, which we
-    # discard. Chunks of the batch bound that transient to a quarter of the
-    # activation (it showed in peak memory); the chunks' moments are then
-    # combined exactly (Chan et al.'s parallel formula).
-    chunks = x.chunk(min(_CPU_CHUNKS, len(x)))
-    counts, means, variances = [], [], []
-    for chunk in chunks:
-        _, mean, invstd = torch.ops.aten.native_batch_norm(chunk, None, None, None, None, True, 0.0, _STATS_EPS)
-        counts.append(len(chunk))
-        means.append(mean.float())
-        variances.append(_variance(invstd))
-    if len(chunks) == 1:
-        return means[0], variances[0]
-    weights = torch.tensor(counts, dtype=torch.float32, device=x.device)[:, None] / len(x)
-    mean_stack, var_stack = torch.stack(means), torch.stack(variances)
-    mean = (weights * mean_stack).sum(0)
-    var = (weights * (var_stack + (mean_stack - mean) ** 2)).sum(0)
-    return mean, var
+        return torch.batch_norm_stats(x, _STATS_EPS)
+    _, mean, invstd = torch.ops.aten.native_batch_norm(x, None, None, None, None, True, 0.0, _STATS_EPS)
+    return mean, invstd
 
 
 def _variance(invstd: torch.Tensor) -> torch.Tensor:
     return (invstd.double().pow(-2) - _STATS_EPS).clamp_min(0).float()
+
+
+def _chunked_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of a large CPU activation from batch chunks, combined exactly.
+
+    The CPU kernel also writes a normalised copy of its input, which we
+    discard; chunks bound that transient to a quarter of the activation (it
+    showed in peak memory). Chan et al.'s parallel formula combines the chunks.
+    """
+    chunks = x.chunk(min(_CPU_CHUNKS, len(x)))
+    stats = [_mean_invstd(chunk) for chunk in chunks]
+    means = torch.stack([m for m, _ in stats]).float()
+    variances = _variance(torch.stack([s for _, s in stats]))
+    weights = torch.tensor([len(c) / len(x) for c in chunks], device=x.device)[:, None]
+    mean = (weights * means).sum(0)
+    return mean, (weights * (variances + (means - mean) ** 2)).sum(0)
 
 
 class GroupMoments(torch.autograd.Function):
@@ -68,9 +70,14 @@ class GroupMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         groups = x.detach().unflatten(0, (num_groups, -1))
-        moments = [_moments(groups[g]) for g in range(num_groups)]
-        mean = torch.stack([m for m, _ in moments])
-        var = torch.stack([v for _, v in moments])
+        if x.is_cuda or groups[0].numel() < _CHUNK_ABOVE:
+            stats = [_mean_invstd(groups[g]) for g in range(num_groups)]
+            mean = torch.stack([m for m, _ in stats]).float()
+            var = _variance(torch.stack([s for _, s in stats]))
+        else:
+            moments = [_chunked_moments(groups[g]) for g in range(num_groups)]
+            mean = torch.stack([m for m, _ in moments])
+            var = torch.stack([v for _, v in moments])
         ctx.save_for_backward(x, mean)
         ctx.num_groups = num_groups
         return mean, var
