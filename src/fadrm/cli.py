@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import yaml
 
 from ._version import __version__
 from .errors import FadrmError
-
-Handler = Callable[[argparse.Namespace], int]
-
 
 def _key_values(pairs: Sequence[str] | None) -> dict[str, Any]:
     """Parse ``key=value`` options; values are read as YAML scalars (numbers, booleans, strings)."""

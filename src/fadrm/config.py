@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-from .errors import FadrmError
 
 
 @dataclass
@@ -114,12 +113,3 @@ def write_config(path: str | Path, config: DistillConfig) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-
-def config_from_dict(data: dict[str, Any]) -> DistillConfig:
-    """Rebuild a config read back from a manifest."""
-    known = {f.name for f in fields(DistillConfig)}
-    try:
-        return DistillConfig(**{k: v for k, v in data.items() if k in known})
-    except TypeError as exc:
-        raise FadrmError(f"incomplete config in manifest ({exc})") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 from .errors import FadrmError
 
@@ -26,14 +26,6 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = obj
         return obj
-
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator form of :meth:`add`."""
-
-        def decorate(obj: T) -> T:
-            return self.add(name, obj)
-
-        return decorate
 
     def get(self, name: str) -> T:
         """Return the entry for ``name`` or raise a FadrmError listing the valid names."""

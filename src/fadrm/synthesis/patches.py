@@ -19,9 +19,6 @@ from ..errors import FadrmError
 from ..runtime import Runtime
 from .augment import random_resized_crop_box, resize
 
-DIFFICULTY_BANDS = ("easy", "medium", "hard")
-
-
 @dataclass(frozen=True)
 class PatchSettings:
     """How patches are chosen.
