@@ -50,6 +50,7 @@ class Evil:
         return (print, ("this must never run",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as fh:
