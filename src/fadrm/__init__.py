@@ -5,6 +5,7 @@ from .api import distill, evaluate, run, train_teacher
 from .config import DistillConfig, resolve_distill_config
 from .data import DATASETS, DatasetSpec, get_dataset_spec, load_split
 from .errors import FadrmError
+from .evaluate import EvalConfig
 from .models import MODELS, build_model, list_models
 from .synthesis.methods import METHODS
 from .teachers import Teacher, TeacherTrainConfig, load_teacher
@@ -13,6 +14,7 @@ __all__ = [
     "DATASETS",
     "DatasetSpec",
     "DistillConfig",
+    "EvalConfig",
     "FadrmError",
     "METHODS",
     "MODELS",
