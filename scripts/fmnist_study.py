@@ -24,7 +24,7 @@ import torch
 import fadrm
 from fadrm.config import load_preset_section
 from fadrm.report import image_grid
-from fadrm.synthesis.pipeline import read_png
+from fadrm.data.datasets import read_image
 
 METHODS = ["rded", "sre2l", "sre2l++", "fadrm", "fadrm+"]
 # Ablations at IPC 10 (the paper's): merge ratio, multi-resolution, number of residual merges.
@@ -118,7 +118,7 @@ def grid(path: Path, folders: dict[str, Path]) -> None:
     rows = []
     for name, folder in folders.items():
         files = sorted((folder / "images").glob("*/000.png"))
-        rows += [read_png(f) for f in files]
+        rows += [read_image(f, 1).float().div(255) for f in files]
     if rows:
         image_grid(torch.stack(rows), 10, scale=3).save(path)
 

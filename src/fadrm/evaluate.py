@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split, normalize
-from .data.datasets import ImageDataset
+from .data.datasets import ImageDataset, read_image
 from .errors import FadrmError
 from .io import read_json, write_json
 from .labels import (
@@ -30,7 +30,7 @@ from .labels import (
 )  # fmt: skip
 from .models import build_model
 from .runtime import Runtime, make_runtime
-from .synthesis.pipeline import MANIFEST_FORMAT, MANIFEST_VERSION, read_png
+from .synthesis.pipeline import MANIFEST_FORMAT, MANIFEST_VERSION
 from .synthesis.units import make_generator
 from .teachers import Teacher, check_holdout, fit_teacher_to_dataset, load_teacher
 from .training import check_finite, evaluate_accuracy, make_loader, progress
@@ -114,7 +114,7 @@ def load_distilled(folder: str | Path, manifest: dict[str, Any]) -> TrainingSet:
         path = folder / record["file"]
         if not path.exists():
             raise FadrmError(f"{path} listed in the manifest is missing; rerun fadrm distill")
-        images.append(read_png(path).mul(255).round().to(torch.uint8))
+        images.append(read_image(path, manifest["dataset"]["channels"]))
         labels.append(record["class"])
     return TrainingSet("distilled", torch.stack(images), torch.tensor(labels))
 

@@ -24,14 +24,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from .._version import __version__
 from ..config import DistillConfig, write_config
 from ..data import DatasetSpec, ImageDataset, get_dataset_spec, load_split, normalize
+from ..data.datasets import read_image
 from ..data.transforms import denormalize
 from ..distributed import Ranks, init_ranks
 from ..errors import FadrmError
@@ -193,15 +192,6 @@ def _bounds(spec: DatasetSpec, device: torch.device) -> tuple[torch.Tensor, torc
     return normalize(zeros, spec.mean, spec.std), normalize(zeros + 1, spec.mean, spec.std)
 
 
-def read_png(path: Path) -> torch.Tensor:
-    """A PNG written by this package as a [0, 1] float (C, H, W) tensor."""
-    with Image.open(path) as img:
-        array = np.asarray(img, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
-
-
 def select_patches(
     config: DistillConfig, spec: DatasetSpec, dataset: ImageDataset, teacher: Teacher, layout: Layout, runtime: Runtime,
     ranks: Ranks, log: Callable[[str], None],
@@ -267,9 +257,9 @@ def synthesize(
             init = torch.cat([torch.randn(shape, generator=g) for g in generators])
         else:
             init = torch.stack([
-                read_png(layout.image("init", c, u.ipc_index)) for u in batch for c in u.classes
+                read_image(layout.image("init", c, u.ipc_index), spec.channels) for u in batch for c in u.classes
             ])  # fmt: skip
-            init = normalize(init, spec.mean, spec.std)
+            init = normalize(init.float().div_(255), spec.mean, spec.std)
         if runtime.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(runtime.device)
         bar = tqdm(total=settings.total_budget, desc=f"{batch[0].key}+{len(batch) - 1}", leave=False, disable=None)
