@@ -96,6 +96,23 @@ def test_same_seed_gives_identical_bytes(fmnist_root, teacher_ckpt, tmp_path):
     assert pngs(tmp_path / "a") != pngs(tmp_path / "c")
 
 
+@pytest.mark.slow
+def test_compiled_teachers_give_the_same_images(fmnist_root, teacher_ckpt, tmp_path, monkeypatch):
+    # --compile is an execution choice: it may change float rounding, never the result.
+    run(fmnist_root, teacher_ckpt, tmp_path / "eager", ipc=1, classes_per_group=10)
+    compiled_models = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compiled_models.append(model) or real_compile(model))
+    manifest = run(fmnist_root, teacher_ckpt, tmp_path / "compiled", ipc=1, classes_per_group=10, compile=True)
+    assert manifest["config"]["compile"] is True and len(compiled_models) == 1
+    eager, compiled = pngs(tmp_path / "eager" / "images"), pngs(tmp_path / "compiled" / "images")
+    assert eager.keys() == compiled.keys()
+    for name in eager:
+        a = np.asarray(Image.open(tmp_path / "eager" / "images" / name), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "compiled" / "images" / name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, name
+
+
 def test_resume_after_interruption_redoes_nothing_finished(fmnist_root, teacher_ckpt, tmp_path, monkeypatch):
     run(fmnist_root, teacher_ckpt, tmp_path / "straight", groups_per_batch=1)
     real_recover = distill_module.recover

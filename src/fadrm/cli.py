@@ -94,6 +94,8 @@ def _distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--difficulty", help="easy, medium, hard, or a quantile in [0, 1]")
     p.add_argument("--patch-crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"))
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the teachers (first iterations slower; measured no gain on CPU)")  # fmt: skip
     _add_runtime_flags(p)
     p.set_defaults(handler=_distill)
 

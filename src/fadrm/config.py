@@ -50,11 +50,12 @@ class DistillConfig:
     groups_per_batch: int | None = None
     device: str = "auto"
     amp: str = "auto"
+    compile: bool = False
     overwrite: bool = False
 
     # Fields that do not define the distilled set: a resumed run may change them.
     # Teachers are identified by their files' hashes, not their paths.
-    EXECUTION_FIELDS = ("out", "data_root", "teachers", "groups_per_batch", "device", "amp", "overwrite")
+    EXECUTION_FIELDS = ("out", "data_root", "teachers", "groups_per_batch", "device", "amp", "compile", "overwrite")
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the result (used to refuse resuming into a different run)."""

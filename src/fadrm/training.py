@@ -64,9 +64,7 @@ def train_one_epoch(
     total, count = 0.0, 0
     bar = progress(loader, desc)
     for images, labels in bar:
-        images = normalize(images.to(runtime.device, non_blocking=True), mean, std)
-        if runtime.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = normalize(runtime.batch(images), mean, std)
         labels = labels.to(runtime.device, non_blocking=True)
         with runtime.autocast():
             loss = nn.functional.cross_entropy(model(images), labels)
@@ -101,9 +99,7 @@ def evaluate_accuracy(
     correct1 = correct5 = 0
     loss_sum, count = 0.0, 0
     for images, labels in progress(loader, desc):
-        images = normalize(images.to(runtime.device), mean, std)
-        if runtime.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = normalize(runtime.batch(images), mean, std)
         labels = labels.to(runtime.device)
         with runtime.autocast():
             logits = model(images)

@@ -107,7 +107,7 @@ def select_class_patches(
     scores = []
     target = torch.full((batch_size,), label, dtype=torch.long, device=runtime.device)
     for chunk in crops_t.split(batch_size):
-        batch = normalize(chunk.to(runtime.device), mean, std)
+        batch = normalize(runtime.batch(chunk), mean, std)
         if image_size != crop_size:
             # Score each patch at the size the teacher was trained on.
             batch = resize(batch, image_size)

@@ -145,9 +145,7 @@ def load_teachers(config: DistillConfig, spec: DatasetSpec, class_names: list[st
             raise FadrmError(
                 f"teacher {source} ({teacher.arch}) has no BatchNorm layers, so there are no statistics to match"
             )
-        teacher.model.to(runtime.device)
-        if runtime.channels_last:
-            teacher.model.to(memory_format=torch.channels_last)
+        teacher.model = runtime.place(teacher.model, compile=True)
         teachers.append(teacher)
     first = teachers[0]
     for other in teachers[1:]:
@@ -347,7 +345,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict[s
     method = METHODS.get(config.method)
     spec = get_dataset_spec(config.dataset)
     validate_config(config, method, spec)
-    runtime = make_runtime(config.device, config.amp)
+    runtime = make_runtime(config.device, config.amp, compile=config.compile)
     ranks = init_ranks(runtime.device.type)
     try:
         return _distill_ranked(config, method, spec, runtime, ranks, started, log)

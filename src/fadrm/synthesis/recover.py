@@ -110,8 +110,7 @@ def recover(
                     ViewParams.sample(gen, size, settings.jitter, settings.crop_scale).apply(chunk, size)
                     for gen, chunk in zip(generators, x.chunk(num_groups))
                 ])  # fmt: skip
-                if runtime.channels_last:
-                    views = views.contiguous(memory_format=torch.channels_last)
+                views = runtime.batch(views)
                 with runtime.autocast():
                     logits = teacher(views)
                     ce = F.cross_entropy(logits.float(), labels, reduction="none")
