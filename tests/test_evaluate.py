@@ -244,3 +244,18 @@ def test_finished_runs_are_not_reused_for_other_images(distilled, fmnist_root, t
     lines: list[str] = []
     fadrm.evaluate(copy, data_root=str(fmnist_root), log=lines.append, **QUICK)
     assert not any("reusing" in line for line in lines)
+
+
+def test_finished_runs_survive_other_execution_flags(distilled, fmnist_root, tmp_path):
+    # Resuming a set with another device/batching (or a manifest from a version without a newer
+    # execution flag) describes the same images, so finished evaluations are kept.
+    copy = tmp_path / "copy"
+    shutil.copytree(distilled, copy)
+    fadrm.evaluate(copy, data_root=str(fmnist_root), log=lambda s: None, **QUICK)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["config"].update(groups_per_batch=7, device="cuda")
+    del manifest["config"]["compile"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    lines: list[str] = []
+    fadrm.evaluate(copy, data_root=str(fmnist_root), log=lines.append, **QUICK)
+    assert any("reusing" in line for line in lines)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DistillConfig
 from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split, normalize
 from .data.datasets import ImageDataset, read_image
 from .errors import FadrmError
@@ -101,8 +102,14 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 def distilled_set_id(manifest: dict[str, Any]) -> str:
-    """A fingerprint of a distilled set's content: its config and per-image records (not its timings)."""
-    payload = json.dumps({"config": manifest["config"], "images": manifest["images"]}, sort_keys=True)
+    """A fingerprint of a distilled set's content: the settings that define it and its per-image records.
+
+    Execution choices (device, batching, compilation, ...) and timings are left
+    out, so resuming a set with other execution flags, or with a version that
+    added one, keeps its finished evaluations.
+    """
+    defining = {k: v for k, v in manifest["config"].items() if k not in DistillConfig.EXECUTION_FIELDS}
+    payload = json.dumps({"config": defining, "images": manifest["images"]}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -167,9 +174,7 @@ def train_student(
     Returns the per-epoch loss, the evaluations at ``config.eval_at`` and the final top-1/top-5.
     """
     sampler = ViewSampler(config.seed, spec.image_size, tuple(config.crop_scale), config.mix, config.mix_alpha)
-    model.to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    runtime.place(model)
     optimizer = _optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: stretched_cosine(e, config.epochs, config.eta))
     scaler = runtime.grad_scaler()
@@ -183,9 +188,7 @@ def train_student(
         optimizer.zero_grad(set_to_none=True)
         for b, indices in enumerate(batches):
             view = sampler.view(epoch, b, indices, train.images.shape[-2], train.images.shape[-1])
-            pixels = normalize(render(train.images, view, spec.image_size).to(runtime.device), spec.mean, spec.std)
-            if runtime.channels_last:
-                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            pixels = normalize(runtime.batch(render(train.images, view, spec.image_size)), spec.mean, spec.std)
             if targets_epoch is not None:
                 targets = targets_epoch[offset : offset + len(indices)].to(runtime.device)
             elif labeller is not None:
@@ -324,9 +327,7 @@ def load_eval_teachers(
             )
         teacher = fit_teacher_to_dataset(teacher, spec, class_names)
         check_holdout(teacher, config.holdout or 0)
-        teacher.model.to(runtime.device)
-        if runtime.channels_last:
-            teacher.model.to(memory_format=torch.channels_last)
+        runtime.place(teacher.model)
         teachers.append(teacher)
     return teachers
 
