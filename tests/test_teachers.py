@@ -129,7 +129,7 @@ def test_train_teacher_resumes_after_interruption(fmnist_root, tmp_path):
         assert torch.equal(a, b)
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["dataset"] == "fashion-mnist" and ckpt["in_channels"] == 1 and "fadrm_version" in ckpt
-    assert len(ckpt["history"]) == 2
+    assert len(ckpt["history"]) == 2 and all(epoch["seconds"] > 0 for epoch in ckpt["history"])
     # Same command again: reused, not retrained; other settings: refused.
     assert "already trained" in " ".join(_capture(lambda log: train_teacher(config(out), log=log)))
     with pytest.raises(FadrmError, match="--overwrite"):

@@ -324,9 +324,7 @@ def train_teacher(config: TeacherTrainConfig, log: Callable[[str], None] = print
     num_classes = len(train_set.classes)
     torch.manual_seed(config.seed)
     model = build_model(config.model, num_classes, spec.channels, spec.image_size, **config.model_args)
-    model.to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    runtime.place(model)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
     )
@@ -353,6 +351,7 @@ def train_teacher(config: TeacherTrainConfig, log: Callable[[str], None] = print
     metrics = history[-1] if history else {"top1": float("nan"), "top5": float("nan")}
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
+        epoch_started = time.perf_counter()
         # Seeding per epoch makes a resumed run see the same batches and augmentations.
         torch.manual_seed(config.seed * 100_003 + epoch)
         loader = make_loader(
@@ -363,7 +362,8 @@ def train_teacher(config: TeacherTrainConfig, log: Callable[[str], None] = print
             model, loader, optimizer, scheduler, runtime, spec.mean, spec.std, desc=f"epoch {epoch + 1}/{config.epochs}"
         )
         metrics = evaluate_accuracy(model, val_loader, runtime, spec.mean, spec.std)
-        history.append({"epoch": epoch + 1, "train_loss": loss, **metrics})
+        seconds = round(time.perf_counter() - epoch_started, 2)
+        history.append({"epoch": epoch + 1, "train_loss": loss, **metrics, "seconds": seconds})
         save_torch(partial, {
             "train_config": config.identity(), "epoch": epoch + 1, "history": history,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
