@@ -2,6 +2,8 @@
 
     python benchmarks/synthesis_speed.py                 # all three configs, CPU fp32
     python benchmarks/synthesis_speed.py --device cuda --amp bf16 --json benchmarks/results/h100.json
+    python benchmarks/synthesis_speed.py --configs cifar100 --rounds 1 --profile   # where the time goes
+    python benchmarks/synthesis_speed.py --configs cifar100 --compile              # torch.compile'd teachers
 
 For each config it times our recover loop (augmentation, BN-statistics hooks,
 Adam, clamp: one full iteration) and the floor for the same maths: the frozen
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 CONFIGS = {
     "cifar100": {"teachers": ["cifar_resnet18"], "classes": 100, "group": 100, "sizes": [32]},
@@ -45,9 +48,17 @@ PAPER_BUDGET = 2000
 
 
 def worker(
-    config_name: str, mode: str, iters: int, warmup: int, device: str, amp: str, groups: int | None, memory_format: str
+    config_name: str, mode: str, iters: int, warmup: int, device: str, amp: str, groups: int | None, memory_format: str,
+    compile: bool = False, profile: bool = False,
 ) -> dict:
-    """One measurement in this process: seconds per iteration and peak memory."""
+    """One measurement in this process: seconds per iteration and peak memory.
+
+    With ``compile`` both modes run ``torch.compile``'d teachers (compilation
+    falls in the warm-up); with ``profile`` the timed iterations run under the
+    PyTorch profiler and its table of the most expensive operators goes to stderr.
+    """
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 
@@ -59,18 +70,32 @@ def worker(
     cfg = CONFIGS[config_name]
     groups = groups or cfg.get("groups", 1)
     channels = cfg.get("channels", 3)
-    runtime = make_runtime(device, amp, channels_last=None if memory_format == "auto" else memory_format == "channels-last")
+    runtime = make_runtime(device, amp, channels_last=None if memory_format == "auto" else memory_format == "channels-last",
+                           compile=compile)  # fmt: skip
     torch.manual_seed(0)
     size = cfg["sizes"][-1]
     teachers = []
     for name in cfg["teachers"]:
-        model = build_model(name, cfg["classes"], channels, size).to(runtime.device).eval().requires_grad_(False)
-        if runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        teachers.append(model)
+        model = build_model(name, cfg["classes"], channels, size).eval().requires_grad_(False)
+        teachers.append(runtime.place(model, compile=True))
     batch = cfg["group"] * groups
     labels = (torch.arange(batch) % cfg["classes"]).to(runtime.device)
     sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if runtime.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+    @contextlib.contextmanager
+    def timed() -> Iterator[None]:
+        """Profile (when asked) what runs inside; print the operator table to stderr."""
+        if not profile:
+            yield
+            return
+        with torch.profiler.profile(activities=activities) as prof:
+            yield
+        sort = "self_cuda_time_total" if runtime.device.type == "cuda" else "self_cpu_time_total"
+        print(f"== {config_name} {mode} ({iters} iterations)\n" + prof.key_averages().table(sort_by=sort, row_limit=15),
+              file=sys.stderr)  # fmt: skip
 
     if mode == "bare":
         per_size = []
@@ -87,11 +112,12 @@ def worker(
             for t in range(warmup):
                 step(t)
             sync()
-            start = time.perf_counter()
-            for t in range(iters):
-                step(t)
-            sync()
-            per_size.append((time.perf_counter() - start) / iters)
+            with timed():
+                start = time.perf_counter()
+                for t in range(iters):
+                    step(t)
+                sync()
+                per_size.append((time.perf_counter() - start) / iters)
         seconds = statistics.mean(per_size)
     else:
         init = torch.rand(batch, channels, size, size)
@@ -105,10 +131,11 @@ def worker(
 
         recover(init, labels.cpu(), teachers, generators(), settings(warmup), runtime, bounds)
         sync()
-        start = time.perf_counter()
-        recover(init, labels.cpu(), teachers, generators(), settings(iters), runtime, bounds)
-        sync()
-        seconds = (time.perf_counter() - start) / (iters * len(cfg["sizes"]))
+        with timed():
+            start = time.perf_counter()
+            recover(init, labels.cpu(), teachers, generators(), settings(iters), runtime, bounds)
+            sync()
+            seconds = (time.perf_counter() - start) / (iters * len(cfg["sizes"]))
     if runtime.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(runtime.device)
     else:
@@ -124,10 +151,12 @@ def measure(args: argparse.Namespace) -> list[dict]:
             for mode in ("bare", "fadrm"):
                 cmd = [sys.executable, __file__, "--worker", name, mode, "--iters", str(args.iters),
                        "--warmup", str(args.warmup), "--device", args.device, "--amp", args.amp,
-                       "--memory-format", args.memory_format,
-                       *(["--groups", str(args.groups)] if args.groups else [])]  # fmt: skip
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                samples[mode].append(json.loads(out.strip().splitlines()[-1]))
+                       "--memory-format", args.memory_format, *(["--groups", str(args.groups)] if args.groups else []),
+                       *(["--compile"] if args.compile else []), *(["--profile"] if args.profile else [])]  # fmt: skip
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                if args.profile:
+                    print(done.stderr)
+                samples[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
         bare = statistics.median(s["seconds_per_iter"] for s in samples["bare"])
         ours = statistics.median(s["seconds_per_iter"] for s in samples["fadrm"])
         bare_mem = max(s["peak_bytes"] for s in samples["bare"])
@@ -152,12 +181,14 @@ def main() -> None:
     parser.add_argument("--amp", default="off")
     parser.add_argument("--memory-format", default="auto", choices=["auto", "channels-last", "contiguous"],
                         help="auto: channels-last on CPU (the library's default)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="torch.compile the teachers (compiled in the warm-up)")
+    parser.add_argument("--profile", action="store_true", help="print each measurement's profiler table")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.iters, args.warmup, args.device, args.amp, args.groups,
-                                args.memory_format)))  # fmt: skip
+                                args.memory_format, args.compile, args.profile)))  # fmt: skip
         return
     rows = measure(args)
     gib = 1024**3
@@ -170,7 +201,8 @@ def main() -> None:
     if args.json:
         import torch
 
-        meta = {"device": args.device, "amp": args.amp, "groups": args.groups, "memory_format": args.memory_format, "iters": args.iters,
+        meta = {"device": args.device, "amp": args.amp, "groups": args.groups, "memory_format": args.memory_format,
+                "compile": args.compile, "iters": args.iters,
                 "rounds": args.rounds, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                 "command": " ".join(sys.argv)}  # fmt: skip
         if args.device.startswith("cuda"):
