@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--ablation-seeds", type=int, nargs="+", help="seeds of the ablations (default: --seeds)")
     parser.add_argument("--page", default="docs/results.md")
     args = parser.parse_args()
     import sys
@@ -222,7 +223,7 @@ def main() -> None:
                 rows += cell(out, method, method, ipc, seed, sources)
                 write_page(Path(args.page), rows, ablation_rows, teacher_info, args)
     if not args.no_ablations:
-        for seed in args.seeds:
+        for seed in args.ablation_seeds or args.seeds:
             for name, options in ABLATIONS.items():
                 done = cell(out, "fadrm", "fadrm", 10, seed, [first]) if options is None else cell(
                     out, f"ablation-{name}", "fadrm", 10, seed, [first], **options)  # fmt: skip
