@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from dataclasses import dataclass
 from typing import ContextManager
 
@@ -99,4 +101,7 @@ def make_runtime(
         raise FadrmError("--amp fp16 needs CUDA; on CPU use --amp bf16 or off")
     if channels_last is None:
         channels_last = dev.type == "cpu"
+    # Inductor builds C++ kernels for the CPU; without a compiler it fails deep inside the first forward.
+    if compile and dev.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
+        raise FadrmError("--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
     return Runtime(dev, amp, channels_last, compile)
