@@ -11,6 +11,7 @@ import yaml
 from ._version import __version__
 from .errors import FadrmError
 
+
 def _key_values(pairs: Sequence[str] | None) -> dict[str, Any]:
     """Parse ``key=value`` options; values are read as YAML scalars (numbers, booleans, strings)."""
     out: dict[str, Any] = {}
@@ -95,7 +96,8 @@ def _distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"))
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the teachers (first iterations slower; measured no gain on CPU)")  # fmt: skip
+                   help="torch.compile the teachers: minutes of compiling per input size first; "
+                   "3%% faster per iteration for a CPU ResNet-18, no gain for small ConvNets")  # fmt: skip
     _add_runtime_flags(p)
     p.set_defaults(handler=_distill)
 

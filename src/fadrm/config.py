@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 
-
 @dataclass
 class DistillConfig:
     """Everything ``fadrm distill`` needs; each field is also a CLI flag."""

@@ -79,7 +79,8 @@ def make_runtime(
     faster for ConvNet training (41.5 vs 28.7 s per Fashion-MNIST epoch).
     ``compile`` enables ``torch.compile`` for the models placed with
     ``compile=True`` (the synthesis teachers): off by default, because on the
-    CPU it measured no faster and costs a minute of compilation per shape.
+    CPU it measured only 3% faster for ResNet-18 (none for small ConvNets)
+    after minutes of compilation per input size.
     """
     device = device or "auto"
     amp = amp or "auto"

@@ -19,6 +19,7 @@ from ..errors import FadrmError
 from ..runtime import Runtime
 from .augment import random_resized_crop_box, resize
 
+
 @dataclass(frozen=True)
 class PatchSettings:
     """How patches are chosen.
