@@ -1,4 +1,5 @@
-"""Presets: every shipped preset resolves for every method; flags override; the published values."""
+"""Presets: every shipped preset resolves for every method; flags override; the published values
+(synthesis and student recipe)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 
 from fadrm.config import load_preset_section, preset_names, resolve_distill_config
 from fadrm.data import get_dataset_spec
+from fadrm.evaluate import EvalConfig
 from fadrm.synthesis.methods import METHODS
 
 
@@ -28,3 +30,12 @@ def test_published_values_and_overrides():
     tiny50 = resolve_distill_config("tiny-imagenet", ["t"], "o", method="fadrm", ipc=50)
     assert tiny50.sizes == [64, 64] and tiny50.lr == 0.01
     assert resolve_distill_config("cifar100", ["t"], "o", method="fadrm", ipc=10, lr=0.1, alpha=None).lr == 0.1
+
+
+@pytest.mark.parametrize("dataset", preset_names())
+def test_student_recipe_is_the_published_one(dataset):
+    recipe = EvalConfig(distilled="set", **load_preset_section(dataset, "evaluate"))
+    assert (recipe.batch_size, recipe.accumulation) == (16, 2)
+    assert (recipe.optimizer, recipe.lr, recipe.weight_decay, recipe.temperature) == ("adamw", 0.001, 0.01, 20.0)
+    assert recipe.mix == "cutmix" and recipe.crop_scale == [0.08, 1.0]
+    assert recipe.epochs == (1000 if dataset == "cifar100" else 300)
