@@ -33,10 +33,8 @@ CANDIDATES: dict[str, dict] = {
     # The published CIFAR-100 / Tiny-ImageNet runs keep every stage at full size (only the
     # ImageNet family runs stages below it); the same at 28 px:
     "single-resolution": {"sizes": [28, 28, 28, 28]},
-    # ... and with the published budget of 500 iterations per stage.
     # RDED's ImageNet setting: four half-size patches per image, four times the real sources.
     "factor-2": {"factor": 2},
-    "single-resolution-2000": {"sizes": [28, 28, 28, 28], "budgets": [500, 500, 500, 500]},
 }
 
 
