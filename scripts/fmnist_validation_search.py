@@ -84,7 +84,10 @@ def print_summary(rows: list[dict]) -> None:
         accuracy = [r["val_top1"] for r in own]
         margins = [r["val_top1"] - baseline[r["seed"]] for r in own if r["seed"] in baseline]
         spread = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
-        margin = f"{statistics.mean(margins):+.2f} (per seed: {', '.join(f'{m:+.2f}' for m in margins)})"
+        margin = (
+            f"{statistics.mean(margins):+.2f} (per seed: {', '.join(f'{m:+.2f}' for m in margins)})"
+            if margins else "- (the baseline trains with the preset candidate)"
+        )  # fmt: skip
         print(f"{candidate:28s} {len(own):5d}  {statistics.mean(accuracy):.2f} +- {spread:.2f}  {margin}")
 
 
