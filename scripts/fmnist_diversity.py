@@ -21,8 +21,7 @@ import torch
 import fadrm
 from fadrm.data import get_dataset_spec, load_split, normalize
 from fadrm.evaluate import TrainingSet, load_distilled, random_real_subset
-
-METHODS = ["rded", "sre2l", "sre2l++", "fadrm", "fadrm+"]
+from fmnist_study import METHODS  # the study's methods, in its order (this script's folder is on sys.path)
 
 
 @torch.no_grad()

@@ -185,4 +185,3 @@ def test_chunked_moments_combine_exactly():
     mean, var = _chunked_moments(x)  # chunks of 2, 2, 2, 1 images
     ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
     assert torch.allclose(mean, ref_mean, atol=1e-5) and torch.allclose(var, ref_var, rtol=1e-5)
-
