@@ -43,6 +43,10 @@ def test_user_errors_are_one_line(tmp_path, teacher_ckpt, fmnist_root):
     _fails_with_one_line(["distill", "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--teacher",
                           str(teacher_ckpt), "--ipc", "1", "--alpha", "2", "--out", str(tmp_path / "o")], "--alpha")  # fmt: skip
     _fails_with_one_line(["evaluate", str(tmp_path)], "not a distilled set")
+    # A bad evaluation option stops `fadrm run` before it spends minutes on the teacher.
+    _fails_with_one_line(["run", "--dataset", "fashion-mnist", "--ipc", "1", "--out", str(tmp_path / "r"),
+                          "--data-root", str(fmnist_root), "--repeats", "0"], "--repeats must be at least 1")  # fmt: skip
+    assert not (tmp_path / "r").exists()
     _fails_with_one_line(["download", "imagenet-1k", "--data-root", str(tmp_path)], "cannot be downloaded")
 
 

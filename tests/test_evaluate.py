@@ -166,6 +166,39 @@ def test_live_and_stored_students_match(distilled, fmnist_root, tmp_path):
     assert abs(live["runs"][0]["history"][0]["train_loss"] - stored["runs"][0]["history"][0]["train_loss"]) < 1e-3
 
 
+def test_repeats_add_seeds_report_mean_and_std_and_keep_finished_runs(distilled, fmnist_root, tmp_path, monkeypatch):
+    import importlib
+    import statistics
+
+    # fadrm.evaluate, the attribute, is the API function; the module is reached by name.
+    evaluate_module = importlib.import_module("fadrm.evaluate")
+
+    common = dict(out=str(tmp_path / "e"), data_root=str(fmnist_root), baselines=["random-real"], labels="stored",
+                  **QUICK)  # fmt: skip
+    single = fadrm.evaluate(distilled, log=lambda s: None, **common)
+    subset_seeds: list[int] = []
+    real_subset = evaluate_module.random_real_subset
+    monkeypatch.setattr(evaluate_module, "random_real_subset",
+                        lambda *args: subset_seeds.append(args[-1]) or real_subset(*args))  # fmt: skip
+    lines: list[str] = []
+    results = fadrm.evaluate(distilled, repeats=2, log=lines.append, **common)
+    # Repeat 0 is the single comparison, reused; repeat 1 has its own seed, views, labels and real subset.
+    assert sum("reusing" in line for line in lines) == 3 and results["runs"][:3] == single["runs"]
+    assert [r["seed"] for r in results["runs"]] == [0, 0, 0, 1, 1, 1] and subset_seeds == [0, 1]
+    first, second = (tmp_path / "e" / name / "epoch00000.safetensors" for name in ("labels", "labels-repeat1"))
+    assert first.read_bytes() != second.read_bytes()
+    assert results["runs"][0]["history"][0]["train_loss"] != results["runs"][3]["history"][0]["train_loss"]
+    assert [(r["train_set"], r["labels"], r["repeats"]) for r in results["summary"]] == [
+        ("distilled", "soft", 2), ("random-real", "soft", 2), ("random-real", "hard", 2)]  # fmt: skip
+    for row in results["summary"]:
+        top1 = [r["top1"] for r in results["runs"] if (r["train_set"], r["labels"]) == (row["train_set"], row["labels"])]
+        assert row["top1"] == pytest.approx(statistics.fmean(top1))
+        assert row["top1_std"] == pytest.approx(statistics.stdev(top1))
+    table = (tmp_path / "e" / "results.md").read_text()
+    assert f"| convnet-small | distilled | soft | 2 | {results['summary'][0]['top1']:.2f} ± " in table
+    assert results["stored_labels"]["dirs"] == [str(first.parent), str(second.parent)]
+
+
 # ---------------------------------------------------------------- bad input
 def test_not_a_distilled_set(tmp_path):
     with pytest.raises(FadrmError, match="not a distilled set"):
@@ -188,6 +221,11 @@ def test_teacher_from_another_dataset(distilled, fmnist_root, tmp_path):
     other = make_teacher_checkpoint(tmp_path / "o.pt", dataset="imagefolder", width=4)
     with pytest.raises(FadrmError, match="trained on imagefolder"):
         fadrm.evaluate(distilled, teachers=[str(other)], data_root=str(fmnist_root), **QUICK)
+
+
+def test_repeats_below_one(distilled, fmnist_root):
+    with pytest.raises(FadrmError, match="--repeats must be at least 1"):
+        fadrm.evaluate(distilled, data_root=str(fmnist_root), **{**QUICK, "repeats": 0})
 
 
 def test_unknown_student(distilled, fmnist_root):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import load_preset_section, resolve_distill_config
-from .evaluate import EvalConfig
+from .evaluate import EvalConfig, read_manifest, validate_eval_config
 from .evaluate import evaluate as _evaluate
 from .synthesis.pipeline import distill as _distill
 from .errors import FadrmError
@@ -45,12 +45,15 @@ def distill(
 def evaluate(distilled: str | Path, log: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
     """Train students on a distilled set (and baselines); ``options`` are :class:`EvalConfig` fields
     overriding the dataset preset's ``evaluate`` section. Returns the results (also written to disk)."""
-    from .evaluate import read_manifest
-
     dataset = read_manifest(distilled)["dataset"]["name"]
+    return _evaluate(_eval_config(distilled, dataset, options), log=log)
+
+
+def _eval_config(distilled: str | Path, dataset: str, options: dict[str, Any]) -> EvalConfig:
+    """The dataset preset's ``evaluate`` section overridden by the options that were given."""
     preset = load_preset_section(dataset, "evaluate")
     chosen = {k: v for k, v in options.items() if v is not None}
-    return _evaluate(EvalConfig(distilled=str(distilled), **{**preset, **chosen}), log=log)
+    return EvalConfig(distilled=str(distilled), **{**preset, **chosen})
 
 
 def run(
@@ -75,6 +78,10 @@ def run(
     """
     out = Path(out)
     common = {"device": device, "amp": amp}
+    distilled = out / f"{method}-ipc{ipc}"
+    options = {"baselines": ["random-real"], "data_root": data_root, "seed": seed, "holdout": holdout, **common,
+               **(eval_options or {})}  # fmt: skip
+    validate_eval_config(_eval_config(distilled, dataset, options))  # a bad option fails now, not after the teacher
     timings: dict[str, float] = {}
     started = time.perf_counter()
     if not teachers:
@@ -91,19 +98,18 @@ def run(
 
     teacher_acc = [load_teacher(t).val_top1 for t in teachers]
     started = time.perf_counter()
-    distilled = out / f"{method}-ipc{ipc}"
     distill(dataset, teachers, distilled, log=log, method=method, ipc=ipc, data_root=data_root, seed=seed,
             holdout=holdout, **common, **(distill_options or {}))  # fmt: skip
     timings["distill"] = time.perf_counter() - started
     started = time.perf_counter()
-    options = {"baselines": ["random-real"], "data_root": data_root, "seed": seed, "holdout": holdout, **common,
-               **(eval_options or {})}  # fmt: skip
     results = evaluate(distilled, log=log, **options)
     timings["evaluate"] = time.perf_counter() - started
-    summary = {"teacher_top1": teacher_acc, "runs": results["runs"], "seconds": timings, "distilled": str(distilled)}
+    summary = {"teacher_top1": teacher_acc, "runs": results["runs"], "summary": results["summary"],
+               "seconds": timings, "distilled": str(distilled)}  # fmt: skip
     lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}"]
-    for r in results["runs"]:
-        lines.append(f"{r['student']} on {r['train_set']} ({r['labels']} labels): top-1 {r['top1']:.2f}%")
+    for r in results["summary"]:
+        spread = f" ± {r['top1_std']:.2f} (mean of {r['repeats']} seeds)" if r["repeats"] > 1 else ""
+        lines.append(f"{r['student']} on {r['train_set']} ({r['labels']} labels): top-1 {r['top1']:.2f}%{spread}")
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     log("\n".join(["== fadrm run summary ==", *lines]))
     return summary

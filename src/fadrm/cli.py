@@ -134,6 +134,12 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", action="append", dest="baselines", choices=["random-real"],
                    help="also train on a random real subset of the same IPC, with soft and hard labels")  # fmt: skip
     p.add_argument("--workers", type=int)
+    _add_repeats_flag(p)
+
+
+def _add_repeats_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repeats", type=int, help="repeat each comparison with seeds seed, seed+1, ... "
+                   "(new student init, views and random real subset) and report mean ± std")  # fmt: skip
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
@@ -172,6 +178,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout", type=int, default=0, help="validate on the last N training images per class")
+    _add_repeats_flag(p)
     _add_runtime_flags(p)
     p.set_defaults(handler=_run)
 
@@ -180,7 +187,8 @@ def _run(args: argparse.Namespace) -> int:
     from .api import run
 
     run(args.dataset, args.ipc, args.out, method=args.method, teachers=args.teachers, data_root=args.data_root,
-        seed=args.seed, holdout=args.holdout, device=args.device, amp=args.amp)  # fmt: skip
+        seed=args.seed, holdout=args.holdout, device=args.device, amp=args.amp,
+        eval_options=None if args.repeats is None else {"repeats": args.repeats})  # fmt: skip
     return 0
 
 

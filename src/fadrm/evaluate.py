@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,13 +68,20 @@ class EvalConfig:
     eval_at: list[int] = field(default_factory=list)
     baselines: list[str] = field(default_factory=list)
     seed: int = 0
+    # Whole comparisons repeated with seeds seed, seed + 1, ...: a single student run is noisy
+    # (about a point on Fashion-MNIST IPC 10), so papers report the mean of several.
+    repeats: int = 1
     holdout: int | None = None
     data_root: str | None = None
     device: str = "auto"
     amp: str = "auto"
     workers: int | None = None
 
-    EXECUTION_FIELDS = ("out", "labels_dir", "data_root", "device", "amp", "workers", "students", "baselines", "eval_at")
+    # Settings that do not change what one student run computes; ``repeats`` adds runs with other
+    # seeds (each run's identity holds its own seed), so finished runs survive a larger --repeats.
+    EXECUTION_FIELDS = (
+        "out", "labels_dir", "data_root", "device", "amp", "workers", "students", "baselines", "eval_at", "repeats",
+    )  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in self.EXECUTION_FIELDS}
@@ -256,53 +264,84 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     students = config.students or [teachers[0].arch]
     for name in students:
         build_model(name, 2, spec.channels, spec.image_size)  # fail now on an unknown student, not after hours
-    sets = [distilled]
+    train_set = None
     if "random-real" in config.baselines:
         train_set = load_split(spec, "train", config.data_root, config.holdout)
-        sets.append(random_real_subset(train_set, spec, manifest["ipc"], config.seed))
-    store = None
-    if config.labels == "stored":
-        store = prepare_store(config, manifest, distilled, spec, labeller, runtime, out, log)
-    # A finished run is reused only for the same settings and the same images: re-distilling
-    # into the folder (new pixels, new per-image losses) invalidates it.
-    identity = {**config.identity(), "distilled_set": distilled_set_id(manifest)}
     results: dict[str, Any] = {
         "distilled": str(config.distilled), "dataset": spec.name, "method": manifest["method"], "ipc": manifest["ipc"],
         "teachers": [t.describe() for t in teachers], "config": asdict(config), "runs": [],
     }  # fmt: skip
-    if store is not None:
-        results["stored_labels"] = {"dir": str(store.folder), "bytes": store.bytes_on_disk(),
-                                    "bytes_per_image_per_epoch": stored_label_bytes(len(class_names), config.topk)}  # fmt: skip
-    for student in students:
-        for training_set in sets:
-            for label_mode in (("soft", "hard") if training_set.name != "distilled" else ("soft",)):
-                key = f"{training_set.name}-{student}-{label_mode}"
-                run_file = out / "runs" / f"{key}.json"
-                if run_file.exists() and read_json(run_file).get("identity") == identity:
-                    run = read_json(run_file)["result"]
-                    log(f"{key}: reusing finished run (top-1 {run['top1']:.2f}%)")
-                else:
-                    torch.manual_seed(make_generator(config.seed, "student", student).initial_seed())
-                    args = teachers[0].arch_args if student == teachers[0].arch else {}
-                    model = build_model(student, len(class_names), spec.channels, spec.image_size, **args)
-                    use_store = store if training_set.name == "distilled" else None
-                    run = train_student(
-                        model, training_set, config, spec, runtime, val_loader,
-                        labeller if label_mode == "soft" else None, use_store, desc=key, log=log,
-                    )  # fmt: skip
-                    run.update({"student": student, "train_set": training_set.name, "labels": label_mode,
-                                "images": len(training_set.images)})  # fmt: skip
-                    write_json(run_file, {"identity": identity, "result": run})
-                    log(f"{key}: top-1 {run['top1']:.2f}%, top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)")
-                results["runs"].append(run)
+    stores: list[LabelStore] = []
+    for repeat in range(config.repeats):
+        # One repeat is a whole like-for-like comparison under its own seed: student initialisation,
+        # views and mixing, and the random real subset change; the distilled images do not.
+        trial = replace(config, seed=config.seed + repeat)
+        suffix = f"-repeat{repeat}" if repeat else ""
+        sets = [distilled]
+        if train_set is not None:
+            sets.append(random_real_subset(train_set, spec, manifest["ipc"], trial.seed))
+        store = None
+        if config.labels == "stored":
+            folder = Path(config.labels_dir or out / "labels")
+            folder = folder.with_name(folder.name + suffix)
+            store = prepare_store(trial, manifest, distilled, spec, labeller, runtime, folder, log)
+            stores.append(store)
+        # A finished run is reused only for the same settings and the same images: re-distilling
+        # into the folder (new pixels, new per-image losses) invalidates it.
+        identity = {**trial.identity(), "distilled_set": distilled_set_id(manifest)}
+        for student in students:
+            for training_set in sets:
+                for label_mode in (("soft", "hard") if training_set.name != "distilled" else ("soft",)):
+                    key = f"{training_set.name}-{student}-{label_mode}{suffix}"
+                    run_file = out / "runs" / f"{key}.json"
+                    if run_file.exists() and read_json(run_file).get("identity") == identity:
+                        run = read_json(run_file)["result"]
+                        log(f"{key}: reusing finished run (top-1 {run['top1']:.2f}%)")
+                    else:
+                        torch.manual_seed(make_generator(trial.seed, "student", student).initial_seed())
+                        args = teachers[0].arch_args if student == teachers[0].arch else {}
+                        model = build_model(student, len(class_names), spec.channels, spec.image_size, **args)
+                        use_store = store if training_set.name == "distilled" else None
+                        run = train_student(
+                            model, training_set, trial, spec, runtime, val_loader,
+                            labeller if label_mode == "soft" else None, use_store, desc=key, log=log,
+                        )  # fmt: skip
+                        run.update({"student": student, "train_set": training_set.name, "labels": label_mode,
+                                    "images": len(training_set.images)})  # fmt: skip
+                        write_json(run_file, {"identity": identity, "result": run})
+                        log(f"{key}: top-1 {run['top1']:.2f}%, top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)")
+                    # Runs finished before repeats existed lack the field; the identity fixes the seed.
+                    results["runs"].append({**run, "seed": trial.seed})
+    results["summary"] = summarise_runs(results["runs"])
+    if stores:
+        results["stored_labels"] = {
+            "dirs": [str(store.folder) for store in stores], "bytes": sum(store.bytes_on_disk() for store in stores),
+            "bytes_per_image_per_epoch": stored_label_bytes(len(class_names), config.topk),
+        }  # fmt: skip
     write_report(out, results)
     return results
 
 
+def summarise_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation of top-1/top-5 over the repeats of each (student, set, labels)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["student"], run["train_set"], run["labels"]), []).append(run)
+    summary = []
+    for (student, train_set, labels), members in groups.items():
+        row: dict[str, Any] = {"student": student, "train_set": train_set, "labels": labels, "repeats": len(members)}
+        for metric in ("top1", "top5"):
+            values = [m[metric] for m in members]
+            row[metric] = statistics.fmean(values)
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(row)
+    return summary
+
+
 def validate_eval_config(config: EvalConfig) -> None:
     """Reject impossible settings with one clear line each."""
-    if config.epochs < 1 or config.batch_size < 1 or config.accumulation < 1:
-        raise FadrmError("--epochs, --batch-size and --accumulation must be at least 1")
+    if min(config.epochs, config.batch_size, config.accumulation, config.repeats) < 1:
+        raise FadrmError("--epochs, --batch-size, --accumulation and --repeats must be at least 1")
     if config.mix not in MIX_MODES:
         raise FadrmError(f"unknown --mix {config.mix!r}; choose one of {', '.join(MIX_MODES)}")
     if config.labels not in ("live", "stored"):
@@ -335,9 +374,9 @@ def load_eval_teachers(
 
 def prepare_store(
     config: EvalConfig, manifest: dict[str, Any], distilled: TrainingSet, spec: DatasetSpec,
-    labeller: TeacherLabeller, runtime: Runtime, out: Path, log: Callable[[str], None],
+    labeller: TeacherLabeller, runtime: Runtime, folder: Path, log: Callable[[str], None],
 ) -> LabelStore:  # fmt: skip
-    """Open (or create) the label store and compute the epochs it lacks."""
+    """Open (or create) the label store in ``folder`` and compute the epochs it lacks."""
     identity = {
         "images": len(distilled.images), "ipc": manifest["ipc"], "seed": config.seed, "epochs": config.epochs,
         "batch_size": config.batch_size, "mix": config.mix, "mix_alpha": config.mix_alpha,
@@ -345,7 +384,7 @@ def prepare_store(
         "teachers": [t["sha256"] for t in manifest["teachers"]] if not config.teachers else list(config.teachers),
         "teacher_weights": config.teacher_weights,
     }  # fmt: skip
-    store = LabelStore(Path(config.labels_dir or out / "labels"), identity, len(manifest["dataset"]["class_names"]),
+    store = LabelStore(folder, identity, len(manifest["dataset"]["class_names"]),
                        config.topk, config.temperature)  # fmt: skip
     store.open()
     sampler = ViewSampler(config.seed, spec.image_size, tuple(config.crop_scale), config.mix, config.mix_alpha)

@@ -13,17 +13,27 @@ from .io import atomic_path, to_uint8, write_json
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """Markdown table: each student's distilled accuracy next to its baselines."""
-    lines = [
-        f"# {results['method']} on {results['dataset']}, IPC {results['ipc']}",
-        "",
-        "| student | training set | labels | images | epochs | top-1 (%) | top-5 (%) | seconds |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+    """Markdown table: each student's distilled accuracy next to its baselines (and their means over repeats)."""
+    lines = [f"# {results['method']} on {results['dataset']}, IPC {results['ipc']}", ""]
+    if any(row["repeats"] > 1 for row in results["summary"]):
+        lines += [
+            "| student | training set | labels | repeats | top-1 (%) | top-5 (%) |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        for row in results["summary"]:
+            lines.append(
+                f"| {row['student']} | {row['train_set']} | {row['labels']} | {row['repeats']} "
+                f"| {row['top1']:.2f} ± {row['top1_std']:.2f} | {row['top5']:.2f} ± {row['top5_std']:.2f} |"
+            )
+        lines += ["", "Mean ± sample standard deviation over the repeats; each run:", ""]
+    lines += [
+        "| student | training set | labels | seed | images | epochs | top-1 (%) | top-5 (%) | seconds |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for run in results["runs"]:
         lines.append(
-            f"| {run['student']} | {run['train_set']} | {run['labels']} | {run['images']} | {run['epochs']} "
-            f"| {run['top1']:.2f} | {run['top5']:.2f} | {run['seconds']:.0f} |"
+            f"| {run['student']} | {run['train_set']} | {run['labels']} | {run['seed']} | {run['images']} "
+            f"| {run['epochs']} | {run['top1']:.2f} | {run['top5']:.2f} | {run['seconds']:.0f} |"
         )
     if "stored_labels" in results:
         stored = results["stored_labels"]
@@ -41,8 +51,10 @@ def plot_curves(path: Path, runs: Sequence[dict[str, Any]]) -> bool:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    several_seeds = len({run["seed"] for run in runs}) > 1
     for run in runs:
         label = f"{run['student']} / {run['train_set']} / {run['labels']}"
+        label += f" / seed {run['seed']}" if several_seeds else ""
         epochs = [h["epoch"] for h in run["history"]]
         ax_loss.plot(epochs, [h["train_loss"] for h in run["history"]], label=label)
         points = [(h["epoch"], h["top1"]) for h in run["history"] if "top1" in h]
