@@ -126,7 +126,8 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="KL temperature (20 as published)")
     p.add_argument("--mix", choices=["cutmix", "mixup", "none"])
     p.add_argument("--labels", choices=["live", "stored"], help="teacher in the loop, or labels stored once and reused")
-    p.add_argument("--labels-dir", help="where stored labels live (default: <out>/labels)")
+    p.add_argument("--labels-dir",
+                   help="where stored labels live (default: <out>/labels; repeat r > 0 uses <dir>-repeat<r>)")  # fmt: skip
     p.add_argument("--topk", type=int, help="store only the top-k probabilities per view")
     p.add_argument("--bssl", action="store_true", default=None, help="teachers in train mode on half-batches")
     p.add_argument("--teacher-weight", type=float, action="append", dest="teacher_weights")
