@@ -10,6 +10,7 @@ subset of the same size, with soft and with hard labels.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import statistics
@@ -271,47 +272,48 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
         "distilled": str(config.distilled), "dataset": spec.name, "method": manifest["method"], "ipc": manifest["ipc"],
         "teachers": [t.describe() for t in teachers], "config": asdict(config), "runs": [],
     }  # fmt: skip
+    # A finished run is reused only for the same settings and the same images: re-distilling
+    # into the folder (new pixels, new per-image losses) invalidates it.
+    set_id = distilled_set_id(manifest)
     stores: list[LabelStore] = []
     for repeat in range(config.repeats):
         # One repeat is a whole like-for-like comparison under its own seed: student initialisation,
         # views and mixing, and the random real subset change; the distilled images do not.
         trial = replace(config, seed=config.seed + repeat)
         suffix = f"-repeat{repeat}" if repeat else ""
-        sets = [distilled]
+        # (training set, labels) in report order: the distilled set, then each baseline soft and hard.
+        arms = [(distilled, "soft")]
         if train_set is not None:
-            sets.append(random_real_subset(train_set, spec, manifest["ipc"], trial.seed))
+            subset = random_real_subset(train_set, spec, manifest["ipc"], trial.seed)
+            arms += [(subset, "soft"), (subset, "hard")]
         store = None
         if config.labels == "stored":
             folder = Path(config.labels_dir or out / "labels")
             folder = folder.with_name(folder.name + suffix)
             store = prepare_store(trial, manifest, distilled, spec, labeller, runtime, folder, log)
             stores.append(store)
-        # A finished run is reused only for the same settings and the same images: re-distilling
-        # into the folder (new pixels, new per-image losses) invalidates it.
-        identity = {**trial.identity(), "distilled_set": distilled_set_id(manifest)}
-        for student in students:
-            for training_set in sets:
-                for label_mode in (("soft", "hard") if training_set.name != "distilled" else ("soft",)):
-                    key = f"{training_set.name}-{student}-{label_mode}{suffix}"
-                    run_file = out / "runs" / f"{key}.json"
-                    if run_file.exists() and read_json(run_file).get("identity") == identity:
-                        run = read_json(run_file)["result"]
-                        log(f"{key}: reusing finished run (top-1 {run['top1']:.2f}%)")
-                    else:
-                        torch.manual_seed(make_generator(trial.seed, "student", student).initial_seed())
-                        args = teachers[0].arch_args if student == teachers[0].arch else {}
-                        model = build_model(student, len(class_names), spec.channels, spec.image_size, **args)
-                        use_store = store if training_set.name == "distilled" else None
-                        run = train_student(
-                            model, training_set, trial, spec, runtime, val_loader,
-                            labeller if label_mode == "soft" else None, use_store, desc=key, log=log,
-                        )  # fmt: skip
-                        run.update({"student": student, "train_set": training_set.name, "labels": label_mode,
-                                    "images": len(training_set.images)})  # fmt: skip
-                        write_json(run_file, {"identity": identity, "result": run})
-                        log(f"{key}: top-1 {run['top1']:.2f}%, top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)")
-                    # Runs finished before repeats existed lack the field; the identity fixes the seed.
-                    results["runs"].append({**run, "seed": trial.seed})
+        identity = {**trial.identity(), "distilled_set": set_id}
+        for student, (training_set, label_mode) in itertools.product(students, arms):
+            key = f"{training_set.name}-{student}-{label_mode}{suffix}"
+            run_file = out / "runs" / f"{key}.json"
+            if run_file.exists() and read_json(run_file).get("identity") == identity:
+                run = read_json(run_file)["result"]
+                log(f"{key}: reusing finished run (top-1 {run['top1']:.2f}%)")
+            else:
+                torch.manual_seed(make_generator(trial.seed, "student", student).initial_seed())
+                args = teachers[0].arch_args if student == teachers[0].arch else {}
+                model = build_model(student, len(class_names), spec.channels, spec.image_size, **args)
+                use_store = store if training_set.name == "distilled" else None
+                run = train_student(
+                    model, training_set, trial, spec, runtime, val_loader,
+                    labeller if label_mode == "soft" else None, use_store, desc=key, log=log,
+                )  # fmt: skip
+                run.update({"student": student, "train_set": training_set.name, "labels": label_mode,
+                            "images": len(training_set.images)})  # fmt: skip
+                write_json(run_file, {"identity": identity, "result": run})
+                log(f"{key}: top-1 {run['top1']:.2f}%, top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)")
+            # Runs finished before repeats existed lack the field; the identity fixes the seed.
+            results["runs"].append({**run, "seed": trial.seed})
     results["summary"] = summarise_runs(results["runs"])
     if stores:
         results["stored_labels"] = {
