@@ -29,7 +29,7 @@ def test_bn_loss_golden_value():
     assert got.shape == (1,) and got.item() == pytest.approx(expected, rel=1e-6)
     with BNStatMatcher([bn], num_groups=1, first_bn_multiplier=10.0) as matcher:
         bn(x)
-        assert matcher.pop().item() == pytest.approx(10 * expected, rel=1e-6)
+        assert matcher.pop(bn).item() == pytest.approx(10 * expected, rel=1e-6)
     assert not bn._forward_hooks  # hooks removed on exit
 
 
@@ -46,17 +46,39 @@ def _teacher(seed: int = 0) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def _bn_free_teacher(seed: int = 2, num_classes: int = 3) -> nn.Module:
+    """A teacher without BatchNorm (as AlexNet among the ImageNet-1k FADRM+ teachers)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes)
+    )
+    return model.eval().requires_grad_(False)
+
+
+def test_matcher_term_of_a_teacher_without_batchnorm_is_zero():
+    bn_free, teacher = _bn_free_teacher(), _teacher()
+    x = torch.randn(6, 1, 12, 12)
+    with BNStatMatcher([bn_free, teacher], num_groups=3) as matcher:
+        bn_free(x)
+        zero = matcher.pop(bn_free)
+        teacher(x)
+        positive = matcher.pop(teacher)
+        with pytest.raises(RuntimeError, match="no BatchNorm layer ran"):
+            matcher.pop(teacher)  # a teacher with BN layers that did not run is a bug, not a zero
+    assert torch.equal(zero, torch.zeros(3)) and (positive > 0).all()
+
+
 def test_grouped_statistics_equal_separate_groups():
     teacher = _teacher()
     x = torch.randn(3 * 4, 1, 12, 12)
     with BNStatMatcher([teacher], num_groups=3) as matcher:
         teacher(x)
-        grouped = matcher.pop()
+        grouped = matcher.pop(teacher)
     with BNStatMatcher([teacher], num_groups=1) as matcher:
         separate = []
         for chunk in x.chunk(3):
             teacher(chunk)
-            separate.append(matcher.pop())
+            separate.append(matcher.pop(teacher))
     assert torch.allclose(grouped, torch.cat(separate), rtol=1e-5, atol=1e-6)
 
 
@@ -102,6 +124,54 @@ def test_stage_sizes_and_teacher_round_robin():
     assert [s for _, s in seen] == [8, 8, 12, 12, 12, 10]
     assert [n for n, _ in seen] == ["a", "b", "a", "b", "a", "b"]
     assert result.images.shape == (3, 1, 12, 12) and result.iterations == 6
+
+
+def test_teacher_without_batchnorm_uses_cross_entropy_only():
+    teachers = [_bn_free_teacher(), _teacher()]  # iteration 0: no BN layers; iteration 1: BN
+    init = torch.rand(6, 1, 12, 12)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    first = _run(init, labels, [0, 1], RecoverSettings(sizes=(12,), budgets=(1,), lr=0.1), teachers)
+    assert torch.equal(first.bn, torch.zeros(2))
+    assert torch.equal(first.loss, first.ce.view(2, -1).mean(1))
+    assert not torch.allclose(first.images, init)  # the cross-entropy gradient alone moved the pixels
+    second = _run(init, labels, [0, 1], RecoverSettings(sizes=(12,), budgets=(2,), lr=0.1), teachers)
+    assert (second.bn > 0).all()
+    assert torch.allclose(second.loss, second.ce.view(2, -1).mean(1) + 0.01 * second.bn)
+
+
+def _load_teachers(monkeypatch, tmp_path, sources):
+    """``load_teachers`` of the pipeline, where the source "bn-free" loads a BatchNorm-free teacher."""
+    from fadrm.config import DistillConfig
+    from fadrm.data import get_dataset_spec
+    from fadrm.data.specs import FASHION_MNIST_CLASSES
+    from fadrm.synthesis import pipeline
+    from fadrm.teachers import Teacher
+
+    spec = get_dataset_spec("fashion-mnist")
+    real_load = pipeline.load_teacher
+
+    def load(source, dataset_spec=None, arch=None):
+        if source != "bn-free":
+            return real_load(source, dataset_spec, arch)
+        return Teacher(  # a plain state dict's teacher: it takes the dataset's class names
+            model=_bn_free_teacher(num_classes=10), arch="bn-free", dataset=spec.name,
+            class_names=[str(i) for i in range(10)],
+            in_channels=1, image_size=28, mean=spec.mean, std=spec.std, source=source, kind="state_dict",
+        )  # fmt: skip
+
+    monkeypatch.setattr(pipeline, "load_teacher", load)
+    config = DistillConfig(dataset=spec.name, teachers=sources, out=str(tmp_path / "out"))
+    return pipeline.load_teachers(config, spec, list(FASHION_MNIST_CLASSES), CPU)
+
+
+def test_load_teachers_accepts_a_teacher_without_batchnorm_next_to_one_with_it(monkeypatch, tmp_path, teacher_ckpt):
+    from fadrm.errors import FadrmError
+
+    teachers = _load_teachers(monkeypatch, tmp_path, ["bn-free", str(teacher_ckpt)])
+    assert [t.has_batchnorm() for t in teachers] == [False, True]
+    with pytest.raises(FadrmError, match="none of the teachers .* has BatchNorm layers") as error:
+        _load_teachers(monkeypatch, tmp_path, ["bn-free", "bn-free"])
+    assert "\n" not in str(error.value)
 
 
 def test_arc_formula():

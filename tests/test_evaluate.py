@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import shutil
 
@@ -17,6 +19,7 @@ from fadrm.runtime import make_runtime
 from fadrm.training import evaluate_accuracy
 
 CPU = make_runtime("cpu", "off")
+EV = importlib.import_module("fadrm.evaluate")  # the module; fadrm.evaluate is the API function
 SPEC = get_dataset_spec("fashion-mnist")
 QUICK = dict(epochs=2, batch_size=8, device="cpu", amp="off", workers=0)
 
@@ -297,3 +300,124 @@ def test_finished_runs_survive_other_execution_flags(distilled, fmnist_root, tmp
     lines: list[str] = []
     fadrm.evaluate(copy, data_root=str(fmnist_root), log=lines.append, **QUICK)
     assert any("reusing" in line for line in lines)
+
+
+# ------------------------------------------------------ published protocol
+def _tiny_training_set(n: int) -> "TrainingSet":
+    from fadrm.evaluate import TrainingSet
+
+    gen = torch.Generator().manual_seed(0)
+    return TrainingSet("distilled", torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8),
+                       torch.arange(n) % 10)  # fmt: skip
+
+
+def _train_recorded(monkeypatch, config, n_images, model=None, labeller=None):
+    """Train a tiny student; record each forward's batch size, each step's gradient and inputs."""
+    small = dataclasses.replace(SPEC, image_size=8)
+    model = model or nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    steps: list[dict] = []
+    real_optimizer = EV._optimizer
+
+    def recording_optimizer(cfg, mdl, lr):
+        optimizer = real_optimizer(cfg, mdl, lr)
+
+        def before_step(opt, *args):
+            steps.append({"inputs": list(seen), "grads": [p.grad.clone() for p in mdl.parameters()]})
+            seen.clear()
+
+        optimizer.register_step_pre_hook(before_step)
+        return optimizer
+
+    monkeypatch.setattr(EV, "_optimizer", recording_optimizer)
+    monkeypatch.setattr(EV, "evaluate_accuracy", lambda *a, **k: {"top1": 0.0, "top5": 0.0, "loss": 0.0})
+    EV.train_student(model, _tiny_training_set(n_images), config, small, CPU, None, labeller, log=lambda s: None)
+    return steps
+
+
+def test_accumulation_splits_each_loader_batch_and_steps_once_per_batch(monkeypatch):
+    from fadrm.evaluate import EvalConfig, micro_batches
+
+    config = EvalConfig(distilled="x", epochs=2, batch_size=16, accumulation=2, lr=0.1, eta=1.0, weight_decay=0.0,
+                        mix="none", eval_every=0, optimizer="sgd")  # fmt: skip
+    steps = _train_recorded(monkeypatch, config, 20, labeller=None)
+    # 20 images in loader batches of 16 and 4: two optimiser steps per epoch; the student (and so
+    # its BatchNorm) sees micro-batches of 8, 8, then the short batch's 4 in one.
+    assert len(steps) == 4
+    assert [[len(x) for x in step["inputs"]] for step in steps] == [[8, 8], [4], [8, 8], [4]]
+    assert micro_batches(16, 2, 16) == [slice(0, 8), slice(8, 16)] and micro_batches(10, 2, 3) == [slice(0, 5)]
+
+
+def test_accumulated_gradient_is_the_loader_batch_mean_and_a_short_batch_is_halved(monkeypatch):
+    # Hard labels, no mixing: each micro-batch's mean loss divided by 2. Two equal halves sum to the
+    # mean over the loader batch; the short last batch (one micro-batch) gets half its mean gradient,
+    # as the reference's loss / gradient_accumulation_steps does.
+    from fadrm.evaluate import EvalConfig
+
+    config = EvalConfig(distilled="x", epochs=1, batch_size=16, accumulation=2, lr=0.1, eta=1.0, weight_decay=0.0,
+                        mix="none", eval_every=0, optimizer="sgd")  # fmt: skip
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    reference = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    reference.load_state_dict(model.state_dict())
+    labels_by_image = _tiny_training_set(20).labels
+    order = ViewSampler(0, 8).batches(0, 20, 16)
+    steps = _train_recorded(monkeypatch, config, 20, model=model)
+    for step, indices, share in zip(steps, order, (1.0, 0.5)):
+        inputs = torch.cat(step["inputs"])
+        reference.zero_grad()
+        F_loss = nn.functional.cross_entropy(reference(inputs), labels_by_image[indices])
+        (F_loss * share).backward()
+        for got, expected in zip(step["grads"], [p.grad for p in reference.parameters()]):
+            assert torch.allclose(got, expected, atol=1e-6)
+        with torch.no_grad():  # follow the student's SGD step (momentum buffer = first gradient)
+            for p in reference.parameters():
+                p -= 0.1 * p.grad
+    assert EV.STUDENT_PROTOCOL == 2
+
+
+def test_cutmix_and_bssl_halves_are_drawn_per_loader_batch(monkeypatch):
+    # The labeller sees the whole loader batch (so BSSL halves are 8 + 8 of the 16), once per step.
+    from fadrm.evaluate import EvalConfig
+
+    calls: list[int] = []
+
+    def labeller(pixels, runtime):
+        calls.append(len(pixels))
+        return torch.zeros(len(pixels), 10)
+
+    config = EvalConfig(distilled="x", epochs=1, batch_size=16, accumulation=2, lr=0.1, eta=1.0, eval_every=0)
+    steps = _train_recorded(monkeypatch, config, 32, labeller=labeller)
+    assert calls == [16, 16] and len(steps) == 2
+
+
+def test_weight_decay_only_on_multi_dimensional_weights():
+    from fadrm.evaluate import EvalConfig, _optimizer, weight_decay_groups
+
+    model = fadrm.models.build_model("cifar_resnet18", 10, 3, 32)
+    decay, no_decay = weight_decay_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim > 1 for p in decay["params"]) and decay["weight_decay"] == 0.01
+    assert no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
+    assert "bn1.weight" in {names[id(p)] for p in no_decay["params"]} and "fc.bias" in {names[id(p)] for p in no_decay["params"]}
+    for optimizer in ("adamw", "sgd"):
+        opt = _optimizer(EvalConfig(distilled="x", optimizer=optimizer, weight_decay=0.05), model, 1e-3)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_best_and_final_accuracy_are_both_reported(monkeypatch):
+    from fadrm.evaluate import EvalConfig
+
+    assert EvalConfig(distilled="x", epochs=300).evaluation_epochs() == [*range(1, 300, 10), 300]  # 1, 11, ..., 291, 300
+    assert EvalConfig(distilled="x", epochs=5, eval_every=0, eval_at=[2]).evaluation_epochs() == [2, 5]
+    accuracies = iter([50.0, 70.0, 60.0])
+    monkeypatch.setattr(EV, "evaluate_accuracy", lambda *a, **k: {"top1": next(accuracies), "top5": 90.0, "loss": 1.0})
+    config = EvalConfig(distilled="x", epochs=5, batch_size=4, lr=0.1, eta=1.0, eval_every=2, mix="none")
+    result = EV.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), _tiny_training_set(8), config,
+                              dataclasses.replace(SPEC, image_size=8), CPU, None, None, log=lambda s: None)  # fmt: skip
+    assert result["evaluated_epochs"] == [1, 3, 5]
+    assert (result["top1"], result["best_top1"], result["best_epoch"]) == (60.0, 70.0, 3)
+    summary = EV.summarise_runs([{**result, "student": "s", "train_set": "d", "labels": "soft"}] * 2)
+    assert summary[0]["best_top1"] == 70.0 and summary[0]["top1"] == 60.0

@@ -48,3 +48,18 @@ def test_compile_without_a_cpu_compiler_is_one_clear_error(monkeypatch):
     with pytest.raises(FadrmError, match="C\\+\\+ compiler"):
         make_runtime("cpu", "off", compile=True)
     assert make_runtime("cpu", "off").compile is False
+
+
+def test_auto_precision_is_each_stages_published_one(monkeypatch):
+    # Synthesis: fp16 autocast with a gradient scaler (as the reference); relabelling and students:
+    # full precision; teachers: bf16 where supported, fp16 otherwise. The CPU: always off.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert make_runtime("cuda", "auto", stage="synthesis").amp == "fp16"
+    assert make_runtime("cuda", "auto", stage="synthesis").grad_scaler() is not None
+    assert make_runtime("cuda", "auto", stage="evaluate").amp == "off"
+    assert make_runtime("cuda", "auto", stage="teacher").amp == "bf16"
+    assert make_runtime("cuda", "bf16", stage="synthesis").amp == "bf16"  # bf16 stays an option
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert make_runtime("cuda", "auto", stage="teacher").amp == "fp16"
+    assert {make_runtime("cpu", "auto", stage=s).amp for s in ("synthesis", "evaluate", "teacher")} == {"off"}

@@ -16,7 +16,7 @@ from .evaluate import EvalConfig, read_manifest, validate_eval_config
 from .evaluate import evaluate as _evaluate
 from .synthesis.pipeline import distill as _distill
 from .errors import FadrmError
-from .teachers import Teacher, TeacherTrainConfig
+from .teachers import Teacher, TeacherTrainConfig, is_torchvision_weights
 from .teachers import train_teacher as _train_teacher
 
 
@@ -45,15 +45,38 @@ def distill(
 def evaluate(distilled: str | Path, log: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
     """Train students on a distilled set (and baselines); ``options`` are :class:`EvalConfig` fields
     overriding the dataset preset's ``evaluate`` section. Returns the results (also written to disk)."""
-    dataset = read_manifest(distilled)["dataset"]["name"]
-    return _evaluate(_eval_config(distilled, dataset, options), log=log)
+    manifest = read_manifest(distilled)
+    return _evaluate(_eval_config(distilled, manifest["dataset"]["name"], manifest["method"], manifest["ipc"], options),
+                     log=log)  # fmt: skip
 
 
-def _eval_config(distilled: str | Path, dataset: str, options: dict[str, Any]) -> EvalConfig:
-    """The dataset preset's ``evaluate`` section overridden by the options that were given."""
-    preset = load_preset_section(dataset, "evaluate")
+def _eval_config(distilled: str | Path, dataset: str, method: str, ipc: int, options: dict[str, Any]) -> EvalConfig:
+    """The dataset preset's ``evaluate`` section (with its overrides for the method and IPC)
+    overridden by the options that were given."""
+    preset = load_preset_section(dataset, "evaluate", method, ipc)
     chosen = {k: v for k, v in options.items() if v is not None}
     return EvalConfig(distilled=str(distilled), **{**preset, **chosen})
+
+
+def preset_teachers(dataset: str, method: str, ipc: int, folder: Path, **train_options: Any) -> list[str]:
+    """The teachers the dataset's preset names for ``method`` at ``ipc``, trained into ``folder``
+    where they are architectures (each reused when already trained), or torchvision weights names
+    (``arch:WEIGHTS``, from the local torch cache) used as they are."""
+    recipe = load_preset_section(dataset, "teacher", method, ipc)
+    if not recipe:
+        raise FadrmError(f"{dataset} has no default teacher recipe; train one with fadrm train-teacher and pass --teacher")
+    default_model = recipe.pop("model", None)
+    models = recipe.pop("models", None) or [default_model]
+    sources = []
+    for model in models:
+        if is_torchvision_weights(model):
+            sources.append(model)
+            continue
+        # The default model keeps the name every method shares; others are named by architecture.
+        path = folder / ("teacher.pt" if model == default_model else f"teacher-{model}.pt")
+        train_teacher(dataset, model, path, **{**recipe, **train_options})
+        sources.append(str(path))
+    return sources
 
 
 def run(
@@ -81,18 +104,13 @@ def run(
     distilled = out / f"{method}-ipc{ipc}"
     options = {"baselines": ["random-real"], "data_root": data_root, "seed": seed, "holdout": holdout, **common,
                **(eval_options or {})}  # fmt: skip
-    validate_eval_config(_eval_config(distilled, dataset, options))  # a bad option fails now, not after the teacher
+    # A bad option fails now, not after the teacher.
+    validate_eval_config(_eval_config(distilled, dataset, method, ipc, options))
     timings: dict[str, float] = {}
     started = time.perf_counter()
     if not teachers:
-        teacher_preset = load_preset_section(dataset, "teacher")
-        if not teacher_preset:
-            raise FadrmError(f"{dataset} has no default teacher recipe; train one with fadrm train-teacher and pass --teacher")
-        model = teacher_preset.pop("model")
-        path = out / "teacher.pt"
-        train_teacher(dataset, model, path, log=log, data_root=data_root, seed=seed, holdout=holdout,
-                      **teacher_preset, **common)  # fmt: skip
-        teachers = [str(path)]
+        teachers = preset_teachers(dataset, method, ipc, out, log=log, data_root=data_root, seed=seed, holdout=holdout,
+                                   **common)  # fmt: skip
     timings["teacher"] = time.perf_counter() - started
     from .teachers import load_teacher
 

@@ -23,10 +23,19 @@ def _key_values(pairs: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+# What --amp auto means, per subcommand (runtime.CUDA_AUTO_AMP holds the decision).
+_AUTO_AMP_HELP = {
+    "train-teacher": "bf16 on CUDA where supported, else fp16",
+    "distill": "fp16 with a gradient scaler on CUDA, as published",
+    "evaluate": "full precision, as published",
+    "run": "each stage's own: fp16 synthesis, full-precision students",
+}
+
+
+def _add_runtime_flags(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=["auto", "off", "fp16", "bf16"],
-                        help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)")  # fmt: skip
+                        help=f"mixed precision (auto: {_AUTO_AMP_HELP[command]}; always off on the CPU)")  # fmt: skip
 
 
 # ------------------------------------------------------------ train-teacher
@@ -46,7 +55,7 @@ def _train_teacher_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout", type=int, default=0, help="hold out the last N training images per class as val")
     p.add_argument("--workers", type=int, help="data-loading processes (default: 0 on <= 2 cores)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing checkpoint or unfinished run")
-    _add_runtime_flags(p)
+    _add_runtime_flags(p, "train-teacher")
     p.set_defaults(handler=_train_teacher)
 
 
@@ -94,11 +103,16 @@ def _distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--factor", type=int, help="patches per side of a stitched image")
     p.add_argument("--difficulty", help="easy, medium, hard, or a quantile in [0, 1]")
     p.add_argument("--patch-crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"))
+    p.add_argument("--patch-scoring", choices=["pad", "resize"],
+                   help="score a patch smaller than the image (factor > 1) zero-padded into the full canvas "
+                   "(pad, RDED's) or upsampled to it (resize)")  # fmt: skip
+    p.add_argument("--equal-budget", action="store_true", default=None,
+                   help="give SRe2L / SRe2L++ FADRM's iteration budget instead of the one their authors ran")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the teachers: minutes of compiling per input size first; "
                    "3%% faster per iteration for a CPU ResNet-18, no gain for small ConvNets")  # fmt: skip
-    _add_runtime_flags(p)
+    _add_runtime_flags(p, "distill")
     p.set_defaults(handler=_distill)
 
 
@@ -117,21 +131,29 @@ def _distill(args: argparse.Namespace) -> int:
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", action="append", dest="students", help="student model; repeat for a cross-architecture table")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--accumulation", type=int, help="batches per optimiser step")
+    p.add_argument("--batch-size", type=int, help="loader batch: one view draw and one optimiser step each (16)")
+    p.add_argument("--accumulation", type=int,
+                   help="micro-batches each loader batch is forwarded in, gradients summed (2: BatchNorm sees 8)")  # fmt: skip
     p.add_argument("--optimizer", choices=["adamw", "sgd"])
-    p.add_argument("--student-lr", type=float, dest="lr")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--eta", type=float, help="cosine stretch: lr factor 0.5(1 + cos(pi e / (eta E)))")
+    p.add_argument("--student-lr", type=float, dest="lr",
+                   help="default: the published value for the dataset, student and IPC (the preset's students table)")  # fmt: skip
+    p.add_argument("--weight-decay", type=float, help="on multi-dimensional weights only (0.01)")
+    p.add_argument("--eta", type=float,
+                   help="cosine stretch: lr factor 0.5(1 + cos(pi e / (eta E))); default as --student-lr")  # fmt: skip
     p.add_argument("--temperature", type=float, help="KL temperature (20 as published)")
     p.add_argument("--mix", choices=["cutmix", "mixup", "none"])
     p.add_argument("--labels", choices=["live", "stored"], help="teacher in the loop, or labels stored once and reused")
     p.add_argument("--labels-dir",
                    help="where stored labels live (default: <out>/labels; repeat r > 0 uses <dir>-repeat<r>)")  # fmt: skip
     p.add_argument("--topk", type=int, help="store only the top-k probabilities per view")
-    p.add_argument("--bssl", action="store_true", default=None, help="teachers in train mode on half-batches")
+    p.add_argument("--bssl", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch-specific soft labels: teachers in train mode on each half of the loader batch "
+                   "(the published default; --no-bssl: eval-mode teachers)")  # fmt: skip
     p.add_argument("--teacher-weight", type=float, action="append", dest="teacher_weights")
-    p.add_argument("--eval-at", type=int, nargs="+", help="also evaluate after these epochs")
+    p.add_argument("--eval-every", type=int,
+                   help="validate after epochs 1, 1+k, 1+2k, ... and the last (published: 10; 0: the last only); "
+                   "the best of these is reported beside the last epoch's")  # fmt: skip
+    p.add_argument("--eval-at", type=int, nargs="+", help="also validate after these epochs")
     p.add_argument("--baseline", action="append", dest="baselines", choices=["random-real"],
                    help="also train on a random real subset of the same IPC, with soft and hard labels")  # fmt: skip
     p.add_argument("--workers", type=int)
@@ -154,7 +176,7 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--holdout", type=int, help="validate on the last N training images per class, not the test set")
     _add_eval_flags(p)
-    _add_runtime_flags(p)
+    _add_runtime_flags(p, "evaluate")
     p.set_defaults(handler=_evaluate)
 
 
@@ -180,7 +202,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout", type=int, default=0, help="validate on the last N training images per class")
     _add_repeats_flag(p)
-    _add_runtime_flags(p)
+    _add_runtime_flags(p, "run")
     p.set_defaults(handler=_run)
 
 

@@ -45,6 +45,12 @@ class DistillConfig:
     factor: int = 1
     difficulty: str = "easy"
     patch_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    # How a patch smaller than the image (factor > 1) is scored: "pad" into a zero canvas (RDED)
+    # or "resize" up to the full size (fadrm before 0.2).
+    patch_scoring: str = "pad"
+    # Single-stage baselines (SRe2L, SRe2L++) take FADRM's iteration budget for this dataset and
+    # IPC instead of the one their authors ran; resolved into sizes and budgets.
+    equal_budget: bool = False
     # execution (do not change the result beyond float rounding)
     groups_per_batch: int | None = None
     device: str = "auto"
@@ -52,16 +58,28 @@ class DistillConfig:
     compile: bool = False
     overwrite: bool = False
 
-    # Fields that do not define the distilled set: a resumed run may change them.
-    # Teachers are identified by their files' hashes, not their paths.
-    EXECUTION_FIELDS = ("out", "data_root", "teachers", "groups_per_batch", "device", "amp", "compile", "overwrite")
+    # Fields that do not define the distilled set: a resumed run may change them. Teachers are
+    # identified by their files' hashes, not their paths; equal_budget acts through sizes/budgets.
+    EXECUTION_FIELDS = (
+        "out", "data_root", "teachers", "groups_per_batch", "device", "amp", "compile", "overwrite", "equal_budget",
+    )  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the result (used to refuse resuming into a different run)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.EXECUTION_FIELDS}
+        return defining_settings(asdict(self))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def defining_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a distillation config (as a dict) that define its result.
+
+    Execution fields are left out, and so is the patch scoring when patches fill the whole
+    image (factor 1), where it has no effect: sets made before it existed keep their identity.
+    """
+    inert = {"patch_scoring"} if values.get("factor", 1) == 1 else set()
+    return {k: v for k, v in values.items() if k not in DistillConfig.EXECUTION_FIELDS and k not in inert}
 
 
 def preset_names() -> list[str]:
@@ -70,25 +88,59 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_preset(dataset: str, method: str, ipc: int) -> dict[str, Any]:
-    """The preset values for (dataset, method, ipc), or {} when the dataset has no preset."""
+def _read_preset(dataset: str) -> dict[str, Any]:
     path = resources.files("fadrm") / "presets" / f"{dataset}.yaml"
-    if not path.is_file():
-        return {}
-    data = yaml.safe_load(path.read_text()) or {}
-    values = dict(data.get("defaults", {}))
-    overrides = data.get("overrides", {}) or {}
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _with_overrides(section: dict[str, Any], method: str, ipc: int) -> dict[str, Any]:
+    """A preset section's values, then its ``overrides.<method>``, then ``overrides.<method>@<ipc>``."""
+    values = {k: v for k, v in section.items() if k != "overrides"}
+    overrides = section.get("overrides", {}) or {}
     values.update(overrides.get(method, {}) or {})
     values.update(overrides.get(f"{method}@{ipc}", {}) or {})
     return values
 
 
-def load_preset_section(dataset: str, section: str) -> dict[str, Any]:
-    """Another section of a dataset's preset ("teacher", "evaluate"), or {}."""
-    path = resources.files("fadrm") / "presets" / f"{dataset}.yaml"
-    if not path.is_file():
-        return {}
-    return dict((yaml.safe_load(path.read_text()) or {}).get(section, {}) or {})
+def load_preset(dataset: str, method: str, ipc: int) -> dict[str, Any]:
+    """The distillation preset values for (dataset, method, ipc), or {} when the dataset has no preset."""
+    data = _read_preset(dataset)
+    return _with_overrides({**(data.get("defaults", {}) or {}), "overrides": data.get("overrides", {})}, method, ipc)
+
+
+def load_preset_section(dataset: str, section: str, method: str | None = None, ipc: int | None = None) -> dict[str, Any]:
+    """Another section of a dataset's preset ("teacher", "evaluate", "students"), or {}.
+
+    With ``method`` and ``ipc`` the section's own ``overrides`` for them are applied.
+    """
+    values = dict(_read_preset(dataset).get(section, {}) or {})
+    if method is None or ipc is None:
+        values.pop("overrides", None)
+        return values
+    return _with_overrides(values, method, ipc)
+
+
+# The student recipe for architectures the published scripts never trained (they train only
+# ResNet-18/50/101): their most common setting, AdamW lr 1e-3 with the cosine stretched by 2.
+DEFAULT_STUDENT_RECIPE = {"lr": 1e-3, "eta": 2.0}
+
+
+def student_recipe(dataset: str, student: str, ipc: int) -> dict[str, Any]:
+    """Learning rate and cosine stretch for training ``student`` on an IPC-``ipc`` set of ``dataset``.
+
+    From the preset's ``students`` table (the reference's values per dataset, student and IPC).
+    An IPC the table lacks takes the largest listed IPC below it (the smallest listed one if
+    none is below); a student the table does not name takes :data:`DEFAULT_STUDENT_RECIPE`.
+    The returned ``source`` says which applied.
+    """
+    table = load_preset_section(dataset, "students").get(student)
+    if not table:
+        return {**DEFAULT_STUDENT_RECIPE, "source": f"default: no published recipe for {student} on {dataset}"}
+    entries = {int(k): v for k, v in table.items()}
+    chosen = max((i for i in entries if i <= ipc), default=min(entries))
+    entry = entries[chosen]
+    source = f"{dataset} preset, {student} at IPC {chosen}" + (f" ({entry['note']})" if "note" in entry else "")
+    return {"lr": float(entry["lr"]), "eta": float(entry["eta"]), "source": source}
 
 
 def resolve_distill_config(dataset: str, teachers: list[str], out: str, **flags: Any) -> DistillConfig:
@@ -101,6 +153,10 @@ def resolve_distill_config(dataset: str, teachers: list[str], out: str, **flags:
     method = chosen.get("method", "fadrm")
     ipc = chosen.get("ipc", 10)
     preset = load_preset(dataset, method, ipc)
+    if chosen.get("equal_budget"):
+        # FADRM's stages for this dataset and IPC; a single-stage method runs their total at full size.
+        fadrm_preset = load_preset(dataset, "fadrm", ipc)
+        preset.update({k: fadrm_preset[k] for k in ("sizes", "budgets") if k in fadrm_preset})
     bad = set(preset) - names
     if bad:
         raise ValueError(f"preset {dataset}.yaml sets unknown options {sorted(bad)}")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DistillConfig
+from .config import defining_settings, student_recipe
 from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split, normalize
 from .data.datasets import ImageDataset, read_image
 from .errors import FadrmError
@@ -39,6 +39,10 @@ from .teachers import Teacher, check_holdout, fit_teacher_to_dataset, load_teach
 from .training import check_finite, evaluate_accuracy, make_loader, progress
 
 BASELINES = ("random-real",)
+# Version of the student protocol; finished runs of an older one are retrained. 2: accumulation
+# splits each loader batch into micro-batches (one optimiser step per loader batch), weight decay
+# on multi-dimensional weights only, BSSL by default.
+STUDENT_PROTOCOL = 2
 
 
 @dataclass
@@ -50,13 +54,17 @@ class EvalConfig:
     teachers: list[str] | None = None
     students: list[str] | None = None
     epochs: int = 300
+    # The loader batch: one view draw (crops, flips, CutMix) and one optimiser step per batch.
     batch_size: int = 16
-    # The published recipe: batches of 16, an optimiser step every two of them.
+    # Micro-batches per loader batch, forwarded one after the other with their gradients summed
+    # (each micro-batch's loss divided by ``accumulation``). With 16 and 2 the student's BatchNorm
+    # sees 8 images and the optimiser steps once per 16 images, as the published runs do.
     accumulation: int = 2
     optimizer: str = "adamw"
-    lr: float = 0.001
+    # None: the student recipe's value for (dataset, student, IPC), see config.student_recipe.
+    lr: float | None = None
     weight_decay: float = 0.01
-    eta: float = 2.0
+    eta: float | None = None
     temperature: float = 20.0
     mix: str = "cutmix"
     mix_alpha: float = 1.0
@@ -64,8 +72,14 @@ class EvalConfig:
     labels: str = "live"
     labels_dir: str | None = None
     topk: int | None = None
-    bssl: bool = False
+    # Batch-specific soft labels: teachers in train mode, each half of the loader batch on its own
+    # (the published relabelling; off only for Tiny-ImageNet FADRM IPC 50).
+    bssl: bool = True
     teacher_weights: list[float] | None = None
+    # Validation after epochs 1, 1 + k, 1 + 2k, ... and the last (the reference's cadence for k = 10;
+    # 0: the last epoch only) and after the epochs in ``eval_at``; the best of these is reported
+    # beside the final-epoch accuracy.
+    eval_every: int = 10
     eval_at: list[int] = field(default_factory=list)
     baselines: list[str] = field(default_factory=list)
     seed: int = 0
@@ -75,17 +89,24 @@ class EvalConfig:
     holdout: int | None = None
     data_root: str | None = None
     device: str = "auto"
+    # "auto" is full precision (fp32) for relabelling and students, as published.
     amp: str = "auto"
     workers: int | None = None
 
     # Settings that do not change what one student run computes; ``repeats`` adds runs with other
     # seeds (each run's identity holds its own seed), so finished runs survive a larger --repeats.
     EXECUTION_FIELDS = (
-        "out", "labels_dir", "data_root", "device", "amp", "workers", "students", "baselines", "eval_at", "repeats",
+        "out", "labels_dir", "data_root", "device", "amp", "workers", "students", "baselines", "eval_every",
+        "eval_at", "repeats",
     )  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in self.EXECUTION_FIELDS}
+
+    def evaluation_epochs(self) -> list[int]:
+        """The epochs (1-based) after which the student is validated; always ends with the last."""
+        cadence = range(1, self.epochs + 1, self.eval_every) if self.eval_every > 0 else []
+        return sorted({*cadence, *(e for e in self.eval_at if 1 <= e <= self.epochs), self.epochs})
 
 
 @dataclass
@@ -118,7 +139,7 @@ def distilled_set_id(manifest: dict[str, Any]) -> str:
     out, so resuming a set with other execution flags, or with a version that
     added one, keeps its finished evaluations.
     """
-    defining = {k: v for k, v in manifest["config"].items() if k not in DistillConfig.EXECUTION_FIELDS}
+    defining = defining_settings(manifest["config"])
     payload = json.dumps({"config": defining, "images": manifest["images"]}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -154,17 +175,40 @@ def random_real_subset(dataset: ImageDataset, spec: DatasetSpec, ipc: int, seed:
 
 
 # ---------------------------------------------------------------- training
-def _optimizer(config: EvalConfig, model: nn.Module) -> torch.optim.Optimizer:
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Parameter groups as the reference builds them: decay only on weights with more than one dimension.
+
+    BatchNorm weights, every bias and other one-dimensional parameters get none
+    (the reference's ``get_parameters``: named "weight" and more than one dimension).
+    """
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (decay if "weight" in name and parameter.ndim > 1 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _optimizer(config: EvalConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    groups = weight_decay_groups(model, config.weight_decay)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     raise FadrmError(f"unknown --optimizer {config.optimizer!r}; choose adamw or sgd")
 
 
 def stretched_cosine(epoch: int, epochs: int, eta: float) -> float:
     """Learning-rate factor 0.5 * (1 + cos(pi * epoch / (eta * epochs))): eta > 1 stops before zero."""
     return 0.5 * (1 + math.cos(math.pi * epoch / (eta * epochs)))
+
+
+def micro_batches(batch_size: int, accumulation: int, num_images: int) -> list[slice]:
+    """How one loader batch of ``num_images`` is forwarded: micro-batches of ``batch_size // accumulation``.
+
+    A short last loader batch gets fewer micro-batches (the reference's ``ceil``); every
+    micro-batch's loss is divided by ``accumulation`` all the same.
+    """
+    size = batch_size // accumulation
+    return [slice(start, start + size) for start in range(0, num_images, size)]
 
 
 def train_student(
@@ -181,22 +225,27 @@ def train_student(
 ) -> dict[str, Any]:
     """Train ``model`` on ``train`` only; soft labels from ``store`` or ``labeller``, hard labels when both are None.
 
-    Returns the per-epoch loss, the evaluations at ``config.eval_at`` and the final top-1/top-5.
+    ``config.lr`` and ``config.eta`` must be resolved (see :func:`fadrm.config.student_recipe`).
+    Returns the per-epoch loss, every validation, the final top-1/top-5 and the best top-1
+    over the validations (which selects on the validation set: report it as such).
     """
+    if config.lr is None or config.eta is None:
+        raise ValueError("train_student needs a resolved lr and eta")
     sampler = ViewSampler(config.seed, spec.image_size, tuple(config.crop_scale), config.mix, config.mix_alpha)
     runtime.place(model)
-    optimizer = _optimizer(config, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: stretched_cosine(e, config.epochs, config.eta))
+    optimizer = _optimizer(config, model, config.lr)
+    eta = config.eta
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: stretched_cosine(e, config.epochs, eta))
     scaler = runtime.grad_scaler()
+    evaluate_after = set(config.evaluation_epochs())
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     for epoch in progress(range(config.epochs), desc):
         model.train()
         targets_epoch = store.read(epoch) if store is not None else None
         offset, total, count = 0, 0.0, 0
-        batches = sampler.batches(epoch, len(train.images), config.batch_size)
-        optimizer.zero_grad(set_to_none=True)
-        for b, indices in enumerate(batches):
+        for b, indices in enumerate(sampler.batches(epoch, len(train.images), config.batch_size)):
+            # Views, mixing and soft labels belong to the loader batch (BSSL halves included).
             view = sampler.view(epoch, b, indices, train.images.shape[-2], train.images.shape[-1])
             pixels = normalize(runtime.batch(render(train.images, view, spec.image_size)), spec.mean, spec.std)
             if targets_epoch is not None:
@@ -205,37 +254,42 @@ def train_student(
                 targets = soft_targets(labeller(pixels, runtime), config.temperature)
             else:
                 targets = None
-            offset += len(indices)
-            with runtime.autocast():
-                logits = model(pixels).float()
-            if targets is not None:
-                loss = F.kl_div(F.log_softmax(logits / config.temperature, dim=1), targets, reduction="batchmean")
-            else:
                 hard = train.labels[indices].to(runtime.device)
-                loss = view.lam * F.cross_entropy(logits, hard) + (1 - view.lam) * F.cross_entropy(
-                    logits, hard[view.partner.to(runtime.device)]
-                )
-            check_finite(loss, f"training {desc}")
-            scaled = loss / config.accumulation
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            if (b + 1) % config.accumulation == 0 or b + 1 == len(batches):
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
+                partner_hard = hard[view.partner.to(runtime.device)]
+            offset += len(indices)
+            optimizer.zero_grad(set_to_none=True)
+            for part in micro_batches(config.batch_size, config.accumulation, len(indices)):
+                with runtime.autocast():
+                    logits = model(pixels[part]).float()
+                if targets is not None:
+                    loss = F.kl_div(
+                        F.log_softmax(logits / config.temperature, dim=1), targets[part], reduction="batchmean"
+                    )
                 else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            total += float(loss.detach()) * len(indices)
-            count += len(indices)
+                    loss = view.lam * F.cross_entropy(logits, hard[part]) + (1 - view.lam) * F.cross_entropy(
+                        logits, partner_hard[part]
+                    )
+                check_finite(loss, f"training {desc}")
+                scaled = loss / config.accumulation
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                total += float(loss.detach()) * len(logits)
+                count += len(logits)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         scheduler.step()
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / count}
-        if epoch + 1 in config.eval_at and epoch + 1 != config.epochs:
+        if epoch + 1 in evaluate_after:
             record.update(evaluate_accuracy(model, val_loader, runtime, spec.mean, spec.std))
-            log(f"{desc}: epoch {epoch + 1}: top-1 {record['top1']:.2f}%")
+            if epoch + 1 != config.epochs:
+                log(f"{desc}: epoch {epoch + 1}: top-1 {record['top1']:.2f}%")
         history.append(record)
-    final = evaluate_accuracy(model, val_loader, runtime, spec.mean, spec.std)
-    history[-1].update(final)
-    return {"top1": final["top1"], "top5": final["top5"], "epochs": config.epochs,
+    final = history[-1]
+    best = max((h for h in history if "top1" in h), key=lambda h: h["top1"])
+    return {"top1": final["top1"], "top5": final["top5"], "best_top1": best["top1"], "best_epoch": best["epoch"],
+            "evaluated_epochs": sorted(evaluate_after), "epochs": config.epochs,
             "seconds": round(time.perf_counter() - started, 2), "history": history}  # fmt: skip
 
 
@@ -251,7 +305,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     validate_eval_config(config)
     manifest = read_manifest(config.distilled)
     spec = get_dataset_spec(manifest["dataset"]["name"])
-    runtime = make_runtime(config.device, config.amp)
+    runtime = make_runtime(config.device, config.amp, stage="evaluate")
     out = Path(config.out or Path(config.distilled) / "eval")
     distilled = load_distilled(config.distilled, manifest)
     class_names = list(manifest["dataset"]["class_names"])
@@ -292,9 +346,11 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
             folder = folder.with_name(folder.name + suffix)
             store = prepare_store(trial, manifest, distilled, spec, labeller, runtime, folder, log)
             stores.append(store)
-        identity = {**trial.identity(), "distilled_set": set_id}
         for student, (training_set, label_mode) in itertools.product(students, arms):
             key = f"{training_set.name}-{student}-{label_mode}{suffix}"
+            recipe = resolve_recipe(trial, spec.name, student, manifest["ipc"])
+            run_config = replace(trial, lr=recipe["lr"], eta=recipe["eta"])
+            identity = {**run_config.identity(), "distilled_set": set_id, "protocol": STUDENT_PROTOCOL}
             run_file = out / "runs" / f"{key}.json"
             if run_file.exists() and read_json(run_file).get("identity") == identity:
                 run = read_json(run_file)["result"]
@@ -305,13 +361,14 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
                 model = build_model(student, len(class_names), spec.channels, spec.image_size, **args)
                 use_store = store if training_set.name == "distilled" else None
                 run = train_student(
-                    model, training_set, trial, spec, runtime, val_loader,
+                    model, training_set, run_config, spec, runtime, val_loader,
                     labeller if label_mode == "soft" else None, use_store, desc=key, log=log,
                 )  # fmt: skip
                 run.update({"student": student, "train_set": training_set.name, "labels": label_mode,
-                            "images": len(training_set.images)})  # fmt: skip
+                            "images": len(training_set.images), "recipe": recipe})  # fmt: skip
                 write_json(run_file, {"identity": identity, "result": run})
-                log(f"{key}: top-1 {run['top1']:.2f}%, top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)")
+                log(f"{key}: top-1 {run['top1']:.2f}% at the last epoch (best {run['best_top1']:.2f}% at epoch "
+                    f"{run['best_epoch']}), top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)")  # fmt: skip
             # Runs finished before repeats existed lack the field; the identity fixes the seed.
             results["runs"].append({**run, "seed": trial.seed})
     results["summary"] = summarise_runs(results["runs"])
@@ -325,19 +382,29 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
 
 
 def summarise_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample standard deviation of top-1/top-5 over the repeats of each (student, set, labels)."""
+    """Mean and sample standard deviation of the final top-1/top-5 and the best top-1 over the repeats
+    of each (student, set, labels)."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault((run["student"], run["train_set"], run["labels"]), []).append(run)
     summary = []
     for (student, train_set, labels), members in groups.items():
         row: dict[str, Any] = {"student": student, "train_set": train_set, "labels": labels, "repeats": len(members)}
-        for metric in ("top1", "top5"):
+        for metric in ("top1", "top5", "best_top1"):
             values = [m[metric] for m in members]
             row[metric] = statistics.fmean(values)
             row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         summary.append(row)
     return summary
+
+
+def resolve_recipe(config: EvalConfig, dataset: str, student: str, ipc: int) -> dict[str, Any]:
+    """The lr and eta one student trains with: the user's where given, else the published recipe."""
+    recipe = student_recipe(dataset, student, ipc)
+    given = {k: getattr(config, k) for k in ("lr", "eta") if getattr(config, k) is not None}
+    if given:
+        recipe = {**recipe, **given, "source": f"{recipe['source']}; {', '.join(sorted(given))} given"}
+    return recipe
 
 
 def validate_eval_config(config: EvalConfig) -> None:
@@ -351,8 +418,18 @@ def validate_eval_config(config: EvalConfig) -> None:
     unknown = set(config.baselines) - set(BASELINES)
     if unknown:
         raise FadrmError(f"unknown --baseline {sorted(unknown)[0]!r}; choose one of {', '.join(BASELINES)}")
-    if config.temperature <= 0 or config.eta <= 0:
-        raise FadrmError("--temperature and --eta must be positive")
+    if config.batch_size % config.accumulation:
+        raise FadrmError(
+            f"--accumulation {config.accumulation} must divide --batch-size {config.batch_size} "
+            "(each loader batch is split into equal micro-batches)"
+        )
+    if config.temperature <= 0 or any(v is not None and not v > 0 for v in (config.eta, config.lr)):
+        raise FadrmError("--temperature, --eta and --student-lr must be positive")
+    if config.eval_every < 0:
+        raise FadrmError("--eval-every must be 0 (the last epoch only) or positive")
+    late = [e for e in config.eval_at if not 1 <= e <= config.epochs]
+    if late:
+        raise FadrmError(f"--eval-at {late[0]} is outside the {config.epochs} training epochs")
 
 
 def load_eval_teachers(

@@ -1,7 +1,8 @@
 """Teachers: the checkpoint format, safe loading from every source, and training.
 
-A teacher is a classifier with BatchNorm layers whose input is a normalised
-image. Our checkpoints carry their own metadata (architecture, dataset,
+A teacher is a classifier whose input is a normalised image; synthesis matches
+the statistics of its BatchNorm layers (a teacher without any, such as AlexNet,
+contributes its predictions only, next to teachers that have them). Our checkpoints carry their own metadata (architecture, dataset,
 classes, channels, normalisation, accuracy, package version), so every later
 command needs only the path. Loading never executes pickled code.
 """
@@ -156,6 +157,11 @@ def _torchvision_teacher(arch: str, weights_name: str) -> Teacher:
     )  # fmt: skip
 
 
+def is_torchvision_weights(source: str | Path) -> bool:
+    """Whether ``source`` names torchvision weights (``arch:WEIGHTS``) rather than a file that exists."""
+    return bool(_TORCHVISION_WEIGHTS.match(str(source))) and not Path(source).exists()
+
+
 def load_teacher(source: str | Path, spec: DatasetSpec | None = None, arch: str | None = None) -> Teacher:
     """Load a teacher from any supported source, frozen and in eval mode.
 
@@ -166,9 +172,8 @@ def load_teacher(source: str | Path, spec: DatasetSpec | None = None, arch: str 
         arch: the architecture, needed for plain state dicts.
     """
     path = Path(source)
-    match = _TORCHVISION_WEIGHTS.match(str(source))
-    if match and not path.exists():
-        teacher = _torchvision_teacher(*match.groups())
+    if is_torchvision_weights(source):
+        teacher = _torchvision_teacher(*str(source).split(":"))
     elif not path.exists():
         raise FadrmError(f"teacher checkpoint {path} not found; train one with: fadrm train-teacher")
     elif path.is_dir():
@@ -316,7 +321,7 @@ def train_teacher(config: TeacherTrainConfig, log: Callable[[str], None] = print
             log(f"teacher {out} already trained with these settings (val top-1 {ckpt.get('val_top1'):.2f}%)")
             return load_teacher(out)
         raise FadrmError(f"{out} exists and was not trained with these settings; pass --overwrite or another --out")
-    runtime = make_runtime(config.device, config.amp)
+    runtime = make_runtime(config.device, config.amp, stage="teacher")
     train_set = load_split(spec, "train", config.data_root, config.holdout)
     val_set = load_split(spec, "val", config.data_root, config.holdout)
     train_set.transform = train_transform(spec)

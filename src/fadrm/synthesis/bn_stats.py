@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterable
 
 import torch
@@ -108,12 +109,21 @@ def group_stat_distance(
     return torch.linalg.vector_norm(mean - running_mean, dim=1) + torch.linalg.vector_norm(var - running_var, dim=1)
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU for a stateless model)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 class BNStatMatcher:
     """Hooks every BN layer of the given models and accumulates the statistics loss.
 
     Use as a context manager; the hooks are removed on exit, whatever happens.
     After each forward pass, :meth:`pop` returns the weighted sum over that
     model's BN layers, one value per group, and clears it for the next pass.
+    A model without BN layers (e.g. AlexNet in FADRM+) has no statistics to
+    match: its term is zero, so its passes optimise the cross-entropy alone.
 
     Args:
         models: the teachers (only the one that runs contributes to a pass).
@@ -127,11 +137,16 @@ class BNStatMatcher:
         self.first_bn_multiplier = first_bn_multiplier
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._terms: list[torch.Tensor] = []
+        # Where each model without BN layers runs: its zero term is created there.
+        self._bn_free: dict[nn.Module, torch.device] = {}
 
     def __enter__(self) -> "BNStatMatcher":
         try:
             for model in self.models:
-                for index, layer in enumerate(batchnorm_layers(model)):
+                layers = batchnorm_layers(model)
+                if not layers:
+                    self._bn_free[model] = _device_of(model)
+                for index, layer in enumerate(layers):
                     weight = self.first_bn_multiplier if index == 0 else 1.0
                     self._handles.append(layer.register_forward_hook(self._make_hook(weight)))
         except BaseException:
@@ -156,9 +171,14 @@ class BNStatMatcher:
 
         return hook
 
-    def pop(self) -> torch.Tensor:
-        """Sum of the weighted per-layer distances of the last forward pass, shape (num_groups,)."""
+    def pop(self, model: nn.Module) -> torch.Tensor:
+        """Sum of the weighted per-layer distances of ``model``'s last forward pass, shape (num_groups,).
+
+        Zeros, on the model's device, for a model without BN layers.
+        """
         if not self._terms:
+            if model in self._bn_free:
+                return torch.zeros(self.num_groups, device=self._bn_free[model])
             raise RuntimeError("no BatchNorm layer ran in the last forward pass")
         total = torch.stack(self._terms).sum(0)
         self._terms.clear()

@@ -4,10 +4,21 @@ Per class: take ``mipc`` real images, ``num_crop`` square random-resized crops
 of each, score every crop by the teacher's cross-entropy on the true class,
 keep each image's best crop, sort the kept crops by score and take a band of
 ``ipc * factor**2`` of them; stitch ``factor x factor`` crops into each image.
+
+With ``factor`` > 1 a crop is smaller than the teacher's input, so it has to be
+brought to full size before scoring (``PatchSettings.scoring``):
+
+* ``"pad"`` (default, RDED's published behaviour): the normalised crop sits at
+  the centre of an otherwise zero canvas.  Zero in normalised space is the
+  dataset mean colour, not black, because RDED pads after normalising.
+* ``"resize"``: the crop is bilinearly upsampled to fill the whole canvas.
+
+With ``factor`` 1 the crop is already full size and both give the same input.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +42,10 @@ class PatchSettings:
         difficulty: "easy" (lowest loss first, RDED), "medium" (the central band),
             "hard" (highest loss), or a number q in [0, 1]: the band starting at quantile q.
         crop_scale: area range of the random-resized crops.
+        scoring: how a crop smaller than the teacher's input (``factor`` > 1) is
+            shown to the teacher: "pad" (RDED's published behaviour: centred on a
+            canvas filled with the dataset mean, i.e. zeros after normalisation)
+            or "resize" (upsampled to fill the canvas). Identical when ``factor`` is 1.
     """
 
     mipc: int = 300
@@ -38,6 +53,42 @@ class PatchSettings:
     factor: int = 1
     difficulty: str | float = "easy"
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    scoring: str = "pad"
+
+    def __post_init__(self) -> None:
+        scoring_input(self.scoring)
+
+
+def pad_to_canvas(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre a normalised batch (N, C, h, w) on a zero ``size x size`` canvas.
+
+    Placement as RDED's ``pad``: ``(size - h) // 2`` rows above, the rest below
+    (likewise for columns), so an odd remainder goes to the bottom and right.
+    The zeros are in normalised space, i.e. the dataset mean colour.
+    """
+    vertical = size - batch.shape[-2]
+    horizontal = size - batch.shape[-1]
+    if vertical < 0 or horizontal < 0:
+        raise ValueError(f"cannot pad a {tuple(batch.shape[-2:])} batch to {size} x {size}")
+    top, left = vertical // 2, horizontal // 2
+    # RDED (LINs-lab/RDED synthesize/utils.py, pad() and selector()) F.pads with its default 0
+    # crops its transform has already normalised, so the fill is the mean colour, not black.
+    return F.pad(batch, (left, horizontal - left, top, vertical - top))
+
+
+# How a normalised batch of crops becomes the teacher's full-size input, by name.
+SCORING_INPUTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "pad": pad_to_canvas,
+    "resize": resize,
+}
+
+
+def scoring_input(name: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The function registered as ``name`` in :data:`SCORING_INPUTS`."""
+    try:
+        return SCORING_INPUTS[name]
+    except (KeyError, TypeError):
+        raise FadrmError(f"patch scoring must be one of {', '.join(SCORING_INPUTS)}, not {name!r}") from None
 
 
 def band_start(num_scored: int, needed: int, difficulty: str | float) -> int:
@@ -96,6 +147,7 @@ def select_class_patches(
     order = torch.randperm(len(pool), generator=generator)[: max(settings.mipc, needed)]
     candidates = [pool[i] for i in order.tolist()]
     crop_size = image_size // settings.factor
+    to_full_size = scoring_input(settings.scoring)
     crops = []
     for index in candidates:
         image = dataset.load(index).float().div_(255)
@@ -110,8 +162,8 @@ def select_class_patches(
     for chunk in crops_t.split(batch_size):
         batch = normalize(runtime.batch(chunk), mean, std)
         if image_size != crop_size:
-            # Score each patch at the size the teacher was trained on.
-            batch = resize(batch, image_size)
+            # Score each patch at the size the teacher was trained on (padded or upsampled).
+            batch = to_full_size(batch, image_size)
         with runtime.autocast():
             logits = teacher(batch)
         scores.append(F.cross_entropy(logits.float(), target[: len(chunk)], reduction="none").cpu())

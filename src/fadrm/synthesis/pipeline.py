@@ -37,7 +37,7 @@ from ..errors import FadrmError
 from ..io import atomic_path, read_json, safe_name, save_png, write_json
 from ..runtime import Runtime, make_runtime
 from .methods import METHODS, Method
-from .patches import PatchSettings, select_class_patches
+from .patches import PatchSettings, scoring_input, select_class_patches
 from .recover import RecoverSettings, recover
 from .units import Unit, make_generator, plan_units
 from ..teachers import Teacher, check_holdout, fit_teacher_to_dataset, load_teacher
@@ -126,6 +126,7 @@ def validate_config(config: DistillConfig, method: Method, spec: DatasetSpec) ->
         low, high = getattr(config, name)
         if not 0 < low <= high <= 1:
             raise FadrmError(f"--{name.replace('_', '-')} must be two numbers with 0 < low <= high <= 1")
+    scoring_input(config.patch_scoring)  # an unknown --patch-scoring fails before any data is read
     if not config.teachers:
         raise FadrmError("give at least one --teacher")
     if method.max_teachers is not None and len(config.teachers) > method.max_teachers:
@@ -136,17 +137,22 @@ def validate_config(config: DistillConfig, method: Method, spec: DatasetSpec) ->
 
 
 def load_teachers(config: DistillConfig, spec: DatasetSpec, class_names: list[str], runtime: Runtime) -> list[Teacher]:
-    """Load, check and place every teacher; they must all fit the dataset and have BatchNorm."""
+    """Load, check and place every teacher; they must all fit the dataset and at least one have BatchNorm.
+
+    A teacher without BatchNorm (AlexNet in the published ImageNet-1k FADRM+)
+    contributes only the cross-entropy term on its iterations.
+    """
     teachers = []
     for source in config.teachers:
         teacher = fit_teacher_to_dataset(load_teacher(source, spec, config.teacher_arch), spec, class_names)
         check_holdout(teacher, config.holdout)
-        if not teacher.has_batchnorm():
-            raise FadrmError(
-                f"teacher {source} ({teacher.arch}) has no BatchNorm layers, so there are no statistics to match"
-            )
         teacher.model = runtime.place(teacher.model, compile=True)
         teachers.append(teacher)
+    if not any(teacher.has_batchnorm() for teacher in teachers):
+        raise FadrmError(
+            f"none of the teachers ({', '.join(t.arch for t in teachers)}) has BatchNorm layers, "
+            "so there are no statistics to match; add a teacher with BatchNorm"
+        )
     first = teachers[0]
     for other in teachers[1:]:
         if other.class_names != first.class_names:
@@ -197,7 +203,7 @@ def select_patches(
     """Choose the initial images of every class (this rank's share), skipping finished classes."""
     settings = PatchSettings(
         mipc=config.mipc, num_crop=config.num_crop, factor=config.factor, difficulty=config.difficulty,
-        crop_scale=(config.patch_crop_scale[0], config.patch_crop_scale[1]),
+        crop_scale=(config.patch_crop_scale[0], config.patch_crop_scale[1]), scoring=config.patch_scoring,
     )  # fmt: skip
     todo = [c for c in ranks.shard(range(len(layout.class_names))) if not layout.init_record(c).exists()]
     if not todo:

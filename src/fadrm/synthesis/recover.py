@@ -78,7 +78,8 @@ def recover(
         init: P0, the initial images in normalised space, shape (G*B, C, H, W);
             also the residual source for ARC.
         labels: class of each image, shape (G*B,).
-        teachers: frozen eval-mode teachers; iteration t uses teacher t mod K.
+        teachers: frozen eval-mode teachers; iteration t uses teacher t mod K. The
+            iterations of a teacher without BatchNorm use the cross-entropy term only.
         generators: one random stream per group (len G).
         settings: stages and hyperparameters.
         runtime: device and mixed precision.
@@ -114,7 +115,7 @@ def recover(
                 with runtime.autocast():
                     logits = teacher(views)
                     ce = F.cross_entropy(logits.float(), labels, reduction="none")
-                    bn = matcher.pop()
+                    bn = matcher.pop(teacher)
                     # Sum of per-group losses: each group's gradient is exactly its own run's.
                     group_loss = ce.view(num_groups, -1).mean(1) + settings.r_bn * bn
                     loss = group_loss.sum()

@@ -1,0 +1,95 @@
+"""What the published student protocol changes on Fashion-MNIST, measured.
+
+    python scripts/fmnist_protocol.py --valsearch runs/valsearch --study runs/study [--seeds 0 1 2]
+
+Held-out split (IPC 10, the sets of ``fmnist_validation_search.py --candidates preset``, teacher
+without the last 500 training images per class; the test set is not read): the students under
+each protocol variant below, next to the previous protocol's students in ``eval/``, so each
+change is measured on its own: batch semantics (old-batching -> no-bssl) and BSSL
+(no-bssl -> published).
+
+Test set (the study's FADRM sets at IPC 10 and 50, ``fmnist_study.py``): the published protocol.
+
+Every student is kept under its set's ``eval-<variant>`` folder and reused, so the script
+resumes; run variants or seeds in parallel processes and then once more to print the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import fadrm
+from fadrm.io import read_json
+
+# Student protocol variants (name -> evaluate options), all under this version's code.
+VARIANTS: dict[str, dict] = {
+    # Loader batches of 16 in two micro-batches of 8, one step per batch, BSSL.
+    "published": {},
+    # The same with eval-mode teachers.
+    "no-bssl": {"bssl": False},
+    # The batching of fadrm before the protocol fix: BatchNorm over 16 and one step per 32 images
+    # (loader batches of 32 in two micro-batches), eval-mode teachers. It differs from the old
+    # code only in the weight-decay groups and in CutMix drawn per 32 images instead of per 16.
+    "old-batching": {"bssl": False, "batch_size": 32},
+}
+
+
+def evaluate(folder: Path, variant: str, seed: int, holdout: int | None = None) -> list[dict]:
+    """Students on ``folder`` (FADRM set and random real, soft and hard) under ``variant``."""
+    options = {"holdout": holdout} if holdout is not None else {}
+    results = fadrm.evaluate(folder, seed=seed, baselines=["random-real"], out=str(folder / f"eval-{variant}"),
+                             **VARIANTS[variant], **options)  # fmt: skip
+    return results["runs"]
+
+
+def label(run: dict) -> str:
+    return "fadrm" if run["train_set"] == "distilled" else f"random-real ({run['labels']})"
+
+
+def table(title: str, cells: dict[tuple[str, str], list[float]], columns: list[str]) -> None:
+    """Print mean +- std over seeds per (row, column)."""
+    print(f"\n{title}")
+    print(f"{'':22s}" + "".join(f"{c:>26s}" for c in columns))
+    for row in dict.fromkeys(r for r, _ in cells):
+        values = []
+        for column in columns:
+            v = cells.get((row, column), [])
+            spread = statistics.stdev(v) if len(v) > 1 else 0.0
+            values.append(f"{statistics.mean(v):.2f} +- {spread:.2f} (n={len(v)})" if v else "-")
+        print(f"{row:22s}" + "".join(f"{v:>26s}" for v in values))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--valsearch", type=Path, help="folder of fmnist_validation_search.py (held-out split)")
+    parser.add_argument("--study", type=Path, help="folder of fmnist_study.py (test set)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--ipc", type=int, nargs="+", default=[10, 50], help="test-set IPCs")
+    args = parser.parse_args()
+    if args.valsearch:
+        cells: dict[tuple[str, str], list[float]] = {}
+        for seed in args.seeds:
+            folder = args.valsearch / f"preset-seed{seed}"
+            previous = read_json(folder / "eval" / "results.json")["runs"]  # the previous protocol's students
+            for run in previous:
+                cells.setdefault((label(run), "previous protocol"), []).append(run["top1"])
+            for variant in args.variants:
+                for run in evaluate(folder, variant, seed, holdout=500):
+                    cells.setdefault((label(run), variant), []).append(run["top1"])
+        table("Held-out top-1 (%), IPC 10, last epoch", cells, ["previous protocol", *args.variants])
+    if args.study:
+        cells = {}
+        for ipc in args.ipc:
+            for seed in args.seeds:
+                for run in evaluate(args.study / f"fadrm-ipc{ipc}-seed{seed}", "published", seed):
+                    cells.setdefault((label(run), f"IPC {ipc}"), []).append(run["top1"])
+                    cells.setdefault((f"{label(run)} best", f"IPC {ipc}"), []).append(run["best_top1"])
+        table("Test top-1 (%), published protocol (last epoch; 'best': best of the validations)", cells,
+              [f"IPC {ipc}" for ipc in args.ipc])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
