@@ -152,7 +152,11 @@ def test_evaluate_with_baseline_and_stored_labels(distilled, fmnist_root, tmp_pa
     assert results["stored_labels"]["bytes_per_image_per_epoch"] == 20
     on_disk = json.loads((tmp_path / "e" / "results.json").read_text())
     assert on_disk["runs"][0]["history"][-1]["epoch"] == 2
-    assert "| convnet-small | distilled | soft |" in (tmp_path / "e" / "results.md").read_text()
+    table = (tmp_path / "e" / "results.md").read_text()
+    assert "| convnet-small | distilled | soft |" in table and "Best top-1: the best of the validations" in table
+    # The last epoch is always validated, so the best of the validations is at least the final figure.
+    assert all(r["best_top1"] >= r["top1"] and r["evaluated_epochs"][-1] == 2 for r in results["runs"])
+    assert results["runs"][0]["recipe"]["source"].startswith("default")
     assert (tmp_path / "e" / "curves.png").exists()
     # Same command again: every run is reused.
     lines: list[str] = []
@@ -273,6 +277,7 @@ def test_run_resumes_without_redoing_finished_stages(fmnist_root, tmp_path, monk
     assert (tmp_path / "run" / "teacher.pt").stat().st_mtime_ns == teacher_stamp
     assert [r["train_set"] for r in summary["runs"]] == ["distilled", "random-real", "random-real"]
     assert "== fadrm run summary ==" in text and "wall time: teacher" in text
+    assert "last-epoch top-1" in text and "best top-1 over the validations" in text
 
 
 def test_finished_runs_are_not_reused_for_other_images(distilled, fmnist_root, tmp_path):

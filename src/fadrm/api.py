@@ -127,7 +127,9 @@ def run(
     lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}"]
     for r in results["summary"]:
         spread = f" ± {r['top1_std']:.2f} (mean of {r['repeats']} seeds)" if r["repeats"] > 1 else ""
-        lines.append(f"{r['student']} on {r['train_set']} ({r['labels']} labels): top-1 {r['top1']:.2f}%{spread}")
+        best = f"; best top-1 over the validations {r['best_top1']:.2f}%"
+        lines.append(f"{r['student']} on {r['train_set']} ({r['labels']} labels): last-epoch top-1 {r['top1']:.2f}%"
+                     f"{spread}{best}")  # fmt: skip
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     log("\n".join(["== fadrm run summary ==", *lines]))
     return summary

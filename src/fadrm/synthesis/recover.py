@@ -24,7 +24,7 @@ from .bn_stats import BNStatMatcher
 
 @dataclass(frozen=True)
 class RecoverSettings:
-    """Hyperparameters of the recover loop (method.md section 3)."""
+    """Hyperparameters of the recover loop (docs/method.md, section 3)."""
 
     sizes: tuple[int, ...]
     budgets: tuple[int, ...]
