@@ -12,7 +12,7 @@ batch and size, CE loss only. Every measurement runs in its own process (so
 peak memory is its own), bare and ours alternate, and the median of the rounds
 is reported. Random weights: speed does not depend on them.
 
-Configs (issue 5):
+Configs:
   cifar100     CIFAR-style ResNet-18, 100 classes per group, 32 px, one FADRM stage
   cifar100-4t  the same with four teachers round-robin (FADRM+)
   imagenet     torchvision ResNet-18, 10 classes per group, stages 200/224

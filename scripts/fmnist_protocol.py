@@ -4,8 +4,9 @@
 
 Held-out split (IPC 10, the sets of ``fmnist_validation_search.py --candidates preset``, teacher
 without the last 500 training images per class; the test set is not read): the students under
-each protocol variant below, next to the previous protocol's students in ``eval/``, so each
-change is measured on its own: batch semantics (old-batching -> no-bssl) and BSSL
+each protocol variant below, next to the previous protocol's students (trained into ``eval/`` by
+fadrm 0.1's ``fmnist_validation_search.py --seeds 0 1 2 --candidates preset``, commit 62622db),
+so each change is measured on its own: batch semantics (old-batching -> no-bssl) and BSSL
 (no-bssl -> published).
 
 Test set (the study's FADRM sets at IPC 10 and 50, ``fmnist_study.py``): the published protocol.
@@ -21,7 +22,7 @@ import statistics
 from pathlib import Path
 
 import fadrm
-from fadrm.io import read_json
+from fadrm.io import read_json, write_json
 
 # Student protocol variants (name -> evaluate options), all under this version's code.
 VARIANTS: dict[str, dict] = {
@@ -42,6 +43,21 @@ def evaluate(folder: Path, variant: str, seed: int, holdout: int | None = None) 
     results = fadrm.evaluate(folder, seed=seed, baselines=["random-real"], out=str(folder / f"eval-{variant}"),
                              **VARIANTS[variant], **options)  # fmt: skip
     return results["runs"]
+
+
+def previous_protocol_runs(folder: Path) -> list[dict]:
+    """The students fadrm 0.1 trained on ``folder`` (its ``eval/``), frozen on first use.
+
+    Running the validation search again with this version retrains ``eval/`` under the new
+    protocol, so the previous protocol's results are copied to ``eval-previous/`` and read from there.
+    """
+    frozen = folder / "eval-previous" / "results.json"
+    if not frozen.exists():
+        results = read_json(folder / "eval" / "results.json")
+        if any("best_top1" in run for run in results["runs"]):
+            raise SystemExit(f"{folder / 'eval'} holds this version's students, not fadrm 0.1's")
+        write_json(frozen, results)
+    return read_json(frozen)["runs"]
 
 
 def label(run: dict) -> str:
@@ -73,7 +89,7 @@ def main() -> None:
         cells: dict[tuple[str, str], list[float]] = {}
         for seed in args.seeds:
             folder = args.valsearch / f"preset-seed{seed}"
-            previous = read_json(folder / "eval" / "results.json")["runs"]  # the previous protocol's students
+            previous = previous_protocol_runs(folder)
             for run in previous:
                 cells.setdefault((label(run), "previous protocol"), []).append(run["top1"])
             for variant in args.variants:

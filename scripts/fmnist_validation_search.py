@@ -33,8 +33,11 @@ CANDIDATES: dict[str, dict] = {
     # The published CIFAR-100 / Tiny-ImageNet runs keep every stage at full size (only the
     # ImageNet family runs stages below it); the same at 28 px:
     "single-resolution": {"sizes": [28, 28, 28, 28]},
-    # RDED's ImageNet setting: four half-size patches per image, four times the real sources.
+    # RDED's ImageNet setting: four half-size patches per image, four times the real sources,
+    # each patch scored zero-padded into the full canvas (RDED's scoring) ...
     "factor-2": {"factor": 2},
+    # ... or scored upsampled to the full size (fadrm 0.1's scoring).
+    "factor-2-resize": {"factor": 2, "patch_scoring": "resize"},
     # The published iteration count (500 per stage); the preset halves it for CPU time.
     "budget-2000": {"budgets": [500, 500, 500, 500]},
 }

@@ -125,6 +125,10 @@ def test_baselines_run_their_authors_budgets_unless_equal_budget(dataset):
     assert (sre2l.sizes, sre2l.budgets) == ([full], [1000 if small else 4000])
     plus = resolve_distill_config(dataset, ["t"], "o", method="sre2l++", ipc=10)
     assert (plus.sizes, plus.budgets, plus.amp) == ([full], [4000], "off")
+    # "auto" (the CLI's and run()'s default) is the published precision: fp32 for SRe2L++ ...
+    assert resolve_distill_config(dataset, ["t"], "o", method="sre2l++", ipc=10, amp="auto").amp == "off"
+    # ... and an explicit choice still wins.
+    assert resolve_distill_config(dataset, ["t"], "o", method="sre2l++", ipc=10, amp="bf16").amp == "bf16"
     fadrm = resolve_distill_config(dataset, ["t"], "o", method="fadrm", ipc=10)
     equal = resolve_distill_config(dataset, ["t"], "o", method="sre2l++", ipc=10, equal_budget=True)
     assert sum(equal.budgets) == sum(fadrm.budgets) == 2000

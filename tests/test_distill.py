@@ -235,6 +235,16 @@ def test_different_config_refused_unless_overwrite(fmnist_root, teacher_ckpt, tm
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"  # only our own outputs are replaced
 
 
+def test_a_set_made_with_an_old_default_names_the_flag_that_resumes_it(fmnist_root, teacher_ckpt, tmp_path):
+    # A factor-2 set whose patches were scored the fadrm 0.1 way: the refusal says how to resume it.
+    run(fmnist_root, teacher_ckpt, tmp_path / "o", method="rded", factor=2, ipc=1, patch_scoring="resize")
+    with pytest.raises(FadrmError, match=r"different settings \(patch_scoring\); .*--patch-scoring resize"):
+        run(fmnist_root, teacher_ckpt, tmp_path / "o", method="rded", factor=2, ipc=1)
+    # With patches that fill the image the scoring has no effect and is not part of the identity.
+    run(fmnist_root, teacher_ckpt, tmp_path / "p", method="rded", patch_scoring="resize")
+    run(fmnist_root, teacher_ckpt, tmp_path / "p", method="rded")
+
+
 def test_unknown_method(fmnist_root, teacher_ckpt, tmp_path):
     with pytest.raises(FadrmError, match="unknown method 'fadrm2'; choose one of"):
         run(fmnist_root, teacher_ckpt, tmp_path / "o", method="fadrm2")

@@ -392,9 +392,30 @@ def test_cutmix_and_bssl_halves_are_drawn_per_loader_batch(monkeypatch):
         calls.append(len(pixels))
         return torch.zeros(len(pixels), 10)
 
+    views: list[int] = []
+    real_view = ViewSampler.view
+    monkeypatch.setattr(ViewSampler, "view", lambda self, *a: views.append(len(a[2])) or real_view(self, *a))
     config = EvalConfig(distilled="x", epochs=1, batch_size=16, accumulation=2, lr=0.1, eta=1.0, eval_every=0)
     steps = _train_recorded(monkeypatch, config, 32, labeller=labeller)
-    assert calls == [16, 16] and len(steps) == 2
+    # One view draw (crops, flips, one CutMix box) and one labelling per loader batch of 16,
+    # shared by its two micro-batches.
+    assert calls == [16, 16] and views == [16, 16] and len(steps) == 2
+    assert [[len(x) for x in step["inputs"]] for step in steps] == [[8, 8], [8, 8]]
+
+
+def test_bssl_halves_and_deterministic_teachers():
+    from fadrm.labels import halves
+
+    assert [len(h) for h in halves(torch.zeros(16, 1))] == [8, 8]
+    assert [len(h) for h in halves(torch.zeros(5, 1))] == [2, 3]  # the extra image in the second half
+    assert [len(h) for h in halves(torch.zeros(1, 1))] == [1]
+    # Only BatchNorm uses batch statistics: a teacher's dropout stays off, so labels are repeatable.
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3)).eval()
+    x = torch.randn(8, 1, 4, 4)
+    labeller = TeacherLabeller([teacher], bssl=True)
+    assert torch.equal(labeller(x, CPU), labeller(x, CPU))
+    assert not teacher.training and not any(m.training for m in teacher.modules())
 
 
 def test_weight_decay_only_on_multi_dimensional_weights():
@@ -407,6 +428,12 @@ def test_weight_decay_only_on_multi_dimensional_weights():
     assert no_decay["weight_decay"] == 0.0
     assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
     assert "bn1.weight" in {names[id(p)] for p in no_decay["params"]} and "fc.bias" in {names[id(p)] for p in no_decay["params"]}
+    # A multi-dimensional parameter that is not a weight (Swin's position bias table) gets none either.
+    swin = fadrm.models.build_model("swin_t", 10, 3, 32)
+    swin_decay, swin_no_decay = weight_decay_groups(swin, 0.01)
+    table = swin.features[1][0].attn.relative_position_bias_table
+    assert table.ndim == 2 and any(p is table for p in swin_no_decay["params"])
+    assert not any(p is table for p in swin_decay["params"])
     for optimizer in ("adamw", "sgd"):
         opt = _optimizer(EvalConfig(distilled="x", optimizer=optimizer, weight_decay=0.05), model, 1e-3)
         assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
@@ -426,3 +453,43 @@ def test_best_and_final_accuracy_are_both_reported(monkeypatch):
     assert (result["top1"], result["best_top1"], result["best_epoch"]) == (60.0, 70.0, 3)
     summary = EV.summarise_runs([{**result, "student": "s", "train_set": "d", "labels": "soft"}] * 2)
     assert summary[0]["best_top1"] == 70.0 and summary[0]["top1"] == 60.0
+
+
+def test_a_finished_run_serves_the_validations_it_covers(distilled, fmnist_root, tmp_path):
+    common = dict(out=str(tmp_path / "e"), data_root=str(fmnist_root), **{**QUICK, "epochs": 3})
+    first = fadrm.evaluate(distilled, eval_every=1, log=lambda s: None, **common)["runs"][0]
+    assert first["evaluated_epochs"] == [1, 2, 3]
+    lines: list[str] = []
+    sparser = fadrm.evaluate(distilled, eval_every=0, log=lines.append, **common)["runs"][0]
+    # Reused, with the best taken over the asked validations only (here the last epoch's).
+    assert any("reusing" in line for line in lines) and sparser["history"] == first["history"]
+    assert sparser["evaluated_epochs"] == [3] and sparser["best_top1"] == sparser["top1"] == first["top1"]
+    lines.clear()
+    fadrm.evaluate(distilled, eval_every=0, eval_at=[2], log=lines.append, **common)
+    assert any("reusing" in line for line in lines)
+    # A validation the finished run never made needs the student again.
+    fadrm.evaluate(distilled, out=str(tmp_path / "f"), data_root=str(fmnist_root), eval_every=0,
+                   log=lambda s: None, **{**QUICK, "epochs": 3})  # fmt: skip
+    lines.clear()
+    fadrm.evaluate(distilled, out=str(tmp_path / "f"), data_root=str(fmnist_root), eval_every=1,
+                   log=lines.append, **{**QUICK, "epochs": 3})  # fmt: skip
+    assert not any("reusing" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"temperature": float("nan")}, "--temperature, --eta and --student-lr"),
+        ({"lr": float("inf")}, "--temperature, --eta and --student-lr"),
+        ({"eta": 0.0}, "--temperature, --eta and --student-lr"),
+        ({"weight_decay": -1.0}, "--weight-decay"),
+        ({"weight_decay": float("nan")}, "--weight-decay"),
+        ({"mix_alpha": 0.0}, "--mix-alpha"),
+        ({"accumulation": 3}, "must divide --batch-size"),
+        ({"eval_every": -1}, "--eval-every"),
+        ({"eval_at": [5]}, "--eval-at 5 is outside"),
+    ],
+)
+def test_bad_protocol_values_are_one_clear_line(distilled, fmnist_root, options, message):
+    with pytest.raises(FadrmError, match=message):
+        fadrm.evaluate(distilled, data_root=str(fmnist_root), **{**QUICK, **options})

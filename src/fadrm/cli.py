@@ -23,19 +23,21 @@ def _key_values(pairs: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-# What --amp auto means, per subcommand (runtime.CUDA_AUTO_AMP holds the decision).
-_AUTO_AMP_HELP = {
-    "train-teacher": "bf16 on CUDA where supported, else fp16",
-    "distill": "fp16 with a gradient scaler on CUDA, as published",
-    "evaluate": "full precision, as published",
-    "run": "each stage's own: fp16 synthesis, full-precision students",
-}
+# The stage whose published precision --amp auto stands for, per subcommand.
+_AMP_STAGE = {"train-teacher": "teacher", "distill": "synthesis", "evaluate": "evaluate"}
+
+
+def _auto_amp_help(command: str) -> str:
+    from .runtime import CUDA_AUTO_AMP
+
+    stages = [_AMP_STAGE[command]] if command in _AMP_STAGE else list(CUDA_AUTO_AMP)
+    return ", ".join(f"{stage} {CUDA_AUTO_AMP[stage]}" for stage in stages) + " on CUDA"
 
 
 def _add_runtime_flags(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=["auto", "off", "fp16", "bf16"],
-                        help=f"mixed precision (auto: {_AUTO_AMP_HELP[command]}; always off on the CPU)")  # fmt: skip
+                        help=f"mixed precision (auto: {_auto_amp_help(command)}; off on the CPU)")  # fmt: skip
 
 
 # ------------------------------------------------------------ train-teacher
@@ -142,6 +144,8 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
                    help="cosine stretch: lr factor 0.5(1 + cos(pi e / (eta E))); default as --student-lr")  # fmt: skip
     p.add_argument("--temperature", type=float, help="KL temperature (20 as published)")
     p.add_argument("--mix", choices=["cutmix", "mixup", "none"])
+    p.add_argument("--mix-alpha", type=float,
+                   help="mixing weight ~ Beta(a, a): 1 as published for CutMix; the reference's MixUp uses 0.8")  # fmt: skip
     p.add_argument("--labels", choices=["live", "stored"], help="teacher in the loop, or labels stored once and reused")
     p.add_argument("--labels-dir",
                    help="where stored labels live (default: <out>/labels; repeat r > 0 uses <dir>-repeat<r>)")  # fmt: skip

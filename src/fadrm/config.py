@@ -150,6 +150,9 @@ def resolve_distill_config(dataset: str, teachers: list[str], out: str, **flags:
     if unknown:
         raise TypeError(f"unknown distill options: {sorted(unknown)}")
     chosen = {k: v for k, v in flags.items() if v is not None}
+    if chosen.get("amp") == "auto":
+        # "auto" is the published precision: the preset's where it names one (SRe2L++ runs fp32).
+        del chosen["amp"]
     method = chosen.get("method", "fadrm")
     ipc = chosen.get("ipc", 10)
     preset = load_preset(dataset, method, ipc)

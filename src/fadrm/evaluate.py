@@ -286,11 +286,20 @@ def train_student(
             if epoch + 1 != config.epochs:
                 log(f"{desc}: epoch {epoch + 1}: top-1 {record['top1']:.2f}%")
         history.append(record)
-    final = history[-1]
-    best = max((h for h in history if "top1" in h), key=lambda h: h["top1"])
-    return {"top1": final["top1"], "top5": final["top5"], "best_top1": best["top1"], "best_epoch": best["epoch"],
-            "evaluated_epochs": sorted(evaluate_after), "epochs": config.epochs,
-            "seconds": round(time.perf_counter() - started, 2), "history": history}  # fmt: skip
+    result = {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "epochs": config.epochs,
+              "seconds": round(time.perf_counter() - started, 2), "history": history}  # fmt: skip
+    return with_best_of(result, sorted(evaluate_after))
+
+
+def with_best_of(result: dict[str, Any], epochs: list[int]) -> dict[str, Any]:
+    """``result`` with the best top-1 (and its epoch) over the validations after ``epochs``.
+
+    The earliest epoch wins a tie. A finished run validated at more epochs than asked
+    is reported over the asked ones only.
+    """
+    validations = [h for h in result["history"] if h["epoch"] in epochs and "top1" in h]
+    best = max(validations, key=lambda h: h["top1"])
+    return {**result, "best_top1": best["top1"], "best_epoch": best["epoch"], "evaluated_epochs": epochs}
 
 
 # --------------------------------------------------------------------- API
@@ -352,8 +361,11 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
             run_config = replace(trial, lr=recipe["lr"], eta=recipe["eta"])
             identity = {**run_config.identity(), "distilled_set": set_id, "protocol": STUDENT_PROTOCOL}
             run_file = out / "runs" / f"{key}.json"
-            if run_file.exists() and read_json(run_file).get("identity") == identity:
-                run = read_json(run_file)["result"]
+            finished = read_json(run_file) if run_file.exists() else {}
+            wanted = run_config.evaluation_epochs()
+            # A finished run serves a validation schedule it covers; a denser one needs the student again.
+            if finished.get("identity") == identity and set(wanted) <= set(finished["result"]["evaluated_epochs"]):
+                run = with_best_of(finished["result"], wanted)
                 log(f"{key}: reusing finished run (top-1 {run['top1']:.2f}%)")
             else:
                 torch.manual_seed(make_generator(trial.seed, "student", student).initial_seed())
@@ -423,8 +435,12 @@ def validate_eval_config(config: EvalConfig) -> None:
             f"--accumulation {config.accumulation} must divide --batch-size {config.batch_size} "
             "(each loader batch is split into equal micro-batches)"
         )
-    if config.temperature <= 0 or any(v is not None and not v > 0 for v in (config.eta, config.lr)):
-        raise FadrmError("--temperature, --eta and --student-lr must be positive")
+    if not all(v is None or (math.isfinite(v) and v > 0) for v in (config.temperature, config.eta, config.lr)):
+        raise FadrmError("--temperature, --eta and --student-lr must be positive numbers")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise FadrmError("--weight-decay must be a non-negative number")
+    if not (math.isfinite(config.mix_alpha) and config.mix_alpha > 0):
+        raise FadrmError("--mix-alpha must be a positive number")
     if config.eval_every < 0:
         raise FadrmError("--eval-every must be 0 (the last epoch only) or positive")
     late = [e for e in config.eval_at if not 1 <= e <= config.epochs]

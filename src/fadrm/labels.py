@@ -112,26 +112,36 @@ def render(images: torch.Tensor, view: BatchView, size: int) -> torch.Tensor:
 # --------------------------------------------------------------- labellers
 @contextlib.contextmanager
 def batch_statistics(models: Sequence[nn.Module]) -> Iterator[None]:
-    """Teachers in train mode (BN uses batch statistics) without touching their running statistics."""
-    saved = [(m, m.momentum) for model in models for m in model.modules() if isinstance(m, _BatchNorm)]
+    """The teachers' BatchNorm layers normalise with batch statistics; their running statistics stay untouched.
+
+    Only BatchNorm layers switch to train mode. The reference puts whole teachers in train
+    mode, which also turns on the dropout of teachers that have it (MobileNetV2, AlexNet,
+    EfficientNet) and makes their labels random; BSSL is about the statistics, so dropout stays off.
+    """
+    layers = [m for model in models for m in model.modules() if isinstance(m, _BatchNorm)]
+    saved = [layer.momentum for layer in layers]
     try:
-        for model in models:
-            model.train()
-        for layer, _ in saved:
+        for layer in layers:
+            layer.train()
             layer.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
         yield
     finally:
-        for layer, momentum in saved:
+        for layer, momentum in zip(layers, saved):
             layer.momentum = momentum
-        for model in models:
-            model.eval()
+            layer.eval()
+
+
+def halves(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The two halves BSSL labels separately; an odd extra image goes to the second (as the reference)."""
+    first = len(inputs) // 2
+    return (inputs[:first], inputs[first:]) if first else (inputs,)
 
 
 class TeacherLabeller:
     """Mean (optionally weighted) logits of several teachers on normalised inputs.
 
-    With ``bssl`` the teachers run in train mode on each half of the batch
-    separately ("batch-specific soft labels"), their running statistics untouched.
+    With ``bssl`` the teachers' BatchNorm layers use the statistics of each half of
+    the batch separately ("batch-specific soft labels"), their running statistics untouched.
     """
 
     def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None, bssl: bool = False) -> None:
@@ -145,7 +155,7 @@ class TeacherLabeller:
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, runtime: Runtime) -> torch.Tensor:
         context = batch_statistics(self.models) if self.bssl else contextlib.nullcontext()
-        chunks = inputs.chunk(2) if self.bssl and len(inputs) > 1 else (inputs,)
+        chunks = halves(inputs) if self.bssl else (inputs,)
         with context, runtime.autocast():
             outputs = [
                 torch.cat([model(chunk) for chunk in chunks]).float() * weight

@@ -45,6 +45,11 @@ from ..training import progress
 
 MANIFEST_FORMAT = "fadrm-distilled"
 MANIFEST_VERSION = 1
+# What to pass to resume a set made by fadrm 0.1 whose defaults have changed since.
+RESUME_HINTS = {
+    "patch_scoring": "fadrm 0.1 scored patches with --patch-scoring resize",
+    "budgets": "fadrm 0.1 gave SRe2L / SRe2L++ FADRM's budget: --equal-budget",
+}
 # Images per forward pass when --groups-per-batch is not given.
 DEFAULT_BATCH_IMAGES = {"cpu": 100, "cuda": 1000}
 
@@ -178,9 +183,11 @@ def prepare_output(config: DistillConfig, teachers: list[Teacher], layout: Layou
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if previous.get("teachers_sha256") != identity["teachers_sha256"]:
                 changed.append("teachers")
+            hints = [RESUME_HINTS[k] for k in changed if k in RESUME_HINTS]
             raise FadrmError(
                 f"{layout.root} holds a run with different settings ({', '.join(changed)}); "
-                "pass --overwrite to replace it or choose another --out"
+                + "".join(f"{hint}; " for hint in hints)
+                + "pass --overwrite to replace it or choose another --out"
             )
     elif layout.root.exists() and any(layout.root.iterdir()) and not config.overwrite:
         raise FadrmError(f"{layout.root} is not empty and is not a fadrm run; choose another --out")
