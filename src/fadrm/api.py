@@ -23,8 +23,15 @@ from .teachers import train_teacher as _train_teacher
 def train_teacher(
     dataset: str, model: str, out: str | Path, log: Callable[[str], None] = print, **options: Any
 ) -> Teacher:
-    """Train (or resume, or reuse) a teacher; ``options`` are :class:`TeacherTrainConfig` fields."""
-    return _train_teacher(TeacherTrainConfig(dataset=dataset, model=model, out=str(out), **options), log=log)
+    """Train (or resume, or reuse) a teacher; ``options`` are :class:`TeacherTrainConfig` fields.
+
+    Options not given (or None) come from the dataset preset's ``teacher`` recipe (e.g. the
+    ImageNette subset teachers' 100 epochs), then the dataclass defaults.
+    """
+    recipe = load_preset_section(dataset, "teacher")
+    recipe = {k: v for k, v in recipe.items() if k not in ("model", "models")}
+    chosen = {k: v for k, v in options.items() if v is not None}
+    return _train_teacher(TeacherTrainConfig(dataset=dataset, model=model, out=str(out), **{**recipe, **chosen}), log=log)
 
 
 def distill(
@@ -65,8 +72,8 @@ def preset_teachers(dataset: str, method: str, ipc: int, folder: Path, **train_o
     recipe = load_preset_section(dataset, "teacher", method, ipc)
     if not recipe:
         raise FadrmError(f"{dataset} has no default teacher recipe; train one with fadrm train-teacher and pass --teacher")
-    default_model = recipe.pop("model", None)
-    models = recipe.pop("models", None) or [default_model]
+    default_model = recipe.get("model")
+    models = recipe.get("models") or [default_model]
     sources = []
     for model in models:
         if is_torchvision_weights(model):
@@ -74,7 +81,7 @@ def preset_teachers(dataset: str, method: str, ipc: int, folder: Path, **train_o
             continue
         # The default model keeps the name every method shares; others are named by architecture.
         path = folder / ("teacher.pt" if model == default_model else f"teacher-{model}.pt")
-        train_teacher(dataset, model, path, **{**recipe, **train_options})
+        train_teacher(dataset, model, path, **train_options)  # with the preset's recipe
         sources.append(str(path))
     return sources
 

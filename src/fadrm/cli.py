@@ -49,10 +49,12 @@ def _train_teacher_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.add_argument("--data-root", help="dataset folder (default: the dataset's usual place, if any)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="architecture option, e.g. width=64")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    # Unset options come from the dataset preset's teacher recipe, then the package defaults.
+    p.add_argument("--epochs", type=int, help="default: the dataset preset's recipe, else 10")
+    p.add_argument("--batch-size", type=int, help="default: the dataset preset's recipe, else 256")
+    p.add_argument("--lr", type=float,
+                   help="peak learning rate of the one-cycle schedule (default: the preset's, else 0.1)")  # fmt: skip
+    p.add_argument("--weight-decay", type=float, help="default: the preset's, else 5e-4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout", type=int, default=0, help="hold out the last N training images per class as val")
     p.add_argument("--workers", type=int, help="data-loading processes (default: 0 on <= 2 cores)")
