@@ -1,7 +1,7 @@
 """Choose Fashion-MNIST synthesis settings on a validation split held out from the training set.
 
     python scripts/fmnist_validation_search.py --out runs/valsearch [--holdout 500] [--seeds 0] [--ipc 10]
-        [--accumulation N]
+        [--accumulation N] [--bssl]
 
 Trains a teacher without the last ``holdout`` training images of each class,
 distills each candidate setting at the given IPC (10 by default), trains the same student on each
@@ -50,11 +50,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
-    parser.add_argument("--accumulation", type=int, help="student gradient accumulation (default: the preset's)")
+    parser.add_argument("--accumulation", type=int, help="student micro-batches per loader batch (default: the preset's)")
+    parser.add_argument("--bssl", action="store_true", help="students with BSSL labels (the preset uses eval-mode teachers)")
     args = parser.parse_args()
     out = Path(args.out)
     eval_options = {} if args.accumulation is None else {"accumulation": args.accumulation}
     eval_suffix = "" if args.accumulation is None else f"-accum{args.accumulation}"
+    if args.bssl:
+        eval_options["bssl"] = True
+        eval_suffix += "-bssl"
     teacher = out / "teacher.pt"
     recipe = load_preset_section("fashion-mnist", "teacher")
     fadrm.train_teacher("fashion-mnist", recipe.pop("model"), teacher, holdout=args.holdout, **recipe)
