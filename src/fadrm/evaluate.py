@@ -36,7 +36,7 @@ from .runtime import Runtime, make_runtime
 from .synthesis.pipeline import MANIFEST_FORMAT, MANIFEST_VERSION
 from .synthesis.units import make_generator
 from .teachers import Teacher, check_holdout, fit_teacher_to_dataset, load_teacher
-from .training import check_finite, evaluate_accuracy, make_loader, progress
+from .training import backward, check_finite, evaluate_accuracy, make_loader, optimizer_step, progress
 
 BASELINES = ("random-real",)
 # Version of the student protocol; finished runs of an older one are retrained. 2: accumulation
@@ -270,15 +270,10 @@ def train_student(
                         logits, partner_hard[part]
                     )
                 check_finite(loss, f"training {desc}")
-                scaled = loss / config.accumulation
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                backward(loss / config.accumulation, scaler)
                 total += float(loss.detach()) * len(logits)
                 count += len(logits)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            optimizer_step(optimizer, scaler)
         scheduler.step()
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / count}
         if epoch + 1 in evaluate_after:

@@ -48,6 +48,20 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
         raise FadrmError(f"non-finite loss ({value}) during {where}; lower the learning rate or disable --amp")
 
 
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """Backpropagate ``loss``, scaled first when a gradient scaler is in use (fp16)."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """One optimiser step; through the scaler when there is one (it skips steps whose gradients overflowed)."""
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -70,13 +84,8 @@ def train_one_epoch(
             loss = nn.functional.cross_entropy(model(images), labels)
         check_finite(loss, desc)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        backward(loss, scaler)
+        optimizer_step(optimizer, scaler)
         scheduler.step()
         total += float(loss.detach()) * len(labels)
         count += len(labels)

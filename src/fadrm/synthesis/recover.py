@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import Runtime
-from ..training import check_finite
+from ..training import backward, check_finite, optimizer_step
 from .augment import ViewParams, resize
 from .bn_stats import BNStatMatcher
 
@@ -121,13 +121,8 @@ def recover(
                     loss = group_loss.sum()
                 check_finite(loss, "synthesis")
                 optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    optimizer.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+                backward(loss, scaler)
+                optimizer_step(optimizer, scaler)
                 with torch.no_grad():
                     x.clamp_(low, high)
                 result_ce, result_bn, result_loss = ce.detach(), bn.detach(), group_loss.detach()
