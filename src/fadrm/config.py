@@ -93,19 +93,16 @@ def _read_preset(dataset: str) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
-def _with_overrides(section: dict[str, Any], method: str, ipc: int) -> dict[str, Any]:
-    """A preset section's values, then its ``overrides.<method>``, then ``overrides.<method>@<ipc>``."""
-    values = {k: v for k, v in section.items() if k != "overrides"}
-    overrides = section.get("overrides", {}) or {}
-    values.update(overrides.get(method, {}) or {})
-    values.update(overrides.get(f"{method}@{ipc}", {}) or {})
-    return values
+def _with_overrides(values: dict[str, Any], overrides: dict[str, Any] | None, method: str, ipc: int) -> dict[str, Any]:
+    """Preset ``values``, then ``overrides.<method>``, then ``overrides.<method>@<ipc>``."""
+    overrides = overrides or {}
+    return {**values, **(overrides.get(method) or {}), **(overrides.get(f"{method}@{ipc}") or {})}
 
 
 def load_preset(dataset: str, method: str, ipc: int) -> dict[str, Any]:
     """The distillation preset values for (dataset, method, ipc), or {} when the dataset has no preset."""
     data = _read_preset(dataset)
-    return _with_overrides({**(data.get("defaults", {}) or {}), "overrides": data.get("overrides", {})}, method, ipc)
+    return _with_overrides(data.get("defaults") or {}, data.get("overrides"), method, ipc)
 
 
 def load_preset_section(dataset: str, section: str, method: str | None = None, ipc: int | None = None) -> dict[str, Any]:
@@ -113,11 +110,9 @@ def load_preset_section(dataset: str, section: str, method: str | None = None, i
 
     With ``method`` and ``ipc`` the section's own ``overrides`` for them are applied.
     """
-    values = dict(_read_preset(dataset).get(section, {}) or {})
-    if method is None or ipc is None:
-        values.pop("overrides", None)
-        return values
-    return _with_overrides(values, method, ipc)
+    values = dict(_read_preset(dataset).get(section) or {})
+    overrides = values.pop("overrides", None)
+    return values if method is None or ipc is None else _with_overrides(values, overrides, method, ipc)
 
 
 # The student recipe for architectures the published scripts never trained (they train only

@@ -103,6 +103,10 @@ class EvalConfig:
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in self.EXECUTION_FIELDS}
 
+    def view_sampler(self, size: int) -> ViewSampler:
+        """The views of this run's students at ``size`` px (the same for live and stored labels)."""
+        return ViewSampler(self.seed, size, (self.crop_scale[0], self.crop_scale[1]), self.mix, self.mix_alpha)
+
     def evaluation_epochs(self) -> list[int]:
         """The epochs (1-based) after which the student is validated; always ends with the last."""
         cadence = range(1, self.epochs + 1, self.eval_every) if self.eval_every > 0 else []
@@ -231,7 +235,7 @@ def train_student(
     """
     if config.lr is None or config.eta is None:
         raise ValueError("train_student needs a resolved lr and eta")
-    sampler = ViewSampler(config.seed, spec.image_size, tuple(config.crop_scale), config.mix, config.mix_alpha)
+    sampler = config.view_sampler(spec.image_size)
     runtime.place(model)
     optimizer = _optimizer(config, model, config.lr)
     eta = config.eta
@@ -477,7 +481,7 @@ def prepare_store(
     store = LabelStore(folder, identity, len(manifest["dataset"]["class_names"]),
                        config.topk, config.temperature)  # fmt: skip
     store.open()
-    sampler = ViewSampler(config.seed, spec.image_size, tuple(config.crop_scale), config.mix, config.mix_alpha)
+    sampler = config.view_sampler(spec.image_size)
     missing = [e for e in range(config.epochs) if not store.has(e)]
     if missing:
         log(f"storing soft labels for {len(missing)} epochs in {store.folder}")

@@ -111,14 +111,13 @@ def render(images: torch.Tensor, view: BatchView, size: int) -> torch.Tensor:
 
 # --------------------------------------------------------------- labellers
 @contextlib.contextmanager
-def batch_statistics(models: Sequence[nn.Module]) -> Iterator[None]:
-    """The teachers' BatchNorm layers normalise with batch statistics; their running statistics stay untouched.
+def batch_statistics(layers: Sequence[_BatchNorm]) -> Iterator[None]:
+    """These BatchNorm layers normalise with batch statistics; their running statistics stay untouched.
 
     Only BatchNorm layers switch to train mode. The reference puts whole teachers in train
     mode, which also turns on the dropout of teachers that have it (MobileNetV2, AlexNet,
     EfficientNet) and makes their labels random; BSSL is about the statistics, so dropout stays off.
     """
-    layers = [m for model in models for m in model.modules() if isinstance(m, _BatchNorm)]
     saved = [layer.momentum for layer in layers]
     try:
         for layer in layers:
@@ -151,10 +150,12 @@ class TeacherLabeller:
         total = sum(weights) if weights else len(models)
         self.weights = [w / total for w in weights] if weights else [1.0 / len(models)] * len(models)
         self.bssl = bssl
+        # Found once: BSSL switches them for every batch.
+        self.batchnorm_layers = [m for model in self.models for m in model.modules() if isinstance(m, _BatchNorm)]
 
     @torch.no_grad()
     def __call__(self, inputs: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-        context = batch_statistics(self.models) if self.bssl else contextlib.nullcontext()
+        context = batch_statistics(self.batchnorm_layers) if self.bssl else contextlib.nullcontext()
         chunks = halves(inputs) if self.bssl else (inputs,)
         with context, runtime.autocast():
             outputs = [
