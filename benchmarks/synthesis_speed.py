@@ -64,8 +64,9 @@ def worker(
 
     from fadrm.models import build_model
     from fadrm.runtime import make_runtime
-    from fadrm.synthesis.recover import RecoverSettings, recover
-    from fadrm.synthesis.units import make_generator
+    from fadrm.seeding import make_generator
+    from fadrm.config import SynthesisConfig
+    from fadrm.synthesis.recover import recover
 
     cfg = CONFIGS[config_name]
     groups = groups or cfg.get("groups", 1)
@@ -123,8 +124,8 @@ def worker(
         init = torch.rand(batch, channels, size, size)
         bounds = (torch.full((1, channels, 1, 1), -3.0), torch.full((1, channels, 1, 1), 3.0))
 
-        def settings(n: int) -> RecoverSettings:
-            return RecoverSettings(sizes=tuple(cfg["sizes"]), budgets=tuple([n] * len(cfg["sizes"])), jitter=4)
+        def settings(n: int) -> SynthesisConfig:
+            return SynthesisConfig(sizes=list(cfg["sizes"]), budgets=[n] * len(cfg["sizes"]), jitter=4)
 
         def generators() -> list:
             return [make_generator(0, "bench", g) for g in range(groups)]

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 import fadrm
+from fadrm.artifacts import read_distilled_images
+from fadrm.baselines import TrainingSet, random_real_subset
 from fadrm.data import get_dataset_spec, load_split, normalize
-from fadrm.evaluate import TrainingSet, load_distilled, random_real_subset
 from fmnist_study import METHODS  # the study's methods, in its order (this script's folder is on sys.path)
 
 
@@ -65,7 +66,7 @@ def main() -> None:
             folder = study / f"{method}-ipc{ipc}-seed{args.seed}"
             if (folder / "manifest.json").exists():
                 manifest = json.loads((folder / "manifest.json").read_text())
-                sets.append((method, load_distilled(folder, manifest)))
+                sets.append((method, TrainingSet(method, *read_distilled_images(folder, manifest))))
         for name, training_set in sets:
             d = describe(teacher, spec, training_set)
             print(f"| {ipc} | {name} | {d['teacher_top1']:.1f} | {d['confidence']:.3f} | {d['spread']:.3f} |")

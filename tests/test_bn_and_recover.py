@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from fadrm.augment import resize
 from fadrm.runtime import make_runtime
-from fadrm.synthesis.augment import resize
+from fadrm.seeding import make_generator
 from fadrm.synthesis.bn_stats import BNStatMatcher, group_stat_distance
-from fadrm.synthesis.recover import RecoverSettings, arc_merge, cosine_lr, recover
-from fadrm.synthesis.units import make_generator
+from fadrm.config import SynthesisConfig
+from fadrm.synthesis.recover import arc_merge, cosine_lr, recover
 
 CPU = make_runtime("cpu", "off")
 BOUNDS = (torch.full((1, 1, 1, 1), -2.0), torch.full((1, 1, 1, 1), 2.0))
@@ -96,7 +97,7 @@ def _run(init, labels, groups, settings, teachers=None):
 
 
 def test_grouped_recover_equals_separate_runs():
-    settings = RecoverSettings(sizes=(10, 12), budgets=(3, 3), lr=0.1, jitter=2)
+    settings = SynthesisConfig(sizes=[10, 12], budgets=[3, 3], lr=0.1, jitter=2)
     init = torch.rand(6, 1, 12, 12)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     together = _run(init, labels, [0, 1], settings)
@@ -119,7 +120,7 @@ def test_stage_sizes_and_teacher_round_robin():
             return self.inner(x)
 
     teachers = [Recorder("a", _teacher(0)), Recorder("b", _teacher(1))]
-    settings = RecoverSettings(sizes=(8, 12, 10), budgets=(2, 3, 1), lr=0.1, jitter=1)
+    settings = SynthesisConfig(sizes=[8, 12, 10], budgets=[2, 3, 1], lr=0.1, jitter=1)
     result = _run(torch.rand(3, 1, 12, 12), torch.tensor([0, 1, 2]), [0], settings, teachers)
     assert [s for _, s in seen] == [8, 8, 12, 12, 12, 10]
     assert [n for n, _ in seen] == ["a", "b", "a", "b", "a", "b"]
@@ -130,25 +131,26 @@ def test_teacher_without_batchnorm_uses_cross_entropy_only():
     teachers = [_bn_free_teacher(), _teacher()]  # iteration 0: no BN layers; iteration 1: BN
     init = torch.rand(6, 1, 12, 12)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    first = _run(init, labels, [0, 1], RecoverSettings(sizes=(12,), budgets=(1,), lr=0.1), teachers)
+    first = _run(init, labels, [0, 1], SynthesisConfig(sizes=[12], budgets=[1], lr=0.1), teachers)
     assert torch.equal(first.bn, torch.zeros(2))
     assert torch.equal(first.loss, first.ce.view(2, -1).mean(1))
     assert not torch.allclose(first.images, init)  # the cross-entropy gradient alone moved the pixels
-    second = _run(init, labels, [0, 1], RecoverSettings(sizes=(12,), budgets=(2,), lr=0.1), teachers)
+    second = _run(init, labels, [0, 1], SynthesisConfig(sizes=[12], budgets=[2], lr=0.1), teachers)
     assert (second.bn > 0).all()
     assert torch.allclose(second.loss, second.ce.view(2, -1).mean(1) + 0.01 * second.bn)
 
 
 def _load_teachers(monkeypatch, tmp_path, sources):
-    """``load_teachers`` of the pipeline, where the source "bn-free" loads a BatchNorm-free teacher."""
+    """The pipeline's teachers, where the source "bn-free" loads a BatchNorm-free teacher."""
     from fadrm.config import DistillConfig
     from fadrm.data import get_dataset_spec
     from fadrm.data.specs import FASHION_MNIST_CLASSES
+    from fadrm import teachers as teachers_module
     from fadrm.synthesis import pipeline
     from fadrm.teachers import Teacher
 
     spec = get_dataset_spec("fashion-mnist")
-    real_load = pipeline.load_teacher
+    real_load = teachers_module.load_teacher
 
     def load(source, dataset_spec=None, arch=None):
         if source != "bn-free":
@@ -159,9 +161,9 @@ def _load_teachers(monkeypatch, tmp_path, sources):
             in_channels=1, image_size=28, mean=spec.mean, std=spec.std, source=source, kind="state_dict",
         )  # fmt: skip
 
-    monkeypatch.setattr(pipeline, "load_teacher", load)
+    monkeypatch.setattr(teachers_module, "load_teacher", load)
     config = DistillConfig(dataset=spec.name, teachers=sources, out=str(tmp_path / "out"))
-    return pipeline.load_teachers(config, spec, list(FASHION_MNIST_CLASSES), CPU)
+    return pipeline.synthesis_teachers(config, spec, list(FASHION_MNIST_CLASSES), CPU)
 
 
 def test_load_teachers_accepts_a_teacher_without_batchnorm_next_to_one_with_it(monkeypatch, tmp_path, teacher_ckpt):
@@ -185,23 +187,23 @@ def test_arc_formula():
 def test_alpha_one_is_a_plain_continuation_and_alpha_zero_resets():
     init = torch.rand(3, 1, 12, 12)
     labels = torch.tensor([0, 1, 2])
-    one_stage = _run(init, labels, [0], RecoverSettings(sizes=(12,), budgets=(4,), lr=0.1))
+    one_stage = _run(init, labels, [0], SynthesisConfig(sizes=[12], budgets=[4], lr=0.1))
     # Same total budget split in two stages at the same size, ARC with alpha 1 in between;
     # only the fresh Adam state differs, so compare the residual-free property directly:
-    reset = _run(init, labels, [0], RecoverSettings(sizes=(12, 12), budgets=(4, 0), lr=0.1, alpha=0.0))
+    reset = _run(init, labels, [0], SynthesisConfig(sizes=[12, 12], budgets=[4, 0], lr=0.1, alpha=0.0))
     assert torch.allclose(reset.images, init)  # alpha 0: the optimised pixels are discarded
-    keep = _run(init, labels, [0], RecoverSettings(sizes=(12, 12), budgets=(4, 0), lr=0.1, alpha=1.0))
+    keep = _run(init, labels, [0], SynthesisConfig(sizes=[12, 12], budgets=[4, 0], lr=0.1, alpha=1.0))
     assert torch.allclose(keep.images, one_stage.images)  # alpha 1: nothing of P0 is mixed back
 
 
 def test_zero_budget_returns_initial_images():
     init = torch.rand(3, 1, 12, 12)
-    result = _run(init, torch.tensor([0, 1, 2]), [0], RecoverSettings(sizes=(12,), budgets=(0,)))
+    result = _run(init, torch.tensor([0, 1, 2]), [0], SynthesisConfig(sizes=[12], budgets=[0]))
     assert torch.equal(result.images, init)
 
 
 def test_pixels_stay_in_range_and_loss_decreases():
-    settings = RecoverSettings(sizes=(12,), budgets=(40,), lr=0.2, jitter=0, crop_scale=(1.0, 1.0))
+    settings = SynthesisConfig(sizes=[12], budgets=[40], lr=0.2, jitter=0, crop_scale=[1.0, 1.0])
     result = _run(torch.rand(3, 1, 12, 12), torch.tensor([0, 1, 2]), [0], settings)
     assert result.images.min() >= -2 and result.images.max() <= 2
     assert result.history[-1] < result.history[0]
@@ -219,7 +221,7 @@ def test_non_finite_loss_stops_with_clear_error():
     teacher = _teacher()
     teacher[-1].bias.fill_(float("nan"))
     with pytest.raises(FadrmError, match="non-finite loss"):
-        _run(torch.rand(3, 1, 12, 12), torch.tensor([0, 1, 2]), [0], RecoverSettings(sizes=(12,), budgets=(2,)), [teacher])
+        _run(torch.rand(3, 1, 12, 12), torch.tensor([0, 1, 2]), [0], SynthesisConfig(sizes=[12], budgets=[2]), [teacher])
 
 
 def test_group_moments_match_var_mean_and_gradcheck():

@@ -11,9 +11,10 @@ from torch import nn
 
 import fadrm
 from fadrm.runtime import make_runtime
+from fadrm.seeding import make_generator
 from fadrm.synthesis.bn_stats import group_stat_distance
-from fadrm.synthesis.recover import RecoverSettings, recover
-from fadrm.synthesis.units import make_generator
+from fadrm.config import SynthesisConfig
+from fadrm.synthesis.recover import recover
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -52,7 +53,7 @@ def test_group_statistics_and_their_gradient_match_the_cpu():
 def test_recover_under_each_precision(amp):
     runtime = make_runtime("cuda", amp)
     teacher = runtime.place(_teacher())
-    settings = RecoverSettings(sizes=(10, 12), budgets=(20, 20), lr=0.2, jitter=1)
+    settings = SynthesisConfig(sizes=[10, 12], budgets=[20, 20], lr=0.2, jitter=1)
     generators = [make_generator(0, "cuda", g) for g in range(2)]
     init = torch.rand(6, 1, 12, 12)
     result = recover(init, torch.tensor([0, 1, 2] * 2), [teacher], generators, settings, runtime, BOUNDS)

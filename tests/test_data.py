@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fadrm.data import DATASETS, eval_transform, get_dataset_spec, load_split, train_transform
+from fadrm.augment import train_transform
+from fadrm.data import DATASETS, eval_transform, get_dataset_spec, load_split
 from fadrm.data.specs import IMAGENETTE_CLASSES, IMAGEWOOF_CLASSES
 from fadrm.errors import FadrmError
 
@@ -105,19 +106,6 @@ def test_corrupt_image_names_the_file(tmp_path):
     train = load_split(get_dataset_spec("imagefolder"), "train", tmp_path)
     with pytest.raises(FadrmError, match="cannot read image .*img_0.png"):
         train[0]
-
-
-def test_pad_crop_flip_batch_matches_shapes_and_range():
-    spec = get_dataset_spec("cifar10")
-    transform = train_transform(spec)
-    batch = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
-    out = transform.batch(batch)
-    assert out.shape == (5, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
-    # With zero padding a crop is the image or its mirror.
-    transform.padding = 0
-    out = transform.batch(batch)
-    for image, aug in zip(batch.float() / 255, out):
-        assert torch.equal(aug, image) or torch.equal(aug, image.flip(-1))
 
 
 def test_every_spec_has_a_preset():

@@ -20,7 +20,8 @@ from fadrm.data import get_dataset_spec
 from fadrm.data.transforms import denormalize
 from fadrm.errors import FadrmError
 from fadrm.models.registry import register_model
-from fadrm.synthesis.units import make_generator
+from fadrm.seeding import make_generator
+from fadrm.synthesis.methods import METHODS
 
 from conftest import make_teacher_checkpoint
 
@@ -37,9 +38,17 @@ def pngs(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
 
 
-@pytest.mark.parametrize("method", ["fadrm", "sre2l", "sre2l++", "rded"])
-def test_each_method_end_to_end(fmnist_root, teacher_ckpt, tmp_path, method):
-    manifest = run(fmnist_root, teacher_ckpt, tmp_path / "out", method=method)
+# The stage plan each method runs for TINY's configured stages (sizes 24, 28; budgets 2, 2).
+PLANNED_BUDGETS = {"fadrm": [2, 2], "fadrm+": [2, 2], "sre2l": [4], "sre2l++": [4], "rded": [0]}
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_each_method_end_to_end(fmnist_root, teacher_ckpt, second_teacher_ckpt, tmp_path, method):
+    # A method that takes several teachers gets two (of different architectures).
+    several = METHODS.get(method).max_teachers is None
+    manifest = run(fmnist_root, [teacher_ckpt, second_teacher_ckpt] if several else teacher_ckpt, tmp_path / "out",
+                   method=method)  # fmt: skip
+    assert len(manifest["teachers"]) == (2 if several else 1)
     images = pngs(tmp_path / "out" / "images")
     assert len(images) == 20 and len(manifest["images"]) == 20
     assert sorted({name.split("/")[0] for name in images})[0] == "000_T-shirt_top"
@@ -49,7 +58,8 @@ def test_each_method_end_to_end(fmnist_root, teacher_ckpt, tmp_path, method):
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk["method"] == method and on_disk["complete"] and on_disk["format_version"] == 1
     assert on_disk["teachers"][0]["sha256"] == fadrm.load_teacher(teacher_ckpt).sha256
-    assert on_disk["config"]["sizes"] == [24, 28] and "torch_version" in on_disk
+    assert on_disk["config"]["synthesis"]["sizes"] == [24, 28] and "torch_version" in on_disk
+    assert on_disk["stage_plan"]["budgets"] == PLANNED_BUDGETS[method]
     assert (tmp_path / "out" / "config.yaml").exists()
     record = on_disk["images"][7]
     assert set(record) >= {"class", "class_name", "ipc_index", "file", "ce"}
@@ -59,11 +69,6 @@ def test_each_method_end_to_end(fmnist_root, teacher_ckpt, tmp_path, method):
 
     folder = ImageFolder(str(tmp_path / "out" / "images"))
     assert folder.classes[9] == "009_Ankle_boot" and len(folder) == 20
-
-
-def test_fadrm_plus_with_two_teachers(fmnist_root, teacher_ckpt, second_teacher_ckpt, tmp_path):
-    manifest = run(fmnist_root, [teacher_ckpt, second_teacher_ckpt], tmp_path / "out", method="fadrm+", ipc=1)
-    assert len(manifest["teachers"]) == 2 and len(manifest["images"]) == 10
 
 
 def test_rded_output_is_the_selected_patches(fmnist_root, teacher_ckpt, tmp_path):

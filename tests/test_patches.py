@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from fadrm.config import PatchConfig
 from fadrm.data import TensorImageDataset
 from fadrm.errors import FadrmError
 from fadrm.runtime import make_runtime
-from fadrm.synthesis.patches import SCORING_INPUTS, PatchSettings, pad_to_canvas, select_class_patches
+from fadrm.synthesis.patches import SCORING_INPUTS, band_start, pad_to_canvas, select_class_patches, stitch
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
@@ -52,7 +53,7 @@ class MaskTeacher(nn.Module):
 
 
 def select(dataset, teacher, scoring: str, factor: int, ipc: int = 1, size: int = SIZE, seed: int = 0):
-    settings = PatchSettings(mipc=len(dataset), num_crop=2, factor=factor, scoring=scoring)
+    settings = PatchConfig(mipc=len(dataset), num_crop=2, factor=factor, scoring=scoring)
     return select_class_patches(
         dataset, 0, ipc, teacher, MEAN, STD, size, settings, torch.Generator().manual_seed(seed),
         make_runtime("cpu", "off", channels_last=False),
@@ -92,7 +93,7 @@ def test_pad_places_the_patch_like_rded_with_odd_remainder_bottom_right():
     canvas = torch.zeros(1, 2, 9, 9)
     canvas[:, :, 2:6, 2:6] = patch  # (9 - 4) // 2 = 2 above/left, 3 below/right
     assert torch.equal(pad_to_canvas(patch, 9), canvas)
-    assert torch.equal(SCORING_INPUTS["pad"](patch, 4), patch)
+    assert torch.equal(SCORING_INPUTS.get("pad")(patch, 4), patch)
 
 
 def test_odd_image_size_scores_the_padded_canvas_end_to_end():
@@ -110,7 +111,7 @@ def test_factor_one_gives_identical_selections_under_both_scorings():
     images = torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8)
     dataset = TensorImageDataset(images, [0] * 6, ["noise", "other"])
     runs = {}
-    for scoring in SCORING_INPUTS:
+    for scoring in SCORING_INPUTS.names():
         teacher = MaskTeacher()
         chosen, record = select(dataset, teacher, scoring, factor=1, ipc=2)
         runs[scoring] = (chosen, record, torch.cat(teacher.inputs))
@@ -122,6 +123,26 @@ def test_factor_one_gives_identical_selections_under_both_scorings():
 
 def test_unknown_scoring_is_a_one_line_error_listing_the_choices():
     with pytest.raises(FadrmError) as caught:
-        PatchSettings(scoring="stretch")
+        SCORING_INPUTS.get("stretch")
     message = str(caught.value)
     assert "\n" not in message and "pad" in message and "resize" in message and "stretch" in message
+
+
+def test_band_start_golden():
+    # 10 scored crops, 4 needed: 6 to spare. easy keeps the lowest losses, hard the highest,
+    # medium the centre; a quantile q starts at round(q * spare) (Python's round: 1.5 -> 2).
+    starts = [band_start(10, 4, d) for d in ("easy", "medium", "hard", "0.5", "0.25", "1", "0")]
+    assert starts == [0, 3, 6, 3, 2, 6, 0]
+    with pytest.raises(FadrmError, match=r"--difficulty must be easy, medium, hard or a number in \[0, 1\], got 'x'"):
+        band_start(10, 4, "x")
+
+
+def test_stitch_golden():
+    # 8 patches of constant value k, factor 2: image i holds patches i, n+i, 2n+i, 3n+i (n = 2)
+    # in its top-left, top-right, bottom-left and bottom-right quadrants.
+    patches = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 2, 2)
+    images = stitch(patches, 2)
+    assert images.shape == (2, 1, 4, 4)
+    quadrants = [[images[i, 0, r, c].item() for r, c in ((0, 0), (0, 2), (2, 0), (2, 2))] for i in range(2)]
+    assert quadrants == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert torch.equal(stitch(patches, 1), patches)

@@ -13,9 +13,9 @@ from fadrm.data import get_dataset_spec
 from fadrm.data.specs import FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES
 from fadrm.errors import FadrmError
 from fadrm.models import build_model
-from fadrm.teachers import (
-    TeacherTrainConfig, fit_teacher_to_dataset, load_teacher, partial_path, train_teacher,
-)  # fmt: skip
+from fadrm.artifacts import partial_path
+from fadrm.config import TeacherConfig
+from fadrm.teachers import fit_teacher_to_dataset, load_teacher, train_teacher
 
 from conftest import make_teacher_checkpoint
 
@@ -105,8 +105,8 @@ def test_torchvision_weights_offline_message(monkeypatch, tmp_path):
 
 
 def test_train_teacher_resumes_after_interruption(fmnist_root, tmp_path):
-    def config(out: Path, **kw) -> TeacherTrainConfig:
-        return TeacherTrainConfig(
+    def config(out: Path, **kw) -> TeacherConfig:
+        return TeacherConfig(
             dataset="fashion-mnist", model="convnet-small", model_args={"width": 4}, out=str(out),
             data_root=str(fmnist_root), epochs=2, batch_size=32, workers=0, device="cpu", **kw,
         )  # fmt: skip

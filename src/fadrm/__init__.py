@@ -2,13 +2,12 @@
 
 from ._version import __version__
 from .api import distill, evaluate, run, train_teacher
-from .config import DistillConfig, resolve_distill_config
+from .config import DistillConfig, EvalConfig, RunConfig, TeacherConfig, resolve
 from .data import DATASETS, DatasetSpec, get_dataset_spec, load_split
 from .errors import FadrmError
-from .evaluate import EvalConfig
 from .models import MODELS, build_model, list_models
 from .synthesis.methods import METHODS
-from .teachers import Teacher, TeacherTrainConfig, load_teacher
+from .teachers import Teacher, load_teacher
 
 __all__ = [
     "DATASETS",
@@ -18,8 +17,9 @@ __all__ = [
     "FadrmError",
     "METHODS",
     "MODELS",
+    "RunConfig",
     "Teacher",
-    "TeacherTrainConfig",
+    "TeacherConfig",
     "__version__",
     "build_model",
     "distill",
@@ -28,7 +28,7 @@ __all__ = [
     "list_models",
     "load_split",
     "load_teacher",
-    "resolve_distill_config",
+    "resolve",
     "run",
     "train_teacher",
 ]

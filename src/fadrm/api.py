@@ -1,136 +1,196 @@
-"""The Python API: one function per pipeline stage, taking plain arguments.
+"""The Python API: one function per pipeline stage, taking the same options as the command line.
 
     import fadrm
     teacher = fadrm.train_teacher("fashion-mnist", "convnet-small", "runs/teacher.pt", epochs=8)
     manifest = fadrm.distill("fashion-mnist", ["runs/teacher.pt"], "runs/fadrm-ipc10", method="fadrm", ipc=10)
+    results = fadrm.evaluate("runs/fadrm-ipc10", baselines=["random-real"])
+
+Options are the stage's config keys (:mod:`fadrm.config`); unset ones (or None) come from
+the dataset's preset, then the package defaults, exactly as for the ``fadrm`` command.
+``config_file`` replays a ``config.yaml`` a run wrote.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import load_preset_section, resolve_distill_config
-from .evaluate import EvalConfig, read_manifest, validate_eval_config
+from .artifacts import read_manifest
+from .config import DistillConfig, EvalConfig, RunConfig, TeacherConfig, read_config_file, resolve
+from .errors import FadrmError
+
+# Imported here, not lazily: importing the module fadrm.evaluate later would rebind the name
+# fadrm.evaluate (this API function) to the module.
 from .evaluate import evaluate as _evaluate
 from .synthesis.pipeline import distill as _distill
-from .errors import FadrmError
-from .teachers import Teacher, TeacherTrainConfig, is_torchvision_weights
+from .teachers import Teacher, is_torchvision_weights, load_teacher
 from .teachers import train_teacher as _train_teacher
 
 
-def train_teacher(
-    dataset: str, model: str, out: str | Path, log: Callable[[str], None] = print, **options: Any
-) -> Teacher:
-    """Train (or resume, or reuse) a teacher; ``options`` are :class:`TeacherTrainConfig` fields.
+def teacher_config(config_file: str | Path | None = None, **options: Any) -> TeacherConfig:
+    """The resolved, validated config of a teacher training run (nothing is read or trained)."""
+    return resolve(TeacherConfig, options, config_file)
 
-    Options not given (or None) come from the dataset preset's ``teacher`` recipe (e.g. the
-    ImageNette subset teachers' 100 epochs), then the dataclass defaults.
+
+def distill_config(config_file: str | Path | None = None, **options: Any) -> DistillConfig:
+    """The resolved, validated config of a distillation (nothing is read or trained)."""
+    teachers = options.get("teachers")
+    if isinstance(teachers, (str, Path)):
+        options["teachers"] = [teachers]
+    return resolve(DistillConfig, options, config_file)
+
+
+def eval_config(config_file: str | Path | None = None, **options: Any) -> EvalConfig:
+    """The resolved, validated config of an evaluation; the preset is that of the set's dataset,
+    method and IPC (read from its manifest)."""
+    distilled = options.get("distilled") or (read_config_file(config_file).get("distilled") if config_file else None)
+    if not distilled:
+        raise FadrmError("give the distilled set's folder")
+    manifest = read_manifest(distilled)
+    return resolve(EvalConfig, options, config_file, dataset=manifest["dataset"]["name"], method=manifest["method"],
+                   ipc=manifest["ipc"])  # fmt: skip
+
+
+def train_teacher(
+    dataset: str | None = None, model: str | None = None, out: str | Path | None = None,
+    log: Callable[[str], None] = print, config_file: str | Path | None = None, **options: Any,
+) -> Teacher:  # fmt: skip
+    """Train (or resume, or reuse) a teacher; ``options`` are :class:`~fadrm.config.TeacherConfig` keys.
+
+    Options not given come from the dataset preset's ``teacher`` recipe (e.g. the ImageNette
+    subset teachers' 100 epochs), then the package defaults.
     """
-    recipe = load_preset_section(dataset, "teacher")
-    recipe = {k: v for k, v in recipe.items() if k not in ("model", "models")}
-    chosen = {k: v for k, v in options.items() if v is not None}
-    return _train_teacher(TeacherTrainConfig(dataset=dataset, model=model, out=str(out), **{**recipe, **chosen}), log=log)
+
+    config = teacher_config(config_file, dataset=dataset, model=model, out=out, **options)
+    return _train_teacher(config, log=log)
 
 
 def distill(
-    dataset: str,
-    teachers: str | Path | list[str | Path],
-    out: str | Path,
-    log: Callable[[str], None] = print,
+    dataset: str | None = None, teachers: str | Path | list[str | Path] | None = None, out: str | Path | None = None,
+    log: Callable[[str], None] = print, config_file: str | Path | None = None, **options: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Distill ``dataset`` into ``out``; ``options`` are :class:`~fadrm.config.DistillConfig` keys
+    overriding the preset. Returns the manifest (also written to ``out/manifest.json``)."""
+
+    return _distill(distill_config(config_file, dataset=dataset, teachers=teachers, out=out, **options), log=log)
+
+
+def evaluate(
+    distilled: str | Path | None = None, log: Callable[[str], None] = print, config_file: str | Path | None = None,
     **options: Any,
-) -> dict[str, Any]:
-    """Distill ``dataset`` into ``out``; ``options`` are :class:`DistillConfig` fields overriding the preset.
+) -> dict[str, Any]:  # fmt: skip
+    """Train students on a distilled set (and baselines); ``options`` are :class:`~fadrm.config.EvalConfig`
+    keys overriding the dataset preset's ``evaluate`` section. Returns the results (also written to disk)."""
 
-    Returns the manifest (also written to ``out/manifest.json``).
+    return _evaluate(eval_config(config_file, distilled=distilled, **options), log=log)
+
+
+# ---------------------------------------------------------------------- run
+@dataclass
+class RunPlan:
+    """Every stage of ``fadrm run``, resolved before anything runs (a bad option fails first).
+
+    Attributes:
+        run: the run's own options.
+        teachers: per teacher, the config that trains it (reused when finished), or the
+            checkpoint / torchvision weights name used as given.
+        distill: the distillation.
+        evaluate: the evaluation (with the random-real baseline).
     """
-    sources = [str(t) for t in (teachers if isinstance(teachers, list) else [teachers])]
-    return _distill(resolve_distill_config(dataset, sources, str(out), **options), log=log)
+
+    run: RunConfig
+    teachers: list[TeacherConfig | str]
+    distill: DistillConfig
+    evaluate: EvalConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        teachers = [t if isinstance(t, str) else t.to_dict() for t in self.teachers]
+        return {"run": self.run.to_dict(), "teachers": teachers, "distill": self.distill.to_dict(),
+                "evaluate": self.evaluate.to_dict()}  # fmt: skip
 
 
-def evaluate(distilled: str | Path, log: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
-    """Train students on a distilled set (and baselines); ``options`` are :class:`EvalConfig` fields
-    overriding the dataset preset's ``evaluate`` section. Returns the results (also written to disk)."""
-    manifest = read_manifest(distilled)
-    return _evaluate(_eval_config(distilled, manifest["dataset"]["name"], manifest["method"], manifest["ipc"], options),
-                     log=log)  # fmt: skip
+def _teacher_path(teacher: TeacherConfig | str) -> str:
+    return teacher if isinstance(teacher, str) else teacher.out
 
 
-def _eval_config(distilled: str | Path, dataset: str, method: str, ipc: int, options: dict[str, Any]) -> EvalConfig:
-    """The dataset preset's ``evaluate`` section (with its overrides for the method and IPC)
-    overridden by the options that were given."""
-    preset = load_preset_section(dataset, "evaluate", method, ipc)
-    chosen = {k: v for k, v in options.items() if v is not None}
-    return EvalConfig(distilled=str(distilled), **{**preset, **chosen})
+def plan_run(
+    distill_options: dict[str, Any] | None = None, eval_options: dict[str, Any] | None = None, **options: Any
+) -> RunPlan:
+    """Resolve every stage of ``fadrm run`` from the run's options (:class:`~fadrm.config.RunConfig`
+    keys) and extra options for distillation and evaluation; nothing is read or trained."""
+    config: RunConfig = resolve(RunConfig, options)
+    out = Path(config.out)
+    shared = {"dataset": config.dataset, "data_root": config.data_root, "seed": config.seed, "holdout": config.holdout,
+              "device": config.device, "amp": config.amp}  # fmt: skip
+    teachers: list[TeacherConfig | str]
+    if config.teachers:
+        teachers = list(config.teachers)
+    else:
+        default_model = _preset_teacher_model(config.dataset)
+        models = config.teacher_models or ([default_model] if default_model else [])
+        if not models:
+            raise FadrmError(f"{config.dataset} has no default teacher recipe; train one with fadrm train-teacher and "
+                             "pass --teacher")  # fmt: skip
+        teachers = []
+        for model in models:
+            if is_torchvision_weights(model):
+                teachers.append(model)
+                continue
+            # The default model keeps the name every method shares; others are named by architecture.
+            path = out / ("teacher.pt" if model == default_model else f"teacher-{model}.pt")
+            teachers.append(teacher_config(**shared, model=model, out=str(path)))
+    distilled = out / f"{config.method}-ipc{config.ipc}"
+    distill = distill_config(**shared, teachers=[_teacher_path(t) for t in teachers], out=str(distilled),
+                             method=config.method, ipc=config.ipc, **(distill_options or {}))  # fmt: skip
+    evaluation = {"baselines": ["random-real"], "repeats": config.repeats, **shared, **(eval_options or {})}
+    evaluation.pop("dataset")
+    evaluate = resolve(EvalConfig, {"distilled": str(distilled), **evaluation}, dataset=config.dataset,
+                       method=config.method, ipc=config.ipc)  # fmt: skip
+    return RunPlan(config, teachers, distill, evaluate)
 
 
-def preset_teachers(dataset: str, method: str, ipc: int, folder: Path, **train_options: Any) -> list[str]:
-    """The teachers the dataset's preset names for ``method`` at ``ipc``, trained into ``folder``
-    where they are architectures (each reused when already trained), or torchvision weights names
-    (``arch:WEIGHTS``, from the local torch cache) used as they are."""
-    recipe = load_preset_section(dataset, "teacher", method, ipc)
-    if not recipe:
-        raise FadrmError(f"{dataset} has no default teacher recipe; train one with fadrm train-teacher and pass --teacher")
-    default_model = recipe.get("model")
-    models = recipe.get("models") or [default_model]
-    sources = []
-    for model in models:
-        if is_torchvision_weights(model):
-            sources.append(model)
-            continue
-        # The default model keeps the name every method shares; others are named by architecture.
-        path = folder / ("teacher.pt" if model == default_model else f"teacher-{model}.pt")
-        train_teacher(dataset, model, path, **train_options)  # with the preset's recipe
-        sources.append(str(path))
-    return sources
+def _preset_teacher_model(dataset: str) -> str | None:
+    """The architecture the dataset's preset trains as its teacher, if it names one."""
+    from .config import load_preset_section
+
+    return load_preset_section(dataset, TeacherConfig.SECTION).get("model")
 
 
 def run(
-    dataset: str,
-    ipc: int,
-    out: str | Path,
-    method: str = "fadrm",
-    teachers: list[str] | None = None,
-    data_root: str | None = None,
-    seed: int = 0,
-    holdout: int = 0,
-    device: str = "auto",
-    amp: str = "auto",
-    distill_options: dict[str, Any] | None = None,
-    eval_options: dict[str, Any] | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """The whole pipeline in ``out``: teacher (trained unless given), distillation, evaluation with
+    dataset: str, ipc: int, out: str | Path, method: str = "fadrm", teachers: list[str] | None = None,
+    log: Callable[[str], None] = print, distill_options: dict[str, Any] | None = None,
+    eval_options: dict[str, Any] | None = None, **options: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """The whole pipeline in ``out``: teachers (trained unless given), distillation, evaluation with
     the random-real baseline. Each stage reuses what an earlier run already finished.
 
-    Returns a summary with each stage's accuracy and wall time.
+    ``options`` are the other :class:`~fadrm.config.RunConfig` keys (seed, holdout, data_root,
+    device, amp, repeats, teacher_models). Returns a summary with each stage's accuracy and wall time.
     """
-    out = Path(out)
-    common = {"device": device, "amp": amp}
-    distilled = out / f"{method}-ipc{ipc}"
-    options = {"baselines": ["random-real"], "data_root": data_root, "seed": seed, "holdout": holdout, **common,
-               **(eval_options or {})}  # fmt: skip
-    # A bad option fails now, not after the teacher.
-    validate_eval_config(_eval_config(distilled, dataset, method, ipc, options))
+    plan = plan_run(distill_options, eval_options, dataset=dataset, ipc=ipc, out=out, method=method, teachers=teachers,
+                    **options)  # fmt: skip
+    return execute_run(plan, log)
+
+
+def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run a resolved :class:`RunPlan`; see :func:`run`."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    if not teachers:
-        teachers = preset_teachers(dataset, method, ipc, out, log=log, data_root=data_root, seed=seed, holdout=holdout,
-                                   **common)  # fmt: skip
+    for teacher in plan.teachers:
+        if not isinstance(teacher, str):
+            _train_teacher(teacher, log=log)
     timings["teacher"] = time.perf_counter() - started
-    from .teachers import load_teacher
-
-    teacher_acc = [load_teacher(t).val_top1 for t in teachers]
+    teacher_acc = [load_teacher(_teacher_path(t)).val_top1 for t in plan.teachers]
     started = time.perf_counter()
-    distill(dataset, teachers, distilled, log=log, method=method, ipc=ipc, data_root=data_root, seed=seed,
-            holdout=holdout, **common, **(distill_options or {}))  # fmt: skip
+    _distill(plan.distill, log=log)
     timings["distill"] = time.perf_counter() - started
     started = time.perf_counter()
-    results = evaluate(distilled, log=log, **options)
+    results = _evaluate(plan.evaluate, log=log)
     timings["evaluate"] = time.perf_counter() - started
     summary = {"teacher_top1": teacher_acc, "runs": results["runs"], "summary": results["summary"],
-               "seconds": timings, "distilled": str(distilled)}  # fmt: skip
+               "seconds": timings, "distilled": plan.distill.out}  # fmt: skip
     lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}"]
     for r in results["summary"]:
         spread = f" ± {r['top1_std']:.2f} (mean of {r['repeats']} seeds)" if r["repeats"] > 1 else ""

@@ -4,221 +4,140 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from typing import Any, Sequence
 
 import yaml
 
 from ._version import __version__
+from .config import STAGES, StageConfig, choices_of, dump_config, flag_of, key_of, option_fields, option_type
 from .errors import FadrmError
 
 
-def _key_values(pairs: Sequence[str] | None) -> dict[str, Any]:
-    """Parse ``key=value`` options; values are read as YAML scalars (numbers, booleans, strings)."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise FadrmError(f"expected key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
-    return out
+def _key_value(text: str) -> tuple[str, Any]:
+    """One ``key=value`` option; the value is read as a YAML scalar (number, boolean, string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key, yaml.safe_load(value)
 
 
-# The stage whose published precision --amp auto stands for, per subcommand.
-_AMP_STAGE = {"train-teacher": "teacher", "distill": "synthesis", "evaluate": "evaluate"}
+def _add_options(parser: argparse.ArgumentParser, cls: type[StageConfig]) -> None:
+    """One flag per option of a stage's config, generated from its declaration (:mod:`fadrm.config`).
+
+    Every flag defaults to unset (None), so the preset and the config file keep their values.
+    The options of a part (``synthesis``, ``patches``) are listed under its own heading.
+    """
+    groups: dict[str, Any] = {}
+    for path, f in option_fields(cls):
+        if len(path) > 1 and path[0] not in groups:
+            part = typing.get_type_hints(cls)[path[0]]
+            groups[path[0]] = parser.add_argument_group(f"{path[0]} options", (part.__doc__ or "").split("\n")[0])
+        target = groups[path[0]] if len(path) > 1 else parser
+        meta, hint = f.metadata, option_type(cls, path)
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
+        kwargs: dict[str, Any] = {"help": meta["help"], "default": None}
+        choices = choices_of(f)
+        if choices:
+            kwargs["help"] += f" (one of: {', '.join(choices)})"
+        if meta["positional"]:
+            target.add_argument(f.name, nargs="?", **kwargs)
+            continue
+        # Named after the flag (--teacher TEACHER), not the option's plural key.
+        kwargs.update(dest=key_of(f), metavar=flag_of(f).lstrip("-").replace("-", "_").upper())
+        if hint is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, metavar=None)
+        elif typing.get_origin(hint) is dict:
+            kwargs.update(action="append", type=_key_value, metavar="KEY=VALUE")
+        elif meta["repeat"]:
+            kwargs.update(action="append", type=item)
+        elif typing.get_origin(hint) is list:
+            nargs = meta["nargs"]
+            kwargs.update(nargs=nargs or "+", type=item)
+            if nargs == 2:
+                kwargs["metavar"] = ("LOW", "HIGH")
+        else:
+            kwargs["type"] = hint
+        target.add_argument(flag_of(f), **kwargs)
 
 
-def _auto_amp_help(command: str) -> str:
-    from .runtime import CUDA_AUTO_AMP
-
-    stages = [_AMP_STAGE[command]] if command in _AMP_STAGE else list(CUDA_AUTO_AMP)
-    return ", ".join(f"{stage} {CUDA_AUTO_AMP[stage]}" for stage in stages) + " on CUDA"
-
-
-def _add_runtime_flags(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--amp", default="auto", choices=["auto", "off", "fp16", "bf16"],
-                        help=f"mixed precision (auto: {_auto_amp_help(command)}; off on the CPU)")  # fmt: skip
-
-
-# ------------------------------------------------------------ train-teacher
-def _train_teacher_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-teacher", help="train a teacher on a full dataset (resumable)",
-                       description="Train a teacher; rerun the same command to resume after an interruption.")  # fmt: skip
-    p.add_argument("--dataset", required=True, help="registered dataset name (fadrm list datasets)")
-    p.add_argument("--model", required=True, help="registered model name (fadrm list models) or timm:<name>")
-    p.add_argument("--out", required=True, help="checkpoint file to write")
-    p.add_argument("--data-root", help="dataset folder (default: the dataset's usual place, if any)")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="architecture option, e.g. width=64")
-    # Unset options come from the dataset preset's teacher recipe, then the package defaults.
-    p.add_argument("--epochs", type=int, help="default: the dataset preset's recipe, else 10")
-    p.add_argument("--batch-size", type=int, help="default: the dataset preset's recipe, else 256")
-    p.add_argument("--lr", type=float,
-                   help="peak learning rate of the one-cycle schedule (default: the preset's, else 0.1)")  # fmt: skip
-    p.add_argument("--weight-decay", type=float, help="default: the preset's, else 5e-4")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--holdout", type=int, default=0, help="hold out the last N training images per class as val")
-    p.add_argument("--workers", type=int, help="data-loading processes (default: 0 on <= 2 cores)")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing checkpoint or unfinished run")
-    _add_runtime_flags(p, "train-teacher")
-    p.set_defaults(handler=_train_teacher)
+def _given(args: argparse.Namespace, cls: type[StageConfig]) -> dict[str, Any]:
+    """The options given on the command line, by key (key=value pairs gathered into a mapping)."""
+    given = {}
+    for path, f in option_fields(cls):
+        name = f.name if f.metadata["positional"] else key_of(f)
+        value = getattr(args, name)
+        if value is not None and typing.get_origin(option_type(cls, path)) is dict:
+            value = dict(value)
+        given[name] = value
+    return given
 
 
-def _train_teacher(args: argparse.Namespace) -> int:
-    from .api import train_teacher
+def _add_config_flags(parser: argparse.ArgumentParser, replay: bool = True) -> None:
+    if replay:
+        parser.add_argument("--config", metavar="FILE",
+                            help="options from a YAML file, e.g. the config.yaml a run wrote (replays it exactly); "
+                            "flags given as well override it")  # fmt: skip
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (defaults < preset < --config < flags) and exit")  # fmt: skip
 
-    train_teacher(
-        args.dataset, args.model, args.out, data_root=args.data_root, model_args=_key_values(args.model_arg),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-        holdout=args.holdout, workers=args.workers, device=args.device, amp=args.amp, overwrite=args.overwrite,
-    )  # fmt: skip
+
+def _stage_parser(sub: argparse._SubParsersAction, command: str, help: str, description: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(command, help=help, description=description)
+    _add_options(parser, STAGES[command])
+    _add_config_flags(parser, replay=command != "run")
+    parser.set_defaults(handler=_handle, stage=STAGES[command])
+    return parser
+
+
+def _handle(args: argparse.Namespace) -> int:
+    """Resolve the stage's config from its layers, then print it or run the stage."""
+    from . import api
+
+    given = _given(args, args.stage)
+    if args.command == "run":
+        plan = api.plan_run(**given)
+        if args.print_config:
+            print(yaml.safe_dump(plan.to_dict(), sort_keys=False), end="")
+            return 0
+        api.execute_run(plan)
+        return 0
+    resolve_config = {"train-teacher": api.teacher_config, "distill": api.distill_config, "evaluate": api.eval_config}
+    config = resolve_config[args.command](args.config, **given)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    if args.command == "train-teacher":
+        from .teachers import train_teacher
+
+        train_teacher(config)
+    elif args.command == "distill":
+        from .synthesis.pipeline import distill
+
+        distill(config)
+    else:
+        from .evaluate import evaluate
+
+        evaluate(config)
     return 0
 
 
-# ------------------------------------------------------------------ distill
-def _distill_parser(sub: argparse._SubParsersAction) -> None:
+def _stage_parsers(sub: argparse._SubParsersAction) -> None:
     from .synthesis.methods import METHODS
 
     methods = ", ".join(f"{m} ({METHODS.get(m).summary})" for m in METHODS.names())
-    p = sub.add_parser("distill", help="build a distilled dataset (resumable)",
-                       description=f"Distill a dataset. Methods: {methods}. Unset options come from the "
-                       "dataset's preset (fadrm list presets); the resolved config is saved in --out.")  # fmt: skip
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--teacher", action="append", required=True, dest="teachers",
-                   help="teacher checkpoint, .safetensors, or torchvision weights arch:WEIGHTS; repeat for fadrm+")  # fmt: skip
-    p.add_argument("--teacher-arch", help="architecture of a plain state-dict teacher")
-    p.add_argument("--method", default=None, help="fadrm (default), fadrm+, sre2l, sre2l++ or rded")
-    p.add_argument("--ipc", type=int, required=True, help="images per class")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--data-root")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--holdout", type=int, help="validate on the last N training images per class, not the test set")
-    p.add_argument("--sizes", type=int, nargs="+", help="input size of each stage")
-    p.add_argument("--budgets", type=int, nargs="+", help="iterations of each stage")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--r-bn", type=float, help="weight of the BN-statistics loss")
-    p.add_argument("--first-bn-multiplier", type=float)
-    p.add_argument("--jitter", type=int, help="largest random shift in pixels")
-    p.add_argument("--alpha", type=float, help="ARC merge ratio in [0, 1] (1: no residual)")
-    p.add_argument("--crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"))
-    p.add_argument("--classes-per-group", type=int, help="classes sharing BN statistics in one group")
-    p.add_argument("--groups-per-batch", type=int, help="groups optimised in one forward pass")
-    p.add_argument("--mipc", type=int, help="candidate real images per class for patch selection")
-    p.add_argument("--num-crop", type=int, help="crops scored per candidate image")
-    p.add_argument("--factor", type=int, help="patches per side of a stitched image")
-    p.add_argument("--difficulty", help="easy, medium, hard, or a quantile in [0, 1]")
-    p.add_argument("--patch-crop-scale", type=float, nargs=2, metavar=("LOW", "HIGH"))
-    p.add_argument("--patch-scoring", choices=["pad", "resize"],
-                   help="score a patch smaller than the image (factor > 1) zero-padded into the full canvas "
-                   "(pad, RDED's) or upsampled to it (resize)")  # fmt: skip
-    p.add_argument("--equal-budget", action="store_true", default=None,
-                   help="give SRe2L / SRe2L++ FADRM's iteration budget instead of the one their authors ran")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the teachers: minutes of compiling per input size first; "
-                   "3%% faster per iteration for a CPU ResNet-18, no gain for small ConvNets")  # fmt: skip
-    _add_runtime_flags(p, "distill")
-    p.set_defaults(handler=_distill)
-
-
-def _distill(args: argparse.Namespace) -> int:
-    from .api import distill
-
-    options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "dataset", "teachers", "out")}
-    for key in ("crop_scale", "patch_crop_scale"):
-        if options[key] is not None:
-            options[key] = list(options[key])
-    distill(args.dataset, args.teachers, args.out, **options)
-    return 0
-
-
-# ----------------------------------------------------------------- evaluate
-def _add_eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--student", action="append", dest="students", help="student model; repeat for a cross-architecture table")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="loader batch: one view draw and one optimiser step each (16)")
-    p.add_argument("--accumulation", type=int,
-                   help="micro-batches each loader batch is forwarded in, gradients summed (2: BatchNorm sees 8)")  # fmt: skip
-    p.add_argument("--optimizer", choices=["adamw", "sgd"])
-    p.add_argument("--student-lr", type=float, dest="lr",
-                   help="default: the published value for the dataset, student and IPC (the preset's students table)")  # fmt: skip
-    p.add_argument("--weight-decay", type=float, help="on multi-dimensional weights only (0.01)")
-    p.add_argument("--eta", type=float,
-                   help="cosine stretch: lr factor 0.5(1 + cos(pi e / (eta E))); default as --student-lr")  # fmt: skip
-    p.add_argument("--temperature", type=float, help="KL temperature (20 as published)")
-    p.add_argument("--mix", choices=["cutmix", "mixup", "none"])
-    p.add_argument("--mix-alpha", type=float,
-                   help="mixing weight ~ Beta(a, a): 1 as published for CutMix; the reference's MixUp uses 0.8")  # fmt: skip
-    p.add_argument("--labels", choices=["live", "stored"], help="teacher in the loop, or labels stored once and reused")
-    p.add_argument("--labels-dir",
-                   help="where stored labels live (default: <out>/labels; repeat r > 0 uses <dir>-repeat<r>)")  # fmt: skip
-    p.add_argument("--topk", type=int, help="store only the top-k probabilities per view")
-    p.add_argument("--bssl", action=argparse.BooleanOptionalAction, default=None,
-                   help="batch-specific soft labels: teachers in train mode on each half of the loader batch "
-                   "(the published default; --no-bssl: eval-mode teachers)")  # fmt: skip
-    p.add_argument("--teacher-weight", type=float, action="append", dest="teacher_weights")
-    p.add_argument("--eval-every", type=int,
-                   help="validate after epochs 1, 1+k, 1+2k, ... and the last (published: 10; 0: the last only); "
-                   "the best of these is reported beside the last epoch's")  # fmt: skip
-    p.add_argument("--eval-at", type=int, nargs="+", help="also validate after these epochs")
-    p.add_argument("--baseline", action="append", dest="baselines", choices=["random-real"],
-                   help="also train on a random real subset of the same IPC, with soft and hard labels")  # fmt: skip
-    p.add_argument("--workers", type=int)
-    _add_repeats_flag(p)
-
-
-def _add_repeats_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repeats", type=int, help="repeat each comparison with seeds seed, seed+1, ... "
-                   "(new student init, views and random real subset) and report mean ± std")  # fmt: skip
-
-
-def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="train students on a distilled set, report validation accuracy",
-                       description="Train fresh students only on a distilled set (soft labels from its teachers) "
-                       "and report top-1/top-5 on the real validation set. Finished runs are reused.")  # fmt: skip
-    p.add_argument("distilled", help="folder written by fadrm distill")
-    p.add_argument("--out", help="results folder (default: <distilled>/eval)")
-    p.add_argument("--teacher", action="append", dest="teachers", help="relabelling teacher (default: the set's own)")
-    p.add_argument("--data-root")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--holdout", type=int, help="validate on the last N training images per class, not the test set")
-    _add_eval_flags(p)
-    _add_runtime_flags(p, "evaluate")
-    p.set_defaults(handler=_evaluate)
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from .api import evaluate
-
-    options = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "distilled")}
-    evaluate(args.distilled, **options)
-    return 0
-
-
-# ---------------------------------------------------------------------- run
-def _run_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="the whole pipeline: teacher, distill, evaluate with a baseline",
-                       description="Train (or load) the teacher, distill, evaluate against the random-real "
-                       "baseline. Rerunning reuses every finished stage.")  # fmt: skip
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--ipc", type=int, required=True)
-    p.add_argument("--method", default="fadrm")
-    p.add_argument("--out", required=True)
-    p.add_argument("--teacher", action="append", dest="teachers", help="use these teachers instead of training one")
-    p.add_argument("--data-root")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--holdout", type=int, default=0, help="validate on the last N training images per class")
-    _add_repeats_flag(p)
-    _add_runtime_flags(p, "run")
-    p.set_defaults(handler=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from .api import run
-
-    run(args.dataset, args.ipc, args.out, method=args.method, teachers=args.teachers, data_root=args.data_root,
-        seed=args.seed, holdout=args.holdout, device=args.device, amp=args.amp,
-        eval_options=None if args.repeats is None else {"repeats": args.repeats})  # fmt: skip
-    return 0
+    _stage_parser(sub, "train-teacher", "train a teacher on a full dataset (resumable)",
+                  "Train a teacher; rerun the same command to resume after an interruption. Unset options come from "
+                  "the dataset preset's teacher recipe.")  # fmt: skip
+    _stage_parser(sub, "distill", "build a distilled dataset (resumable)",
+                  f"Distill a dataset. Methods: {methods}. Unset options come from the dataset's preset (fadrm list "
+                  "presets); the resolved config is saved in --out as config.yaml.")  # fmt: skip
+    _stage_parser(sub, "evaluate", "train students on a distilled set, report validation accuracy",
+                  "Train fresh students only on a distilled set (soft labels from its teachers) and report top-1/top-5 "
+                  "on the real validation set. Finished runs are reused.")  # fmt: skip
+    _stage_parser(sub, "run", "the whole pipeline: teacher, distill, evaluate with a baseline",
+                  "Train (or load) the teachers, distill, evaluate against the random-real baseline, each stage with "
+                  "its preset's options. Rerunning reuses every finished stage.")  # fmt: skip
 
 
 # ----------------------------------------------------------------- download
@@ -271,9 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fadrm", description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED.")
     parser.add_argument("--version", action="version", version=f"fadrm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (
-        _train_teacher_parser, _distill_parser, _evaluate_parser, _run_parser, _download_parser, _list_parser,
-    ):  # fmt: skip
+    for add in (_stage_parsers, _download_parser, _list_parser):
         add(sub)
     return parser
 

@@ -1,87 +1,565 @@
-"""Typed configuration for distillation, YAML presets, and the resolved config on disk.
+"""Every stage's typed configuration, defined once; presets; one resolver; the resolved config on disk.
 
-Resolution order, later wins: the dataclass defaults, the dataset's preset
-(``presets/<dataset>.yaml``: ``defaults``, then ``overrides.<method>``, then
-``overrides.<method>@<ipc>``), then the user's flags. The fully resolved config
-is written next to every output.
+Each stage has one dataclass (:class:`TeacherConfig`, :class:`DistillConfig` with its
+:class:`SynthesisConfig` and :class:`PatchConfig` parts, :class:`EvalConfig`, and
+:class:`RunConfig` for the whole pipeline). Each field is declared once with :func:`option`:
+its default, its help text, whether it *defines* the result (and so the identity a resume
+checks) or only how the work is executed, its valid values, and its command-line flag. The
+CLI flags, the validation and the identities are all generated from these declarations.
+
+One resolver, :func:`resolve`, builds any stage's config from layers, later wins:
+
+1. the dataclass defaults;
+2. what the method itself brings (:attr:`fadrm.synthesis.methods.Method.defaults`);
+3. the dataset's preset (``presets/<dataset>.yaml``), its section for the stage, then that
+   section's ``overrides.<method>`` and ``overrides.<method>@<ipc>``;
+4. a config file given by the user (``--config``), e.g. a ``config.yaml`` a run wrote;
+5. the options given on the command line or to the Python API.
+
+Every key is a field's *key*: its name, unique within the stage (``patch_crop_scale`` for
+``patches.crop_scale``), which is also its flag (``--patch-crop-scale``). Files may nest keys
+under their part (``patches: {crop_scale: ...}``), as written configs do, or give them flat.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import dataclasses
+import functools
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import yaml
 
+from .errors import FadrmError
+from .registry import registry
+from .runtime import AMP_MODES, CUDA_AUTO_AMP
 
+# ------------------------------------------------------------------ options
+Check = Callable[[Any], "str | None"]
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    help: str,
+    defines: bool = True,
+    key: str | None = None,
+    flag: str | None = None,
+    check: Check | Sequence[Check] = (),
+    choices: Callable[[], Sequence[str]] | Sequence[str] | None = None,
+    inert: Callable[[dict[str, Any]], bool] | None = None,
+    repeat: bool = False,
+    nargs: int | None = None,
+    positional: bool = False,
+    unset: Any = None,
+) -> Any:
+    """Declare one config field.
+
+    Args:
+        default: the package default (a list or dict is copied for each instance);
+            none makes the field required.
+        help: one line for ``--help`` and the docs.
+        defines: whether the field changes the result. Fields that do are the run's
+            identity: a resume with another value is refused; the others (devices,
+            paths, batching) may change between resumes.
+        key: the name in flat files and the identity, when not the field's name.
+        flag: the command-line flag, when not ``--`` + the key with dashes.
+        check: rules the value must pass (:func:`at_least`, :func:`in_range`, ...).
+        choices: the valid names, or a function returning them (a registry's names).
+        inert: a predicate on the flat identity; when true the field is left out of the
+            identity, so results made before the field existed (or where it has no effect)
+            keep theirs.
+        repeat: a list given by repeating the flag (``--teacher a --teacher b``).
+        nargs: a list of exactly this many values.
+        positional: a positional argument rather than a flag.
+        unset: a value that, given on the command line or in a file, counts as not given
+            (``--amp auto`` keeps the preset's precision).
+    """
+    metadata = {
+        "help": help, "defines": defines, "key": key, "flag": flag, "inert": inert, "repeat": repeat, "nargs": nargs,
+        "check": tuple(check) if isinstance(check, (list, tuple)) else (check,), "choices": choices,
+        "positional": positional, "unset": unset,
+    }  # fmt: skip
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def at_least(low: float) -> Check:
+    """Rule: a number >= ``low``."""
+    return lambda v: None if v >= low else f"must be at least {low:g}"
+
+
+def positive(value: Any) -> str | None:
+    """Rule: a finite number > 0."""
+    return None if math.isfinite(value) and value > 0 else "must be a positive number"
+
+
+def non_negative(value: Any) -> str | None:
+    """Rule: a finite number >= 0."""
+    return None if math.isfinite(value) and value >= 0 else "must be a non-negative number"
+
+
+def in_range(low: float, high: float) -> Check:
+    """Rule: a number in [low, high]."""
+    return lambda v: None if low <= v <= high else f"must be in [{low:g}, {high:g}]"
+
+
+def each(rule: Check) -> Check:
+    """Rule: ``rule`` holds for every element of a list."""
+    return lambda values: next((rule(v) for v in values if rule(v)), None)
+
+
+def scale_pair(value: Sequence[float]) -> str | None:
+    """Rule: an area range (low, high) with 0 < low <= high <= 1."""
+    return None if 0 < value[0] <= value[1] <= 1 else "must be two numbers with 0 < low <= high <= 1"
+
+
+def registered(kind: str) -> Callable[[], list[str]]:
+    """Choices: the names in the package's registry of ``kind``, read when first needed."""
+    return lambda: registry(kind).names()
+
+
+DIFFICULTIES = ("easy", "medium", "hard")
+
+
+def difficulty_band(value: str) -> str | None:
+    """Rule: a named band of the patch ranking, or a quantile in [0, 1] where the band starts."""
+    if value in DIFFICULTIES:
+        return None
+    try:
+        quantile = float(value)
+    except (TypeError, ValueError):
+        quantile = math.nan
+    return None if 0.0 <= quantile <= 1.0 else "must be easy, medium, hard or a number in [0, 1]"
+
+
+_DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+
+
+# ------------------------------------------------------------------- stages
 @dataclass
-class DistillConfig:
-    """Everything ``fadrm distill`` needs; each field is also a CLI flag."""
+class StageConfig:
+    """Behaviour shared by every stage's config: identity, dict form, validation."""
 
-    dataset: str
-    teachers: list[str]
-    out: str
-    method: str = "fadrm"
-    ipc: int = 10
-    seed: int = 0
-    holdout: int = 0
-    data_root: str | None = None
-    teacher_arch: str | None = None
-    # recover loop
-    sizes: list[int] = field(default_factory=lambda: [32, 32, 32, 32])
-    budgets: list[int] = field(default_factory=lambda: [500, 500, 500, 500])
-    lr: float = 0.25
-    r_bn: float = 0.01
-    first_bn_multiplier: float = 10.0
-    jitter: int = 4
-    alpha: float = 0.5
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    classes_per_group: int = 100
-    # patch selection
-    mipc: int = 300
-    num_crop: int = 5
-    factor: int = 1
-    difficulty: str = "easy"
-    patch_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    # How a patch smaller than the image (factor > 1) is scored: "pad" into a zero canvas (RDED)
-    # or "resize" up to the full size (fadrm before 0.2).
-    patch_scoring: str = "pad"
-    # Single-stage baselines (SRe2L, SRe2L++) take FADRM's iteration budget for this dataset and
-    # IPC instead of the one their authors ran; resolved into sizes and budgets.
-    equal_budget: bool = False
-    # execution (do not change the result beyond float rounding)
-    groups_per_batch: int | None = None
-    device: str = "auto"
-    amp: str = "auto"
-    compile: bool = False
-    overwrite: bool = False
-
-    # Fields that do not define the distilled set: a resumed run may change them. Teachers are
-    # identified by their files' hashes, not their paths; equal_budget acts through sizes/budgets.
-    EXECUTION_FIELDS = (
-        "out", "data_root", "teachers", "groups_per_batch", "device", "amp", "compile", "overwrite", "equal_budget",
-    )  # fmt: skip
+    # The preset section this stage reads.
+    SECTION: ClassVar[str] = ""
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define the result (used to refuse resuming into a different run)."""
-        return defining_settings(asdict(self))
+        """The fields that define the result, by key (used to refuse resuming into a different run)."""
+        return defining_settings(type(self), self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain data (what ``config.yaml`` holds)."""
         return asdict(self)
 
+    def leaves(self) -> Iterator[tuple[tuple[str, ...], dataclasses.Field, Any]]:
+        """(path, field, value) of every option, parts included."""
+        for path, f in option_fields(type(self)):
+            value: Any = self
+            for name in path:
+                value = getattr(value, name)
+            yield path, f, value
 
-def defining_settings(values: dict[str, Any]) -> dict[str, Any]:
-    """The settings of a distillation config (as a dict) that define its result.
+    def check(self) -> None:
+        """Rules between fields (each stage adds its own); field rules come from the declarations."""
 
-    Execution fields are left out, and so is the patch scoring when patches fill the whole
-    image (factor 1), where it has no effect: sets made before it existed keep their identity.
+    @classmethod
+    def preset_layers(
+        cls, dataset: str, method: str | None, ipc: int | None, chosen: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The preset's layers for this stage: its section, with the method's and method@ipc's overrides."""
+        preset = load_preset_section(dataset, cls.SECTION, method, ipc)
+        return [nest(cls, preset, f"preset {dataset}.yaml ({cls.SECTION})")]
+
+
+@dataclass
+class TeacherConfig(StageConfig):
+    """How ``fadrm train-teacher`` trains a teacher on a whole dataset."""
+
+    SECTION: ClassVar[str] = "teacher"
+
+    dataset: str = option(help="registered dataset name (fadrm list datasets)")
+    model: str = option(help="registered model name (fadrm list models) or timm:<name>; default: the preset's")
+    out: str = option(help="checkpoint file to write", defines=False)
+    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False)
+    model_args: dict[str, Any] = option({}, help="architecture option, e.g. width=64", flag="--model-arg", repeat=True)
+    epochs: int = option(10, help="training epochs", check=at_least(1))
+    batch_size: int = option(256, help="images per optimiser step", check=at_least(1))
+    lr: float = option(0.1, help="peak learning rate of the one-cycle cosine schedule", check=positive)
+    momentum: float = option(0.9, help="SGD (Nesterov) momentum", check=in_range(0.0, 1.0))
+    weight_decay: float = option(5e-4, help="SGD weight decay", check=non_negative)
+    seed: int = option(0, help="random seed (initialisation, batches, augmentation)")
+    holdout: int = option(0, help="hold out the last N training images per class as the validation set", check=at_least(0))
+    workers: int | None = option(None, help="data-loading processes (default: 0 on <= 2 cores)", defines=False,
+                                 check=at_least(0))  # fmt: skip
+    device: str = option("auto", help=_DEVICE_HELP, defines=False)
+    amp: str = option("auto", help=f"mixed precision (auto: {CUDA_AUTO_AMP['teacher']} on CUDA, fp16 where bf16 is "
+                      "unsupported; off on the CPU)", defines=False, choices=AMP_MODES)  # fmt: skip
+    overwrite: bool = option(False, help="discard an existing checkpoint or unfinished run", defines=False)
+
+
+@dataclass
+class SynthesisConfig(StageConfig):
+    """The recover loop: stages, loss weights, augmentation (docs/method.md, section 3)."""
+
+    sizes: list[int] = option([32, 32, 32, 32], help="input size of each stage", check=each(at_least(1)))
+    budgets: list[int] = option([500, 500, 500, 500], help="iterations of each stage", check=each(at_least(0)))
+    lr: float = option(0.25, help="Adam learning rate of the pixels (cosine-decayed over all stages)", check=positive)
+    r_bn: float = option(0.01, help="weight of the BN-statistics loss", check=non_negative)
+    first_bn_multiplier: float = option(10.0, help="extra weight of the first BatchNorm layer", check=non_negative)
+    jitter: int = option(4, help="largest random shift in pixels", check=at_least(0))
+    alpha: float = option(0.5, help="ARC merge ratio in [0, 1] (1: no residual)", check=in_range(0.0, 1.0))
+    crop_scale: list[float] = option([0.08, 1.0], help="area range of the random-resized crops", nargs=2,
+                                     check=scale_pair)  # fmt: skip
+    classes_per_group: int = option(100, help="classes sharing BN statistics in one group", check=at_least(1))
+
+    @property
+    def total_budget(self) -> int:
+        return sum(self.budgets)
+
+
+@dataclass
+class PatchConfig(StageConfig):
+    """Realistic patch selection (the initial images and ARC's residual source)."""
+
+    mipc: int = option(300, help="candidate real images per class for patch selection", check=at_least(1))
+    num_crop: int = option(5, help="crops scored per candidate image", check=at_least(1))
+    factor: int = option(1, help="patches per side of a stitched image", check=at_least(1))
+    difficulty: str = option("easy", help="easy, medium, hard, or a quantile in [0, 1]", check=difficulty_band)
+    crop_scale: list[float] = option([0.08, 1.0], help="area range of the patch crops", key="patch_crop_scale",
+                                     nargs=2, check=scale_pair)  # fmt: skip
+    # Identical at factor 1 (patches fill the image), where it stays out of the identity so
+    # sets made before it existed resume.
+    scoring: str = option("pad", key="patch_scoring", choices=registered("patch scoring"),
+                          inert=lambda flat: flat.get("factor", 1) == 1,
+                          help="score a patch smaller than the image (factor > 1) zero-padded into the full "
+                          "canvas (pad, RDED's) or upsampled to it (resize)")  # fmt: skip
+
+
+@dataclass
+class DistillConfig(StageConfig):
+    """Everything ``fadrm distill`` needs."""
+
+    SECTION: ClassVar[str] = "distill"
+
+    dataset: str = option(help="registered dataset name (fadrm list datasets)")
+    # Teachers are identified by their files' hashes, not their paths.
+    teachers: list[str] = option(help="teacher checkpoint, .safetensors, or torchvision weights arch:WEIGHTS; "
+                                 "repeat for several", flag="--teacher", repeat=True, defines=False)  # fmt: skip
+    out: str = option(help="output folder", defines=False)
+    method: str = option("fadrm", help="the method (fadrm list methods)", choices=registered("method"))
+    ipc: int = option(10, help="images per class", check=at_least(1))
+    seed: int = option(0, help="random seed")
+    holdout: int = option(0, help="validate on the last N training images per class, not the test set",
+                          check=at_least(0))  # fmt: skip
+    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False)
+    teacher_arch: str | None = option(None, help="architecture of a plain state-dict teacher")
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    patches: PatchConfig = field(default_factory=PatchConfig)
+    # Acts through the synthesis sizes and budgets it resolves to.
+    equal_budget: bool = option(False, defines=False,
+                                help="give SRe2L / SRe2L++ FADRM's iteration budget instead of the one their "
+                                "authors ran")  # fmt: skip
+    groups_per_batch: int | None = option(None, help="groups optimised in one forward pass", defines=False,
+                                          check=at_least(1))  # fmt: skip
+    device: str = option("auto", help=_DEVICE_HELP, defines=False)
+    amp: str = option("auto", help=f"mixed precision (auto: the preset's, else {CUDA_AUTO_AMP['synthesis']} on CUDA; "
+                      "off on the CPU)", defines=False, choices=AMP_MODES, unset="auto")  # fmt: skip
+    compile: bool = option(False, defines=False,
+                           help="torch.compile the teachers: minutes of compiling per input size first; 3%% faster "
+                           "per iteration for a CPU ResNet-18, no gain for small ConvNets")  # fmt: skip
+    overwrite: bool = option(False, help="replace a different run already in --out", defines=False)
+
+    @classmethod
+    def preset_layers(
+        cls, dataset: str, method: str | None, ipc: int | None, chosen: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The preset's layers, and with ``equal_budget`` FADRM's stages for this dataset and IPC
+        (a single-stage method then runs their total at full size)."""
+        layers = super().preset_layers(dataset, method, ipc, chosen)
+        if _merge(layers[0], chosen).get("equal_budget"):
+            fadrm = nest(cls, load_preset_section(dataset, cls.SECTION, "fadrm", ipc), f"preset {dataset}.yaml")
+            stages = {k: v for k, v in fadrm.get("synthesis", {}).items() if k in ("sizes", "budgets")}
+            layers.append({"synthesis": stages})
+        return layers
+
+    def check(self) -> None:
+        from .data import get_dataset_spec
+
+        spec = get_dataset_spec(self.dataset)
+        sizes, budgets = self.synthesis.sizes, self.synthesis.budgets
+        if len(sizes) != len(budgets) or not sizes:
+            raise FadrmError(
+                f"--sizes and --budgets need one value per stage; got {len(sizes)} sizes and {len(budgets)} budgets"
+            )
+        if sizes[-1] != spec.image_size:
+            raise FadrmError(
+                f"the last stage must be at full resolution ({spec.image_size} px for {spec.name}), got {sizes[-1]}"
+            )
+        if spec.image_size % self.patches.factor:
+            raise FadrmError(f"--factor must divide the image size {spec.image_size}")
+        if not self.teachers:
+            raise FadrmError("give at least one --teacher")
+        method = registry("method").get(self.method)
+        if method.max_teachers is not None and len(self.teachers) > method.max_teachers:
+            raise FadrmError(f"method {method.name} uses one teacher, got {len(self.teachers)}; use fadrm+ for several")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise FadrmError(f"--out {self.out} is a file; give a folder")
+
+
+@dataclass
+class EvalConfig(StageConfig):
+    """Student training on a distilled set (``fadrm evaluate``)."""
+
+    SECTION: ClassVar[str] = "evaluate"
+
+    distilled: str = option(help="folder written by fadrm distill", positional=True)
+    out: str | None = option(None, help="results folder (default: <distilled>/eval)", defines=False)
+    teachers: list[str] | None = option(None, help="relabelling teacher (default: the set's own); repeat for several",
+                                        flag="--teacher", repeat=True)  # fmt: skip
+    students: list[str] | None = option(None, defines=False, flag="--student", repeat=True,
+                                        help="student model (default: the teacher's architecture); repeat for a "
+                                        "cross-architecture table")  # fmt: skip
+    epochs: int = option(300, help="training epochs", check=at_least(1))
+    batch_size: int = option(16, help="loader batch: one view draw and one optimiser step each", check=at_least(1))
+    accumulation: int = option(2, check=at_least(1),
+                               help="micro-batches each loader batch is forwarded in, gradients summed (2: the "
+                               "student's BatchNorm sees 8 of 16)")  # fmt: skip
+    optimizer: str = option("adamw", help="student optimiser", choices=registered("optimizer"))
+    # Both new in fadrm 0.3: out of the identity at their only former behaviour.
+    schedule: str = option("stretched-cosine", help="learning-rate schedule over the epochs",
+                           choices=registered("schedule"),
+                           inert=lambda flat: flat.get("schedule") == "stretched-cosine")  # fmt: skip
+    loss: str = option("kl", help="loss between the student's and the soft labels' distributions",
+                       choices=registered("loss"),
+                       inert=lambda flat: flat.get("loss") == "kl")  # fmt: skip
+    lr: float | None = option(None, flag="--student-lr", check=positive,
+                              help="default: the published value for the dataset, student and IPC (the preset's "
+                              "students table)")  # fmt: skip
+    weight_decay: float = option(0.01, help="on multi-dimensional weights only", check=non_negative)
+    eta: float | None = option(None, check=positive,
+                               help="cosine stretch: lr factor 0.5(1 + cos(pi e / (eta E))); default as --student-lr")  # fmt: skip
+    temperature: float = option(20.0, help="softmax temperature of the soft labels and the student", check=positive)
+    mix: str = option("cutmix", help="mixing of each loader batch", choices=registered("mix"))
+    mix_alpha: float = option(1.0, check=positive,
+                              help="mixing weight ~ Beta(a, a): 1 as published for CutMix; the reference's MixUp "
+                              "uses 0.8")  # fmt: skip
+    crop_scale: list[float] = option([0.08, 1.0], help="area range of the students' random-resized crops", nargs=2,
+                                     check=scale_pair)  # fmt: skip
+    labels: str = option("live", help="teacher in the loop, or labels stored once and reused", choices=("live", "stored"))
+    labels_dir: str | None = option(None, defines=False,
+                                    help="where stored labels live (default: <out>/labels; repeat r > 0 uses "
+                                    "<dir>-repeat<r>)")  # fmt: skip
+    topk: int | None = option(None, help="store only the top-k probabilities per view", check=at_least(1))
+    bssl: bool = option(True, help="batch-specific soft labels: teachers' BatchNorm on each half of the loader "
+                        "batch (the published default; --no-bssl: eval-mode teachers)")  # fmt: skip
+    teacher_weights: list[float] | None = option(None, help="weight of each relabelling teacher", flag="--teacher-weight",
+                                                 repeat=True, check=each(non_negative))  # fmt: skip
+    eval_every: int = option(10, defines=False, check=at_least(0),
+                             help="validate after epochs 1, 1+k, 1+2k, ... and the last (published: 10; 0: the last "
+                             "only); the best of these is reported beside the last epoch's")  # fmt: skip
+    eval_at: list[int] = option([], help="also validate after these epochs", defines=False)
+    baselines: list[str] = option([], defines=False, flag="--baseline", repeat=True,
+                                  choices=registered("baseline"),
+                                  help="also train on a random real subset of the same IPC, with soft and hard "
+                                  "labels")  # fmt: skip
+    seed: int = option(0, help="random seed (student initialisation, views, random real subset)")
+    # Each run's identity holds its own seed, so finished runs survive a larger --repeats.
+    repeats: int = option(1, defines=False, check=at_least(1),
+                          help="repeat each comparison with seeds seed, seed+1, ... and report mean ± std")  # fmt: skip
+    holdout: int | None = option(None, help="validate on the last N training images per class (default: the set's)",
+                                 check=at_least(0))  # fmt: skip
+    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False)
+    device: str = option("auto", help=_DEVICE_HELP, defines=False)
+    amp: str = option("auto", help=f"mixed precision (auto: {CUDA_AUTO_AMP['evaluate']} on CUDA, as published; off "
+                      "on the CPU)", defines=False, choices=AMP_MODES)  # fmt: skip
+    workers: int | None = option(None, help="data-loading processes", defines=False, check=at_least(0))
+
+    def check(self) -> None:
+        if self.batch_size % self.accumulation:
+            raise FadrmError(
+                f"--accumulation {self.accumulation} must divide --batch-size {self.batch_size} "
+                "(each loader batch is split into equal micro-batches)"
+            )
+        late = [e for e in self.eval_at if not 1 <= e <= self.epochs]
+        if late:
+            raise FadrmError(f"--eval-at {late[0]} is outside the {self.epochs} training epochs")
+
+    def view_sampler(self, size: int) -> Any:
+        """The views of this run's students at ``size`` px (the same for live and stored labels)."""
+        from .augment import ViewSampler
+
+        return ViewSampler(self.seed, size, (self.crop_scale[0], self.crop_scale[1]), self.mix, self.mix_alpha)
+
+    def evaluation_epochs(self) -> list[int]:
+        """The epochs (1-based) after which the student is validated; always ends with the last."""
+        cadence = range(1, self.epochs + 1, self.eval_every) if self.eval_every > 0 else []
+        return sorted({*cadence, *(e for e in self.eval_at if 1 <= e <= self.epochs), self.epochs})
+
+
+@dataclass
+class RunConfig(StageConfig):
+    """``fadrm run``: the whole pipeline; each stage's other options come from its preset."""
+
+    SECTION: ClassVar[str] = "run"
+
+    dataset: str = option(help="registered dataset name (fadrm list datasets)")
+    out: str = option(help="folder for the teachers, the distilled set and its evaluation", defines=False)
+    method: str = option("fadrm", help="the method (fadrm list methods)", choices=registered("method"))
+    ipc: int = option(10, help="images per class", check=at_least(1))
+    teachers: list[str] | None = option(None, help="use these teachers instead of training the preset's",
+                                        flag="--teacher", repeat=True)  # fmt: skip
+    teacher_models: list[str] | None = option(None, flag="--teacher-model", repeat=True,
+                                              help="architectures (or torchvision arch:WEIGHTS) of the teachers to "
+                                              "train when none is given (default: the preset's)")  # fmt: skip
+    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False)
+    seed: int = option(0, help="random seed of every stage")
+    holdout: int = option(0, help="validate on the last N training images per class", check=at_least(0))
+    repeats: int | None = option(None, help="repeat the evaluation with seeds seed, seed+1, ... (mean ± std)",
+                                 defines=False, check=at_least(1))  # fmt: skip
+    device: str = option("auto", help=_DEVICE_HELP, defines=False)
+    amp: str = option("auto", defines=False, choices=AMP_MODES,
+                      help="mixed precision (auto: each stage's published precision on CUDA: "
+                      + ", ".join(f"{stage} {amp}" for stage, amp in CUDA_AUTO_AMP.items()) + "; off on the CPU)")  # fmt: skip
+
+
+STAGES: dict[str, type[StageConfig]] = {
+    "train-teacher": TeacherConfig, "distill": DistillConfig, "evaluate": EvalConfig, "run": RunConfig,
+}  # fmt: skip
+
+
+# ------------------------------------------------------------ declarations
+def _is_part(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, StageConfig)
+
+
+@functools.cache
+def option_fields(cls: type[StageConfig]) -> list[tuple[tuple[str, ...], dataclasses.Field]]:
+    """(path, field) of every option of a stage, parts' options included, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[tuple[str, ...], dataclasses.Field]] = []
+    for f in fields(cls):
+        if _is_part(hints[f.name]):
+            out += [((f.name, *path), sub) for path, sub in option_fields(hints[f.name])]
+        else:
+            out.append(((f.name,), f))
+    return out
+
+
+def key_of(f: dataclasses.Field) -> str:
+    """A field's key: its name in flat files, identities and (with dashes) its flag."""
+    return f.metadata["key"] or f.name
+
+
+def flatten(cls: type[StageConfig], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested (or already flat) ``values`` of ``cls`` by key; keys it does not declare are kept."""
+    hints = typing.get_type_hints(cls)
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        part = hints.get(name)
+        if _is_part(part) and isinstance(value, Mapping):
+            keys = {f.name: key_of(f) for f in fields(part)}
+            flat.update({keys.get(k, k): v for k, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def defining_settings(cls: type[StageConfig], values: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings among ``values`` (a config as a dict, nested or flat) that define the result.
+
+    Options declared with ``defines=False`` are left out, and so is an option whose ``inert``
+    rule holds; keys the stage does not declare (written by another version) are kept, so
+    they keep distinguishing results.
     """
-    inert = {"patch_scoring"} if values.get("factor", 1) == 1 else set()
-    return {k: v for k, v in values.items() if k not in DistillConfig.EXECUTION_FIELDS and k not in inert}
+    declared = {key_of(f): f for _, f in option_fields(cls)}
+    kept = {k: v for k, v in flatten(cls, values).items() if k not in declared or declared[k].metadata["defines"]}
+    return {k: v for k, v in kept.items() if not (k in declared and declared[k].metadata["inert"]
+                                                  and declared[k].metadata["inert"](kept))}  # fmt: skip
 
 
+@functools.cache
+def option_type(cls: type[StageConfig], path: tuple[str, ...]) -> Any:
+    """The declared type of the option at ``path`` (``int | None`` -> int; ``list[int]`` kept)."""
+    owner: Any = cls
+    for name in path[:-1]:
+        owner = typing.get_type_hints(owner)[name]
+    hint = typing.get_type_hints(owner)[path[-1]]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of a field."""
+    return f.metadata["flag"] or "--" + key_of(f).replace("_", "-")
+
+
+def choices_of(f: dataclasses.Field) -> list[str] | None:
+    choices = f.metadata["choices"]
+    return list(choices() if callable(choices) else choices) if choices is not None else None
+
+
+# --------------------------------------------------------------- validation
+def _type_error(value: Any, hint: Any, optional: bool) -> str | None:
+    """Why ``value`` is not of the declared type, or None."""
+    if value is None:
+        return None if optional else "must be given"
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            return "must be a list"
+        (item,) = typing.get_args(hint)
+        return next((e for v in value if (e := _type_error(v, item, False))), None)
+    if origin is dict or hint is dict:
+        return None if isinstance(value, dict) else "must be a mapping of key=value"
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be a whole number"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "must be a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "must be text"
+    return None
+
+
+def validate(config: StageConfig) -> None:
+    """Check every option against its declaration, then the stage's rules between options.
+
+    Raises:
+        FadrmError: one line naming the flag, what it must be and the value given.
+    """
+    cls = type(config)
+    for path, f, value in config.leaves():
+        hint = option_type(cls, path)
+        owner: Any = cls
+        for name in path[:-1]:
+            owner = typing.get_type_hints(owner)[name]
+        optional = type(None) in typing.get_args(typing.get_type_hints(owner)[path[-1]])
+        problem = _type_error(value, hint, optional)
+        if problem is None and value is not None:
+            nargs = f.metadata["nargs"]
+            choices = choices_of(f)
+            if nargs is not None and len(value) != nargs:
+                problem = f"needs exactly {nargs} values"
+            elif choices is not None and any(v not in choices for v in (value if isinstance(value, list) else [value])):
+                problem = f"must be one of {', '.join(choices)}"
+            else:
+                problem = next((p for rule in f.metadata["check"] if (p := rule(value))), None)
+        if problem:
+            raise FadrmError(f"{flag_of(f)} {problem}, got {value!r}")
+    config.check()
+
+
+# ------------------------------------------------------------------ presets
 def preset_names() -> list[str]:
     """Datasets that ship a preset."""
     folder = resources.files("fadrm") / "presets"
@@ -93,26 +571,17 @@ def _read_preset(dataset: str) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
-def _with_overrides(values: dict[str, Any], overrides: dict[str, Any] | None, method: str, ipc: int) -> dict[str, Any]:
-    """Preset ``values``, then ``overrides.<method>``, then ``overrides.<method>@<ipc>``."""
-    overrides = overrides or {}
-    return {**values, **(overrides.get(method) or {}), **(overrides.get(f"{method}@{ipc}") or {})}
-
-
-def load_preset(dataset: str, method: str, ipc: int) -> dict[str, Any]:
-    """The distillation preset values for (dataset, method, ipc), or {} when the dataset has no preset."""
-    data = _read_preset(dataset)
-    return _with_overrides(data.get("defaults") or {}, data.get("overrides"), method, ipc)
-
-
 def load_preset_section(dataset: str, section: str, method: str | None = None, ipc: int | None = None) -> dict[str, Any]:
-    """Another section of a dataset's preset ("teacher", "evaluate", "students"), or {}.
+    """One section of a dataset's preset ("distill", "teacher", "evaluate", "run", "students"), or {}.
 
-    With ``method`` and ``ipc`` the section's own ``overrides`` for them are applied.
+    With ``method`` (and ``ipc``) the section's ``overrides.<method>`` (and
+    ``overrides.<method>@<ipc>``) are applied over its values.
     """
     values = dict(_read_preset(dataset).get(section) or {})
-    overrides = values.pop("overrides", None)
-    return values if method is None or ipc is None else _with_overrides(values, overrides, method, ipc)
+    overrides = values.pop("overrides", None) or {}
+    for name in ([method] if method else []) + ([f"{method}@{ipc}"] if method and ipc is not None else []):
+        values = _merge(values, overrides.get(name) or {})
+    return values
 
 
 # The student recipe for architectures the published scripts never trained (they train only
@@ -138,32 +607,129 @@ def student_recipe(dataset: str, student: str, ipc: int) -> dict[str, Any]:
     return {"lr": float(entry["lr"]), "eta": float(entry["eta"]), "source": source}
 
 
-def resolve_distill_config(dataset: str, teachers: list[str], out: str, **flags: Any) -> DistillConfig:
-    """Build a :class:`DistillConfig`: defaults < preset < flags (flags that are None are unset)."""
-    names = {f.name for f in fields(DistillConfig)}
-    unknown = set(flags) - names
-    if unknown:
-        raise TypeError(f"unknown distill options: {sorted(unknown)}")
-    chosen = {k: v for k, v in flags.items() if v is not None}
-    if chosen.get("amp") == "auto":
-        # "auto" is the published precision: the preset's where it names one (SRe2L++ runs fp32).
-        del chosen["amp"]
-    method = chosen.get("method", "fadrm")
-    ipc = chosen.get("ipc", 10)
-    preset = load_preset(dataset, method, ipc)
-    if chosen.get("equal_budget"):
-        # FADRM's stages for this dataset and IPC; a single-stage method runs their total at full size.
-        fadrm_preset = load_preset(dataset, "fadrm", ipc)
-        preset.update({k: fadrm_preset[k] for k in ("sizes", "budgets") if k in fadrm_preset})
-    bad = set(preset) - names
-    if bad:
-        raise ValueError(f"preset {dataset}.yaml sets unknown options {sorted(bad)}")
-    return DistillConfig(dataset=dataset, teachers=list(teachers), out=str(out), **{**preset, **chosen})
+# ----------------------------------------------------------------- resolver
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, parts merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
 
 
-def write_config(path: str | Path, config: DistillConfig) -> None:
-    """Write the resolved config as YAML (atomically)."""
+def nest(cls: type[StageConfig], values: Mapping[str, Any], source: str, drop_unset: bool = False) -> dict[str, Any]:
+    """Flat or nested ``values`` as the nested form of ``cls``; unknown keys fail naming ``source``.
+
+    With ``drop_unset``, None and each field's ``unset`` value count as not given.
+    """
+    by_key = {key_of(f): (path, f) for path, f in option_fields(cls)}
+    parts = {f.name for f in fields(cls) if _is_part(typing.get_type_hints(cls)[f.name])}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        value = str(value) if isinstance(value, Path) else value
+        if isinstance(value, (list, tuple)):
+            value = [str(v) if isinstance(v, Path) else v for v in value]
+        if key in parts and isinstance(value, Mapping):
+            part = typing.get_type_hints(cls)[key]
+            for sub_key, sub_value in value.items():
+                # Inside a part, a field's own name is accepted as well as its key.
+                sub = next((f for f in fields(part) if sub_key in (f.name, key_of(f))), None)
+                if sub is None:
+                    raise FadrmError(f"{source} sets unknown option {key}.{sub_key}")
+                if not (drop_unset and (sub_value is None or sub_value == sub.metadata["unset"])):
+                    out.setdefault(key, {})[sub.name] = sub_value
+            continue
+        if key not in by_key:
+            raise FadrmError(f"{source} sets unknown option {key!r}")
+        path, f = by_key[key]
+        if drop_unset and (value is None or (f.metadata["unset"] is not None and value == f.metadata["unset"])):
+            continue
+        target = out
+        for name in path[:-1]:
+            target = target.setdefault(name, {})
+        target[path[-1]] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def build(cls: type[StageConfig], values: Mapping[str, Any]) -> StageConfig:
+    """A stage config from nested values; required options that are missing fail with their flag."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if _is_part(hints[f.name]):
+            kwargs[f.name] = build(hints[f.name], values.get(f.name, {}))
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise FadrmError(f"give {flag_of(f) if not f.metadata['positional'] else f.name.upper()}")
+    return cls(**kwargs)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's values (YAML mapping), as written next to every output."""
+    path = Path(path)
+    if not path.is_file():
+        raise FadrmError(f"config file {path} not found")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise FadrmError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise FadrmError(f"config file {path} does not hold a mapping of options")
+    return values
+
+
+def resolve(
+    cls: type[StageConfig],
+    given: Mapping[str, Any] | None = None,
+    config_file: str | Path | None = None,
+    dataset: str | None = None,
+    method: str | None = None,
+    ipc: int | None = None,
+) -> Any:
+    """Build and validate a stage's config from its layers (see the module docstring).
+
+    Args:
+        cls: the stage's config class.
+        given: options by key (None: not given), from the command line or the API.
+        config_file: a YAML file of options (a written ``config.yaml`` replays exactly).
+        dataset, method, ipc: which preset applies, when the stage has no such option
+            (evaluation takes them from the distilled set); otherwise read from the options.
+    """
+    given_values = nest(cls, given or {}, "the options given", drop_unset=True)
+    file_values = nest(cls, read_config_file(config_file), f"config file {config_file}", drop_unset=True) if config_file else {}
+    chosen = _merge(file_values, given_values)
+    names = {f.name for f in fields(cls)}
+    context = {"dataset": dataset, "method": method, "ipc": ipc}
+    for name in context:
+        if name in names:
+            default = next(f.default for f in fields(cls) if f.name == name)
+            context[name] = chosen.get(name, context[name] if context[name] is not None else default)
+    if context["dataset"] is None or context["dataset"] is MISSING:
+        raise FadrmError("give --dataset")
+    from .data import get_dataset_spec
+
+    get_dataset_spec(context["dataset"])  # an unknown dataset is named before its preset is read
+    layers: list[dict[str, Any]] = []
+    if context["method"] not in (None, MISSING):
+        method_defaults = registry("method").get(context["method"]).defaults.get(cls.SECTION, {})
+        layers.append(nest(cls, method_defaults, f"method {context['method']}"))
+    layers += cls.preset_layers(context["dataset"], context["method"], context["ipc"], chosen)
+    values: dict[str, Any] = {}
+    for layer in (*layers, chosen):
+        values = _merge(values, layer)
+    config = build(cls, values)
+    validate(config)
+    return config
+
+
+def write_config(path: str | Path, config: StageConfig) -> None:
+    """Write the resolved config as YAML (atomically); ``--config`` reads it back."""
     from .io import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        tmp.write_text(dump_config(config))
+
+
+def dump_config(config: StageConfig) -> str:
+    """The config as the YAML that ``--config`` replays."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)

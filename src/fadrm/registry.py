@@ -1,12 +1,19 @@
-"""A small generic name -> object registry (datasets, models, methods)."""
+"""A small generic name -> object registry (datasets, models, methods, optimisers, ...).
+
+Every registry is also indexed by its kind, so that code below the modules that fill
+them (the config's validation) can name them without importing those modules. Importing
+the ``fadrm`` package imports every module that registers something.
+"""
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+from typing import Any, Generic, Iterator, TypeVar
 
 from .errors import FadrmError
 
 T = TypeVar("T")
+
+_BY_KIND: dict[str, "Registry[Any]"] = {}
 
 
 class Registry(Generic[T]):
@@ -19,6 +26,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        _BY_KIND.setdefault(kind, self)  # the package's own; a stand-in made later (a test's) is not indexed
 
     def add(self, name: str, obj: T) -> T:
         """Register ``obj`` under ``name``; registering a name twice is a bug."""
@@ -45,3 +53,8 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def registry(kind: str) -> Registry[Any]:
+    """The package's registry of ``kind`` ("method", "optimizer", "mix", ...)."""
+    return _BY_KIND[kind]

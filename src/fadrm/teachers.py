@@ -1,35 +1,39 @@
-"""Teachers: the checkpoint format, safe loading from every source, and training.
+"""Teachers: loading from every source, fitting them to a dataset, and training them.
 
 A teacher is a classifier whose input is a normalised image; synthesis matches
 the statistics of its BatchNorm layers (a teacher without any, such as AlexNet,
-contributes its predictions only, next to teachers that have them). Our checkpoints carry their own metadata (architecture, dataset,
-classes, channels, normalisation, accuracy, package version), so every later
-command needs only the path. Loading never executes pickled code.
+contributes its predictions only, next to teachers that have them). Our
+checkpoints (format in :mod:`fadrm.artifacts`) carry their own metadata
+(architecture, dataset, classes, channels, normalisation, accuracy, package
+version), so every later command needs only the path. Loading never executes
+pickled code.
 """
 
 from __future__ import annotations
 
-import pickle
 import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from ._version import __version__
-from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split, train_transform
+from .artifacts import (
+    checkpoint_dict, is_checkpoint, partial_path, require_same_settings, safe_torch_load, teacher_config_path,
+)  # fmt: skip
+from .augment import train_transform
+from .config import TeacherConfig, validate, write_config
+from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split
 from .data.specs import IMAGENET_MEAN, IMAGENET_STD
 from .errors import FadrmError
 from .io import save_torch, sha256_file
 from .models import build_model
-from .runtime import make_runtime
+from .runtime import Runtime, make_runtime
+from .seeding import epoch_seed
 from .training import evaluate_accuracy, make_loader, train_one_epoch
 
-CHECKPOINT_FORMAT = "fadrm-teacher"
-CHECKPOINT_VERSION = 1
 _TORCHVISION_WEIGHTS = re.compile(r"^([a-z0-9_]+):([A-Za-z0-9_]+)$")
 
 
@@ -85,32 +89,7 @@ class LogitSubset(nn.Module):
         return self.model(x).index_select(1, self.indices)
 
 
-# ------------------------------------------------------------------ saving
-def checkpoint_dict(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
-    """Our checkpoint: the state dict plus self-describing metadata (all weights_only-safe types)."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_VERSION,
-        "fadrm_version": __version__,
-        **meta,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-
-
 # ----------------------------------------------------------------- loading
-def _safe_torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise FadrmError(
-            f"refusing to load {path}: it is not a plain-weights checkpoint ({first[:120]}); "
-            "save a state_dict or use safetensors"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise FadrmError(f"cannot read checkpoint {path} ({str(exc).splitlines()[0][:120]}); is it corrupt?") from None
-
-
 def _load_state_into(model: nn.Module, state: dict[str, torch.Tensor], what: str, arch: str) -> None:
     try:
         model.load_state_dict(state)
@@ -148,7 +127,7 @@ def _torchvision_teacher(arch: str, weights_name: str) -> Teacher:
             f"download {weights.url} elsewhere and copy it to {cache}"
         )
     model = build_model(arch, num_classes=1000, in_channels=3)
-    _load_state_into(model, _safe_torch_load(cache), str(cache), arch)
+    _load_state_into(model, safe_torch_load(cache), str(cache), arch)
     return Teacher(
         model=model.eval(), arch=arch, dataset="imagenet-1k", class_names=list(weights.meta["categories"]),
         in_channels=3, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -188,8 +167,8 @@ def load_teacher(source: str | Path, spec: DatasetSpec | None = None, arch: str 
             except (SafetensorError, OSError, ValueError) as exc:
                 raise FadrmError(f"cannot read safetensors file {path} ({exc})") from None
         else:
-            obj = _safe_torch_load(path)
-        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+            obj = safe_torch_load(path)
+        if is_checkpoint(obj, path):
             teacher = _teacher_from_checkpoint(obj, path)
         else:
             state = _plain_state_dict(obj)
@@ -209,8 +188,6 @@ def load_teacher(source: str | Path, spec: DatasetSpec | None = None, arch: str 
 
 
 def _teacher_from_checkpoint(ckpt: dict[str, Any], path: Path) -> Teacher:
-    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise FadrmError(f"{path} was written by a newer fadrm ({ckpt.get('fadrm_version')}); upgrade fadrm")
     arch, args = ckpt["arch"], dict(ckpt.get("arch_args", {}))
     model = build_model(arch, len(ckpt["class_names"]), ckpt["in_channels"], ckpt["image_size"], **args)
     _load_state_into(model, ckpt["state_dict"], str(path), arch)
@@ -266,61 +243,49 @@ def fit_teacher_to_dataset(teacher: Teacher, spec: DatasetSpec, class_names: lis
     return teacher
 
 
+def load_teachers(
+    sources: Sequence[str], spec: DatasetSpec, class_names: list[str], runtime: Runtime, arch: str | None = None,
+    holdout: int = 0, compile: bool = False,
+) -> list[Teacher]:  # fmt: skip
+    """Load every teacher, check it suits the dataset and the held-out split, and place it on the device.
+
+    Args:
+        sources: anything :func:`load_teacher` takes.
+        spec: the dataset; class_names: its classes as read from disk.
+        runtime: where the teachers run; ``compile`` asks it to compile them.
+        arch: the architecture of plain state-dict teachers.
+        holdout: the images per class the run holds out (a teacher must not have seen them).
+    """
+    teachers = []
+    for source in sources:
+        teacher = fit_teacher_to_dataset(load_teacher(source, spec, arch), spec, class_names)
+        check_holdout(teacher, holdout)
+        teacher.model = runtime.place(teacher.model, compile=compile)
+        teachers.append(teacher)
+    return teachers
+
+
 # ---------------------------------------------------------------- training
-@dataclass
-class TeacherTrainConfig:
-    """How to train a teacher; every field is also a ``fadrm train-teacher`` flag."""
-
-    dataset: str
-    model: str
-    out: str
-    data_root: str | None = None
-    model_args: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    holdout: int = 0
-    workers: int | None = None
-    device: str = "auto"
-    amp: str = "auto"
-    overwrite: bool = False
-
-    # Fields that change the trained weights; a resume needs them unchanged.
-    IDENTITY = (
-        "dataset", "model", "model_args", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed", "holdout",
-    )  # fmt: skip
-
-    def identity(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.IDENTITY}
-
-
-def partial_path(out: str | Path) -> Path:
-    """Where an unfinished teacher run keeps its per-epoch state."""
-    out = Path(out)
-    return out.with_name(out.name + ".partial")
-
-
-def train_teacher(config: TeacherTrainConfig, log: Callable[[str], None] = print) -> Teacher:
+def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> Teacher:
     """Train a teacher on the full training set and save a self-describing checkpoint.
 
     SGD with Nesterov momentum and a per-step cosine schedule. State is saved
     after every epoch to ``<out>.partial``; running again continues from the
     last finished epoch. A finished checkpoint with the same settings is
-    returned as is.
+    returned as is. The resolved config is written beside the checkpoint.
     """
+    validate(config)
     out = Path(config.out)
     if out.is_dir():
         raise FadrmError(f"--out {out} is a folder; give a file name such as {out / 'teacher.pt'}")
     spec = get_dataset_spec(config.dataset)
     if out.exists() and not config.overwrite:
-        ckpt = _safe_torch_load(out)
-        if isinstance(ckpt, dict) and ckpt.get("train_config", {}) == config.identity():
-            log(f"teacher {out} already trained with these settings (val top-1 {ckpt.get('val_top1'):.2f}%)")
-            return load_teacher(out)
-        raise FadrmError(f"{out} exists and was not trained with these settings; pass --overwrite or another --out")
+        ckpt = safe_torch_load(out)
+        require_same_settings(ckpt.get("train_config", {}) if isinstance(ckpt, dict) else {}, config.identity(),
+                              f"the teacher {out}", "pass --overwrite or another --out")  # fmt: skip
+        log(f"teacher {out} already trained with these settings (val top-1 {ckpt.get('val_top1'):.2f}%)")
+        return load_teacher(out)
+    write_config(teacher_config_path(out), config)
     runtime = make_runtime(config.device, config.amp, stage="teacher")
     train_set = load_split(spec, "train", config.data_root, config.holdout)
     val_set = load_split(spec, "val", config.data_root, config.holdout)
@@ -344,9 +309,9 @@ def train_teacher(config: TeacherTrainConfig, log: Callable[[str], None] = print
     start_epoch = 0
     partial = partial_path(out)
     if partial.exists() and not config.overwrite:
-        state = _safe_torch_load(partial)
-        if state.get("train_config") != config.identity():
-            raise FadrmError(f"{partial} is from a run with other settings; pass --overwrite to start again")
+        state = safe_torch_load(partial)
+        require_same_settings(state.get("train_config", {}), config.identity(), f"the unfinished run {partial}",
+                              "pass --overwrite to start again")  # fmt: skip
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -358,9 +323,9 @@ def train_teacher(config: TeacherTrainConfig, log: Callable[[str], None] = print
     for epoch in range(start_epoch, config.epochs):
         epoch_started = time.perf_counter()
         # Seeding per epoch makes a resumed run see the same batches and augmentations.
-        torch.manual_seed(config.seed * 100_003 + epoch)
+        torch.manual_seed(epoch_seed(config.seed, epoch))
         loader = make_loader(
-            train_set, config.batch_size, shuffle=True, seed=config.seed * 100_003 + epoch,
+            train_set, config.batch_size, shuffle=True, seed=epoch_seed(config.seed, epoch),
             workers=config.workers, drop_last=drop_last,
         )  # fmt: skip
         loss = train_one_epoch(

@@ -2,7 +2,7 @@
 
 from .datasets import ImageDataset, FileImageDataset, TensorImageDataset
 from .specs import DATASETS, DatasetSpec, get_dataset_spec, load_split
-from .transforms import eval_transform, normalize, denormalize, train_transform
+from .transforms import eval_transform, normalize, denormalize
 
 __all__ = [
     "DATASETS",
@@ -15,5 +15,4 @@ __all__ = [
     "get_dataset_spec",
     "load_split",
     "normalize",
-    "train_transform",
 ]

@@ -1,7 +1,7 @@
-"""The synthesis engine: patch selection, BN-statistics matching, the stage loop with ARC."""
+"""The synthesis engine: methods, initialisers, statistics matching, the stage loop with ARC."""
 
 from .bn_stats import BNStatMatcher
 from .methods import METHODS, Method
-from .recover import RecoverSettings, recover
+from .recover import recover
 
-__all__ = ["BNStatMatcher", "METHODS", "Method", "RecoverSettings", "recover"]
+__all__ = ["BNStatMatcher", "METHODS", "Method", "recover"]

@@ -1,42 +1,92 @@
-"""The methods: FADRM, FADRM+ and the baselines, as switches on one engine."""
+"""The methods, as registered objects that carry their own behaviour.
+
+A method names, each from a registry: its initialiser (where the images start:
+Gaussian noise or realistic patches, :mod:`fadrm.synthesis.init`), its stage plan
+(how the configured stages are run), its statistics matcher (what the images
+must reproduce in the teachers) and its teacher policy (which teacher each
+iteration uses). It may also bring default options for any stage (its own
+published relabel or student protocol), which the dataset presets refine. The
+pipeline asks the method; it never branches on a method's name.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
 
+from torch import nn
+
+from ..config import SynthesisConfig
 from ..registry import Registry
+from .bn_stats import BNStatMatcher
+
+# How a method runs the configured stages: a function from the configured synthesis settings
+# to those it really runs.
+StagePlan = Callable[[SynthesisConfig], SynthesisConfig]
+STAGE_PLANS: Registry[StagePlan] = Registry("stage plan")
+STAGE_PLANS.add("multi-resolution", lambda s: s)
+# SRe2L-style: the whole budget in one full-resolution stage (no ARC between stages).
+STAGE_PLANS.add("single-stage", lambda s: replace(s, sizes=[s.sizes[-1]], budgets=[sum(s.budgets)]))
+# RDED: no optimisation; the initial images are the result.
+STAGE_PLANS.add("none", lambda s: replace(s, sizes=[s.sizes[-1]], budgets=[0]))
+
+# What synthesis matches: a context manager built as factory(teachers, groups, first_multiplier)
+# whose pop(teacher) returns the per-group statistics loss of the teacher's last forward.
+MATCHERS: Registry[Callable[..., Any]] = Registry("statistics matcher")
+MATCHERS.add("batchnorm", BNStatMatcher)
+
+
+# Which teacher iteration ``step`` uses.
+TeacherPolicy = Callable[[int, Sequence[nn.Module]], nn.Module]
+TEACHER_POLICIES: Registry[TeacherPolicy] = Registry("teacher policy")
+
+
+def round_robin(step: int, teachers: Sequence[nn.Module]) -> nn.Module:
+    """Iteration ``step`` uses teacher ``step mod K`` (FADRM+'s published schedule)."""
+    return teachers[step % len(teachers)]
+
+
+TEACHER_POLICIES.add("round-robin", round_robin)
 
 
 @dataclass(frozen=True)
 class Method:
-    """Which parts of the engine a method uses.
+    """One distillation method on the shared engine.
 
     Attributes:
         name: registry name.
-        init: "patches" (realistic patches, RDED-style) or "noise" (Gaussian, SRe2L).
-        optimize: whether pixels are optimised at all (RDED: no).
-        multi_stage: whether the preset's stages and ARC are used; otherwise
-            one full-resolution stage with the whole budget.
+        summary: one line for ``--help`` and ``fadrm list methods``.
+        initialiser: an :data:`~fadrm.synthesis.init.INITIALISERS` name.
+        stages: a :data:`STAGE_PLANS` name.
+        matcher: a :data:`MATCHERS` name.
+        teacher_policy: a :data:`TEACHER_POLICIES` name.
         max_teachers: how many teachers the method accepts (None: any number).
-        summary: one line for ``--help`` and the docs.
+        defaults: options the method brings per stage section ("distill", "evaluate", ...),
+            under the dataset presets.
     """
 
     name: str
-    init: Literal["patches", "noise"]
-    optimize: bool
-    multi_stage: bool
-    max_teachers: int | None
     summary: str
+    initialiser: str
+    stages: str
+    matcher: str = "batchnorm"
+    teacher_policy: str = "round-robin"
+    max_teachers: int | None = 1
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def stage_plan(self, synthesis: SynthesisConfig) -> SynthesisConfig:
+        """The synthesis settings this method really runs for the configured ones."""
+        return STAGE_PLANS.get(self.stages)(synthesis)
 
 
 METHODS: Registry[Method] = Registry("method")
 
 for _method in (
-    Method("fadrm", "patches", True, True, 1, "patch init, multi-resolution stages with ARC, one teacher"),
-    Method("fadrm+", "patches", True, True, None, "FADRM with several teachers, round-robin per iteration"),
-    Method("sre2l", "noise", True, False, 1, "Gaussian init, one full-size stage, no ARC"),
-    Method("sre2l++", "patches", True, False, 1, "patch init, one full-size stage, no ARC (CV-DD's SRe2L++)"),
-    Method("rded", "patches", False, False, 1, "the selected real patches, no optimisation"),
+    Method("fadrm", "patch init, multi-resolution stages with ARC, one teacher", "patches", "multi-resolution"),
+    Method("fadrm+", "FADRM with several teachers, round-robin per iteration", "patches", "multi-resolution",
+           max_teachers=None),  # fmt: skip
+    Method("sre2l", "Gaussian init, one full-size stage, no ARC", "noise", "single-stage"),
+    Method("sre2l++", "patch init, one full-size stage, no ARC (CV-DD's SRe2L++)", "patches", "single-stage"),
+    Method("rded", "the selected real patches, no optimisation", "patches", "none"),
 ):
     METHODS.add(_method.name, _method)

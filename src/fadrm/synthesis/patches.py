@@ -6,7 +6,7 @@ keep each image's best crop, sort the kept crops by score and take a band of
 ``ipc * factor**2`` of them; stitch ``factor x factor`` crops into each image.
 
 With ``factor`` > 1 a crop is smaller than the teacher's input, so it has to be
-brought to full size before scoring (``PatchSettings.scoring``):
+brought to full size before scoring (``PatchConfig.scoring``):
 
 * ``"pad"`` (default, RDED's published behaviour): the normalised crop sits at
   the centre of an otherwise zero canvas.  Zero in normalised space is the
@@ -19,44 +19,17 @@ With ``factor`` 1 the crop is already full size and both give the same input.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..augment import random_resized_crop_box, resize
+from ..config import PatchConfig, difficulty_band
 from ..data import ImageDataset, normalize
 from ..errors import FadrmError
+from ..registry import Registry
 from ..runtime import Runtime
-from .augment import random_resized_crop_box, resize
-
-
-@dataclass(frozen=True)
-class PatchSettings:
-    """How patches are chosen.
-
-    Attributes:
-        mipc: candidate real images per class.
-        num_crop: crops scored per candidate image.
-        factor: crops per side of a stitched image (2 for the ImageNet family, 1 for small images).
-        difficulty: "easy" (lowest loss first, RDED), "medium" (the central band),
-            "hard" (highest loss), or a number q in [0, 1]: the band starting at quantile q.
-        crop_scale: area range of the random-resized crops.
-        scoring: how a crop smaller than the teacher's input (``factor`` > 1) is
-            shown to the teacher: "pad" (RDED's published behaviour: centred on a
-            canvas filled with the dataset mean, i.e. zeros after normalisation)
-            or "resize" (upsampled to fill the canvas). Identical when ``factor`` is 1.
-    """
-
-    mipc: int = 300
-    num_crop: int = 5
-    factor: int = 1
-    difficulty: str | float = "easy"
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    scoring: str = "pad"
-
-    def __post_init__(self) -> None:
-        scoring_input(self.scoring)
 
 
 def pad_to_canvas(batch: torch.Tensor, size: int) -> torch.Tensor:
@@ -76,19 +49,10 @@ def pad_to_canvas(batch: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(batch, (left, horizontal - left, top, vertical - top))
 
 
-# How a normalised batch of crops becomes the teacher's full-size input, by name.
-SCORING_INPUTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "pad": pad_to_canvas,
-    "resize": resize,
-}
-
-
-def scoring_input(name: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """The function registered as ``name`` in :data:`SCORING_INPUTS`."""
-    try:
-        return SCORING_INPUTS[name]
-    except (KeyError, TypeError):
-        raise FadrmError(f"patch scoring must be one of {', '.join(SCORING_INPUTS)}, not {name!r}") from None
+# How a normalised batch of crops becomes the teacher's full-size input (``patches.scoring``).
+SCORING_INPUTS: Registry[Callable[[torch.Tensor, int], torch.Tensor]] = Registry("patch scoring")
+SCORING_INPUTS.add("pad", pad_to_canvas)
+SCORING_INPUTS.add("resize", resize)
 
 
 def band_start(num_scored: int, needed: int, difficulty: str | float) -> int:
@@ -100,12 +64,10 @@ def band_start(num_scored: int, needed: int, difficulty: str | float) -> int:
         return spare
     if difficulty == "medium":
         return spare // 2
-    try:
-        quantile = float(difficulty)
-    except (TypeError, ValueError):
-        raise FadrmError(f"difficulty must be easy, medium, hard or a number in [0, 1], not {difficulty!r}") from None
-    if not 0.0 <= quantile <= 1.0:
-        raise FadrmError(f"difficulty quantile must be in [0, 1], got {quantile}")
+    problem = difficulty_band(difficulty)
+    if problem:
+        raise FadrmError(f"--difficulty {problem}, got {difficulty!r}")
+    quantile = float(difficulty)
     return round(quantile * spare)
 
 
@@ -128,7 +90,7 @@ def select_class_patches(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     image_size: int,
-    settings: PatchSettings,
+    settings: PatchConfig,
     generator: torch.Generator,
     runtime: Runtime,
     batch_size: int = 256,
@@ -147,7 +109,7 @@ def select_class_patches(
     order = torch.randperm(len(pool), generator=generator)[: max(settings.mipc, needed)]
     candidates = [pool[i] for i in order.tolist()]
     crop_size = image_size // settings.factor
-    to_full_size = scoring_input(settings.scoring)
+    to_full_size = SCORING_INPUTS.get(settings.scoring)
     crops = []
     for index in candidates:
         image = dataset.load(index).float().div_(255)

@@ -10,34 +10,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..augment import ViewParams, resize
+from ..config import SynthesisConfig
 from ..runtime import Runtime
 from ..training import backward, check_finite, optimizer_step
-from .augment import ViewParams, resize
 from .bn_stats import BNStatMatcher
-
-
-@dataclass(frozen=True)
-class RecoverSettings:
-    """Hyperparameters of the recover loop (docs/method.md, section 3)."""
-
-    sizes: tuple[int, ...]
-    budgets: tuple[int, ...]
-    lr: float = 0.25
-    r_bn: float = 0.01
-    first_bn_multiplier: float = 10.0
-    jitter: int = 4
-    alpha: float = 0.5
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-
-    @property
-    def total_budget(self) -> int:
-        return sum(self.budgets)
+from .methods import round_robin
 
 
 @dataclass
@@ -67,10 +51,12 @@ def recover(
     labels: torch.Tensor,
     teachers: Sequence[nn.Module],
     generators: Sequence[torch.Generator],
-    settings: RecoverSettings,
+    settings: SynthesisConfig,
     runtime: Runtime,
     bounds: tuple[torch.Tensor, torch.Tensor],
     on_step: Callable[[int, float], None] | None = None,
+    matcher: Callable[..., Any] = BNStatMatcher,
+    policy: Callable[[int, Sequence[nn.Module]], nn.Module] = round_robin,
 ) -> RecoverResult:
     """Optimise ``init`` so the teachers' BN statistics and predictions match.
 
@@ -78,13 +64,15 @@ def recover(
         init: P0, the initial images in normalised space, shape (G*B, C, H, W);
             also the residual source for ARC.
         labels: class of each image, shape (G*B,).
-        teachers: frozen eval-mode teachers; iteration t uses teacher t mod K. The
+        teachers: frozen eval-mode teachers; iteration t uses ``policy(t, teachers)``. The
             iterations of a teacher without BatchNorm use the cross-entropy term only.
         generators: one random stream per group (len G).
-        settings: stages and hyperparameters.
+        settings: stages and hyperparameters (the method's stage plan already applied).
         runtime: device and mixed precision.
         bounds: per-channel (low, high) of valid pixels in normalised space, shape (1, C, 1, 1).
         on_step: called with (iteration, loss) after each step, e.g. to drive a progress bar.
+        matcher: the statistics matcher, built as ``matcher(teachers, groups, first_bn_multiplier)``.
+        policy: which teacher each iteration uses (round-robin: teacher t mod K).
     """
     num_groups = len(generators)
     device = runtime.device
@@ -98,7 +86,7 @@ def recover(
     result_loss = torch.zeros(num_groups, device=device)
     history: list[float] = []
     step = 0
-    with BNStatMatcher(teachers, num_groups, settings.first_bn_multiplier) as matcher:
+    with matcher(teachers, num_groups, settings.first_bn_multiplier) as statistics:
         for stage, (size, budget) in enumerate(zip(settings.sizes, settings.budgets)):
             x = x.detach().requires_grad_(True)
             optimizer = torch.optim.Adam([x], lr=settings.lr, betas=(0.5, 0.9), eps=1e-8)
@@ -106,7 +94,7 @@ def recover(
             for _ in range(budget):
                 for group in optimizer.param_groups:
                     group["lr"] = cosine_lr(settings.lr, step, total)
-                teacher = teachers[step % len(teachers)]
+                teacher = policy(step, teachers)
                 views = torch.cat([
                     ViewParams.sample(gen, size, settings.jitter, settings.crop_scale).apply(chunk, size)
                     for gen, chunk in zip(generators, x.chunk(num_groups))
@@ -115,7 +103,7 @@ def recover(
                 with runtime.autocast():
                     logits = teacher(views)
                     ce = F.cross_entropy(logits.float(), labels, reduction="none")
-                    bn = matcher.pop(teacher)
+                    bn = statistics.pop(teacher)
                     # Sum of per-group losses: each group's gradient is exactly its own run's.
                     group_loss = ce.view(num_groups, -1).mean(1) + settings.r_bn * bn
                     loss = group_loss.sum()

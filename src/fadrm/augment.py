@@ -1,0 +1,258 @@
+"""Augmentation, every random draw from an explicit generator.
+
+Three users, one module:
+
+* synthesis (:class:`ViewParams`): each work unit's crop, flip and shift come
+  from its own ``torch.Generator``, so several groups batched together each
+  keep their own stream;
+* student training and relabelling (:class:`ViewSampler`, :func:`render`): a
+  batch's images, crops, flips and CutMix or MixUp (:data:`MIXES`) are a
+  function of (seed, epoch, batch index) alone;
+* teacher training (:func:`train_transform`, :class:`PadCropFlip`): the
+  exception, drawing from torch's global RNG, which teacher training seeds
+  once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from .data.specs import DatasetSpec
+from .registry import Registry
+from .seeding import derive_seed, make_generator
+
+
+# --------------------------------------------------------- crop and resize
+def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=gen))
+
+
+def _randint(gen: torch.Generator, low: int, high: int) -> int:
+    """Uniform integer in [low, high] inclusive."""
+    return int(torch.randint(low, high + 1, (), generator=gen))
+
+
+def random_resized_crop_box(
+    gen: torch.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random-resized crop, torchvision's sampling rule with our generator."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * _uniform(gen, *scale)
+        aspect = math.exp(_uniform(gen, *log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return _randint(gen, 0, height - h), _randint(gen, 0, width - w), h, w
+    # Fallback: the largest central crop within the ratio bounds.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of a batch to size x size (antialiased when shrinking)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    shrinking = images.shape[-1] > size or images.shape[-2] > size
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """One group's augmentation for one iteration: crop box, flip, and circular shift."""
+
+    box: tuple[int, int, int, int]
+    flip: bool
+    shift: tuple[int, int]
+
+    @staticmethod
+    def sample(gen: torch.Generator, size: int, jitter: int, scale: tuple[float, float]) -> "ViewParams":
+        box = random_resized_crop_box(gen, size, size, scale)
+        flip = bool(torch.rand((), generator=gen) < 0.5)
+        shift = (_randint(gen, 0, jitter), _randint(gen, 0, jitter))
+        return ViewParams(box, flip, shift)
+
+    def apply(self, images: torch.Tensor, size: int) -> torch.Tensor:
+        """Crop, resize back to ``size``, flip, then roll by ``shift`` (the published order)."""
+        top, left, h, w = self.box
+        view = resize(images[..., top : top + h, left : left + w], size)
+        if self.flip:
+            view = view.flip(-1)
+        if self.shift != (0, 0):
+            view = torch.roll(view, shifts=self.shift, dims=(-2, -1))
+        return view
+
+
+# ----------------------------------------------------------- student views
+@dataclass(frozen=True)
+class BatchView:
+    """Everything random about one training batch."""
+
+    indices: torch.Tensor  # which images, in batch order
+    boxes: list[tuple[int, int, int, int]]  # random-resized crop per image
+    flips: list[bool]
+    lam: float  # weight of the image itself after mixing (1.0: no mixing)
+    partner: torch.Tensor  # batch position mixed into each position
+    cut_box: tuple[int, int, int, int] | None  # CutMix rectangle (top, left, h, w)
+
+
+# ------------------------------------------------------------------ mixing
+Box = tuple[int, int, int, int]
+# (generator, output side, alpha) -> (weight of the image itself, CutMix rectangle or None).
+# The generator is the batch's own (see ViewSampler.view); each entry's draws are part of
+# every stored result, so an entry's draws and their order must never change.
+MixFn = Callable[[np.random.Generator, int, float], tuple[float, Box | None]]
+MIXES: Registry[MixFn] = Registry("mix")
+
+
+def cutmix(rng: np.random.Generator, size: int, alpha: float) -> tuple[float, Box | None]:
+    """A rectangle of the partner pasted in: its side from lam ~ Beta(alpha, alpha), its centre uniform.
+
+    The label weight is recomputed from the rectangle once clipped to the image.
+    """
+    lam = float(rng.beta(alpha, alpha))
+    cut = np.sqrt(1.0 - lam)
+    h, w = int(size * cut), int(size * cut)
+    cy, cx = int(rng.integers(size)), int(rng.integers(size))
+    top, bottom = np.clip([cy - h // 2, cy + h // 2], 0, size)
+    left, right = np.clip([cx - w // 2, cx + w // 2], 0, size)
+    cut_box = (int(top), int(left), int(bottom - top), int(right - left))
+    # The label weight is the share of pixels really kept.
+    lam = 1.0 - (cut_box[2] * cut_box[3]) / (size * size)
+    return lam, cut_box
+
+
+def mixup(rng: np.random.Generator, size: int, alpha: float) -> tuple[float, Box | None]:
+    """A pixel-wise blend with the partner, lam ~ Beta(alpha, alpha)."""
+    return float(rng.beta(alpha, alpha)), None
+
+
+def no_mix(rng: np.random.Generator, size: int, alpha: float) -> tuple[float, Box | None]:
+    """No mixing: every image is itself (draws nothing)."""
+    return 1.0, None
+
+
+MIXES.add("cutmix", cutmix)
+MIXES.add("mixup", mixup)
+MIXES.add("none", no_mix)
+
+
+@dataclass(frozen=True)
+class ViewSampler:
+    """Draws batches and views from (seed, epoch, batch index) alone.
+
+    Attributes:
+        seed: run seed.
+        size: output side.
+        scale: area range of the random-resized crop (0.08-1, as published).
+        mix: an entry of :data:`MIXES` ("cutmix", "mixup" or "none").
+        mix_alpha: Beta(alpha, alpha) parameter of the mixing weight.
+    """
+
+    seed: int
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    mix: str = "cutmix"
+    mix_alpha: float = 1.0
+
+    def batches(self, epoch: int, num_images: int, batch_size: int) -> list[torch.Tensor]:
+        """This epoch's shuffled batches of image indices."""
+        order = torch.randperm(num_images, generator=make_generator(self.seed, "order", epoch))
+        return list(order.split(batch_size))
+
+    def view(self, epoch: int, batch_index: int, indices: torch.Tensor, height: int, width: int) -> BatchView:
+        """The random views of one batch."""
+        gen = make_generator(self.seed, "view", epoch, batch_index)
+        boxes, flips = [], []
+        for _ in range(len(indices)):
+            boxes.append(random_resized_crop_box(gen, height, width, self.scale))
+            flips.append(bool(torch.rand((), generator=gen) < 0.5))
+        partner = torch.randperm(len(indices), generator=gen)
+        mix = MIXES.get(self.mix)
+        lam, cut_box = 1.0, None
+        if len(indices) > 1:  # a batch of one has no partner to mix with
+            rng = np.random.default_rng(derive_seed(self.seed, "mix", epoch, batch_index))
+            lam, cut_box = mix(rng, self.size, self.mix_alpha)
+        return BatchView(indices, boxes, flips, lam, partner, cut_box)
+
+
+def render(images: torch.Tensor, view: BatchView, size: int) -> torch.Tensor:
+    """The batch's pixels in [0, 1]: crops, flips, then CutMix or MixUp. ``images`` is uint8 (N, C, H, W)."""
+    crops = []
+    for index, (top, left, h, w), flip in zip(view.indices.tolist(), view.boxes, view.flips):
+        crop = resize(images[index : index + 1, :, top : top + h, left : left + w].float().div(255), size)
+        crops.append(crop.flip(-1) if flip else crop)
+    batch = torch.cat(crops)
+    if view.lam == 1.0:
+        return batch
+    other = batch[view.partner]
+    if view.cut_box is None:
+        return view.lam * batch + (1 - view.lam) * other
+    top, left, h, w = view.cut_box
+    mixed = batch.clone()
+    mixed[:, :, top : top + h, left : left + w] = other[:, :, top : top + h, left : left + w]
+    return mixed
+
+
+# -------------------------------------------------------- teacher training
+def train_transform(spec: DatasetSpec, image_size: int | None = None) -> v2.Compose:
+    """Teacher-training augmentation: uint8 (C, H, W) in, float [0, 1] out.
+
+    The one augmentation without an explicit generator: it draws from torch's global RNG,
+    which teacher training seeds once per epoch (:func:`fadrm.seeding.epoch_seed`), so a
+    resumed teacher run sees the same augmentations.
+    """
+    size = image_size or spec.image_size
+    if spec.augment == "resized-crop":
+        steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
+    return PadCropFlip(size, padding=size // 8)
+
+
+class PadCropFlip:
+    """Zero-pad, random crop back to ``size``, random horizontal flip; uint8 in, [0, 1] float out.
+
+    The standard small-image augmentation written with plain tensor ops: the
+    same maths as torchvision's v2 pipeline at a fraction of its per-sample
+    overhead, which dominated teacher training on a 2-core CPU. Draws from torch's global RNG
+    (seeded per epoch by teacher training), as :func:`train_transform` does.
+    """
+
+    def __init__(self, size: int, padding: int) -> None:
+        self.size = size
+        self.padding = padding
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.batch(image[None])[0]
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """The same augmentation drawn independently for each image of a (B, C, H, W) batch."""
+        if images.shape[-1] != self.size or images.shape[-2] != self.size:
+            images = v2.functional.resize(images, [self.size, self.size], antialias=True)
+        p, n = self.padding, len(images)
+        padded = torch.nn.functional.pad(images, (p, p, p, p))
+        offsets = torch.randint(0, 2 * p + 1, (2, n, 1))
+        steps = torch.arange(self.size)
+        rows, cols = offsets[0] + steps, offsets[1] + steps  # (B, size) each
+        flip = torch.rand(n, 1) < 0.5
+        cols = torch.where(flip, cols.flip(-1), cols)
+        crops = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, size, size, C)
+        return crops.permute(0, 3, 1, 2).float().div_(255)

@@ -1,0 +1,117 @@
+"""Augmentation: student views and mixing as a function of (seed, epoch, batch), the mix registry,
+and the teacher-training transform."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fadrm.augment import MIXES, ViewSampler, render, train_transform
+from fadrm.data import get_dataset_spec, normalize
+from fadrm.errors import FadrmError
+from fadrm.labels import TeacherLabeller
+from fadrm.runtime import make_runtime
+from fadrm.seeding import derive_seed
+
+CPU = make_runtime("cpu", "off")
+SPEC = get_dataset_spec("fashion-mnist")
+
+
+def test_views_are_a_function_of_seed_epoch_batch():
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    sampler = ViewSampler(seed=1, size=28)
+    a = [sampler.view(3, b, idx, 28, 28) for b, idx in enumerate(sampler.batches(3, 6, 4))]
+    b = [sampler.view(3, b, idx, 28, 28) for b, idx in enumerate(sampler.batches(3, 6, 4))]
+    assert all(torch.equal(render(images, x, 28), render(images, y, 28)) for x, y in zip(a, b))
+    other = sampler.view(4, 0, sampler.batches(4, 6, 4)[0], 28, 28)
+    assert not torch.equal(render(images, a[0], 28), render(images, other, 28)[: len(a[0].indices)])
+
+
+def test_cutmix_box_and_weight_are_shared_by_images_and_labels():
+    images = torch.zeros(4, 1, 20, 20, dtype=torch.uint8)
+    images[1] = 255  # one white image among black ones
+    sampler = ViewSampler(seed=0, size=20, scale=(1.0, 1.0), mix="cutmix")
+    for batch in range(20):
+        view = sampler.view(0, batch, torch.arange(4), 20, 20)
+        mixed = render(images, view, 20)
+        top, left, h, w = view.cut_box
+        # The pasted rectangle is exactly the partner's pixels, the rest the image's own.
+        for i in range(4):
+            own = float(i == 1)
+            partner = float(view.partner[i] == 1)
+            assert torch.all(mixed[i, :, top : top + h, left : left + w] == partner)
+            outside = mixed[i].clone()
+            outside[:, top : top + h, left : left + w] = own
+            assert torch.all(outside == own)
+        assert view.lam == pytest.approx(1 - h * w / 400)
+
+
+def test_mixup_labels_the_mixed_image():
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval()
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    sampler = ViewSampler(seed=0, size=28, mix="mixup")
+    view = sampler.view(0, 0, torch.arange(4), 28, 28)
+    pixels = normalize(render(images, view, 28), SPEC.mean, SPEC.std)
+    labels = TeacherLabeller([teacher])(pixels, CPU)
+    assert torch.allclose(labels, teacher(pixels))  # the view the student sees, mixed, not the clean images
+    assert 0 < view.lam < 1
+
+
+def test_cutmix_golden_box_and_weight():
+    # Pinned draws: ViewSampler(seed=0, size=28), epoch 0, batch 0 of 16 images. The batch's numpy
+    # generator is default_rng(derive_seed(0, "mix", 0, 0)); computed once with fadrm 0.2's code
+    # (before the mix registry), its draws are lam ~ Beta(1, 1) = 0.23443720737152207, then the
+    # centre cy = 22, cx = 15. By hand: side int(28 * sqrt(1 - lam)) = int(24.5) = 24, rows
+    # clip(22 - 12, 22 + 12) = [10, 28) -> h 18, columns clip(15 - 12, 15 + 12) = [3, 27) -> w 24,
+    # so the box is (top 10, left 3, h 18, w 24) and lam = 1 - 18 * 24 / 28**2 = 352 / 784 = 22 / 49.
+    view = ViewSampler(seed=0, size=28).view(0, 0, torch.arange(16), 28, 28)
+    assert view.cut_box == (10, 3, 18, 24)
+    assert view.lam == 1 - 18 * 24 / 28**2 == pytest.approx(22 / 49, abs=1e-15)
+    top, left, h, w = view.cut_box
+    assert view.lam == 1 - h * w / 28**2
+    # The registry entry on the same generator gives the same (lam, box).
+    rng = np.random.default_rng(derive_seed(0, "mix", 0, 0))
+    assert MIXES.get("cutmix")(rng, 28, 1.0) == (view.lam, view.cut_box)
+
+
+@pytest.mark.parametrize("name", MIXES.names())
+def test_every_mix_gives_a_weight_in_0_1_and_a_box_inside_the_image(name):
+    for seed in range(20):
+        lam, box = MIXES.get(name)(np.random.default_rng(seed), 28, 1.0)
+        assert 0.0 <= lam <= 1.0
+        if box is not None:
+            top, left, h, w = box
+            assert 0 <= top and 0 <= left and top + h <= 28 and left + w <= 28
+            assert lam == 1 - h * w / 28**2
+
+
+def test_no_mix_and_a_batch_of_one_draw_nothing():
+    rng = np.random.default_rng(0)
+    before = rng.bit_generator.state
+    assert MIXES.get("none")(rng, 28, 1.0) == (1.0, None)
+    assert rng.bit_generator.state == before
+    for mix in MIXES.names():
+        view = ViewSampler(seed=0, size=28, mix=mix).view(0, 0, torch.arange(1), 28, 28)
+        assert (view.lam, view.cut_box) == (1.0, None)
+
+
+def test_unknown_mix_lists_the_choices():
+    with pytest.raises(FadrmError, match="^unknown mix 'cutout'; choose one of: cutmix, mixup, none$"):
+        MIXES.get("cutout")
+    with pytest.raises(FadrmError, match="unknown mix 'cutout'"):
+        ViewSampler(seed=0, size=28, mix="cutout").view(0, 0, torch.arange(4), 28, 28)
+
+
+def test_pad_crop_flip_batch_matches_shapes_and_range():
+    spec = get_dataset_spec("cifar10")
+    transform = train_transform(spec)
+    batch = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    out = transform.batch(batch)
+    assert out.shape == (5, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
+    # With zero padding a crop is the image or its mirror.
+    transform.padding = 0
+    out = transform.batch(batch)
+    for image, aug in zip(batch.float() / 255, out):
+        assert torch.equal(aug, image) or torch.equal(aug, image.flip(-1))

@@ -1,0 +1,242 @@
+"""Student training: micro-batches, accumulated gradients, one view draw per loader batch, weight-decay
+groups, best and final accuracy, and the optimiser, schedule and loss registries."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fadrm
+from fadrm.augment import ViewSampler
+from fadrm.baselines import TrainingSet
+from fadrm.data import get_dataset_spec
+from fadrm.errors import FadrmError
+from fadrm.evaluate import EvalConfig
+from fadrm.registry import Registry
+from fadrm.runtime import make_runtime
+from fadrm.students import (
+    OPTIMIZERS, SCHEDULES, STUDENT_LOSSES, micro_batches, mixed_cross_entropy, stretched_cosine, weight_decay_groups,
+)  # fmt: skip
+
+CPU = make_runtime("cpu", "off")
+EV = importlib.import_module("fadrm.evaluate")  # the module; fadrm.evaluate is the API function
+ST = importlib.import_module("fadrm.students")
+SPEC = get_dataset_spec("fashion-mnist")
+
+
+def _tiny_training_set(n: int) -> TrainingSet:
+    gen = torch.Generator().manual_seed(0)
+    return TrainingSet("distilled", torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8),
+                       torch.arange(n) % 10)  # fmt: skip
+
+
+def _train_recorded(monkeypatch, config, n_images, model=None, labeller=None):
+    """Train a tiny student; record each forward's batch size, each step's gradient and inputs."""
+    small = dataclasses.replace(SPEC, image_size=8)
+    model = model or nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    steps: list[dict] = []
+    real_factory = OPTIMIZERS.get(config.optimizer)
+
+    def recording_factory(groups, lr):
+        optimizer = real_factory(groups, lr)
+
+        def before_step(opt, *args):
+            steps.append({"inputs": list(seen), "grads": [p.grad.clone() for p in model.parameters()]})
+            seen.clear()
+
+        optimizer.register_step_pre_hook(before_step)
+        return optimizer
+
+    recording = Registry("optimizer")
+    recording.add(config.optimizer, recording_factory)
+    monkeypatch.setattr(ST, "OPTIMIZERS", recording)
+    monkeypatch.setattr(ST, "evaluate_accuracy", lambda *a, **k: {"top1": 0.0, "top5": 0.0, "loss": 0.0})
+    ST.train_student(model, _tiny_training_set(n_images), config, small, CPU, None, labeller, log=lambda s: None)
+    return steps
+
+
+# -------------------------------------------------------------------- loop
+def test_accumulation_splits_each_loader_batch_and_steps_once_per_batch(monkeypatch):
+    config = EvalConfig(distilled="x", epochs=2, batch_size=16, accumulation=2, lr=0.1, eta=1.0, weight_decay=0.0,
+                        mix="none", eval_every=0, optimizer="sgd")  # fmt: skip
+    steps = _train_recorded(monkeypatch, config, 20, labeller=None)
+    # 20 images in loader batches of 16 and 4: two optimiser steps per epoch; the student (and so
+    # its BatchNorm) sees micro-batches of 8, 8, then the short batch's 4 in one.
+    assert len(steps) == 4
+    assert [[len(x) for x in step["inputs"]] for step in steps] == [[8, 8], [4], [8, 8], [4]]
+    assert micro_batches(16, 2, 16) == [slice(0, 8), slice(8, 16)] and micro_batches(10, 2, 3) == [slice(0, 5)]
+
+
+def test_accumulated_gradient_is_the_loader_batch_mean_and_a_short_batch_is_halved(monkeypatch):
+    # Hard labels, no mixing: each micro-batch's mean loss divided by 2. Two equal halves sum to the
+    # mean over the loader batch; the short last batch (one micro-batch) gets half its mean gradient,
+    # as the reference's loss / gradient_accumulation_steps does.
+    config = EvalConfig(distilled="x", epochs=1, batch_size=16, accumulation=2, lr=0.1, eta=1.0, weight_decay=0.0,
+                        mix="none", eval_every=0, optimizer="sgd")  # fmt: skip
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    reference = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    reference.load_state_dict(model.state_dict())
+    labels_by_image = _tiny_training_set(20).labels
+    order = ViewSampler(0, 8).batches(0, 20, 16)
+    steps = _train_recorded(monkeypatch, config, 20, model=model)
+    for step, indices, share in zip(steps, order, (1.0, 0.5)):
+        inputs = torch.cat(step["inputs"])
+        reference.zero_grad()
+        F_loss = nn.functional.cross_entropy(reference(inputs), labels_by_image[indices])
+        (F_loss * share).backward()
+        for got, expected in zip(step["grads"], [p.grad for p in reference.parameters()]):
+            assert torch.allclose(got, expected, atol=1e-6)
+        with torch.no_grad():  # follow the student's SGD step (momentum buffer = first gradient)
+            for p in reference.parameters():
+                p -= 0.1 * p.grad
+    assert EV.STUDENT_PROTOCOL == 2
+
+
+def test_cutmix_and_bssl_halves_are_drawn_per_loader_batch(monkeypatch):
+    # The labeller sees the whole loader batch (so BSSL halves are 8 + 8 of the 16), once per step.
+    calls: list[int] = []
+
+    def labeller(pixels, runtime):
+        calls.append(len(pixels))
+        return torch.zeros(len(pixels), 10)
+
+    views: list[int] = []
+    real_view = ViewSampler.view
+    monkeypatch.setattr(ViewSampler, "view", lambda self, *a: views.append(len(a[2])) or real_view(self, *a))
+    config = EvalConfig(distilled="x", epochs=1, batch_size=16, accumulation=2, lr=0.1, eta=1.0, eval_every=0)
+    steps = _train_recorded(monkeypatch, config, 32, labeller=labeller)
+    # One view draw (crops, flips, one CutMix box) and one labelling per loader batch of 16,
+    # shared by its two micro-batches.
+    assert calls == [16, 16] and views == [16, 16] and len(steps) == 2
+    assert [[len(x) for x in step["inputs"]] for step in steps] == [[8, 8], [8, 8]]
+
+
+def test_weight_decay_only_on_multi_dimensional_weights():
+    model = fadrm.models.build_model("cifar_resnet18", 10, 3, 32)
+    decay, no_decay = weight_decay_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim > 1 for p in decay["params"]) and decay["weight_decay"] == 0.01
+    assert no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
+    assert "bn1.weight" in {names[id(p)] for p in no_decay["params"]} and "fc.bias" in {names[id(p)] for p in no_decay["params"]}
+    # A multi-dimensional parameter that is not a weight (Swin's position bias table) gets none either.
+    swin = fadrm.models.build_model("swin_t", 10, 3, 32)
+    swin_decay, swin_no_decay = weight_decay_groups(swin, 0.01)
+    table = swin.features[1][0].attn.relative_position_bias_table
+    assert table.ndim == 2 and any(p is table for p in swin_no_decay["params"])
+    assert not any(p is table for p in swin_decay["params"])
+    for optimizer in ("adamw", "sgd"):
+        opt = OPTIMIZERS.get(optimizer)(weight_decay_groups(model, 0.05), 1e-3)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_best_and_final_accuracy_are_both_reported(monkeypatch):
+    assert EvalConfig(distilled="x", epochs=300).evaluation_epochs() == [*range(1, 300, 10), 300]  # 1, 11, ..., 291, 300
+    assert EvalConfig(distilled="x", epochs=5, eval_every=0, eval_at=[2]).evaluation_epochs() == [2, 5]
+    accuracies = iter([50.0, 70.0, 60.0])
+    monkeypatch.setattr(ST, "evaluate_accuracy", lambda *a, **k: {"top1": next(accuracies), "top5": 90.0, "loss": 1.0})
+    config = EvalConfig(distilled="x", epochs=5, batch_size=4, lr=0.1, eta=1.0, eval_every=2, mix="none")
+    result = ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), _tiny_training_set(8), config,
+                              dataclasses.replace(SPEC, image_size=8), CPU, None, None, log=lambda s: None)  # fmt: skip
+    assert result["evaluated_epochs"] == [1, 3, 5]
+    assert (result["top1"], result["best_top1"], result["best_epoch"]) == (60.0, 70.0, 3)
+    summary = EV.summarise_runs([{**result, "student": "s", "train_set": "d", "labels": "soft"}] * 2)
+    assert summary[0]["best_top1"] == 70.0 and summary[0]["top1"] == 60.0
+
+
+# ------------------------------------------------------------ golden values
+def test_kl_loss_equals_a_hand_computation():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 0.5]])
+    targets = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3]])
+    # Computed once in plain Python floats (math.exp, math.log), not torch: with T = 2,
+    # q = softmax(logits / 2) = [0.18632372, 0.30719589, 0.50648039] and [0.34595419, 0.20983183, 0.44421398];
+    # sum over both rows of sum(p * (log p - log q)), divided by the batch of 2, is 0.0695599146574475.
+    # No T**2 factor: the published loss is KL at temperature T, batch-mean.
+    loss = STUDENT_LOSSES.get("kl")(logits, targets, 2.0)
+    assert float(loss) == pytest.approx(0.0695599146574475, rel=1e-6)
+
+
+def test_mixed_cross_entropy_weights_the_two_classes():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    own, partner = torch.tensor([0, 2]), torch.tensor([1, 0])
+    ce = nn.functional.cross_entropy
+    assert torch.equal(mixed_cross_entropy(logits, own, partner, 1.0), ce(logits, own))
+    assert float(mixed_cross_entropy(logits, own, partner, 0.25)) == pytest.approx(
+        0.25 * float(ce(logits, own)) + 0.75 * float(ce(logits, partner))
+    )
+
+
+@pytest.mark.parametrize(
+    ("epoch", "epochs", "eta", "factor"),
+    [
+        # 0.5 * (1 + cos(pi * e / (eta * E))) by hand: cos 0 = 1, cos(pi / 2) = 0, cos(pi / 4) = sqrt(2) / 2, cos pi = -1.
+        (0, 300, 2.0, 1.0),
+        (150, 300, 1.0, 0.5),
+        (300, 300, 2.0, 0.5),
+        (75, 300, 1.0, 0.5 + math.sqrt(2) / 4),  # 0.8535533905932737
+        (150, 300, 2.0, 0.5 + math.sqrt(2) / 4),
+        (300, 300, 1.0, 0.0),
+    ],
+)
+def test_stretched_cosine_golden_values(epoch, epochs, eta, factor):
+    assert SCHEDULES.get("stretched-cosine") is stretched_cosine
+    assert stretched_cosine(epoch, epochs, eta) == pytest.approx(factor, abs=1e-12)
+
+
+# --------------------------------------------------------------- registries
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_every_optimizer_steps_a_tiny_model(name):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = OPTIMIZERS.get(name)(weight_decay_groups(model, 0.01), 0.1)
+    model(torch.randn(4, 3)).square().mean().backward()
+    optimizer.step()
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", SCHEDULES.names())
+def test_every_schedule_starts_at_the_full_rate(name):
+    schedule = SCHEDULES.get(name)
+    assert schedule(0, 10, 2.0) == 1.0
+    assert all(0.0 <= schedule(e, 10, 2.0) <= 1.0 for e in range(11))
+
+
+@pytest.mark.parametrize("name", STUDENT_LOSSES.names())
+def test_every_loss_is_finite_and_has_a_gradient(name):
+    logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    targets = torch.softmax(torch.randn(4, 5, generator=torch.Generator().manual_seed(1)), dim=1)
+    loss = STUDENT_LOSSES.get(name)(logits, targets, 4.0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("registry", "message"),
+    [
+        (OPTIMIZERS, "^unknown optimizer 'nope'; choose one of: adamw, sgd$"),
+        (SCHEDULES, "^unknown schedule 'nope'; choose one of: stretched-cosine$"),
+        (STUDENT_LOSSES, "^unknown loss 'nope'; choose one of: kl$"),
+    ],
+)
+def test_unknown_names_list_the_choices(registry, message):
+    with pytest.raises(FadrmError, match=message):
+        registry.get("nope")
+
+
+@pytest.mark.parametrize(("field", "registry"), [("optimizer", "optimizer"), ("schedule", "schedule"), ("loss", "loss")])
+def test_train_student_looks_its_parts_up_by_name(field, registry):
+    config = EvalConfig(distilled="x", epochs=1, batch_size=4, lr=0.1, eta=1.0, **{field: "nope"})
+    with pytest.raises(FadrmError, match=f"unknown {registry} 'nope'"):
+        ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), _tiny_training_set(4), config,
+                         dataclasses.replace(SPEC, image_size=8), CPU, None, None, log=lambda s: None)  # fmt: skip
