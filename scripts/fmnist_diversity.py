@@ -13,13 +13,12 @@ a class look identical to the teacher). Forward passes only: seconds on a CPU.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 import fadrm
-from fadrm.artifacts import read_distilled_images
+from fadrm.artifacts import DistilledSet
 from fadrm.baselines import TrainingSet, random_real_subset
 from fadrm.data import get_dataset_spec, load_split, normalize
 from fmnist_study import METHODS  # the study's methods, in its order (this script's folder is on sys.path)
@@ -65,8 +64,7 @@ def main() -> None:
         for method in METHODS:
             folder = study / f"{method}-ipc{ipc}-seed{args.seed}"
             if (folder / "manifest.json").exists():
-                manifest = json.loads((folder / "manifest.json").read_text())
-                sets.append((method, TrainingSet(method, *read_distilled_images(folder, manifest))))
+                sets.append((method, TrainingSet(method, *DistilledSet.open(folder).images())))
         for name, training_set in sets:
             d = describe(teacher, spec, training_set)
             print(f"| {ipc} | {name} | {d['teacher_top1']:.1f} | {d['confidence']:.3f} | {d['spread']:.3f} |")

@@ -11,7 +11,7 @@ import yaml
 
 import fadrm
 from fadrm.artifacts import (
-    LabelStore, changed_settings, read_distilled_images, read_manifest, require_same_settings,
+    DistilledSet, LabelStore, changed_settings, require_same_settings,
 )  # fmt: skip
 from fadrm.config import DistillConfig, key_of
 from fadrm.errors import FadrmError
@@ -58,6 +58,7 @@ def _as_written_by_0_2(folder):
     flat = {key_of(f): value for _, f, value in config.leaves()}
     manifest["config"] = flat
     manifest["recover_settings"] = manifest.pop("stage_plan")
+    manifest["format_version"] = 1
     (folder / "manifest.json").write_text(json.dumps(manifest))
     (folder / "config.yaml").write_text(yaml.safe_dump(flat, sort_keys=False))
 
@@ -75,6 +76,5 @@ def test_a_0_2_folder_resumes_and_keeps_its_finished_students(fmnist_root, teach
     again = fadrm.evaluate(tmp_path / "set", log=lines.append, **quick)
     assert any("reusing finished run" in line for line in lines)
     assert again["runs"][0]["history"] == first["runs"][0]["history"]
-    manifest = read_manifest(tmp_path / "set")
-    images, labels = read_distilled_images(tmp_path / "set", manifest)
+    images, labels = DistilledSet.open(tmp_path / "set").images()
     assert images.shape == (10, 1, 28, 28) and labels.tolist() == list(range(10))

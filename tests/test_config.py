@@ -7,12 +7,13 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from fadrm import api
-from fadrm.artifacts import distilled_set_id
+from fadrm.artifacts import DistilledSet
 from fadrm.cli import build_parser
 from fadrm.config import (
     DEFAULT_STUDENT_RECIPE, STAGES, DistillConfig, EvalConfig, RunConfig, SynthesisConfig, TeacherConfig, build,
@@ -82,8 +83,11 @@ def test_a_flat_0_2_manifest_and_a_nested_one_have_the_same_set_id():
     nested = {"config": config.to_dict(), "images": [{"class": 0, "file": "a.png"}]}
     flat_config = {key_of(f): value for _, f, value in config.leaves()}
     flat = {"config": flat_config, "images": nested["images"]}
-    assert distilled_set_id(nested) == distilled_set_id(flat)
-    assert distilled_set_id({**nested, "config": {**flat_config, "alpha": 0.4}}) != distilled_set_id(flat)
+    def set_id(manifest):
+        return DistilledSet(Path("set"), manifest).set_id()
+
+    assert set_id(nested) == set_id(flat)
+    assert set_id({**nested, "config": {**flat_config, "alpha": 0.4}}) != set_id(flat)
 
 
 # ------------------------------------------------------------------ resolver
@@ -385,3 +389,74 @@ def test_validation_is_shared_by_every_entry_point(tmp_path):
     with pytest.raises(FadrmError, match="--student-lr must be a positive number, got -1"):
         eval_config("fashion-mnist", "fadrm", 10, lr=-1.0)
     assert json.loads(json.dumps(eval_config("fashion-mnist", "fadrm", 10).to_dict()))  # plain data
+
+
+# ------------------------------------------------------------ review cases
+@pytest.fixture()
+def fake_presets(tmp_path, monkeypatch):
+    """Write presets into a folder the resolver reads instead of the package's."""
+    import fadrm.config as config_module
+
+    (tmp_path / "presets").mkdir()
+    monkeypatch.setattr(config_module.resources, "files", lambda package: tmp_path)
+
+    def write(dataset: str, contents: str) -> None:
+        (tmp_path / "presets" / f"{dataset}.yaml").write_text(contents)
+
+    return write
+
+
+def test_each_preset_layer_is_read_on_its_own_and_mappings_are_replaced_whole(fake_presets):
+    fake_presets("fashion-mnist", """
+distill:
+  sizes: [28]
+  budgets: [1]
+  patches: {crop_scale: [0.5, 1.0]}
+  overrides:
+    fadrm: {patch_crop_scale: [0.2, 1.0]}
+teacher:
+  model: convnet
+  model_args: {width: 32, depth: 3}
+""")
+    assert distill_config("fashion-mnist").patches.crop_scale == [0.2, 1.0]  # the override wins, however spelled
+    teacher = resolve(TeacherConfig, {"dataset": "fashion-mnist", "out": "t.pt", "model_args": {"width": 64}})
+    assert teacher.model_args == {"width": 64}  # a key=value option is replaced, not merged
+
+
+@pytest.mark.parametrize("contents,message", [
+    ("defaults: {lr: 0.5}", r"unknown sections \['defaults'\]"),
+    ("distill: [1, 2]", r"\(distill\) is not a mapping of options"),
+    ("distill: {overrides: [1]}", r"\(distill.overrides\) is not a mapping of options"),
+    ("distill: {overrides: {fadrm: 3}}", r"\(distill.overrides.fadrm\) is not a mapping of options"),
+    ("distill: {lr: [", "is not valid YAML"),
+])  # fmt: skip
+def test_a_malformed_preset_is_one_line(fake_presets, contents, message):
+    fake_presets("fashion-mnist", contents.replace("distill: {", "distill: {sizes: [28], "))
+    with pytest.raises(FadrmError, match=message):
+        distill_config("fashion-mnist")
+
+
+def test_written_configs_never_replay_overwrite(tmp_path):
+    config = distill_config("fashion-mnist", overwrite=True)
+    assert config.overwrite and yaml.safe_load(dump_config(config))["overwrite"] is False
+
+
+def test_difficulty_is_a_band_name_or_a_quantile():
+    assert distill_config("fashion-mnist", difficulty=0.3).patches.difficulty == 0.3  # kept as given (identity)
+    assert distill_config("fashion-mnist", difficulty="0.3").patches.difficulty == "0.3"
+    with pytest.raises(FadrmError, match=r"--difficulty must be easy, medium, hard or a number in \[0, 1\]"):
+        distill_config("fashion-mnist", difficulty="harder")
+    with pytest.raises(FadrmError, match="--difficulty must be text or a finite number"):
+        distill_config("fashion-mnist", difficulty=[1])
+
+
+def test_config_file_shapes(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"dataset": "fashion-mnist", "teachers": "t.pt", "out": "o"}))
+    assert resolve(DistillConfig, {}, path).teachers == ["t.pt"]  # one teacher need not be a list
+    path.write_text(yaml.safe_dump({"dataset": "fashion-mnist", "teachers": "t.pt", "out": "o", "synthesis": 5}))
+    with pytest.raises(FadrmError, match="synthesis must be a mapping of its options, got 5"):
+        resolve(DistillConfig, {}, path)
+    path.write_text(yaml.safe_dump({"distilled": 5}))
+    with pytest.raises(FadrmError, match="folder must be a path, got 5"):
+        api.eval_config(path)

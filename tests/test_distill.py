@@ -56,7 +56,7 @@ def test_each_method_end_to_end(fmnist_root, teacher_ckpt, second_teacher_ckpt, 
     with Image.open(tmp_path / "out" / "images" / "003_Dress" / "001.png") as img:
         assert img.size == (28, 28) and img.mode == "L"
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert on_disk["method"] == method and on_disk["complete"] and on_disk["format_version"] == 1
+    assert on_disk["method"] == method and on_disk["complete"] and on_disk["format_version"] == 2
     assert on_disk["teachers"][0]["sha256"] == fadrm.load_teacher(teacher_ckpt).sha256
     assert on_disk["config"]["synthesis"]["sizes"] == [24, 28] and "torch_version" in on_disk
     assert on_disk["stage_plan"]["budgets"] == PLANNED_BUDGETS[method]
@@ -74,6 +74,13 @@ def test_each_method_end_to_end(fmnist_root, teacher_ckpt, second_teacher_ckpt, 
 def test_rded_output_is_the_selected_patches(fmnist_root, teacher_ckpt, tmp_path):
     run(fmnist_root, teacher_ckpt, tmp_path / "out", method="rded")
     assert pngs(tmp_path / "out" / "images") == pngs(tmp_path / "out" / "init")
+
+
+def test_only_a_method_that_does_not_optimise_copies_its_patches(fmnist_root, teacher_ckpt, tmp_path):
+    # FADRM with no iterations still resizes between its stages and merges by ARC: its images are
+    # computed, not the patch files.
+    run(fmnist_root, teacher_ckpt, tmp_path / "out", method="fadrm", budgets=[0, 0])
+    assert pngs(tmp_path / "out" / "images") != pngs(tmp_path / "out" / "init")
 
 
 def test_patches_are_real_crops_of_the_right_class(fmnist_root, teacher_ckpt, tmp_path):

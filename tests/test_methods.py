@@ -35,7 +35,9 @@ def test_every_method_names_registered_parts(name):
 
 def test_stage_plans_on_known_stages():
     configured = SynthesisConfig(sizes=[24, 28, 24, 28], budgets=[5, 6, 7, 8])
-    plans = {name: STAGE_PLANS.get(name)(configured) for name in STAGE_PLANS.names()}
+    plans = {name: STAGE_PLANS.get(name).stages(configured) for name in STAGE_PLANS.names()}
+    assert [STAGE_PLANS.get(name).optimises for name in ("multi-resolution", "single-stage", "none")] == [
+        True, True, False]  # fmt: skip
     assert (plans["multi-resolution"].sizes, plans["multi-resolution"].budgets) == ([24, 28, 24, 28], [5, 6, 7, 8])
     assert (plans["single-stage"].sizes, plans["single-stage"].budgets) == ([28], [26])
     assert (plans["none"].sizes, plans["none"].budgets) == ([28], [0])

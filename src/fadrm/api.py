@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifacts import read_manifest
+from .artifacts import DistilledSet
 from .config import DistillConfig, EvalConfig, RunConfig, TeacherConfig, read_config_file, resolve
 from .errors import FadrmError
 
@@ -48,9 +48,11 @@ def eval_config(config_file: str | Path | None = None, **options: Any) -> EvalCo
     distilled = options.get("distilled") or (read_config_file(config_file).get("distilled") if config_file else None)
     if not distilled:
         raise FadrmError("give the distilled set's folder")
-    manifest = read_manifest(distilled)
-    return resolve(EvalConfig, options, config_file, dataset=manifest["dataset"]["name"], method=manifest["method"],
-                   ipc=manifest["ipc"])  # fmt: skip
+    if not isinstance(distilled, (str, Path)):
+        raise FadrmError(f"the distilled set's folder must be a path, got {distilled!r}")
+    distilled_set = DistilledSet.open(distilled)
+    return resolve(EvalConfig, options, config_file, dataset=distilled_set.dataset, method=distilled_set.method,
+                   ipc=distilled_set.ipc)  # fmt: skip
 
 
 def train_teacher(
@@ -140,7 +142,9 @@ def plan_run(
                 continue
             # The default model keeps the name every method shares; others are named by architecture.
             path = out / ("teacher.pt" if model == default_model else f"teacher-{model}.pt")
-            teachers.append(teacher_config(**shared, model=model, out=str(path)))
+            # With the run's method and IPC, so the preset's teacher.overrides for them apply.
+            teachers.append(resolve(TeacherConfig, {**shared, "model": model, "out": str(path)},
+                                    method=config.method, ipc=config.ipc))  # fmt: skip
     distilled = out / f"{config.method}-ipc{config.ipc}"
     distill = distill_config(**shared, teachers=[_teacher_path(t) for t in teachers], out=str(distilled),
                              method=config.method, ipc=config.ipc, **(distill_options or {}))  # fmt: skip

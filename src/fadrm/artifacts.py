@@ -2,8 +2,9 @@
 
 * **Teacher checkpoint** (``fadrm-teacher``, version 1): a ``torch.save`` dict of plain
   data, the state dict plus self-describing metadata, loadable with ``weights_only=True``;
-  an unfinished training run keeps its per-epoch state in ``<checkpoint>.partial``.
-* **Distilled set** (``fadrm-distilled`` manifest, version 1): an ImageFolder of PNGs under
+  an unfinished training run keeps its per-epoch state in ``<checkpoint>.partial``, and the
+  resolved training config is written to ``<checkpoint>.config.yaml``.
+* **Distilled set** (``fadrm-distilled`` manifest, version 2; version 1 is read too): an ImageFolder of PNGs under
   ``images/``, the selected patches under ``init/``, one record per finished work unit under
   ``state/``, ``run.json`` (what defines the run), ``config.yaml`` (the resolved config,
   replayable with ``--config``) and ``manifest.json`` when complete (see :class:`Layout`).
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from ._version import __version__
 from .config import DistillConfig, defining_settings, write_config
 from .errors import FadrmError
-from .io import atomic_path, read_json, safe_name, write_json
+from .io import atomic_path, read_json, safe_name, save_torch, write_json
 
 # ---------------------------------------------------------------- identity
 
@@ -111,6 +112,21 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def save_teacher_progress(path: Path, identity: dict[str, Any], epoch: int, history: list[dict[str, float]],
+                          states: dict[str, dict[str, Any]]) -> None:  # fmt: skip
+    """Atomically save an unfinished teacher run after ``epoch``: its identity, history and the
+    state dicts in ``states`` (model, optimizer, scheduler)."""
+    save_torch(path, {"train_config": identity, "epoch": epoch, "history": history, **states})
+
+
+def load_teacher_progress(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """An unfinished teacher run's saved state; one made with other settings is refused."""
+    state = safe_torch_load(path)
+    found = state.get("train_config", {}) if isinstance(state, dict) else {}
+    require_same_settings(found, identity, f"the unfinished run {path}", "pass --overwrite to start again")
+    return state
+
+
 def teacher_config_path(out: str | Path) -> Path:
     """Where a teacher's resolved training config is written (beside the checkpoint)."""
     out = Path(out)
@@ -119,7 +135,9 @@ def teacher_config_path(out: str | Path) -> Path:
 
 # ------------------------------------------------------------- distilled set
 MANIFEST_FORMAT = "fadrm-distilled"
-MANIFEST_VERSION = 1
+# 2 (fadrm 0.3): the config nested by part (synthesis, patches) and the method's "stage_plan";
+# 1 (0.1-0.2): a flat config and "recover_settings". Both are read.
+MANIFEST_VERSION = 2
 # What to pass to resume a set made by fadrm 0.1 whose defaults have changed since.
 RESUME_HINTS = {
     "patch_scoring": "fadrm 0.1 scored patches with --patch-scoring resize",
@@ -217,45 +235,81 @@ def write_manifest(layout: Layout, contents: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a distilled set, checked for format and completeness."""
-    path = Path(folder) / "manifest.json"
-    if not path.exists():
-        raise FadrmError(f"{folder} is not a distilled set (no manifest.json); make one with: fadrm distill")
-    manifest = read_json(path)
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise FadrmError(f"{path} is not a fadrm manifest")
-    if manifest.get("format_version", 0) > MANIFEST_VERSION:
-        raise FadrmError(f"{path} was written by a newer fadrm ({manifest.get('fadrm_version')}); upgrade fadrm")
-    return manifest
+@dataclass(frozen=True)
+class DistilledSet:
+    """A finished distilled set on disk, read through its manifest (format 1 or 2).
 
-
-def distilled_set_id(manifest: dict[str, Any]) -> str:
-    """A fingerprint of a distilled set's content: the settings that define it and its per-image records.
-
-    Execution choices (device, batching, compilation, ...) and timings are left
-    out, so resuming a set with other execution flags, or with a version that
-    added one, keeps its finished evaluations. Manifests written with the flat
-    config of fadrm 0.2 and the nested one of later versions give the same id.
+    Attributes:
+        folder: the set's folder.
+        manifest: the manifest as written (for reports; prefer the properties).
     """
-    defining = defining_settings(DistillConfig, manifest["config"])
-    payload = json.dumps({"config": defining, "images": manifest["images"]}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
 
+    folder: Path
+    manifest: dict[str, Any]
 
-def read_distilled_images(folder: str | Path, manifest: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image the manifest lists (uint8, N x C x H x W) and its class, in the manifest's order."""
-    from .data.datasets import read_image
-
-    folder = Path(folder)
-    images, labels = [], []
-    for record in manifest["images"]:
-        path = folder / record["file"]
+    @classmethod
+    def open(cls, folder: str | Path) -> DistilledSet:
+        """The set in ``folder``, checked for format and completeness."""
+        path = Path(folder) / "manifest.json"
         if not path.exists():
-            raise FadrmError(f"{path} listed in the manifest is missing; rerun fadrm distill")
-        images.append(read_image(path, manifest["dataset"]["channels"]))
-        labels.append(record["class"])
-    return torch.stack(images), torch.tensor(labels)
+            raise FadrmError(f"{folder} is not a distilled set (no manifest.json); make one with: fadrm distill")
+        manifest = read_json(path)
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            raise FadrmError(f"{path} is not a fadrm manifest")
+        if manifest.get("format_version", 0) > MANIFEST_VERSION:
+            raise FadrmError(f"{path} was written by a newer fadrm ({manifest.get('fadrm_version')}); upgrade fadrm")
+        return cls(Path(folder), manifest)
+
+    @property
+    def dataset(self) -> str:
+        return self.manifest["dataset"]["name"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["dataset"]["class_names"])
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def ipc(self) -> int:
+        return int(self.manifest["ipc"])
+
+    @property
+    def holdout(self) -> int:
+        """Training images per class the set's teachers and patches never saw (validated on)."""
+        return int(self.manifest["config"].get("holdout", 0))
+
+    @property
+    def teachers(self) -> list[dict[str, Any]]:
+        """The teachers that made the set, as described in the manifest (source, sha256, ...)."""
+        return list(self.manifest["teachers"])
+
+    def set_id(self) -> str:
+        """A fingerprint of the set's content: the settings that define it and its per-image records.
+
+        Execution choices (device, batching, compilation, ...) and timings are left
+        out, so resuming a set with other execution flags, or with a version that
+        added one, keeps its finished evaluations; format 1's flat config and format
+        2's nested one give the same id.
+        """
+        defining = defining_settings(DistillConfig, self.manifest["config"])
+        payload = json.dumps({"config": defining, "images": self.manifest["images"]}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image the manifest lists (uint8, N x C x H x W) and its class, in the manifest's order."""
+        from .data.datasets import read_image
+
+        images, labels = [], []
+        for record in self.manifest["images"]:
+            path = self.folder / record["file"]
+            if not path.exists():
+                raise FadrmError(f"{path} listed in the manifest is missing; rerun fadrm distill")
+            images.append(read_image(path, self.manifest["dataset"]["channels"]))
+            labels.append(record["class"])
+        return torch.stack(images), torch.tensor(labels)
 
 
 # ---------------------------------------------------------------- label store

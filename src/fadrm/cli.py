@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 import typing
 from typing import Any, Sequence
 
@@ -57,7 +58,9 @@ def _add_options(parser: argparse.ArgumentParser, cls: type[StageConfig]) -> Non
             if nargs == 2:
                 kwargs["metavar"] = ("LOW", "HIGH")
         else:
-            kwargs["type"] = hint
+            # An option of several types (difficulty: a band's name or a quantile) is read as text.
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            kwargs["type"] = typing.get_args(hint)[0] if union else hint
         target.add_argument(flag_of(f), **kwargs)
 
 
@@ -79,7 +82,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, replay: bool = True) -> N
                             help="options from a YAML file, e.g. the config.yaml a run wrote (replays it exactly); "
                             "flags given as well override it")  # fmt: skip
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration (defaults < preset < --config < flags) and exit")  # fmt: skip
+                        help="print the resolved configuration (package defaults < the method's < the preset's "
+                        "section and its overrides for the method and IPC < --config < flags) and exit")  # fmt: skip
 
 
 def _stage_parser(sub: argparse._SubParsersAction, command: str, help: str, description: str) -> argparse.ArgumentParser:

@@ -16,9 +16,11 @@ One resolver, :func:`resolve`, builds any stage's config from layers, later wins
 4. a config file given by the user (``--config``), e.g. a ``config.yaml`` a run wrote;
 5. the options given on the command line or to the Python API.
 
-Every key is a field's *key*: its name, unique within the stage (``patch_crop_scale`` for
-``patches.crop_scale``), which is also its flag (``--patch-crop-scale``). Files may nest keys
-under their part (``patches: {crop_scale: ...}``), as written configs do, or give them flat.
+Presets, config files and the API name an option by its *key*: the field's name, or the name
+it declares to stay unique within the stage (``patch_crop_scale`` for ``patches.crop_scale``).
+Its flag is the key with dashes (``--patch-crop-scale``) unless it declares another
+(``--teacher`` for ``teachers``, ``--student-lr`` for the student ``lr``). Files may nest
+keys under their part (``patches: {crop_scale: ...}``), as written configs do, or give them flat.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def option(
     nargs: int | None = None,
     positional: bool = False,
     unset: Any = None,
+    persist: bool = True,
 ) -> Any:
     """Declare one config field.
 
@@ -79,11 +82,13 @@ def option(
         positional: a positional argument rather than a flag.
         unset: a value that, given on the command line or in a file, counts as not given
             (``--amp auto`` keeps the preset's precision).
+        persist: False for a one-shot instruction (``--overwrite``): a written config holds
+            its default, so replaying the file never repeats it.
     """
     metadata = {
         "help": help, "defines": defines, "key": key, "flag": flag, "inert": inert, "repeat": repeat, "nargs": nargs,
         "check": tuple(check) if isinstance(check, (list, tuple)) else (check,), "choices": choices,
-        "positional": positional, "unset": unset,
+        "positional": positional, "unset": unset, "persist": persist,
     }  # fmt: skip
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
@@ -128,7 +133,7 @@ def registered(kind: str) -> Callable[[], list[str]]:
 DIFFICULTIES = ("easy", "medium", "hard")
 
 
-def difficulty_band(value: str) -> str | None:
+def difficulty_band(value: str | float) -> str | None:
     """Rule: a named band of the patch ranking, or a quantile in [0, 1] where the band starts."""
     if value in DIFFICULTIES:
         return None
@@ -144,11 +149,8 @@ _DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
 
 # ------------------------------------------------------------------- stages
 @dataclass
-class StageConfig:
-    """Behaviour shared by every stage's config: identity, dict form, validation."""
-
-    # The preset section this stage reads.
-    SECTION: ClassVar[str] = ""
+class Options:
+    """Behaviour shared by every group of declared options (a stage's config or one of its parts)."""
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the result, by key (used to refuse resuming into a different run)."""
@@ -169,13 +171,21 @@ class StageConfig:
     def check(self) -> None:
         """Rules between fields (each stage adds its own); field rules come from the declarations."""
 
+
+@dataclass
+class StageConfig(Options):
+    """A stage's whole config: what the resolver builds and a run writes as ``config.yaml``."""
+
+    # The preset section this stage reads.
+    SECTION: ClassVar[str] = ""
+
     @classmethod
     def preset_layers(
         cls, dataset: str, method: str | None, ipc: int | None, chosen: dict[str, Any]
     ) -> list[dict[str, Any]]:
-        """The preset's layers for this stage: its section, with the method's and method@ipc's overrides."""
-        preset = load_preset_section(dataset, cls.SECTION, method, ipc)
-        return [nest(cls, preset, f"preset {dataset}.yaml ({cls.SECTION})")]
+        """The preset's layers for this stage: its section, then its ``overrides.<method>`` and
+        ``overrides.<method>@<ipc>``, each read on its own (flat or nested keys alike)."""
+        return [nest(cls, values, where) for where, values in preset_parts(dataset, cls.SECTION, method, ipc)]
 
 
 @dataclass
@@ -200,12 +210,13 @@ class TeacherConfig(StageConfig):
                                  check=at_least(0))  # fmt: skip
     device: str = option("auto", help=_DEVICE_HELP, defines=False)
     amp: str = option("auto", help=f"mixed precision (auto: {CUDA_AUTO_AMP['teacher']} on CUDA, fp16 where bf16 is "
-                      "unsupported; off on the CPU)", defines=False, choices=AMP_MODES)  # fmt: skip
-    overwrite: bool = option(False, help="discard an existing checkpoint or unfinished run", defines=False)
+                      "unsupported; off on the CPU)", defines=False, choices=AMP_MODES, unset="auto")  # fmt: skip
+    overwrite: bool = option(False, help="discard an existing checkpoint or unfinished run", defines=False,
+                             persist=False)  # fmt: skip
 
 
 @dataclass
-class SynthesisConfig(StageConfig):
+class SynthesisConfig(Options):
     """The recover loop: stages, loss weights, augmentation (docs/method.md, section 3)."""
 
     sizes: list[int] = option([32, 32, 32, 32], help="input size of each stage", check=each(at_least(1)))
@@ -225,13 +236,13 @@ class SynthesisConfig(StageConfig):
 
 
 @dataclass
-class PatchConfig(StageConfig):
+class PatchConfig(Options):
     """Realistic patch selection (the initial images and ARC's residual source)."""
 
     mipc: int = option(300, help="candidate real images per class for patch selection", check=at_least(1))
     num_crop: int = option(5, help="crops scored per candidate image", check=at_least(1))
     factor: int = option(1, help="patches per side of a stitched image", check=at_least(1))
-    difficulty: str = option("easy", help="easy, medium, hard, or a quantile in [0, 1]", check=difficulty_band)
+    difficulty: str | float = option("easy", help="easy, medium, hard, or a quantile in [0, 1]", check=difficulty_band)
     crop_scale: list[float] = option([0.08, 1.0], help="area range of the patch crops", key="patch_crop_scale",
                                      nargs=2, check=scale_pair)  # fmt: skip
     # Identical at factor 1 (patches fill the image), where it stays out of the identity so
@@ -274,7 +285,7 @@ class DistillConfig(StageConfig):
     compile: bool = option(False, defines=False,
                            help="torch.compile the teachers: minutes of compiling per input size first; 3%% faster "
                            "per iteration for a CPU ResNet-18, no gain for small ConvNets")  # fmt: skip
-    overwrite: bool = option(False, help="replace a different run already in --out", defines=False)
+    overwrite: bool = option(False, help="replace a different run already in --out", defines=False, persist=False)
 
     @classmethod
     def preset_layers(
@@ -283,10 +294,9 @@ class DistillConfig(StageConfig):
         """The preset's layers, and with ``equal_budget`` FADRM's stages for this dataset and IPC
         (a single-stage method then runs their total at full size)."""
         layers = super().preset_layers(dataset, method, ipc, chosen)
-        if _merge(layers[0], chosen).get("equal_budget"):
-            fadrm = nest(cls, load_preset_section(dataset, cls.SECTION, "fadrm", ipc), f"preset {dataset}.yaml")
-            stages = {k: v for k, v in fadrm.get("synthesis", {}).items() if k in ("sizes", "budgets")}
-            layers.append({"synthesis": stages})
+        if _merged(cls, *layers, chosen).get("equal_budget"):
+            fadrm = _merged(cls, *super().preset_layers(dataset, "fadrm", ipc, chosen))
+            layers.append({"synthesis": {k: v for k, v in fadrm.get("synthesis", {}).items() if k in ("sizes", "budgets")}})
         return layers
 
     def check(self) -> None:
@@ -308,7 +318,8 @@ class DistillConfig(StageConfig):
             raise FadrmError("give at least one --teacher")
         method = registry("method").get(self.method)
         if method.max_teachers is not None and len(self.teachers) > method.max_teachers:
-            raise FadrmError(f"method {method.name} uses one teacher, got {len(self.teachers)}; use fadrm+ for several")
+            raise FadrmError(f"method {method.name} uses at most {method.max_teachers} teacher(s), got "
+                             f"{len(self.teachers)}; use fadrm+ for several")  # fmt: skip
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise FadrmError(f"--out {self.out} is a file; give a folder")
 
@@ -378,7 +389,7 @@ class EvalConfig(StageConfig):
     data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False)
     device: str = option("auto", help=_DEVICE_HELP, defines=False)
     amp: str = option("auto", help=f"mixed precision (auto: {CUDA_AUTO_AMP['evaluate']} on CUDA, as published; off "
-                      "on the CPU)", defines=False, choices=AMP_MODES)  # fmt: skip
+                      "on the CPU)", defines=False, choices=AMP_MODES, unset="auto")  # fmt: skip
     workers: int | None = option(None, help="data-loading processes", defines=False, check=at_least(0))
 
     def check(self) -> None:
@@ -424,7 +435,7 @@ class RunConfig(StageConfig):
     repeats: int | None = option(None, help="repeat the evaluation with seeds seed, seed+1, ... (mean ± std)",
                                  defines=False, check=at_least(1))  # fmt: skip
     device: str = option("auto", help=_DEVICE_HELP, defines=False)
-    amp: str = option("auto", defines=False, choices=AMP_MODES,
+    amp: str = option("auto", defines=False, choices=AMP_MODES, unset="auto",
                       help="mixed precision (auto: each stage's published precision on CUDA: "
                       + ", ".join(f"{stage} {amp}" for stage, amp in CUDA_AUTO_AMP.items()) + "; off on the CPU)")  # fmt: skip
 
@@ -436,7 +447,12 @@ STAGES: dict[str, type[StageConfig]] = {
 
 # ------------------------------------------------------------ declarations
 def _is_part(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, StageConfig)
+    return isinstance(annotation, type) and issubclass(annotation, Options)
+
+
+def _parts(cls: type[Options]) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    return {f.name for f in fields(cls) if _is_part(hints[f.name])}
 
 
 @functools.cache
@@ -486,13 +502,15 @@ def defining_settings(cls: type[StageConfig], values: Mapping[str, Any]) -> dict
 
 @functools.cache
 def option_type(cls: type[StageConfig], path: tuple[str, ...]) -> Any:
-    """The declared type of the option at ``path`` (``int | None`` -> int; ``list[int]`` kept)."""
+    """The declared type of the option at ``path`` without None (``int | None`` -> int;
+    ``list[int]`` and ``str | float`` kept)."""
     owner: Any = cls
     for name in path[:-1]:
         owner = typing.get_type_hints(owner)[name]
     hint = typing.get_type_hints(owner)[path[-1]]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        members = tuple(a for a in typing.get_args(hint) if a is not type(None))
+        hint = members[0] if len(members) == 1 else typing.Union[members]
     return hint
 
 
@@ -512,6 +530,11 @@ def _type_error(value: Any, hint: Any, optional: bool) -> str | None:
     if value is None:
         return None if optional else "must be given"
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        problems = [_type_error(value, member, False) for member in typing.get_args(hint)]
+        if None in problems:
+            return None
+        return "must be " + " or ".join(str(p).removeprefix("must be ") for p in problems)
     if origin is list:
         if not isinstance(value, list):
             return "must be a list"
@@ -566,21 +589,51 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+# The sections a preset may hold: one per stage, and the student recipe table.
+PRESET_SECTIONS = ("teacher", "distill", "evaluate", "run", "students")
+
+
 def _read_preset(dataset: str) -> dict[str, Any]:
     path = resources.files("fadrm") / "presets" / f"{dataset}.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        preset = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise FadrmError(f"preset {dataset}.yaml is not valid YAML ({str(exc).splitlines()[0]})") from None
+    unknown = set(preset) - set(PRESET_SECTIONS) if isinstance(preset, dict) else {"(not a mapping)"}
+    if unknown:
+        raise FadrmError(f"preset {dataset}.yaml has unknown sections {sorted(unknown)}; "
+                         f"its sections are {', '.join(PRESET_SECTIONS)}")  # fmt: skip
+    return preset
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise FadrmError(f"{where} is not a mapping of options")
+    return dict(value)
+
+
+def preset_parts(dataset: str, section: str, method: str | None = None, ipc: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(where, values) of one preset section, then of its ``overrides.<method>`` and
+    ``overrides.<method>@<ipc>`` (when a method, and an IPC, are given), in that order."""
+    where = f"preset {dataset}.yaml ({section}"
+    values = _mapping(_read_preset(dataset).get(section), where + ")")
+    overrides = _mapping(values.pop("overrides", None), where + ".overrides)")
+    names = ([method] if method else []) + ([f"{method}@{ipc}"] if method and ipc is not None else [])
+    return [(where + ")", values)] + [
+        (f"{where}.overrides.{name})", _mapping(overrides.get(name), f"{where}.overrides.{name})")) for name in names
+    ]
 
 
 def load_preset_section(dataset: str, section: str, method: str | None = None, ipc: int | None = None) -> dict[str, Any]:
-    """One section of a dataset's preset ("distill", "teacher", "evaluate", "run", "students"), or {}.
-
-    With ``method`` (and ``ipc``) the section's ``overrides.<method>`` (and
-    ``overrides.<method>@<ipc>``) are applied over its values.
-    """
-    values = dict(_read_preset(dataset).get(section) or {})
-    overrides = values.pop("overrides", None) or {}
-    for name in ([method] if method else []) + ([f"{method}@{ipc}"] if method and ipc is not None else []):
-        values = _merge(values, overrides.get(name) or {})
+    """One section of a dataset's preset ("distill", "teacher", "evaluate", "run", "students") as
+    written, with ``overrides.<method>`` and ``overrides.<method>@<ipc>`` applied; {} if absent."""
+    values: dict[str, Any] = {}
+    for _, part in preset_parts(dataset, section, method, ipc):
+        values.update(part)
     return values
 
 
@@ -608,45 +661,62 @@ def student_recipe(dataset: str, student: str, ipc: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------- resolver
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``, parts merged key by key."""
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+def _merged(cls: type[Options], *layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested layers of ``cls``, later over earlier: a part merged option by option, any other
+    value (a list, a key=value mapping such as ``model_args``) replaced whole."""
+    parts = _parts(cls)
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            out[key] = {**out.get(key, {}), **value} if key in parts else value
     return out
+
+
+def _plain(value: Any) -> Any:
+    """Paths as text and tuples as lists, as they are written to YAML and JSON."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def nest(cls: type[StageConfig], values: Mapping[str, Any], source: str, drop_unset: bool = False) -> dict[str, Any]:
     """Flat or nested ``values`` as the nested form of ``cls``; unknown keys fail naming ``source``.
 
-    With ``drop_unset``, None and each field's ``unset`` value count as not given.
+    With ``drop_unset``, None and each field's ``unset`` value count as not given. A single
+    value for an option given by repeating its flag (``teachers: t.pt``) is a list of one.
     """
+    if not isinstance(values, Mapping):
+        raise FadrmError(f"{source} is not a mapping of options")
     by_key = {key_of(f): (path, f) for path, f in option_fields(cls)}
-    parts = {f.name for f in fields(cls) if _is_part(typing.get_type_hints(cls)[f.name])}
+    hints = typing.get_type_hints(cls)
     out: dict[str, Any] = {}
     for key, value in values.items():
-        value = str(value) if isinstance(value, Path) else value
-        if isinstance(value, (list, tuple)):
-            value = [str(v) if isinstance(v, Path) else v for v in value]
-        if key in parts and isinstance(value, Mapping):
-            part = typing.get_type_hints(cls)[key]
+        if key in _parts(cls):
+            if not isinstance(value, Mapping):
+                raise FadrmError(f"{source}: {key} must be a mapping of its options, got {value!r}")
+            items = []
             for sub_key, sub_value in value.items():
                 # Inside a part, a field's own name is accepted as well as its key.
-                sub = next((f for f in fields(part) if sub_key in (f.name, key_of(f))), None)
+                sub = next((f for f in fields(hints[key]) if sub_key in (f.name, key_of(f))), None)
                 if sub is None:
                     raise FadrmError(f"{source} sets unknown option {key}.{sub_key}")
-                if not (drop_unset and (sub_value is None or sub_value == sub.metadata["unset"])):
-                    out.setdefault(key, {})[sub.name] = sub_value
-            continue
-        if key not in by_key:
+                items.append(((key, sub.name), sub, sub_value))
+        elif key in by_key:
+            items = [(*by_key[key], value)]
+        else:
             raise FadrmError(f"{source} sets unknown option {key!r}")
-        path, f = by_key[key]
-        if drop_unset and (value is None or (f.metadata["unset"] is not None and value == f.metadata["unset"])):
-            continue
-        target = out
-        for name in path[:-1]:
-            target = target.setdefault(name, {})
-        target[path[-1]] = list(value) if isinstance(value, tuple) else value
+        for path, f, given in items:
+            given = _plain(given)
+            if drop_unset and (given is None or (f.metadata["unset"] is not None and given == f.metadata["unset"])):
+                continue
+            if f.metadata["repeat"] and isinstance(given, str):
+                given = [given]
+            target = out
+            for name in path[:-1]:
+                target = target.setdefault(name, {})
+            target[path[-1]] = given
     return out
 
 
@@ -697,7 +767,7 @@ def resolve(
     """
     given_values = nest(cls, given or {}, "the options given", drop_unset=True)
     file_values = nest(cls, read_config_file(config_file), f"config file {config_file}", drop_unset=True) if config_file else {}
-    chosen = _merge(file_values, given_values)
+    chosen = _merged(cls, file_values, given_values)
     names = {f.name for f in fields(cls)}
     context = {"dataset": dataset, "method": method, "ipc": ipc}
     for name in context:
@@ -714,10 +784,7 @@ def resolve(
         method_defaults = registry("method").get(context["method"]).defaults.get(cls.SECTION, {})
         layers.append(nest(cls, method_defaults, f"method {context['method']}"))
     layers += cls.preset_layers(context["dataset"], context["method"], context["ipc"], chosen)
-    values: dict[str, Any] = {}
-    for layer in (*layers, chosen):
-        values = _merge(values, layer)
-    config = build(cls, values)
+    config = build(cls, _merged(cls, *layers, chosen))
     validate(config)
     return config
 
@@ -731,5 +798,12 @@ def write_config(path: str | Path, config: StageConfig) -> None:
 
 
 def dump_config(config: StageConfig) -> str:
-    """The config as the YAML that ``--config`` replays."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
+    """The config as the YAML that ``--config`` replays; one-shot options (``overwrite``) at their default."""
+    values = config.to_dict()
+    for path, f, _ in config.leaves():
+        if not f.metadata["persist"]:
+            target = values
+            for name in path[:-1]:
+                target = target[name]
+            target[path[-1]] = f.default
+    return yaml.safe_dump(values, sort_keys=False, default_flow_style=None)

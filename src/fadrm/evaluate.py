@@ -17,8 +17,7 @@ from typing import Any, Callable
 import torch
 
 from .artifacts import (
-    LabelStore, distilled_set_id, read_distilled_images, read_finished_run, read_manifest, stored_label_bytes,
-    write_finished_run,
+    DistilledSet, LabelStore, read_finished_run, stored_label_bytes, write_finished_run,
 )  # fmt: skip
 from .baselines import BASELINES, TrainingSet
 from .config import EvalConfig, student_recipe, validate, write_config
@@ -48,22 +47,22 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     from .report import write_report
 
     validate(config)  # also for configs built by hand rather than resolved
-    manifest = read_manifest(config.distilled)
-    spec = get_dataset_spec(manifest["dataset"]["name"])
-    class_names = list(manifest["dataset"]["class_names"])
-    if config.topk is not None and config.topk >= len(class_names):
+    distilled_set = DistilledSet.open(config.distilled)
+    spec = get_dataset_spec(distilled_set.dataset)
+    class_names = distilled_set.class_names
+    if config.labels == "stored" and config.topk is not None and config.topk >= len(class_names):
         raise FadrmError(f"--topk {config.topk} keeps every one of the {len(class_names)} classes; give fewer, or "
                          "leave it out to store full logits")  # fmt: skip
     runtime = make_runtime(config.device, config.amp, stage="evaluate")
     out = Path(config.out or Path(config.distilled) / "eval")
-    distilled = TrainingSet("distilled", *read_distilled_images(config.distilled, manifest))
+    distilled = TrainingSet("distilled", *distilled_set.images())
     if config.holdout is None:
-        config.holdout = int(manifest["config"].get("holdout", 0))
+        config.holdout = distilled_set.holdout
     write_config(out / "config.yaml", config)
     val_set = load_split(spec, "val", config.data_root, config.holdout)
     val_set.transform = eval_transform(spec)
     val_loader = make_loader(val_set, 256, shuffle=False, workers=config.workers)
-    teachers = load_teachers(config.teachers or [t["source"] for t in manifest["teachers"]], spec, val_set.classes,
+    teachers = load_teachers(config.teachers or [t["source"] for t in distilled_set.teachers], spec, val_set.classes,
                              runtime, holdout=config.holdout)  # fmt: skip
     labeller = TeacherLabeller([t.model for t in teachers], config.teacher_weights, config.bssl)
     students = config.students or [teachers[0].arch]
@@ -74,12 +73,12 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     if baselines:
         train_set = load_split(spec, "train", config.data_root, config.holdout)
     results: dict[str, Any] = {
-        "distilled": str(config.distilled), "dataset": spec.name, "method": manifest["method"], "ipc": manifest["ipc"],
+        "distilled": str(config.distilled), "dataset": spec.name, "method": distilled_set.method, "ipc": distilled_set.ipc,
         "teachers": [t.describe() for t in teachers], "config": config.to_dict(), "runs": [],
     }  # fmt: skip
     # A finished run is reused only for the same settings and the same images: re-distilling
     # into the folder (new pixels, new per-image losses) invalidates it.
-    set_id = distilled_set_id(manifest)
+    set_id = distilled_set.set_id()
     stores: list[LabelStore] = []
     for repeat in range(config.repeats):
         # One repeat is a whole like-for-like comparison under its own seed: student initialisation,
@@ -89,17 +88,17 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
         # (training set, labels) in report order: the distilled set, then each baseline soft and hard.
         arms = [(distilled, "soft")]
         for baseline in baselines:
-            subset = baseline(train_set, spec, manifest["ipc"], trial.seed)
+            subset = baseline(train_set, spec, distilled_set.ipc, trial.seed)
             arms += [(subset, "soft"), (subset, "hard")]
         store = None
         if config.labels == "stored":
             folder = Path(config.labels_dir or out / "labels")
             folder = folder.with_name(folder.name + suffix)
-            store = prepare_store(trial, manifest, distilled, spec, labeller, runtime, folder, log)
+            store = prepare_store(trial, distilled_set, distilled, spec, labeller, runtime, folder, log)
             stores.append(store)
         for student, (training_set, label_mode) in itertools.product(students, arms):
             key = f"{training_set.name}-{student}-{label_mode}{suffix}"
-            recipe = resolve_recipe(trial, spec.name, student, manifest["ipc"])
+            recipe = resolve_recipe(trial, spec.name, student, distilled_set.ipc)
             run_config = replace(trial, lr=recipe["lr"], eta=recipe["eta"])
             identity = {**run_config.identity(), "distilled_set": set_id, "protocol": STUDENT_PROTOCOL}
             run_file = out / "runs" / f"{key}.json"
@@ -162,18 +161,18 @@ def resolve_recipe(config: EvalConfig, dataset: str, student: str, ipc: int) -> 
 
 
 def prepare_store(
-    config: EvalConfig, manifest: dict[str, Any], distilled: TrainingSet, spec: DatasetSpec,
+    config: EvalConfig, distilled_set: DistilledSet, distilled: TrainingSet, spec: DatasetSpec,
     labeller: TeacherLabeller, runtime: Runtime, folder: Path, log: Callable[[str], None],
 ) -> LabelStore:  # fmt: skip
     """Open (or create) the label store in ``folder`` and compute the epochs it lacks."""
     identity = {
-        "images": len(distilled.images), "ipc": manifest["ipc"], "seed": config.seed, "epochs": config.epochs,
+        "images": len(distilled.images), "ipc": distilled_set.ipc, "seed": config.seed, "epochs": config.epochs,
         "batch_size": config.batch_size, "mix": config.mix, "mix_alpha": config.mix_alpha,
         "crop_scale": list(config.crop_scale), "temperature": config.temperature, "bssl": config.bssl,
-        "teachers": [t["sha256"] for t in manifest["teachers"]] if not config.teachers else list(config.teachers),
+        "teachers": [t["sha256"] for t in distilled_set.teachers] if not config.teachers else list(config.teachers),
         "teacher_weights": config.teacher_weights,
     }  # fmt: skip
-    store = LabelStore(folder, identity, len(manifest["dataset"]["class_names"]),
+    store = LabelStore(folder, identity, len(distilled_set.class_names),
                        config.topk, config.temperature)  # fmt: skip
     store.open()
     sampler = config.view_sampler(spec.image_size)

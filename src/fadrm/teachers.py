@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .artifacts import (
-    checkpoint_dict, is_checkpoint, partial_path, require_same_settings, safe_torch_load, teacher_config_path,
+    checkpoint_dict, is_checkpoint, load_teacher_progress, partial_path, require_same_settings, safe_torch_load,
+    save_teacher_progress, teacher_config_path,
 )  # fmt: skip
 from .augment import train_transform
 from .config import TeacherConfig, validate, write_config
@@ -285,7 +286,6 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
                               f"the teacher {out}", "pass --overwrite or another --out")  # fmt: skip
         log(f"teacher {out} already trained with these settings (val top-1 {ckpt.get('val_top1'):.2f}%)")
         return load_teacher(out)
-    write_config(teacher_config_path(out), config)
     runtime = make_runtime(config.device, config.amp, stage="teacher")
     train_set = load_split(spec, "train", config.data_root, config.holdout)
     val_set = load_split(spec, "val", config.data_root, config.holdout)
@@ -309,14 +309,13 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
     start_epoch = 0
     partial = partial_path(out)
     if partial.exists() and not config.overwrite:
-        state = safe_torch_load(partial)
-        require_same_settings(state.get("train_config", {}), config.identity(), f"the unfinished run {partial}",
-                              "pass --overwrite to start again")  # fmt: skip
+        state = load_teacher_progress(partial, config.identity())
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, start_epoch = list(state["history"]), int(state["epoch"])
         log(f"resuming {out} after epoch {start_epoch}")
+    write_config(teacher_config_path(out), config)  # once the settings are known to fit what is on disk
     val_loader = make_loader(val_set, 512, shuffle=False, workers=config.workers)
     metrics = history[-1] if history else {"top1": float("nan"), "top5": float("nan")}
     started = time.perf_counter()
@@ -334,8 +333,7 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
         metrics = evaluate_accuracy(model, val_loader, runtime, spec.mean, spec.std)
         seconds = round(time.perf_counter() - epoch_started, 2)
         history.append({"epoch": epoch + 1, "train_loss": loss, **metrics, "seconds": seconds})
-        save_torch(partial, {
-            "train_config": config.identity(), "epoch": epoch + 1, "history": history,
+        save_teacher_progress(partial, config.identity(), epoch + 1, history, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         })  # fmt: skip
         log(

@@ -3,8 +3,8 @@
 An initialiser prepares what it needs once per run (patch selection writes the
 chosen patches under ``init/``, resumably and sharded over processes), then
 gives the initial images of each batch of work units in normalised space. One
-whose images are files says where they are, so that a method that does not
-optimise (RDED) writes them out byte for byte.
+whose images are files says where they are, so that a method whose stage plan
+does not optimise (RDED) writes them out byte for byte.
 """
 
 from __future__ import annotations

@@ -20,15 +20,26 @@ from ..config import SynthesisConfig
 from ..registry import Registry
 from .bn_stats import BNStatMatcher
 
-# How a method runs the configured stages: a function from the configured synthesis settings
-# to those it really runs.
-StagePlan = Callable[[SynthesisConfig], SynthesisConfig]
+@dataclass(frozen=True)
+class StagePlan:
+    """How a method runs the configured stages.
+
+    Attributes:
+        stages: the configured synthesis settings -> those really run.
+        optimises: False when the pixels are never optimised, so the initial images are
+            the result (written byte for byte where they are files).
+    """
+
+    stages: Callable[[SynthesisConfig], SynthesisConfig]
+    optimises: bool = True
+
+
 STAGE_PLANS: Registry[StagePlan] = Registry("stage plan")
-STAGE_PLANS.add("multi-resolution", lambda s: s)
+STAGE_PLANS.add("multi-resolution", StagePlan(lambda s: s))
 # SRe2L-style: the whole budget in one full-resolution stage (no ARC between stages).
-STAGE_PLANS.add("single-stage", lambda s: replace(s, sizes=[s.sizes[-1]], budgets=[sum(s.budgets)]))
+STAGE_PLANS.add("single-stage", StagePlan(lambda s: replace(s, sizes=[s.sizes[-1]], budgets=[sum(s.budgets)])))
 # RDED: no optimisation; the initial images are the result.
-STAGE_PLANS.add("none", lambda s: replace(s, sizes=[s.sizes[-1]], budgets=[0]))
+STAGE_PLANS.add("none", StagePlan(lambda s: replace(s, sizes=[s.sizes[-1]], budgets=[0]), optimises=False))
 
 # What synthesis matches: a context manager built as factory(teachers, groups, first_multiplier)
 # whose pop(teacher) returns the per-group statistics loss of the teacher's last forward.
@@ -76,7 +87,12 @@ class Method:
 
     def stage_plan(self, synthesis: SynthesisConfig) -> SynthesisConfig:
         """The synthesis settings this method really runs for the configured ones."""
-        return STAGE_PLANS.get(self.stages)(synthesis)
+        return STAGE_PLANS.get(self.stages).stages(synthesis)
+
+    @property
+    def optimises(self) -> bool:
+        """Whether the method optimises pixels at all (otherwise its initial images are its result)."""
+        return STAGE_PLANS.get(self.stages).optimises
 
 
 METHODS: Registry[Method] = Registry("method")

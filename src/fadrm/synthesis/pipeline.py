@@ -134,7 +134,7 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
                 k = g * per_group + j
                 path = layout.image("images", label, unit.ipc_index)
                 source = initialiser.source_file(run, label, unit.ipc_index)
-                if settings.total_budget == 0 and source is not None:
+                if not method.optimises and source is not None:
                     # Not optimised (RDED): the distilled image is the initial one, byte for byte.
                     with atomic_path(path) as tmp:
                         shutil.copyfile(source, tmp)

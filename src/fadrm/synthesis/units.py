@@ -1,4 +1,4 @@
-"""Work units and their random streams.
+"""Work units: which images are optimised together.
 
 A synthesis unit is one group: the images of ``classes_per_group``
 consecutive classes at one IPC index. Its random stream is derived from
