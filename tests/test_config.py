@@ -363,8 +363,10 @@ def test_run_plans_the_presets_teachers(tmp_path):
     assert plan.distill.teachers == [t.out for t in plan.teachers] and plan.distill.seed == 4
     assert api.plan_run(dataset="imagenet-1k", method="fadrm", ipc=10, out=tmp_path).teachers == [
         "resnet18:IMAGENET1K_V1"]  # fmt: skip
-    given = api.plan_run(dataset="cifar100", ipc=10, out=tmp_path, teachers=["mine.pt"])
-    assert given.teachers == ["mine.pt"] and given.distill.teachers == ["mine.pt"]
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"")
+    given = api.plan_run(dataset="cifar100", ipc=10, out=tmp_path, teachers=[mine])
+    assert given.teachers == [str(mine)] and given.distill.teachers == [str(mine)]
     with pytest.raises(FadrmError, match="no default teacher recipe"):
         api.plan_run(dataset="imagefolder", ipc=10, out=tmp_path)
 
@@ -446,7 +448,7 @@ def test_difficulty_is_a_band_name_or_a_quantile():
     assert distill_config("fashion-mnist", difficulty="0.3").patches.difficulty == "0.3"
     with pytest.raises(FadrmError, match=r"--difficulty must be easy, medium, hard or a number in \[0, 1\]"):
         distill_config("fashion-mnist", difficulty="harder")
-    with pytest.raises(FadrmError, match="--difficulty must be text or a finite number"):
+    with pytest.raises(FadrmError, match="--difficulty must be non-empty text or a finite number"):
         distill_config("fashion-mnist", difficulty=[1])
 
 

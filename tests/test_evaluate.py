@@ -193,7 +193,7 @@ def test_repeats_below_one(distilled, fmnist_root):
 
 
 def test_unknown_student(distilled, fmnist_root):
-    with pytest.raises(FadrmError, match="unknown model 'resnet9000'"):
+    with pytest.raises(FadrmError, match="--student must be a registered model"):
         fadrm.evaluate(distilled, students=["resnet9000"], data_root=str(fmnist_root), **QUICK)
 
 

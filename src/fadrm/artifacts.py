@@ -25,6 +25,7 @@ import json
 import pickle
 import platform
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -93,17 +94,34 @@ def is_checkpoint(obj: Any, path: Path) -> bool:
 
 
 def safe_torch_load(path: Path) -> Any:
-    """``torch.load`` without executing pickled code; any failure is one line naming the file."""
+    """``torch.load`` without executing pickled code; any failure is one line naming the file.
+
+    Raises:
+        FadrmError: the file holds pickled code or objects other than plain data, or is not a
+            complete PyTorch file (text, a truncated download, an unrelated zip, ...).
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before it refuses
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Torch's safe unpickler cannot tell a pickle of code from bytes that are no pickle at all.
         raise FadrmError(
-            f"refusing to load {path}: it is not a plain-weights checkpoint ({first[:120]}); "
-            "save a state_dict or use safetensors"
+            f"refusing to load {path}: it is not a PyTorch checkpoint of plain weights (it holds pickled code or "
+            "objects, or is no checkpoint at all); save a state_dict or use safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise FadrmError(f"cannot read checkpoint {path} ({str(exc).splitlines()[0][:120]}); is it corrupt?") from None
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise _not_a_checkpoint(path, exc) from None
+
+
+def _not_a_checkpoint(path: Path, exc: Exception) -> FadrmError:
+    detail = f"{type(exc).__name__}: {' '.join(str(exc).split())[:80]}"
+    return FadrmError(
+        f"cannot read {path} as a PyTorch checkpoint ({detail}); expected a fadrm teacher checkpoint, a state "
+        "dict (.pt/.pth) or a .safetensors file"
+    )
 
 
 def partial_path(out: str | Path) -> Path:

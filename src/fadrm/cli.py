@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import yaml
 
@@ -189,10 +190,23 @@ def _list(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------- main
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``fadrm: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fadrm: error: {message} (see {self.prog} --help)\n")
+
+
+# Set to show the traceback of an unexpected error (as --debug does).
+DEBUG_VARIABLE = "FADRM_DEBUG"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render the docs)."""
-    parser = argparse.ArgumentParser(prog="fadrm", description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED.")
+    parser = _Parser(prog="fadrm", description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED.")
     parser.add_argument("--version", action="version", version=f"fadrm {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an unexpected error (or set {DEBUG_VARIABLE}=1)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_stage_parsers, _download_parser, _list_parser):
         add(sub)
@@ -200,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: user errors print one line and exit 2; Ctrl-C exits 130 with a resume hint."""
+    """Entry point: user errors print one line and exit 2; Ctrl-C exits 130 with a resume hint;
+    any other exception is a bug in fadrm: one line saying so (exit 1), the traceback with --debug."""
     args = build_parser().parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
@@ -212,3 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fadrm: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+            raise
+        detail = " ".join(str(exc).split())[:200]
+        print(f"fadrm: internal error, a bug in fadrm {__version__} ({type(exc).__name__}: {detail}); please report "
+              f"it with the command you ran and the traceback that `fadrm --debug {args.command} ...` (or "
+              f"{DEBUG_VARIABLE}=1) prints", file=sys.stderr)  # fmt: skip
+        return 1

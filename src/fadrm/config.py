@@ -28,12 +28,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NoReturn, Sequence
 
 import yaml
 
@@ -95,9 +96,19 @@ def option(
     return field(default=default, metadata=metadata)
 
 
+# ------------------------------------------------------------------- rules
+# A rule returns why a value is wrong, or None. Each carries ``invalid``: values it refuses,
+# which the tests try on every option that declares it.
+
+
+def _rule(check: Callable[[Any], str | None], *invalid: Any) -> Check:
+    check.invalid = invalid  # type: ignore[attr-defined]
+    return check
+
+
 def at_least(low: float) -> Check:
     """Rule: a number >= ``low``."""
-    return lambda v: None if v >= low else f"must be at least {low:g}"
+    return _rule(lambda v: None if v >= low else f"must be at least {low:g}", low - 1)
 
 
 def positive(value: Any) -> str | None:
@@ -110,19 +121,27 @@ def non_negative(value: Any) -> str | None:
     return None if math.isfinite(value) and value >= 0 else "must be a non-negative number"
 
 
+_rule(positive, 0.0, -1.0)
+_rule(non_negative, -1.0)
+
+
 def in_range(low: float, high: float) -> Check:
     """Rule: a number in [low, high]."""
-    return lambda v: None if low <= v <= high else f"must be in [{low:g}, {high:g}]"
+    return _rule(lambda v: None if low <= v <= high else f"must be in [{low:g}, {high:g}]", low - 1, high + 1)
 
 
 def each(rule: Check) -> Check:
     """Rule: ``rule`` holds for every element of a list."""
-    return lambda values: next((rule(v) for v in values if rule(v)), None)
+    return _rule(lambda values: next((rule(v) for v in values if rule(v)), None),
+                 *([v] for v in getattr(rule, "invalid", ())))  # fmt: skip
 
 
 def scale_pair(value: Sequence[float]) -> str | None:
     """Rule: an area range (low, high) with 0 < low <= high <= 1."""
     return None if 0 < value[0] <= value[1] <= 1 else "must be two numbers with 0 < low <= high <= 1"
+
+
+_rule(scale_pair, [0.0, 1.0], [0.9, 0.1], [0.5, 2.0])
 
 
 def registered(kind: str) -> Callable[[], list[str]]:
@@ -142,6 +161,66 @@ def difficulty_band(value: str | float) -> str | None:
     except (TypeError, ValueError):
         quantile = math.nan
     return None if 0.0 <= quantile <= 1.0 else "must be easy, medium, hard or a number in [0, 1]"
+
+
+_rule(difficulty_band, "harder", "1.5")
+
+
+def device_name(value: str) -> str | None:
+    """Rule: auto, cpu, cuda or cuda:N."""
+    return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) else "must be auto, cpu, cuda or cuda:N"
+
+
+_rule(device_name, "gpu", "cuda:x")
+
+
+def model_name(value: str) -> str | None:
+    """Rule: a registered model, or ``timm:<name>``."""
+    known = value in registry("model") or value.startswith("timm:")
+    return None if known else f"must be a registered model (fadrm list models) or timm:<name>"
+
+
+_rule(model_name, "resnet9000")
+
+
+def teacher_source(value: str) -> str | None:
+    """Rule: an existing checkpoint file, or torchvision weights named ``arch:WEIGHTS`` (checked when loaded)."""
+    path = Path(value)
+    if path.is_file() or (":" in value and not path.exists()):
+        return None
+    return "must be a checkpoint file, or torchvision weights arch:WEIGHTS" + (" (a folder was given)" if path.is_dir() else " (no such file)")
+
+
+_rule(teacher_source, "missing-teacher.pt", ".")
+
+
+def model_or_weights(value: str) -> str | None:
+    """Rule: an architecture to train (:func:`model_name`), or torchvision weights ``arch:WEIGHTS``."""
+    return None if ":" in value and not value.startswith("timm:") else model_name(value)
+
+
+_rule(model_or_weights, "resnet9000")
+
+
+def existing_folder(value: str) -> str | None:
+    """Rule: a folder that exists."""
+    return None if Path(value).is_dir() else "must be an existing folder"
+
+
+_rule(existing_folder, "missing-folder")
+
+
+def not_a_folder(value: str) -> str | None:
+    """Rule: a file name, not an existing folder."""
+    return "must be a file name, not a folder" if Path(value).is_dir() else None
+
+
+def not_a_file(value: str) -> str | None:
+    """Rule: a folder name, not an existing file."""
+    return "must be a folder, not a file" if Path(value).is_file() else None
+
+
+_rule(not_a_folder, ".")
 
 
 _DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
@@ -194,10 +273,12 @@ class TeacherConfig(StageConfig):
 
     SECTION: ClassVar[str] = "teacher"
 
-    dataset: str = option(help="registered dataset name (fadrm list datasets)")
-    model: str = option(help="registered model name (fadrm list models) or timm:<name>; default: the preset's")
-    out: str = option(help="checkpoint file to write", defines=False)
-    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False)
+    dataset: str = option(help="registered dataset name (fadrm list datasets)", choices=registered("dataset"))
+    model: str = option(help="registered model name (fadrm list models) or timm:<name>; default: the preset's",
+                        check=model_name)  # fmt: skip
+    out: str = option(help="checkpoint file to write", defines=False, check=not_a_folder)
+    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False,
+                                  check=existing_folder)  # fmt: skip
     model_args: dict[str, Any] = option({}, help="architecture option, e.g. width=64", flag="--model-arg", repeat=True)
     epochs: int = option(10, help="training epochs", check=at_least(1))
     batch_size: int = option(256, help="images per optimiser step", check=at_least(1))
@@ -208,7 +289,7 @@ class TeacherConfig(StageConfig):
     holdout: int = option(0, help="hold out the last N training images per class as the validation set", check=at_least(0))
     workers: int | None = option(None, help="data-loading processes (default: 0 on <= 2 cores)", defines=False,
                                  check=at_least(0))  # fmt: skip
-    device: str = option("auto", help=_DEVICE_HELP, defines=False)
+    device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
     amp: str = option("auto", help=f"mixed precision (auto: {CUDA_AUTO_AMP['teacher']} on CUDA, fp16 where bf16 is "
                       "unsupported; off on the CPU)", defines=False, choices=AMP_MODES, unset="auto")  # fmt: skip
     overwrite: bool = option(False, help="discard an existing checkpoint or unfinished run", defines=False,
@@ -228,7 +309,9 @@ class SynthesisConfig(Options):
     alpha: float = option(0.5, help="ARC merge ratio in [0, 1] (1: no residual)", check=in_range(0.0, 1.0))
     crop_scale: list[float] = option([0.08, 1.0], help="area range of the random-resized crops", nargs=2,
                                      check=scale_pair)  # fmt: skip
-    classes_per_group: int = option(100, help="classes sharing BN statistics in one group", check=at_least(1))
+    classes_per_group: int = option(100, check=at_least(1),
+                                    help="classes sharing BN statistics in one group (more than the dataset has: "
+                                    "one group of all its classes)")  # fmt: skip
 
     @property
     def total_budget(self) -> int:
@@ -259,18 +342,20 @@ class DistillConfig(StageConfig):
 
     SECTION: ClassVar[str] = "distill"
 
-    dataset: str = option(help="registered dataset name (fadrm list datasets)")
-    # Teachers are identified by their files' hashes, not their paths.
+    dataset: str = option(help="registered dataset name (fadrm list datasets)", choices=registered("dataset"))
+    # Teachers are identified by their files' hashes, not their paths. Their files are checked
+    # when loaded, not here: `fadrm run` resolves this config before it trains them.
     teachers: list[str] = option(help="teacher checkpoint, .safetensors, or torchvision weights arch:WEIGHTS; "
                                  "repeat for several", flag="--teacher", repeat=True, defines=False)  # fmt: skip
-    out: str = option(help="output folder", defines=False)
+    out: str = option(help="output folder", defines=False, check=not_a_file)
     method: str = option("fadrm", help="the method (fadrm list methods)", choices=registered("method"))
     ipc: int = option(10, help="images per class", check=at_least(1))
     seed: int = option(0, help="random seed")
     holdout: int = option(0, help="validate on the last N training images per class, not the test set",
                           check=at_least(0))  # fmt: skip
-    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False)
-    teacher_arch: str | None = option(None, help="architecture of a plain state-dict teacher")
+    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False,
+                                  check=existing_folder)  # fmt: skip
+    teacher_arch: str | None = option(None, help="architecture of a plain state-dict teacher", check=model_name)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     patches: PatchConfig = field(default_factory=PatchConfig)
     # Acts through the synthesis sizes and budgets it resolves to.
@@ -279,7 +364,7 @@ class DistillConfig(StageConfig):
                                 "authors ran")  # fmt: skip
     groups_per_batch: int | None = option(None, help="groups optimised in one forward pass", defines=False,
                                           check=at_least(1))  # fmt: skip
-    device: str = option("auto", help=_DEVICE_HELP, defines=False)
+    device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
     amp: str = option("auto", help=f"mixed precision (auto: the preset's, else {CUDA_AUTO_AMP['synthesis']} on CUDA; "
                       "off on the CPU)", defines=False, choices=AMP_MODES, unset="auto")  # fmt: skip
     compile: bool = option(False, defines=False,
@@ -320,8 +405,6 @@ class DistillConfig(StageConfig):
         if method.max_teachers is not None and len(self.teachers) > method.max_teachers:
             raise FadrmError(f"method {method.name} uses at most {method.max_teachers} teacher(s), got "
                              f"{len(self.teachers)}; use fadrm+ for several")  # fmt: skip
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise FadrmError(f"--out {self.out} is a file; give a folder")
 
 
 @dataclass
@@ -331,10 +414,10 @@ class EvalConfig(StageConfig):
     SECTION: ClassVar[str] = "evaluate"
 
     distilled: str = option(help="folder written by fadrm distill", positional=True)
-    out: str | None = option(None, help="results folder (default: <distilled>/eval)", defines=False)
+    out: str | None = option(None, help="results folder (default: <distilled>/eval)", defines=False, check=not_a_file)
     teachers: list[str] | None = option(None, help="relabelling teacher (default: the set's own); repeat for several",
-                                        flag="--teacher", repeat=True)  # fmt: skip
-    students: list[str] | None = option(None, defines=False, flag="--student", repeat=True,
+                                        flag="--teacher", repeat=True, check=each(teacher_source))  # fmt: skip
+    students: list[str] | None = option(None, defines=False, flag="--student", repeat=True, check=each(model_name),
                                         help="student model (default: the teacher's architecture); repeat for a "
                                         "cross-architecture table")  # fmt: skip
     epochs: int = option(300, help="training epochs", check=at_least(1))
@@ -375,7 +458,7 @@ class EvalConfig(StageConfig):
     eval_every: int = option(10, defines=False, check=at_least(0),
                              help="validate after epochs 1, 1+k, 1+2k, ... and the last (published: 10; 0: the last "
                              "only); the best of these is reported beside the last epoch's")  # fmt: skip
-    eval_at: list[int] = option([], help="also validate after these epochs", defines=False)
+    eval_at: list[int] = option([], help="also validate after these epochs", defines=False, check=each(at_least(1)))
     baselines: list[str] = option([], defines=False, flag="--baseline", repeat=True,
                                   choices=registered("baseline"),
                                   help="also train on a random real subset of the same IPC, with soft and hard "
@@ -386,8 +469,9 @@ class EvalConfig(StageConfig):
                           help="repeat each comparison with seeds seed, seed+1, ... and report mean ± std")  # fmt: skip
     holdout: int | None = option(None, help="validate on the last N training images per class (default: the set's)",
                                  check=at_least(0))  # fmt: skip
-    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False)
-    device: str = option("auto", help=_DEVICE_HELP, defines=False)
+    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False,
+                                  check=existing_folder)  # fmt: skip
+    device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
     amp: str = option("auto", help=f"mixed precision (auto: {CUDA_AUTO_AMP['evaluate']} on CUDA, as published; off "
                       "on the CPU)", defines=False, choices=AMP_MODES, unset="auto")  # fmt: skip
     workers: int | None = option(None, help="data-loading processes", defines=False, check=at_least(0))
@@ -420,21 +504,23 @@ class RunConfig(StageConfig):
 
     SECTION: ClassVar[str] = "run"
 
-    dataset: str = option(help="registered dataset name (fadrm list datasets)")
-    out: str = option(help="folder for the teachers, the distilled set and its evaluation", defines=False)
+    dataset: str = option(help="registered dataset name (fadrm list datasets)", choices=registered("dataset"))
+    out: str = option(help="folder for the teachers, the distilled set and its evaluation", defines=False,
+                      check=not_a_file)  # fmt: skip
     method: str = option("fadrm", help="the method (fadrm list methods)", choices=registered("method"))
     ipc: int = option(10, help="images per class", check=at_least(1))
     teachers: list[str] | None = option(None, help="use these teachers instead of training the preset's",
-                                        flag="--teacher", repeat=True)  # fmt: skip
-    teacher_models: list[str] | None = option(None, flag="--teacher-model", repeat=True,
+                                        flag="--teacher", repeat=True, check=each(teacher_source))  # fmt: skip
+    teacher_models: list[str] | None = option(None, flag="--teacher-model", repeat=True, check=each(model_or_weights),
                                               help="architectures (or torchvision arch:WEIGHTS) of the teachers to "
                                               "train when none is given (default: the preset's)")  # fmt: skip
-    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False)
+    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False,
+                                  check=existing_folder)  # fmt: skip
     seed: int = option(0, help="random seed of every stage")
     holdout: int = option(0, help="validate on the last N training images per class", check=at_least(0))
     repeats: int | None = option(None, help="repeat the evaluation with seeds seed, seed+1, ... (mean ± std)",
                                  defines=False, check=at_least(1))  # fmt: skip
-    device: str = option("auto", help=_DEVICE_HELP, defines=False)
+    device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
     amp: str = option("auto", defines=False, choices=AMP_MODES, unset="auto",
                       help="mixed precision (auto: each stage's published precision on CUDA: "
                       + ", ".join(f"{stage} {amp}" for stage, amp in CUDA_AUTO_AMP.items()) + "; off on the CPU)")  # fmt: skip
@@ -550,8 +636,30 @@ def _type_error(value: Any, hint: Any, optional: bool) -> str | None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return None if ok else "must be a finite number"
     if hint is str:
-        return None if isinstance(value, str) else "must be text"
+        return None if isinstance(value, str) and value else "must be non-empty text"
     return None
+
+
+def option_problem(cls: type[Options], path: tuple[str, ...], f: dataclasses.Field, value: Any) -> str | None:
+    """Why ``value`` is not valid for the option at ``path`` of ``cls`` (its type, count, choices
+    and rules, in that order), or None."""
+    owner: Any = cls
+    for name in path[:-1]:
+        owner = typing.get_type_hints(owner)[name]
+    optional = type(None) in typing.get_args(typing.get_type_hints(owner)[path[-1]])
+    problem = _type_error(value, option_type(cls, path), optional)
+    if problem is not None or value is None:
+        return problem
+    nargs, choices = f.metadata["nargs"], choices_of(f)
+    if nargs is not None and len(value) != nargs:
+        return f"needs exactly {nargs} values"
+    if choices is not None and any(v not in choices for v in (value if isinstance(value, list) else [value])):
+        return f"must be one of {', '.join(choices)}"
+    return next((p for rule in f.metadata["check"] if (p := rule(value))), None)
+
+
+def _refuse(f: dataclasses.Field, problem: str, value: Any) -> NoReturn:
+    raise FadrmError(f"{flag_of(f)} {problem}, got {value!r}")
 
 
 def validate(config: StageConfig) -> None:
@@ -560,25 +668,10 @@ def validate(config: StageConfig) -> None:
     Raises:
         FadrmError: one line naming the flag, what it must be and the value given.
     """
-    cls = type(config)
     for path, f, value in config.leaves():
-        hint = option_type(cls, path)
-        owner: Any = cls
-        for name in path[:-1]:
-            owner = typing.get_type_hints(owner)[name]
-        optional = type(None) in typing.get_args(typing.get_type_hints(owner)[path[-1]])
-        problem = _type_error(value, hint, optional)
-        if problem is None and value is not None:
-            nargs = f.metadata["nargs"]
-            choices = choices_of(f)
-            if nargs is not None and len(value) != nargs:
-                problem = f"needs exactly {nargs} values"
-            elif choices is not None and any(v not in choices for v in (value if isinstance(value, list) else [value])):
-                problem = f"must be one of {', '.join(choices)}"
-            else:
-                problem = next((p for rule in f.metadata["check"] if (p := rule(value))), None)
+        problem = option_problem(type(config), path, f, value)
         if problem:
-            raise FadrmError(f"{flag_of(f)} {problem}, got {value!r}")
+            _refuse(f, problem, value)
     config.check()
 
 
@@ -776,9 +869,12 @@ def resolve(
             context[name] = chosen.get(name, context[name] if context[name] is not None else default)
     if context["dataset"] is None or context["dataset"] is MISSING:
         raise FadrmError("give --dataset")
-    from .data import get_dataset_spec
-
-    get_dataset_spec(context["dataset"])  # an unknown dataset is named before its preset is read
+    # The options that choose the preset are checked before it is read.
+    for path, f in option_fields(cls):
+        if f.name in context and context[f.name] is not MISSING:
+            problem = option_problem(cls, path, f, context[f.name])
+            if problem:
+                _refuse(f, problem, context[f.name])
     layers: list[dict[str, Any]] = []
     if context["method"] not in (None, MISSING):
         method_defaults = registry("method").get(context["method"]).defaults.get(cls.SECTION, {})

@@ -277,8 +277,6 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
     """
     validate(config)
     out = Path(config.out)
-    if out.is_dir():
-        raise FadrmError(f"--out {out} is a folder; give a file name such as {out / 'teacher.pt'}")
     spec = get_dataset_spec(config.dataset)
     if out.exists() and not config.overwrite:
         ckpt = safe_torch_load(out)
