@@ -177,7 +177,7 @@ _rule(device_name, "gpu", "cuda:x")
 def model_name(value: str) -> str | None:
     """Rule: a registered model, or ``timm:<name>``."""
     known = value in registry("model") or value.startswith("timm:")
-    return None if known else f"must be a registered model (fadrm list models) or timm:<name>"
+    return None if known else "must be a registered model (fadrm list models) or timm:<name>"
 
 
 _rule(model_name, "resnet9000")
@@ -188,7 +188,8 @@ def teacher_source(value: str) -> str | None:
     path = Path(value)
     if path.is_file() or (":" in value and not path.exists()):
         return None
-    return "must be a checkpoint file, or torchvision weights arch:WEIGHTS" + (" (a folder was given)" if path.is_dir() else " (no such file)")
+    given = "a folder was given" if path.is_dir() else "no such file"
+    return f"must be a checkpoint file, or torchvision weights arch:WEIGHTS ({given})"
 
 
 _rule(teacher_source, "missing-teacher.pt", ".")
@@ -221,6 +222,7 @@ def not_a_file(value: str) -> str | None:
 
 
 _rule(not_a_folder, ".")
+_rule(not_a_file, __file__)  # a file that always exists: this one
 
 
 _DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
