@@ -46,3 +46,28 @@ def test_two_processes_equal_one(fmnist_root, teacher_ckpt, tmp_path):
                            capture_output=True, text=True, env=env)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
     assert pngs(tmp_path / "one" / "images") == pngs(tmp_path / "two" / "images")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
+def test_two_processes_equal_one_with_the_default_batching(fmnist_root, teacher_ckpt, tmp_path):
+    # Default settings: on the CPU a batch holds 100 images, here 10 groups of 10 classes, so IPC 11
+    # plans two batches of unequal size; one process runs both, two processes one each. The batches
+    # are planned before they are shared out, so every image is computed in the same company.
+    common = [
+        "distill", "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--teacher", str(teacher_ckpt),
+        "--ipc", "11", "--sizes", "24", "28", "--budgets", "3", "3", "--mipc", "16", "--num-crop", "2",
+        "--classes-per-group", "10", "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "fadrm", *common, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    sharded = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "fadrm", *common, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    assert pngs(tmp_path / "one" / "images") == pngs(tmp_path / "two" / "images")
+    units = json.loads((tmp_path / "two" / "manifest.json").read_text())["units"]
+    assert sorted({u["rank"] for u in units}) == [0, 1] and sorted({u["batched_groups"] for u in units}) == [1, 10]

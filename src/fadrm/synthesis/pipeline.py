@@ -90,21 +90,27 @@ def _peak_memory(runtime: Runtime) -> int:
 
 
 def synthesize(run: SynthesisRun, method: Method) -> None:
-    """Run the recover loop over this rank's unfinished units and write their images and records."""
+    """Run the recover loop over this rank's unfinished batches and write their images and records.
+
+    The batches are planned over all units and then shared out, so which groups are optimised
+    together depends only on the plan and the device kind: never on the number of processes,
+    nor on which units an interrupted run had finished (a batch with any unit missing is redone
+    whole, rewriting the same bytes for the units it had).
+    """
     config, layout, runtime = run.config, run.layout, run.runtime
     settings = method.stage_plan(config.synthesis)
     initialiser = INITIALISERS.get(method.initialiser)
     cpg = config.synthesis.classes_per_group
-    units = run.ranks.shard(plan_units(len(layout.class_names), config.ipc, cpg))
-    todo = [u for u in units if not layout.unit_record(u.key).exists()]
+    per_batch = config.groups_per_batch or max(1, DEFAULT_BATCH_IMAGES[runtime.device.type] // cpg)
+    batches = run.ranks.shard(_batches(plan_units(len(layout.class_names), config.ipc, cpg), per_batch))
+    todo = [batch for batch in batches if not all(layout.unit_record(u.key).exists() for u in batch)]
     if not todo:
         return
-    per_batch = config.groups_per_batch or max(1, DEFAULT_BATCH_IMAGES[runtime.device.type] // cpg)
     bounds = _bounds(run.spec, runtime.device)
     models = [t.model for t in run.teachers]
-    run.log(f"{method.name}: {len(todo)} groups to synthesise, {per_batch} per batch, {settings.total_budget} "
-            "iterations each")  # fmt: skip
-    for batch in _batches(todo, per_batch):
+    run.log(f"{method.name}: {sum(map(len, todo))} groups to synthesise, {per_batch} per batch, "
+            f"{settings.total_budget} iterations each")  # fmt: skip
+    for batch in todo:
         started = time.perf_counter()
         generators = [make_generator(config.seed, "synth", u.ipc_index, u.group) for u in batch]
         labels = torch.tensor([c for u in batch for c in u.classes])
