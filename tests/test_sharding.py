@@ -15,6 +15,21 @@ from test_distill import pngs
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
+def _one_and_two_processes(command: list[str], tmp_path: Path) -> dict[str, str]:
+    """Run ``fadrm COMMAND`` into tmp_path/one in one process and into tmp_path/two under torchrun
+    with two, one thread each; returns that environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "fadrm", *command, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=env)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    sharded = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "fadrm", *command, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    return env
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
 def test_two_processes_equal_one(fmnist_root, teacher_ckpt, tmp_path):
@@ -23,15 +38,7 @@ def test_two_processes_equal_one(fmnist_root, teacher_ckpt, tmp_path):
         "--ipc", "3", "--sizes", "24", "28", "--budgets", "3", "3", "--mipc", "16", "--num-crop", "2",
         "--classes-per-group", "5", "--groups-per-batch", "1", "--device", "cpu",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "fadrm", *common, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, env=env)  # fmt: skip
-    assert single.returncode == 0, single.stderr
-    sharded = subprocess.run(
-        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "fadrm", *common, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
-    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    env = _one_and_two_processes(common, tmp_path)
     assert pngs(tmp_path / "one" / "images") == pngs(tmp_path / "two" / "images")
     assert pngs(tmp_path / "one" / "init") == pngs(tmp_path / "two" / "init")
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
@@ -59,15 +66,7 @@ def test_two_processes_equal_one_with_the_default_batching(fmnist_root, teacher_
         "--ipc", "11", "--sizes", "24", "28", "--budgets", "3", "3", "--mipc", "16", "--num-crop", "2",
         "--classes-per-group", "10", "--device", "cpu",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "fadrm", *common, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, env=env)  # fmt: skip
-    assert single.returncode == 0, single.stderr
-    sharded = subprocess.run(
-        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "fadrm", *common, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
-    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    _one_and_two_processes(common, tmp_path)
     assert pngs(tmp_path / "one" / "images") == pngs(tmp_path / "two" / "images")
     units = json.loads((tmp_path / "two" / "manifest.json").read_text())["units"]
     assert sorted({u["rank"] for u in units}) == [0, 1] and sorted({u["batched_groups"] for u in units}) == [1, 10]
