@@ -15,6 +15,14 @@ from test_distill import pngs
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
+def _distill(fmnist_root: Path, teacher: Path, *options: str) -> list[str]:
+    """A quick two-stage distillation of the fixture on the CPU, with ``options``."""
+    return [
+        "distill", "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--teacher", str(teacher),
+        "--sizes", "24", "28", "--budgets", "3", "3", "--mipc", "16", "--num-crop", "2", "--device", "cpu", *options,
+    ]  # fmt: skip
+
+
 def _one_and_two_processes(command: list[str], tmp_path: Path) -> dict[str, str]:
     """Run ``fadrm COMMAND`` into tmp_path/one in one process and into tmp_path/two under torchrun
     with two, one thread each; returns that environment."""
@@ -33,11 +41,7 @@ def _one_and_two_processes(command: list[str], tmp_path: Path) -> dict[str, str]
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
 def test_two_processes_equal_one(fmnist_root, teacher_ckpt, tmp_path):
-    common = [
-        "distill", "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--teacher", str(teacher_ckpt),
-        "--ipc", "3", "--sizes", "24", "28", "--budgets", "3", "3", "--mipc", "16", "--num-crop", "2",
-        "--classes-per-group", "5", "--groups-per-batch", "1", "--device", "cpu",
-    ]  # fmt: skip
+    common = _distill(fmnist_root, teacher_ckpt, "--ipc", "3", "--classes-per-group", "5", "--groups-per-batch", "1")
     env = _one_and_two_processes(common, tmp_path)
     assert pngs(tmp_path / "one" / "images") == pngs(tmp_path / "two" / "images")
     assert pngs(tmp_path / "one" / "init") == pngs(tmp_path / "two" / "init")
@@ -61,11 +65,7 @@ def test_two_processes_equal_one_with_the_default_batching(fmnist_root, teacher_
     # Default settings: on the CPU a batch holds 100 images, here 10 groups of 10 classes, so IPC 11
     # plans two batches of unequal size; one process runs both, two processes one each. The batches
     # are planned before they are shared out, so every image is computed in the same company.
-    common = [
-        "distill", "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--teacher", str(teacher_ckpt),
-        "--ipc", "11", "--sizes", "24", "28", "--budgets", "3", "3", "--mipc", "16", "--num-crop", "2",
-        "--classes-per-group", "10", "--device", "cpu",
-    ]  # fmt: skip
+    common = _distill(fmnist_root, teacher_ckpt, "--ipc", "11", "--classes-per-group", "10")
     _one_and_two_processes(common, tmp_path)
     assert pngs(tmp_path / "one" / "images") == pngs(tmp_path / "two" / "images")
     units = json.loads((tmp_path / "two" / "manifest.json").read_text())["units"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .artifacts import DistilledSet
-from .config import DistillConfig, EvalConfig, RunConfig, TeacherConfig, read_config_file, resolve
+from .config import DistillConfig, EvalConfig, RunConfig, TeacherConfig, read_config_file, resolve, written_form
 from .errors import FadrmError
 
 # Imported here, not lazily: importing the module fadrm.evaluate later would rebind the name
@@ -108,9 +108,10 @@ class RunPlan:
     evaluate: EvalConfig
 
     def to_dict(self) -> dict[str, Any]:
-        teachers = [t if isinstance(t, str) else t.to_dict() for t in self.teachers]
-        return {"run": self.run.to_dict(), "teachers": teachers, "distill": self.distill.to_dict(),
-                "evaluate": self.evaluate.to_dict()}  # fmt: skip
+        """Every stage as its config file would hold it."""
+        teachers = [t if isinstance(t, str) else written_form(t) for t in self.teachers]
+        return {"run": written_form(self.run), "teachers": teachers, "distill": written_form(self.distill),
+                "evaluate": written_form(self.evaluate)}  # fmt: skip
 
 
 def _teacher_path(teacher: TeacherConfig | str) -> str:
@@ -204,3 +205,11 @@ def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, 
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     log("\n".join(["== fadrm run summary ==", *lines]))
     return summary
+
+
+# Each stage command: how its config is resolved (from a config file and options) and how it runs.
+STAGE_COMMANDS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    "train-teacher": (teacher_config, _train_teacher),
+    "distill": (distill_config, _distill),
+    "evaluate": (eval_config, _evaluate),
+}

@@ -12,7 +12,9 @@ from typing import Any, NoReturn, Sequence
 import yaml
 
 from ._version import __version__
-from .config import STAGES, StageConfig, choices_of, dump_config, flag_of, key_of, option_fields, option_type
+from .config import (
+    STAGES, StageConfig, choices_of, dump_config, dump_yaml, flag_of, key_of, option_fields, option_type,
+)  # fmt: skip
 from .errors import FadrmError
 
 
@@ -100,30 +102,19 @@ def _handle(args: argparse.Namespace) -> int:
     from . import api
 
     given = _given(args, args.stage)
-    if args.command == "run":
+    if args.command == "run":  # several stages, no --config
         plan = api.plan_run(**given)
         if args.print_config:
-            print(yaml.safe_dump(plan.to_dict(), sort_keys=False), end="")
-            return 0
-        api.execute_run(plan)
+            print(dump_yaml(plan.to_dict()), end="")
+        else:
+            api.execute_run(plan)
         return 0
-    resolve_config = {"train-teacher": api.teacher_config, "distill": api.distill_config, "evaluate": api.eval_config}
-    config = resolve_config[args.command](args.config, **given)
+    resolve_config, run_stage = api.STAGE_COMMANDS[args.command]
+    config = resolve_config(args.config, **given)
     if args.print_config:
         print(dump_config(config), end="")
-        return 0
-    if args.command == "train-teacher":
-        from .teachers import train_teacher
-
-        train_teacher(config)
-    elif args.command == "distill":
-        from .synthesis.pipeline import distill
-
-        distill(config)
     else:
-        from .evaluate import evaluate
-
-        evaluate(config)
+        run_stage(config)
     return 0
 
 

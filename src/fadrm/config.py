@@ -538,9 +538,10 @@ def _is_part(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, Options)
 
 
-def _parts(cls: type[Options]) -> set[str]:
+@functools.cache
+def _parts(cls: type[Options]) -> frozenset[str]:
     hints = typing.get_type_hints(cls)
-    return {f.name for f in fields(cls) if _is_part(hints[f.name])}
+    return frozenset(f.name for f in fields(cls) if _is_part(hints[f.name]))
 
 
 @functools.cache
@@ -563,12 +564,10 @@ def key_of(f: dataclasses.Field) -> str:
 
 def flatten(cls: type[StageConfig], values: Mapping[str, Any]) -> dict[str, Any]:
     """Nested (or already flat) ``values`` of ``cls`` by key; keys it does not declare are kept."""
-    hints = typing.get_type_hints(cls)
     flat: dict[str, Any] = {}
     for name, value in values.items():
-        part = hints.get(name)
-        if _is_part(part) and isinstance(value, Mapping):
-            keys = {f.name: key_of(f) for f in fields(part)}
+        if name in _parts(cls) and isinstance(value, Mapping):
+            keys = {f.name: key_of(f) for f in fields(typing.get_type_hints(cls)[name])}
             flat.update({keys.get(k, k): v for k, v in value.items()})
         else:
             flat[name] = value
@@ -589,13 +588,19 @@ def defining_settings(cls: type[StageConfig], values: Mapping[str, Any]) -> dict
 
 
 @functools.cache
-def option_type(cls: type[StageConfig], path: tuple[str, ...]) -> Any:
-    """The declared type of the option at ``path`` without None (``int | None`` -> int;
-    ``list[int]`` and ``str | float`` kept)."""
+def _annotation(cls: type[Options], path: tuple[str, ...]) -> Any:
+    """The annotation of the option at ``path`` as declared (``int | None`` included)."""
     owner: Any = cls
     for name in path[:-1]:
         owner = typing.get_type_hints(owner)[name]
-    hint = typing.get_type_hints(owner)[path[-1]]
+    return typing.get_type_hints(owner)[path[-1]]
+
+
+@functools.cache
+def option_type(cls: type[StageConfig], path: tuple[str, ...]) -> Any:
+    """The declared type of the option at ``path`` without None (``int | None`` -> int;
+    ``list[int]`` and ``str | float`` kept)."""
+    hint = _annotation(cls, path)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         members = tuple(a for a in typing.get_args(hint) if a is not type(None))
         hint = members[0] if len(members) == 1 else typing.Union[members]
@@ -645,10 +650,7 @@ def _type_error(value: Any, hint: Any, optional: bool) -> str | None:
 def option_problem(cls: type[Options], path: tuple[str, ...], f: dataclasses.Field, value: Any) -> str | None:
     """Why ``value`` is not valid for the option at ``path`` of ``cls`` (its type, count, choices
     and rules, in that order), or None."""
-    owner: Any = cls
-    for name in path[:-1]:
-        owner = typing.get_type_hints(owner)[name]
-    optional = type(None) in typing.get_args(typing.get_type_hints(owner)[path[-1]])
+    optional = type(None) in typing.get_args(_annotation(cls, path))
     problem = _type_error(value, option_type(cls, path), optional)
     if problem is not None or value is None:
         return problem
@@ -863,20 +865,17 @@ def resolve(
     given_values = nest(cls, given or {}, "the options given", drop_unset=True)
     file_values = nest(cls, read_config_file(config_file), f"config file {config_file}", drop_unset=True) if config_file else {}
     chosen = _merged(cls, file_values, given_values)
-    names = {f.name for f in fields(cls)}
+    # Which preset applies: the stage's own options where it has them (checked before the preset
+    # is read), else what the caller says.
     context = {"dataset": dataset, "method": method, "ipc": ipc}
-    for name in context:
-        if name in names:
-            default = next(f.default for f in fields(cls) if f.name == name)
-            context[name] = chosen.get(name, context[name] if context[name] is not None else default)
-    if context["dataset"] is None or context["dataset"] is MISSING:
-        raise FadrmError("give --dataset")
-    # The options that choose the preset are checked before it is read.
     for path, f in option_fields(cls):
-        if f.name in context and context[f.name] is not MISSING:
-            problem = option_problem(cls, path, f, context[f.name])
+        if path[0] in context and (value := chosen.get(f.name, f.default)) is not MISSING:
+            problem = option_problem(cls, path, f, value)
             if problem:
-                _refuse(f, problem, context[f.name])
+                _refuse(f, problem, value)
+            context[f.name] = value
+    if context["dataset"] is None:
+        raise FadrmError("give --dataset")
     layers: list[dict[str, Any]] = []
     if context["method"] not in (None, MISSING):
         method_defaults = registry("method").get(context["method"]).defaults.get(cls.SECTION, {})
@@ -895,8 +894,8 @@ def write_config(path: str | Path, config: StageConfig) -> None:
         tmp.write_text(dump_config(config))
 
 
-def dump_config(config: StageConfig) -> str:
-    """The config as the YAML that ``--config`` replays; one-shot options (``overwrite``) at their default."""
+def written_form(config: StageConfig) -> dict[str, Any]:
+    """The config as a file holds it: one-shot options (``overwrite``) at their default."""
     values = config.to_dict()
     for path, f, _ in config.leaves():
         if not f.metadata["persist"]:
@@ -904,4 +903,14 @@ def dump_config(config: StageConfig) -> str:
             for name in path[:-1]:
                 target = target[name]
             target[path[-1]] = f.default
+    return values
+
+
+def dump_yaml(values: Any) -> str:
+    """YAML as fadrm writes configs: in declaration order, short lists on one line."""
     return yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
+
+
+def dump_config(config: StageConfig) -> str:
+    """The config as the YAML that ``--config`` replays (see :func:`written_form`)."""
+    return dump_yaml(written_form(config))
