@@ -906,9 +906,17 @@ def written_form(config: StageConfig) -> dict[str, Any]:
     return values
 
 
+class _ConfigDumper(yaml.SafeDumper):
+    """Mappings as blocks, lists of plain values on one line (``sizes: [24, 28]``)."""
+
+
+_ConfigDumper.add_representer(list, lambda dumper, values: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", values, flow_style=not any(isinstance(v, (list, dict)) for v in values)))  # fmt: skip
+
+
 def dump_yaml(values: Any) -> str:
-    """YAML as fadrm writes configs: in declaration order, short lists on one line."""
-    return yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
+    """YAML as fadrm writes configs: in declaration order, lists of plain values on one line."""
+    return yaml.dump(values, Dumper=_ConfigDumper, sort_keys=False, default_flow_style=False)
 
 
 def dump_config(config: StageConfig) -> str:
