@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from fadrm.artifacts import partial_path
+from fadrm.config import TeacherConfig
 from fadrm.data import get_dataset_spec
 from fadrm.data.specs import FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES
 from fadrm.errors import FadrmError
 from fadrm.models import build_model
-from fadrm.artifacts import partial_path
-from fadrm.config import TeacherConfig
 from fadrm.teachers import fit_teacher_to_dataset, load_teacher, train_teacher
 
 from conftest import make_teacher_checkpoint
@@ -140,3 +144,31 @@ def _capture(run) -> list[str]:
     lines: list[str] = []
     run(lines.append)
     return lines
+
+
+def test_train_teacher_killed_with_sigkill_resumes_to_the_same_weights(fmnist_root, tmp_path):
+    """kill -9 between epochs (a real process, the default options but a small model): the rerun
+    continues from the last finished epoch and ends with the weights of an uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "fadrm", "train-teacher", "--dataset", "fashion-mnist", "--model", "convnet-small",
+                "--model-arg", "width=4", "--epochs", "40", "--data-root", str(fmnist_root), "--out", str(out)]  # fmt: skip
+
+    straight = tmp_path / "straight.pt"
+    subprocess.run(command(straight), check=True, capture_output=True, env=env)
+    killed = tmp_path / "killed.pt"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not partial_path(killed).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.kill()  # SIGKILL: no handler runs
+    finally:
+        proc.wait()
+    assert partial_path(killed).exists() and not killed.exists(), "the run finished before it could be killed"
+    epochs_done = torch.load(partial_path(killed), weights_only=True)["epoch"]
+    rerun = subprocess.run(command(killed), check=True, capture_output=True, text=True, env=env)
+    assert f"resuming {killed} after epoch" in rerun.stdout and 0 < epochs_done < 40
+    a, b = load_teacher(straight).model.state_dict(), load_teacher(killed).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
