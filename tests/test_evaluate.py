@@ -121,6 +121,39 @@ def test_evaluate_with_baseline_and_stored_labels(distilled, fmnist_root, tmp_pa
     assert sum("reusing" in line for line in lines) == 3 and again["runs"] == results["runs"]
 
 
+def test_robustness_trains_every_arm_scores_them_and_reuses_them(distilled, fmnist_root, tmp_path):
+    common = dict(out=str(tmp_path / "e"), data_root=str(fmnist_root), robustness=True,
+                  full_data_dir=str(tmp_path / "cache"), **QUICK)  # fmt: skip
+    results = fadrm.evaluate(distilled, log=lambda s: None, **common)
+    arms = [(r["train_set"], r["labels"], r["augment"]) for r in results["runs"]]
+    assert arms == [
+        ("full-data", "hard", True), ("distilled", "soft", True), ("random-real", "soft", True),
+        ("random-real", "hard", True), ("distilled", "hard", True), ("distilled", "soft", False),
+        ("random-real", "soft", False),
+    ]  # fmt: skip
+    acc = {arm: run["top1"] / 100 for arm, run in zip(arms, results["runs"])}
+    (row,) = results["robustness"]
+    assert row["hlr"] == pytest.approx(acc["full-data", "hard", True] - acc["distilled", "hard", True])
+    assert row["ior"] == pytest.approx(acc["distilled", "soft", True] - acc["random-real", "soft", True])
+    assert 0 <= row["lrs"] <= 1 and 0 <= row["ars"] <= 1
+    # The full-data student is the teacher recipe's model, cached outside the evaluation and reused.
+    (cached,) = (tmp_path / "cache").glob("fashion-mnist-convnet-small-*.pt")
+    assert results["runs"][0]["checkpoint"] == str(cached) and results["runs"][0]["epochs"] == 7
+    assert "## Robustness scores" in (tmp_path / "e" / "results.md").read_text()
+    assert "| distilled | soft, no augmentation |" in (tmp_path / "e" / "results.md").read_text()
+    lines: list[str] = []
+    again = fadrm.evaluate(distilled, log=lines.append, **common)
+    assert sum("reusing finished run" in line for line in lines) == 6 and any("already trained" in l for l in lines)
+    assert again["robustness"] == results["robustness"]
+
+
+def test_views_without_augmentation_are_the_images_themselves():
+    images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    sampler = ViewSampler(seed=0, size=28, augment=False)
+    (indices,) = sampler.batches(0, 5, 8)
+    assert torch.equal(render(images, sampler.view(0, 0, indices, 28, 28), 28), images[indices].float() / 255)
+
+
 def test_live_and_stored_students_match(distilled, fmnist_root, tmp_path):
     common = dict(data_root=str(fmnist_root), log=lambda s: None, **QUICK)
     live = fadrm.evaluate(distilled, out=str(tmp_path / "live"), labels="live", **common)
@@ -140,10 +173,10 @@ def test_repeats_add_seeds_report_mean_and_std_and_keep_finished_runs(distilled,
                   **QUICK)  # fmt: skip
     single = fadrm.evaluate(distilled, log=lambda s: None, **common)
     subset_seeds: list[int] = []
-    real_subset = evaluate_module.BASELINES.get("random-real")
-    recording = Registry("baseline")
+    real_subset = evaluate_module.REAL_SUBSETS.get("random-real")
+    recording = Registry("real subset")
     recording.add("random-real", lambda *args: subset_seeds.append(args[-1]) or real_subset(*args))
-    monkeypatch.setattr(evaluate_module, "BASELINES", recording)
+    monkeypatch.setattr(evaluate_module, "REAL_SUBSETS", recording)
     lines: list[str] = []
     results = fadrm.evaluate(distilled, repeats=2, log=lines.append, **common)
     # Repeat 0 is the single comparison, reused; repeat 1 has its own seed, views, labels and real subset.
@@ -319,7 +352,8 @@ def test_a_finished_run_serves_the_validations_it_covers(distilled, fmnist_root,
         ({"schedule": "cosine"}, "--schedule must be one of stretched-cosine, got 'cosine'"),
         ({"loss": "ce"}, "--loss must be one of kl, got 'ce'"),
         ({"mix": "cutout"}, "--mix must be one of cutmix, mixup, none, got 'cutout'"),
-        ({"baselines": ["herding"]}, "--baseline must be one of random-real, got ['herding']"),
+        ({"baselines": ["herding"]}, "--baseline must be one of full-data, hard-labels, no-augmentation, random-real, got "
+                                       "['herding']"),
     ],
 )
 def test_bad_protocol_values_are_one_clear_line(distilled, fmnist_root, tmp_path, options, message):

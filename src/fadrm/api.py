@@ -149,7 +149,8 @@ def plan_run(
     distilled = out / f"{config.method}-ipc{config.ipc}"
     distill = distill_config(**shared, teachers=[_teacher_path(t) for t in teachers], out=str(distilled),
                              method=config.method, ipc=config.ipc, **(distill_options or {}))  # fmt: skip
-    evaluation = {"baselines": ["random-real"], "repeats": config.repeats, **shared, **(eval_options or {})}
+    evaluation = {"baselines": ["random-real"], "repeats": config.repeats, "robustness": config.robustness, **shared,
+                  **(eval_options or {})}  # fmt: skip
     evaluation.pop("dataset")
     evaluate = resolve(EvalConfig, {"distilled": str(distilled), **evaluation}, dataset=config.dataset,
                        method=config.method, ipc=config.ipc)  # fmt: skip
@@ -195,13 +196,18 @@ def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, 
     results = _evaluate(plan.evaluate, log=log)
     timings["evaluate"] = time.perf_counter() - started
     summary = {"teacher_top1": teacher_acc, "runs": results["runs"], "summary": results["summary"],
-               "seconds": timings, "distilled": plan.distill.out}  # fmt: skip
+               "robustness": results.get("robustness", []), "seconds": timings,
+               "distilled": plan.distill.out}  # fmt: skip
     lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}"]
     for r in results["summary"]:
         spread = f" ± {r['top1_std']:.2f} (mean of {r['repeats']} seeds)" if r["repeats"] > 1 else ""
         best = f"; best top-1 over the validations {r['best_top1']:.2f}%"
-        lines.append(f"{r['student']} on {r['train_set']} ({r['labels']} labels): last-epoch top-1 {r['top1']:.2f}%"
-                     f"{spread}{best}")  # fmt: skip
+        plain = "" if r.get("augment", True) else ", no augmentation"
+        lines.append(f"{r['student']} on {r['train_set']} ({r['labels']} labels{plain}): last-epoch top-1 "
+                     f"{r['top1']:.2f}%{spread}{best}")  # fmt: skip
+    for r in results.get("robustness", []):
+        scores = ", ".join(f"{name.upper()} {r[name]:.4f}" for name in ("hlr", "ior", "lrs", "ars") if name in r)
+        lines.append(f"{r['student']} robustness (fractions, mean of {r['repeats']} seeds): {scores}")
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     log("\n".join(["== fadrm run summary ==", *lines]))
     return summary

@@ -165,6 +165,7 @@ class ViewSampler:
         scale: area range of the random-resized crop (0.08-1, as published).
         mix: an entry of :data:`MIXES` ("cutmix", "mixup" or "none").
         mix_alpha: Beta(alpha, alpha) parameter of the mixing weight.
+        augment: False: every view is the whole image, unflipped and unmixed (only the order is random).
     """
 
     seed: int
@@ -172,6 +173,7 @@ class ViewSampler:
     scale: tuple[float, float] = (0.08, 1.0)
     mix: str = "cutmix"
     mix_alpha: float = 1.0
+    augment: bool = True
 
     def batches(self, epoch: int, num_images: int, batch_size: int) -> list[torch.Tensor]:
         """This epoch's shuffled batches of image indices."""
@@ -180,6 +182,9 @@ class ViewSampler:
 
     def view(self, epoch: int, batch_index: int, indices: torch.Tensor, height: int, width: int) -> BatchView:
         """The random views of one batch."""
+        if not self.augment:
+            return BatchView(indices, [(0, 0, height, width)] * len(indices), [False] * len(indices), 1.0,
+                             torch.arange(len(indices)), None)  # fmt: skip
         gen = make_generator(self.seed, "view", epoch, batch_index)
         boxes, flips = [], []
         for _ in range(len(indices)):

@@ -1,22 +1,31 @@
-"""Like-for-like baselines: training sets of the distilled set's size built from real data.
+"""Like-for-like baselines: what a distilled set is compared with, each as student runs ("arms").
 
-Each entry of :data:`BASELINES` takes (real training split, dataset spec, IPC,
-seed) and returns a :class:`TrainingSet` that students train on exactly as on
-the distilled set (with soft and with hard labels).
+A comparison is a list of :class:`Arm`: which training set (the distilled set,
+a real subset of the same size from :data:`REAL_SUBSETS`, or the whole training
+split), which labels (soft from the teachers, or hard), and whether the
+student's augmentation is on. Each entry of :data:`BASELINES` adds arms;
+together ``random-real``, ``hard-labels``, ``full-data`` and
+``no-augmentation`` give every accuracy the robustness scores of
+:mod:`fadrm.robustness` need.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
+from .config import EvalConfig, TeacherConfig, resolve
 from .data import DatasetSpec, eval_transform
 from .data.datasets import ImageDataset
 from .errors import FadrmError
 from .registry import Registry
 from .seeding import make_generator
+from .teachers import Teacher, train_teacher
 
 
 @dataclass
@@ -28,9 +37,10 @@ class TrainingSet:
     labels: torch.Tensor
 
 
-# (real training split, spec, images per class, seed) -> the baseline's training set.
-BaselineFn = Callable[[ImageDataset, DatasetSpec, int, int], TrainingSet]
-BASELINES: Registry[BaselineFn] = Registry("baseline")
+# ------------------------------------------------------------- real subsets
+# (real training split, spec, images per class, seed) -> a real training set of the distilled set's size.
+SubsetFn = Callable[[ImageDataset, DatasetSpec, int, int], TrainingSet]
+REAL_SUBSETS: Registry[SubsetFn] = Registry("real subset")
 
 
 def random_real_subset(dataset: ImageDataset, spec: DatasetSpec, ipc: int, seed: int) -> TrainingSet:
@@ -50,4 +60,99 @@ def random_real_subset(dataset: ImageDataset, spec: DatasetSpec, ipc: int, seed:
     return TrainingSet("random-real", torch.stack(images), torch.tensor(labels))
 
 
-BASELINES.add("random-real", random_real_subset)
+REAL_SUBSETS.add("random-real", random_real_subset)
+
+
+# -------------------------------------------------------------------- arms
+DISTILLED = "distilled"
+# The whole training split: trained by the teacher recipe, not by the student loop (see full_data_student).
+FULL_DATA = "full-data"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One student run of a comparison.
+
+    Attributes:
+        train_set: ``"distilled"``, a :data:`REAL_SUBSETS` name, or ``"full-data"``.
+        labels: ``"soft"`` (the teachers relabel every view) or ``"hard"`` (each image's class).
+        augment: False turns the student's augmentation off (whole images, no flips, no mixing).
+    """
+
+    train_set: str
+    labels: str
+    augment: bool = True
+
+    def key(self, student: str) -> str:
+        """The run's file name stem (without the repeat suffix)."""
+        return f"{self.train_set}-{student}-{self.labels}" + ("" if self.augment else "-noaug")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A registered baseline: a one-line summary and the arms it adds."""
+
+    summary: str
+    arms: tuple[Arm, ...]
+
+
+BASELINES: Registry[Baseline] = Registry("baseline")
+BASELINES.add("random-real", Baseline("a random real subset of the same IPC, with soft and with hard labels",
+                                      (Arm("random-real", "soft"), Arm("random-real", "hard"))))  # fmt: skip
+BASELINES.add("hard-labels", Baseline("the distilled set with hard labels (cross-entropy on each image's class)",
+                                      (Arm(DISTILLED, "hard"),)))  # fmt: skip
+BASELINES.add("full-data", Baseline("the whole training split with hard labels, by the dataset's teacher recipe "
+                                    "(trained once per dataset, student and seed, then reused)",
+                                    (Arm(FULL_DATA, "hard"),)))  # fmt: skip
+BASELINES.add("no-augmentation", Baseline("the distilled set and the random real subset with soft labels and "
+                                          "without the student's augmentation",
+                                          (Arm(DISTILLED, "soft", augment=False),
+                                           Arm("random-real", "soft", augment=False))))  # fmt: skip
+
+# What --robustness adds: every arm HLR, IOR, LRS and ARS need.
+ROBUSTNESS_BASELINES = ("random-real", "hard-labels", "full-data", "no-augmentation")
+
+
+def comparison_arms(baselines: Sequence[str]) -> list[Arm]:
+    """The distilled set with soft labels, then each baseline's arms in the order given, each once."""
+    arms = [Arm(DISTILLED, "soft")]
+    for name in baselines:
+        arms += BASELINES.get(name).arms
+    return list(dict.fromkeys(arms))
+
+
+# --------------------------------------------------------------- full data
+def default_cache() -> Path:
+    """Where models shared between evaluations live: ``$FADRM_CACHE``, else ``~/.cache/fadrm``."""
+    import os
+
+    return Path(os.environ.get("FADRM_CACHE") or Path.home() / ".cache" / "fadrm")
+
+
+def full_data_config(config: EvalConfig, dataset: str, student: str, model_args: dict) -> TeacherConfig:
+    """How the full-data arm trains ``student``: the dataset's teacher recipe at the evaluation's seed and
+    held-out split, written under ``--full-data-dir`` in a file named by what defines it."""
+    given = {
+        "dataset": dataset, "model": student, "model_args": model_args, "holdout": config.holdout,
+        "seed": config.seed, "data_root": config.data_root, "device": config.device, "amp": config.amp,
+        "workers": config.workers, "out": "full-data.pt",
+    }  # fmt: skip
+    teacher_config = resolve(TeacherConfig, given)
+    digest = hashlib.sha256(json.dumps(teacher_config.identity(), sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(config.full_data_dir) if config.full_data_dir else default_cache() / "full-data"
+    return replace(teacher_config, out=str(folder / f"{dataset}-{student}-{digest}.pt"))
+
+
+def full_data_student(
+    config: EvalConfig, dataset: str, student: str, model_args: dict, known: Sequence[Teacher],
+    log: Callable[[str], None] = print,
+) -> tuple[Teacher, TeacherConfig]:  # fmt: skip
+    """The full-data student: one of ``known`` (e.g. the set's own teacher) when it was trained with
+    exactly these settings, else the cached model, trained first (resumably) when missing."""
+    teacher_config = full_data_config(config, dataset, student, model_args)
+    for teacher in known:
+        if teacher.train_config and teacher.train_config == teacher_config.identity():
+            log(f"full-data {student}: the teacher {teacher.source} was trained with these settings; reusing it")
+            return teacher, teacher_config
+    log(f"full-data {student}: {teacher_config.out}")
+    return train_teacher(teacher_config, log=log), teacher_config

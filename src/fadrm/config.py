@@ -448,6 +448,10 @@ class EvalConfig(StageConfig):
                               "uses 0.8")  # fmt: skip
     crop_scale: list[float] = option([0.08, 1.0], help="area range of the students' random-resized crops", nargs=2,
                                      check=scale_pair)  # fmt: skip
+    # New in fadrm 0.4: out of the identity at its only former behaviour.
+    augment: bool = option(True, inert=lambda flat: flat.get("augment") is True,
+                           help="the students' augmentation: random-resized crops, flips and mixing (--no-augment: "
+                           "whole images, as they are)")  # fmt: skip
     labels: str = option("live", help="teacher in the loop, or labels stored once and reused", choices=("live", "stored"))
     labels_dir: str | None = option(None, defines=False,
                                     help="where stored labels live (default: <out>/labels; repeat r > 0 uses "
@@ -463,8 +467,16 @@ class EvalConfig(StageConfig):
     eval_at: list[int] = option([], help="also validate after these epochs", defines=False, check=each(at_least(1)))
     baselines: list[str] = option([], defines=False, flag="--baseline", repeat=True,
                                   choices=registered("baseline"),
-                                  help="also train on a random real subset of the same IPC, with soft and hard "
-                                  "labels")  # fmt: skip
+                                  help="also train these arms: random-real (a random real subset of the same "
+                                  "IPC, soft and hard labels), hard-labels (the set with hard labels), full-data (the "
+                                  "whole training split, hard labels, by the teacher recipe; cached), "
+                                  "no-augmentation (set and subset, soft labels, no augmentation)")  # fmt: skip
+    robustness: bool = option(False, defines=False,
+                              help="add every baseline the robustness scores need and report HLR, IOR, LRS and ARS "
+                              "(DD-Ranking's scores, on accuracies as fractions)")  # fmt: skip
+    full_data_dir: str | None = option(None, defines=False, check=not_a_file,
+                                       help="where full-data students are kept and reused (default: "
+                                       "$FADRM_CACHE/full-data, else ~/.cache/fadrm/full-data)")  # fmt: skip
     seed: int = option(0, help="random seed (student initialisation, views, random real subset)")
     # Each run's identity holds its own seed, so finished runs survive a larger --repeats.
     repeats: int = option(1, defines=False, check=at_least(1),
@@ -492,7 +504,8 @@ class EvalConfig(StageConfig):
         """The views of this run's students at ``size`` px (the same for live and stored labels)."""
         from .augment import ViewSampler
 
-        return ViewSampler(self.seed, size, (self.crop_scale[0], self.crop_scale[1]), self.mix, self.mix_alpha)
+        return ViewSampler(self.seed, size, (self.crop_scale[0], self.crop_scale[1]), self.mix, self.mix_alpha,
+                           self.augment)  # fmt: skip
 
     def evaluation_epochs(self) -> list[int]:
         """The epochs (1-based) after which the student is validated; always ends with the last."""
@@ -522,6 +535,9 @@ class RunConfig(StageConfig):
     holdout: int = option(0, help="validate on the last N training images per class", check=at_least(0))
     repeats: int | None = option(None, help="repeat the evaluation with seeds seed, seed+1, ... (mean ± std)",
                                  defines=False, check=at_least(1))  # fmt: skip
+    robustness: bool = option(False, defines=False,
+                              help="also train every baseline the robustness scores need and report HLR, IOR, LRS "
+                              "and ARS")  # fmt: skip
     device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
     amp: str = option("auto", defines=False, choices=AMP_MODES, unset="auto",
                       help="mixed precision (auto: each stage's published precision on CUDA: "

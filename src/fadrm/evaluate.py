@@ -1,35 +1,40 @@
 """Evaluate a distilled set: train fresh students on it alone, report real validation accuracy.
 
 The orchestration of sections 4 and 5 of the method: which students train on
-which sets (the distilled set, then each like-for-like baseline of
-:mod:`fadrm.baselines` with soft and with hard labels), under which seeds,
-reusing finished runs. One student's training loop is :mod:`fadrm.students`.
+which sets (the distilled set, then the arms of each baseline of
+:mod:`fadrm.baselines`), under which seeds, reusing finished runs, and the
+robustness scores of :mod:`fadrm.robustness` where the arms allow them. One
+student's training loop is :mod:`fadrm.students`.
 """
 
 from __future__ import annotations
 
 import itertools
 import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .artifacts import (
     DistilledSet, LabelStore, read_finished_run, stored_label_bytes, write_finished_run,
 )  # fmt: skip
-from .baselines import BASELINES, TrainingSet
+from .baselines import (
+    DISTILLED, FULL_DATA, REAL_SUBSETS, ROBUSTNESS_BASELINES, TrainingSet, comparison_arms, full_data_student,
+)  # fmt: skip
 from .config import EvalConfig, student_recipe, validate, write_config
 from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split
 from .errors import FadrmError
 from .labels import TeacherLabeller, label_epoch
 from .models import build_model
+from .robustness import robustness_summary
 from .runtime import Runtime, make_runtime
 from .seeding import derive_seed
 from .students import train_student, with_best_of
-from .teachers import load_teachers
-from .training import make_loader, progress
+from .teachers import Teacher, load_teachers
+from .training import evaluate_accuracy, make_loader, progress
 
 # Version of the student protocol; finished runs of an older one are retrained. 2: accumulation
 # splits each loader batch into micro-batches (one optimiser step per loader batch), weight decay
@@ -68,14 +73,17 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     students = config.students or [teachers[0].arch]
     for name in students:
         build_model(name, 2, spec.channels, spec.image_size)  # fail now on an unknown student, not after hours
-    baselines = [BASELINES.get(name) for name in dict.fromkeys(config.baselines)]  # each once, in order given
-    train_set = None
-    if baselines:
-        train_set = load_split(spec, "train", config.data_root, config.holdout)
+    arms = comparison_arms([*config.baselines, *(ROBUSTNESS_BASELINES if config.robustness else ())])
+    subsets = list(dict.fromkeys(arm.train_set for arm in arms if arm.train_set in REAL_SUBSETS))
+    train_set = load_split(spec, "train", config.data_root, config.holdout) if subsets else None
     results: dict[str, Any] = {
         "distilled": str(config.distilled), "dataset": spec.name, "method": distilled_set.method, "ipc": distilled_set.ipc,
         "teachers": [t.describe() for t in teachers], "config": config.to_dict(), "runs": [],
     }  # fmt: skip
+    if any(arm.train_set == FULL_DATA for arm in arms):
+        for student in students:
+            results["runs"].append(full_data_run(config, spec, student, student_args(student, teachers), teachers,
+                                                 val_loader, runtime, log))  # fmt: skip
     # A finished run is reused only for the same settings and the same images: re-distilling
     # into the folder (new pixels, new per-image losses) invalidates it.
     set_id = distilled_set.set_id()
@@ -85,21 +93,21 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
         # views and mixing, and the random real subset change; the distilled images do not.
         trial = replace(config, seed=config.seed + repeat)
         suffix = f"-repeat{repeat}" if repeat else ""
-        # (training set, labels) in report order: the distilled set, then each baseline soft and hard.
-        arms = [(distilled, "soft")]
-        for baseline in baselines:
-            subset = baseline(train_set, spec, distilled_set.ipc, trial.seed)
-            arms += [(subset, "soft"), (subset, "hard")]
+        sets = {DISTILLED: distilled}
+        sets.update({name: REAL_SUBSETS.get(name)(train_set, spec, distilled_set.ipc, trial.seed) for name in subsets})
         store = None
         if config.labels == "stored":
             folder = Path(config.labels_dir or out / "labels")
             folder = folder.with_name(folder.name + suffix)
             store = prepare_store(trial, distilled_set, distilled, spec, labeller, runtime, folder, log)
             stores.append(store)
-        for student, (training_set, label_mode) in itertools.product(students, arms):
-            key = f"{training_set.name}-{student}-{label_mode}{suffix}"
+        for student, arm in itertools.product(students, arms):
+            if arm.train_set == FULL_DATA:
+                continue  # one run per student for every repeat, above
+            training_set = sets[arm.train_set]
+            key = arm.key(student) + suffix
             recipe = resolve_recipe(trial, spec.name, student, distilled_set.ipc)
-            run_config = replace(trial, lr=recipe["lr"], eta=recipe["eta"])
+            run_config = replace(trial, lr=recipe["lr"], eta=recipe["eta"], augment=trial.augment and arm.augment)
             identity = {**run_config.identity(), "distilled_set": set_id, "protocol": STUDENT_PROTOCOL}
             run_file = out / "runs" / f"{key}.json"
             finished = read_finished_run(run_file, identity)
@@ -110,21 +118,26 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
                 log(f"{key}: reusing finished run (top-1 {run['top1']:.2f}%)")
             else:
                 torch.manual_seed(derive_seed(trial.seed, "student", student))
-                args = teachers[0].arch_args if student == teachers[0].arch else {}
-                model = build_model(student, len(class_names), spec.channels, spec.image_size, **args)
-                use_store = store if training_set.name == "distilled" else None
+                model = build_model(student, len(class_names), spec.channels, spec.image_size,
+                                    **student_args(student, teachers))  # fmt: skip
+                # Stored labels are the teachers' outputs on exactly the views of the soft distilled arm.
+                own_views = arm.train_set == DISTILLED and arm.labels == "soft" and run_config.augment == trial.augment
                 run = train_student(
                     model, training_set, run_config, spec, runtime, val_loader,
-                    labeller if label_mode == "soft" else None, use_store, desc=key, log=log,
+                    labeller if arm.labels == "soft" else None, store if own_views else None, desc=key, log=log,
                 )  # fmt: skip
-                run.update({"student": student, "train_set": training_set.name, "labels": label_mode,
-                            "images": len(training_set.images), "recipe": recipe})  # fmt: skip
+                run.update({"student": student, "train_set": training_set.name, "labels": arm.labels,
+                            "augment": run_config.augment, "images": len(training_set.images),
+                            "recipe": recipe})  # fmt: skip
                 write_finished_run(run_file, identity, run)
                 log(f"{key}: top-1 {run['top1']:.2f}% at the last epoch (best {run['best_top1']:.2f}% at epoch "
                     f"{run['best_epoch']}), top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)")  # fmt: skip
-            # Runs finished before repeats existed lack the field; the identity fixes the seed.
-            results["runs"].append({**run, "seed": trial.seed})
+            # Runs finished before repeats (or --no-augment) existed lack the field; the identity fixes it.
+            results["runs"].append({"augment": True, **run, "seed": trial.seed})
     results["summary"] = summarise_runs(results["runs"])
+    robustness = robustness_summary(results["runs"])
+    if robustness:
+        results["robustness"] = robustness
     if stores:
         results["stored_labels"] = {
             "dirs": [str(store.folder) for store in stores], "bytes": sum(store.bytes_on_disk() for store in stores),
@@ -136,19 +149,46 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
 
 def summarise_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sample standard deviation of the final top-1/top-5 and the best top-1 over the repeats
-    of each (student, set, labels)."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    of each (student, set, labels, augmentation)."""
+    groups: dict[tuple[str, str, str, bool], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault((run["student"], run["train_set"], run["labels"]), []).append(run)
+        groups.setdefault((run["student"], run["train_set"], run["labels"], run.get("augment", True)), []).append(run)
     summary = []
-    for (student, train_set, labels), members in groups.items():
-        row: dict[str, Any] = {"student": student, "train_set": train_set, "labels": labels, "repeats": len(members)}
+    for (student, train_set, labels, augment), members in groups.items():
+        row: dict[str, Any] = {"student": student, "train_set": train_set, "labels": labels, "augment": augment,
+                               "repeats": len(members)}  # fmt: skip
         for metric in ("top1", "top5", "best_top1"):
             values = [m[metric] for m in members]
             row[metric] = statistics.fmean(values)
             row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         summary.append(row)
     return summary
+
+
+def student_args(student: str, teachers: Sequence[Teacher]) -> dict[str, Any]:
+    """Architecture options of a student: the first teacher's when the student is its architecture."""
+    return dict(teachers[0].arch_args) if student == teachers[0].arch else {}
+
+
+def full_data_run(
+    config: EvalConfig, spec: DatasetSpec, student: str, model_args: dict[str, Any], teachers: Sequence[Teacher],
+    val_loader: torch.utils.data.DataLoader, runtime: Runtime, log: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
+    """The full-data arm of ``student`` as a run record: trained (or reused) by
+    :func:`fadrm.baselines.full_data_student`, validated on the evaluation's own split."""
+    model, teacher_config = full_data_student(config, spec.name, student, model_args, teachers, log)
+    started = time.perf_counter()
+    metrics = evaluate_accuracy(runtime.place(model.model), val_loader, runtime, spec.mean, spec.std)
+    epochs = teacher_config.epochs
+    log(f"full-data-{student}-hard: top-1 {metrics['top1']:.2f}% (the teacher recipe, {epochs} epochs)")
+    return {
+        "student": student, "train_set": FULL_DATA, "labels": "hard", "augment": True, "top1": metrics["top1"],
+        "top5": metrics["top5"], "best_top1": metrics["top1"], "best_epoch": epochs, "evaluated_epochs": [epochs],
+        "epochs": epochs, "seconds": round(time.perf_counter() - started, 2), "history": [],
+        "images": len(load_split(spec, "train", config.data_root, config.holdout)), "checkpoint": model.source, "recipe": {"source": "the dataset's teacher recipe",
+                                                               **teacher_config.identity()},
+        "seed": config.seed,
+    }  # fmt: skip
 
 
 def resolve_recipe(config: EvalConfig, dataset: str, student: str, ipc: int) -> dict[str, Any]:
@@ -171,6 +211,7 @@ def prepare_store(
         "crop_scale": list(config.crop_scale), "temperature": config.temperature, "bssl": config.bssl,
         "teachers": [t["sha256"] for t in distilled_set.teachers] if not config.teachers else list(config.teachers),
         "teacher_weights": config.teacher_weights,
+        **({} if config.augment else {"augment": False}),  # stores made before the option keep their identity
     }  # fmt: skip
     store = LabelStore(folder, identity, len(distilled_set.class_names),
                        config.topk, config.temperature)  # fmt: skip

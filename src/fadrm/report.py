@@ -12,6 +12,11 @@ from PIL import Image
 from .io import atomic_path, to_uint8, write_json
 
 
+def _labels(row: dict[str, Any]) -> str:
+    """The labels column: the label kind, and the augmentation when it was off."""
+    return row["labels"] + ("" if row.get("augment", True) else ", no augmentation")
+
+
 def results_table(results: dict[str, Any]) -> str:
     """Markdown table: each student's distilled accuracy next to its baselines (and their means over repeats)."""
     lines = [f"# {results['method']} on {results['dataset']}, IPC {results['ipc']}", ""]
@@ -22,7 +27,7 @@ def results_table(results: dict[str, Any]) -> str:
         ]
         for row in results["summary"]:
             lines.append(
-                f"| {row['student']} | {row['train_set']} | {row['labels']} | {row['repeats']} "
+                f"| {row['student']} | {row['train_set']} | {_labels(row)} | {row['repeats']} "
                 f"| {row['top1']:.2f} ± {row['top1_std']:.2f} | {row['top5']:.2f} ± {row['top5_std']:.2f} "
                 f"| {row['best_top1']:.2f} ± {row['best_top1_std']:.2f} |"
             )
@@ -33,7 +38,7 @@ def results_table(results: dict[str, Any]) -> str:
     ]
     for run in results["runs"]:
         lines.append(
-            f"| {run['student']} | {run['train_set']} | {run['labels']} | {run['seed']} | {run['images']} "
+            f"| {run['student']} | {run['train_set']} | {_labels(run)} | {run['seed']} | {run['images']} "
             f"| {run['epochs']} | {run['top1']:.2f} | {run['top5']:.2f} "
             f"| {run['best_top1']:.2f} (epoch {run['best_epoch']}) | {run['seconds']:.0f} |"
         )
@@ -43,10 +48,27 @@ def results_table(results: dict[str, Any]) -> str:
         f"epochs {_epochs_text(results['runs'])}, as the reference reports; it picks the epoch on the "
         "validation set itself, so it is optimistic.",
     ]
+    if results.get("robustness"):
+        lines += ["", robustness_table(results["robustness"])]
     if "stored_labels" in results:
         stored = results["stored_labels"]
         lines += ["", f"Stored soft labels: {stored['bytes']} bytes ({stored['bytes_per_image_per_epoch']} per image per epoch)."]
     return "\n".join(lines) + "\n"
+
+
+def robustness_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The robustness scores per student (mean ± sample std over the seeds), with what they mean."""
+    lines = ["## Robustness scores", "", "| student | seeds | HLR | IOR | LRS | ARS |", "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        cells = [f"{row[k]:.4f} ± {row[k + '_std']:.4f}" if k in row else "-" for k in ("hlr", "ior", "lrs", "ars")]
+        lines.append(f"| {row['student']} | {row['repeats']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Accuracies as fractions, last epoch. HLR = full-data hard - distilled hard (lower is better); IOR = "
+        "distilled soft - random-real soft; LRS and ARS in [0, 1], higher is better (DD-Ranking's definitions, "
+        "lambda 0.5). '-': the arms it needs were not trained (--robustness trains them all).",
+    ]
+    return "\n".join(lines)
 
 
 def _epochs_text(runs: Sequence[dict[str, Any]]) -> str:
@@ -66,8 +88,8 @@ def plot_curves(path: Path, runs: Sequence[dict[str, Any]]) -> bool:
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     several_seeds = len({run["seed"] for run in runs}) > 1
-    for run in runs:
-        label = f"{run['student']} / {run['train_set']} / {run['labels']}"
+    for run in (run for run in runs if run["history"]):  # the full-data arm has no student curve
+        label = f"{run['student']} / {run['train_set']} / {_labels(run)}"
         label += f" / seed {run['seed']}" if several_seeds else ""
         epochs = [h["epoch"] for h in run["history"]]
         ax_loss.plot(epochs, [h["train_loss"] for h in run["history"]], label=label)

@@ -60,6 +60,7 @@ class Teacher:
     arch_args: dict[str, Any] = field(default_factory=dict)
     kind: str = "fadrm"  # "fadrm" checkpoint, plain "state_dict", or "torchvision" weights
     holdout: int = 0  # training images per class it never saw (see load_split)
+    train_config: dict[str, Any] = field(default_factory=dict)  # what defined its training (ours only)
 
     @property
     def num_classes(self) -> int:
@@ -197,6 +198,7 @@ def _teacher_from_checkpoint(ckpt: dict[str, Any], path: Path) -> Teacher:
         in_channels=ckpt["in_channels"], image_size=ckpt["image_size"], mean=tuple(ckpt["mean"]),
         std=tuple(ckpt["std"]), source=str(path), sha256=sha256_file(path), val_top1=ckpt.get("val_top1"),
         arch_args=args, holdout=int(ckpt.get("train_config", {}).get("holdout", 0)),
+        train_config=dict(ckpt.get("train_config", {})),
     )  # fmt: skip
 
 
