@@ -268,6 +268,15 @@ def test_run_resumes_without_redoing_finished_stages(fmnist_root, tmp_path, monk
     assert [r["train_set"] for r in summary["runs"]] == ["distilled", "random-real", "random-real"]
     assert "== fadrm run summary ==" in text and "wall time: teacher" in text
     assert "last-epoch top-1" in text and "best top-1 over the validations" in text
+    # The robustness arms: the full-data student is the run's own teacher (the same recipe), not trained again.
+    lines.clear()
+    summary = fadrm.run("fashion-mnist", 1, tmp_path / "run", log=lines.append, robustness=True,
+                        **{**options, "eval_options": {**options["eval_options"],
+                                                       "full_data_dir": str(tmp_path / "cache")}})  # fmt: skip
+    text = "\n".join(lines)
+    assert "the teacher " + str(tmp_path / "run" / "teacher.pt") + " was trained with these settings" in text
+    assert not (tmp_path / "cache").exists() and summary["robustness"][0]["repeats"] == 1
+    assert "robustness scores (accuracies as fractions, one seed): HLR " in text and "ARS" in text
 
 
 def test_finished_runs_are_not_reused_for_other_images(distilled, fmnist_root, tmp_path):

@@ -207,7 +207,8 @@ def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, 
                      f"{r['top1']:.2f}%{spread}{best}")  # fmt: skip
     for r in results.get("robustness", []):
         scores = ", ".join(f"{name.upper()} {r[name]:.4f}" for name in ("hlr", "ior", "lrs", "ars") if name in r)
-        lines.append(f"{r['student']} robustness (fractions, mean of {r['repeats']} seeds): {scores}")
+        seeds = f"mean of {r['repeats']} seeds" if r["repeats"] > 1 else "one seed"
+        lines.append(f"{r['student']} robustness scores (accuracies as fractions, {seeds}): {scores}")
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     log("\n".join(["== fadrm run summary ==", *lines]))
     return summary
