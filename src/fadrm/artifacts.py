@@ -11,6 +11,8 @@
 * **Label store** (version 1): ``labels.json`` (what the labels were made for) and one
   ``epochNNNNN.safetensors`` of teacher outputs per epoch.
 * **Evaluation run** : ``<eval>/runs/<key>.json`` holding ``identity`` and ``result``.
+* **Set made by another tool** (read only): an ImageFolder without a manifest, read as a
+  registered dataset's classes (:class:`ImageFolderSet`).
 
 Every resume asks the same question, "was this file made for the same settings?", through
 :func:`changed_settings`; a difference either refuses to continue
