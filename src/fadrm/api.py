@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifacts import DistilledSet
-from .config import DistillConfig, EvalConfig, RunConfig, TeacherConfig, read_config_file, resolve, written_form
+from .artifacts import open_evaluated_set
+from .config import (
+    DistillConfig, EvalConfig, RunConfig, TeacherConfig, check_option, read_config_file, resolve, written_form,
+)  # fmt: skip
 from .errors import FadrmError
+from .registry import registry
 
 # Imported here, not lazily: importing the module fadrm.evaluate later would rebind the name
 # fadrm.evaluate (this API function) to the module.
@@ -44,14 +47,23 @@ def distill_config(config_file: str | Path | None = None, **options: Any) -> Dis
 
 def eval_config(config_file: str | Path | None = None, **options: Any) -> EvalConfig:
     """The resolved, validated config of an evaluation; the preset is that of the set's dataset,
-    method and IPC (read from its manifest)."""
-    distilled = options.get("distilled") or (read_config_file(config_file).get("distilled") if config_file else None)
+    method and IPC (read from its manifest, or for a set made by another tool from ``dataset`` and
+    the folder)."""
+    chosen = {**(read_config_file(config_file) if config_file else {}),
+              **{key: value for key, value in options.items() if value is not None}}  # fmt: skip
+    distilled = chosen.get("distilled")
     if not distilled:
         raise FadrmError("give the distilled set's folder")
     if not isinstance(distilled, (str, Path)):
         raise FadrmError(f"the distilled set's folder must be a path, got {distilled!r}")
-    distilled_set = DistilledSet.open(distilled)
-    return resolve(EvalConfig, options, config_file, dataset=distilled_set.dataset, method=distilled_set.method,
+    if chosen.get("dataset") is not None:
+        check_option(EvalConfig, "dataset", chosen["dataset"])
+    teachers = chosen.get("teachers")
+    distilled_set = open_evaluated_set(distilled, chosen.get("dataset"), chosen.get("data_root"),
+                                       [teachers] if isinstance(teachers, str) else teachers)  # fmt: skip
+    # A set made by another tool has no registered method: no method's overrides apply.
+    method = distilled_set.method if distilled_set.method in registry("method") else None
+    return resolve(EvalConfig, options, config_file, dataset=distilled_set.dataset, method=method,
                    ipc=distilled_set.ipc)  # fmt: skip
 
 

@@ -130,7 +130,8 @@ def _stage_parsers(sub: argparse._SubParsersAction) -> None:
                   "presets); the resolved config is saved in --out as config.yaml.")  # fmt: skip
     _stage_parser(sub, "evaluate", "train students on a distilled set, report validation accuracy",
                   "Train fresh students only on a distilled set (soft labels from its teachers) and report top-1/top-5 "
-                  "on the real validation set. Finished runs are reused.")  # fmt: skip
+                  "on the real validation set. Finished runs are reused. A set made by another tool (an ImageFolder "
+                  "without manifest.json) needs --dataset and --teacher.")  # fmt: skip
     _stage_parser(sub, "run", "the whole pipeline: teacher, distill, evaluate with a baseline",
                   "Train (or load) the teachers, distill, evaluate against the random-real baseline, each stage with "
                   "its preset's options. Rerunning reuses every finished stage.")  # fmt: skip

@@ -415,7 +415,12 @@ class EvalConfig(StageConfig):
 
     SECTION: ClassVar[str] = "evaluate"
 
-    distilled: str = option(help="folder written by fadrm distill", positional=True)
+    distilled: str = option(help="folder written by fadrm distill, or an ImageFolder made by another tool (with "
+                            "--dataset and --teacher)", positional=True)  # fmt: skip
+    # Not defining: a set's id pins its dataset (our manifest names it; a foreign set's id includes it).
+    dataset: str | None = option(None, defines=False, choices=registered("dataset"),
+                                 help="the set's dataset: required for a folder without manifest.json (an ImageFolder "
+                                 "made by another tool); with a manifest it must agree")  # fmt: skip
     out: str | None = option(None, help="results folder (default: <distilled>/eval)", defines=False, check=not_a_file)
     teachers: list[str] | None = option(None, help="relabelling teacher (default: the set's own); repeat for several",
                                         flag="--teacher", repeat=True, check=each(teacher_source))  # fmt: skip
@@ -682,6 +687,19 @@ def _refuse(f: dataclasses.Field, problem: str, value: Any) -> NoReturn:
     raise FadrmError(f"{flag_of(f)} {problem}, got {value!r}")
 
 
+def check_option(cls: type[StageConfig], key: str, value: Any) -> None:
+    """Refuse ``value`` for the option ``key`` of ``cls`` as :func:`validate` would, before the rest
+    of the config exists (the options that choose the preset).
+
+    Raises:
+        FadrmError: one line naming the flag, what it must be and the value given.
+    """
+    path, f = next((path, f) for path, f in option_fields(cls) if key_of(f) == key)
+    problem = option_problem(cls, path, f, value)
+    if problem:
+        _refuse(f, problem, value)
+
+
 def validate(config: StageConfig) -> None:
     """Check every option against its declaration, then the stage's rules between options.
 
@@ -881,14 +899,12 @@ def resolve(
     given_values = nest(cls, given or {}, "the options given", drop_unset=True)
     file_values = nest(cls, read_config_file(config_file), f"config file {config_file}", drop_unset=True) if config_file else {}
     chosen = _merged(cls, file_values, given_values)
-    # Which preset applies: the stage's own options where it has them (checked before the preset
-    # is read), else what the caller says.
+    # Which preset applies: the stage's own options where it has them and they are set (checked
+    # before the preset is read), else what the caller says (evaluation: the set's dataset).
     context = {"dataset": dataset, "method": method, "ipc": ipc}
     for path, f in option_fields(cls):
-        if path[0] in context and (value := chosen.get(f.name, f.default)) is not MISSING:
-            problem = option_problem(cls, path, f, value)
-            if problem:
-                _refuse(f, problem, value)
+        if path[0] in context and (value := chosen.get(f.name, f.default)) not in (MISSING, None):
+            check_option(cls, key_of(f), value)
             context[f.name] = value
     if context["dataset"] is None:
         raise FadrmError("give --dataset")

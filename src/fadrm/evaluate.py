@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .artifacts import (
-    DistilledSet, LabelStore, read_finished_run, stored_label_bytes, write_finished_run,
+    EVAL_FOLDER, DistilledSet, ImageFolderSet, LabelStore, open_evaluated_set, read_finished_run, stored_label_bytes,
+    write_finished_run,
 )  # fmt: skip
 from .baselines import (
     DISTILLED, FULL_DATA, REAL_SUBSETS, ROBUSTNESS_BASELINES, TrainingSet, comparison_arms, full_data_student,
@@ -52,14 +53,15 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     from .report import write_report
 
     validate(config)  # also for configs built by hand rather than resolved
-    distilled_set = DistilledSet.open(config.distilled)
+    distilled_set = open_evaluated_set(config.distilled, config.dataset, config.data_root, config.teachers)
     spec = get_dataset_spec(distilled_set.dataset)
     class_names = distilled_set.class_names
     if config.labels == "stored" and config.topk is not None and config.topk >= len(class_names):
         raise FadrmError(f"--topk {config.topk} keeps every one of the {len(class_names)} classes; give fewer, or "
                          "leave it out to store full logits")  # fmt: skip
     runtime = make_runtime(config.device, config.amp, stage="evaluate")
-    out = Path(config.out or Path(config.distilled) / "eval")
+    out = Path(config.out or Path(config.distilled) / EVAL_FOLDER)
+    log(f"evaluating the {distilled_set.describe()}")
     distilled = TrainingSet("distilled", *distilled_set.images())
     if config.holdout is None:
         config.holdout = distilled_set.holdout
@@ -78,7 +80,8 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     train_set = load_split(spec, "train", config.data_root, config.holdout) if subsets else None
     results: dict[str, Any] = {
         "distilled": str(config.distilled), "dataset": spec.name, "method": distilled_set.method, "ipc": distilled_set.ipc,
-        "teachers": [t.describe() for t in teachers], "config": config.to_dict(), "runs": [],
+        "images_per_class": list(distilled_set.images_per_class), "teachers": [t.describe() for t in teachers],
+        "config": config.to_dict(), "runs": [],
     }  # fmt: skip
     if any(arm.train_set == FULL_DATA for arm in arms):
         for student in students:
@@ -201,7 +204,7 @@ def resolve_recipe(config: EvalConfig, dataset: str, student: str, ipc: int) -> 
 
 
 def prepare_store(
-    config: EvalConfig, distilled_set: DistilledSet, distilled: TrainingSet, spec: DatasetSpec,
+    config: EvalConfig, distilled_set: DistilledSet | ImageFolderSet, distilled: TrainingSet, spec: DatasetSpec,
     labeller: TeacherLabeller, runtime: Runtime, folder: Path, log: Callable[[str], None],
 ) -> LabelStore:  # fmt: skip
     """Open (or create) the label store in ``folder`` and compute the epochs it lacks."""
@@ -210,7 +213,7 @@ def prepare_store(
         "batch_size": config.batch_size, "mix": config.mix, "mix_alpha": config.mix_alpha,
         "crop_scale": list(config.crop_scale), "temperature": config.temperature, "bssl": config.bssl,
         "teachers": [t["sha256"] for t in distilled_set.teachers] if not config.teachers else list(config.teachers),
-        "teacher_weights": config.teacher_weights,
+        "teacher_weights": config.teacher_weights, **distilled_set.labels_identity(),
         **({} if config.augment else {"augment": False}),  # stores made before the option keep their identity
     }  # fmt: skip
     store = LabelStore(folder, identity, len(distilled_set.class_names),

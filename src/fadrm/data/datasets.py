@@ -111,14 +111,22 @@ class FileImageDataset(ImageDataset):
         )  # fmt: skip
 
 
+# What PIL raises for a file it cannot decode as an image.
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
 def read_image(path: Path, channels: int) -> torch.Tensor:
     """Decode an image file to a uint8 (C, H, W) tensor with ``channels`` channels."""
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            return image_tensor(img, channels)
+    except IMAGE_ERRORS as exc:
         raise FadrmError(f"cannot read image {path} ({exc}); remove or replace the file") from None
+
+
+def image_tensor(img: Image.Image, channels: int) -> torch.Tensor:
+    """An opened image decoded to a uint8 (C, H, W) tensor: grey (``channels`` 1) or RGB, converted by PIL."""
+    array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
