@@ -39,7 +39,8 @@ def pngs(folder: Path) -> dict[str, bytes]:
 
 
 # The stage plan each method runs for TINY's configured stages (sizes 24, 28; budgets 2, 2).
-PLANNED_BUDGETS = {"fadrm": [2, 2], "fadrm+": [2, 2], "sre2l": [4], "sre2l++": [4], "rded": [0]}
+PLANNED_BUDGETS = {"fadrm": [2, 2], "fadrm+": [2, 2], "sre2l": [4], "sre2l++": [4], "rded": [0], "g-vbsm": [4],
+                   "edc": [4], "cv-dd": [4]}  # fmt: skip
 
 
 @pytest.mark.parametrize("method", METHODS.names())
