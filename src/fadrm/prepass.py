@@ -26,8 +26,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .artifacts import read_statistics, read_statistics_description, require_same_settings, write_statistics
-from .artifacts import safe_torch_load
+from .artifacts import (
+    read_statistics, read_statistics_description, require_same_settings, safe_torch_load, write_statistics,
+)  # fmt: skip
 from .augment import train_transform
 from .config import StatsConfig, resolve, validate
 from .data import DatasetSpec, ImageDataset, get_dataset_spec, load_split, normalize
