@@ -30,7 +30,7 @@ from .artifacts import (
     read_statistics, read_statistics_description, require_same_settings, safe_torch_load, write_statistics,
 )  # fmt: skip
 from .augment import train_transform
-from .config import StatsConfig, resolve, validate
+from .config import DistillConfig, StatsConfig, resolve, validate
 from .data import DatasetSpec, ImageDataset, get_dataset_spec, load_split, normalize
 from .errors import FadrmError
 from .io import safe_name, save_torch
@@ -88,10 +88,13 @@ class _Sums:
     def add(self, key: str, value: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Add ``value`` (summed over the batch by the caller), or per image into its class's row."""
         value = value.double()
-        if labels is not None:
-            value = torch.zeros(len(self.counts), *value.shape[1:], dtype=torch.float64,
-                                device=value.device).index_add_(0, labels, value)  # fmt: skip
-        self.values[key] = self.values[key] + value if key in self.values else value
+        if key not in self.values:
+            shape = value.shape if labels is None else (len(self.counts), *value.shape[1:])
+            self.values[key] = torch.zeros(shape, dtype=torch.float64, device=value.device)
+        if labels is None:
+            self.values[key] += value
+        else:
+            self.values[key].index_add_(0, labels, value)
 
     def state(self) -> dict[str, Any]:
         return {"values": {k: v.cpu() for k, v in self.values.items()}, "counts": self.counts.cpu()}
@@ -125,6 +128,11 @@ def _hooks(teacher: Teacher, cell: int, sums: _Sums, labels: list[torch.Tensor])
 
     return [layer.register_forward_hook(hook_for(name, isinstance(layer, torch.nn.Conv2d)))
             for name, layer in matched_layers(teacher.model, convolutions=True)]  # fmt: skip
+
+
+def _eager(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a compiled model wraps: the pass's hooks keep Python state, which compiling would break up."""
+    return getattr(model, "_orig_mod", model)
 
 
 def _targets_of(sums: _Sums, images: int) -> dict[str, torch.Tensor]:
@@ -167,7 +175,7 @@ def compute_teacher_statistics(
             labels[:] = [targets.to(runtime.device)]
             sums.counts.index_add_(0, labels[0], torch.ones(len(targets), dtype=torch.float64, device=runtime.device))
             with torch.no_grad():
-                teacher.model(normalize(runtime.batch(images), spec.mean, spec.std))
+                _eager(teacher.model)(normalize(runtime.batch(images), spec.mean, spec.std))
             if time.monotonic() - saved >= SAVE_EVERY_SECONDS:
                 save_torch(partial, {"identity": identity, "batches_done": done, "sums": sums.state()})
                 saved = time.monotonic()
@@ -231,7 +239,7 @@ def load_targets(path: Path, teacher: Teacher, cell: int) -> TeacherTargets:
     })  # fmt: skip
 
 
-def distill_statistics_config(distill: Any) -> StatsConfig:
+def distill_statistics_config(distill: DistillConfig) -> StatsConfig:
     """The statistics settings a distillation uses: its dataset, teachers, data and holdout, the
     preset's batch size."""
     options = {k: getattr(distill, k) for k in ("dataset", "teachers", "data_root", "holdout", "teacher_arch",

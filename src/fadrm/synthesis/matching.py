@@ -187,7 +187,7 @@ class StatMatcher:
         self._terms: list[torch.Tensor] = []
         # Where each model without hooked layers runs: its zero term is created there.
         self._unhooked: dict[nn.Module, torch.device] = {}
-        self._keep: torch.Tensor | None = None  # this forward's kept convolution terms, (G, convolutions)
+        self._keep: torch.Tensor | None = None  # this forward's kept convolution terms, (G, convolutions), CPU
 
     def __enter__(self) -> "StatMatcher":
         try:
@@ -229,6 +229,8 @@ class StatMatcher:
             if isinstance(layer, nn.Conv2d):
                 raise ValueError(f"no statistics targets for convolution {layer}")
             return None
+        if self.class_share == 0:  # the class targets are not needed on the device
+            targets = LayerTargets(targets.channel, targets.patch)
         targets = targets.to(_device_of(layer))
         if self.class_share > 0:
             if self.labels is None or targets.class_channel is None:
@@ -266,12 +268,12 @@ class StatMatcher:
             if self.conv_drop > 0:
                 if self._keep is None:
                     # One draw per group and convolution of this forward, from each group's own stream.
-                    draws = torch.stack([torch.rand(convolutions, generator=g) for g in self.generators])
-                    self._keep = (draws >= self.conv_drop).to(x.device)
-                keep = self._keep[:, conv_index]
-                if not keep.any():
+                    self._keep = torch.stack([torch.rand(convolutions, generator=g) for g in self.generators])
+                    self._keep = self._keep >= self.conv_drop
+                if not self._keep[:, conv_index].any():  # on the CPU: no device sync
                     self._terms.append(torch.zeros(self.num_groups, device=x.device))
                     return
+                keep = self._keep[:, conv_index].to(x.device)
             mean, var = GroupMoments.apply(x, self.num_groups)
             patch_mean, patch_var = patch_moments(x, cell, self.num_groups)
             stats = [mean, var, patch_mean, patch_var]
