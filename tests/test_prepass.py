@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -201,3 +202,28 @@ def test_edc_starts_from_real_images_of_each_class(fmnist_root, teacher_ckpt, tm
     with pytest.raises(FadrmError, match="holds a fashion-mnist set at IPC 1; it must be fashion-mnist at IPC 2"):
         fadrm.distill("fashion-mnist", teacher_ckpt, tmp_path / "bad", method="edc", ipc=2,
                       init_from=str(tmp_path / "rded"), **common)  # fmt: skip
+
+
+def test_run_plans_the_published_settings_of_each_new_method(tmp_path, capsys):
+    def plan(dataset, method, ipc):
+        code, out, err = _cli(["run", "--dataset", dataset, "--method", method, "--ipc", str(ipc), "--out",
+                               str(tmp_path / "r"), "--print-config"], capsys)  # fmt: skip
+        assert code == 0, err
+        return yaml.safe_load("\n".join(out))
+
+    cv_dd = plan("cifar100", "cv-dd", 1)
+    assert [t["model"] for t in cv_dd["teachers"]] == [
+        "cifar_resnet18", "cifar_resnet50", "cifar_shufflenet_v2_x0_5", "cifar_mobilenet_v2", "cifar_densenet121"]  # fmt: skip
+    synthesis = cv_dd["distill"]["synthesis"]
+    assert synthesis["priors"] == [64.0, 60.6, 51.6, 59.4, 56.4] and synthesis["fixed_committee"] == [2, 3]
+    assert (synthesis["budgets"], synthesis["lr"], synthesis["committee_size"]) == ([4000], 0.25, 2)
+    g_vbsm = plan("imagenet-1k", "g-vbsm", 10)["distill"]
+    assert len(g_vbsm["teachers"]) == 4 and g_vbsm["amp"] == "off"
+    assert {k: g_vbsm["synthesis"][k] for k in ("budgets", "lr", "stat_ema", "conv_drop", "dd_weight", "group_images",
+                                                "jitter")} == {  # fmt: skip
+        "budgets": [4000], "lr": 0.1, "stat_ema": 0.4, "conv_drop": 0.0, "dd_weight": 1.0, "group_images": 80,
+        "jitter": 32}  # fmt: skip
+    edc = plan("tiny-imagenet", "edc", 50)["distill"]["synthesis"]
+    assert (edc["budgets"], edc["crop_scale"], edc["jitter"], edc["stat_ema"], edc["conv_drop"]) == (
+        [2000], [0.5, 1.0], 0, 0.8, 0.0)  # fmt: skip
+    assert plan("tiny-imagenet", "g-vbsm", 50)["distill"]["synthesis"]["group_slots"] == 5
