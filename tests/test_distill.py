@@ -259,7 +259,7 @@ def test_a_set_made_with_an_old_default_names_the_flag_that_resumes_it(fmnist_ro
 
 
 def test_unknown_method(fmnist_root, teacher_ckpt, tmp_path):
-    with pytest.raises(FadrmError, match="--method must be one of fadrm, .*, got 'fadrm2'"):
+    with pytest.raises(FadrmError, match="--method must be one of cv-dd, edc, fadrm, .*, got 'fadrm2'"):
         run(fmnist_root, teacher_ckpt, tmp_path / "o", method="fadrm2")
 
 

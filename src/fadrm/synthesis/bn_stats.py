@@ -8,12 +8,6 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-
-
-def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
-    """The model's BatchNorm layers in module order (the first one gets the extra weight)."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 
 
 # Added under the square root by the statistics kernels; small enough to vanish
