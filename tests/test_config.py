@@ -213,7 +213,9 @@ def test_a_new_synthesis_hyperparameter_is_one_declaration():
 @pytest.mark.parametrize("dataset", preset_names())
 @pytest.mark.parametrize("method", METHODS.names())
 def test_presets_resolve(dataset, method):
-    config = distill_config(dataset, method=method, ipc=10)
+    # A method that takes several teachers gets as many as the published committees hold.
+    teachers = ["t.pt"] * (5 if METHODS.get(method).max_teachers is None else 1)
+    config = distill_config(dataset, method=method, ipc=10, teachers=teachers)
     assert len(config.synthesis.sizes) == len(config.synthesis.budgets)
     assert config.synthesis.sizes[-1] == get_dataset_spec(dataset).image_size
     eval_config(dataset, method, 10)

@@ -39,7 +39,8 @@ def pngs(folder: Path) -> dict[str, bytes]:
 
 
 # The stage plan each method runs for TINY's configured stages (sizes 24, 28; budgets 2, 2).
-PLANNED_BUDGETS = {"fadrm": [2, 2], "fadrm+": [2, 2], "sre2l": [4], "sre2l++": [4], "rded": [0]}
+PLANNED_BUDGETS = {"fadrm": [2, 2], "fadrm+": [2, 2], "sre2l": [4], "sre2l++": [4], "rded": [0], "g-vbsm": [4],
+                   "edc": [4], "cv-dd": [4]}  # fmt: skip
 
 
 @pytest.mark.parametrize("method", METHODS.names())
@@ -258,7 +259,7 @@ def test_a_set_made_with_an_old_default_names_the_flag_that_resumes_it(fmnist_ro
 
 
 def test_unknown_method(fmnist_root, teacher_ckpt, tmp_path):
-    with pytest.raises(FadrmError, match="--method must be one of fadrm, .*, got 'fadrm2'"):
+    with pytest.raises(FadrmError, match="--method must be one of cv-dd, edc, fadrm, .*, got 'fadrm2'"):
         run(fmnist_root, teacher_ckpt, tmp_path / "o", method="fadrm2")
 
 

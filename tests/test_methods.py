@@ -18,7 +18,7 @@ from fadrm.runtime import make_runtime
 from fadrm.seeding import make_generator
 from fadrm.synthesis.init import INITIALISERS, SynthesisRun
 from fadrm.synthesis.methods import MATCHERS, METHODS, STAGE_PLANS, TEACHER_POLICIES
-from fadrm.synthesis.units import plan_units
+from fadrm.synthesis.units import UNIT_PLANS, plan_units
 from fadrm.teachers import load_teacher
 
 SPEC = get_dataset_spec("fashion-mnist")
@@ -29,7 +29,7 @@ CPU = make_runtime("cpu", "off")
 def test_every_method_names_registered_parts(name):
     method = METHODS.get(name)
     assert method.initialiser in INITIALISERS and method.stages in STAGE_PLANS
-    assert method.matcher in MATCHERS and method.teacher_policy in TEACHER_POLICIES
+    assert method.matcher in MATCHERS and method.teacher_policy in TEACHER_POLICIES and method.units in UNIT_PLANS
     assert set(method.defaults) <= {"teacher", "distill", "evaluate", "run"}
 
 
@@ -47,9 +47,11 @@ def test_stage_plans_on_known_stages():
 
 
 def test_round_robin_cycles_through_the_teachers_in_order():
-    policy = TEACHER_POLICIES.get("round-robin")
-    teachers = ["a", "b", "c"]
-    assert [policy(step, teachers) for step in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]
+    config = DistillConfig(dataset="fashion-mnist", teachers=["a", "b", "c"], out="o")
+    plans = TEACHER_POLICIES.get("round-robin").plans(config, 3)
+    plan = plans(plan_units(10, 2, 5)[3])
+    assert plan == plans(plan_units(10, 2, 5)[0])  # the same for every unit
+    assert [plan.members(step) for step in range(7)] == [[(k, None)] for k in (0, 1, 2, 0, 1, 2, 0)]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from fadrm.errors import FadrmError
 from fadrm.models import MODELS, build_model, list_models
 from fadrm.models.torchvision_models import replace_first_conv
-from fadrm.synthesis.bn_stats import batchnorm_layers
+from fadrm.synthesis.matching import matched_layers
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -71,7 +71,7 @@ def test_cifar_teachers_keep_resolution_in_the_stem(name):
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.stride == (1, 1) and first_conv.kernel_size == (3, 3)
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
-    layers = batchnorm_layers(model)
+    layers = [layer for _, layer in matched_layers(model, convolutions=False)]
     sides: list[int] = []  # input side of each BN layer, in call order
     for layer in layers:
         layer.register_forward_hook(lambda module, inputs, output: sides.append(inputs[0].shape[-1]))
@@ -140,4 +140,4 @@ def test_cifar_teachers_match_the_reference_sizes(name, reference):
     model = build_model(name, 100, 3, 32)
     params, bns = reference(3, 100)
     assert sum(p.numel() for p in model.parameters()) == params
-    assert len(batchnorm_layers(model)) == bns
+    assert len(matched_layers(model, convolutions=False)) == bns

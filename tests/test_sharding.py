@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import fadrm
+
 from test_distill import pngs
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -70,3 +72,20 @@ def test_two_processes_equal_one_with_the_default_batching(fmnist_root, teacher_
     assert pngs(tmp_path / "one" / "images") == pngs(tmp_path / "two" / "images")
     units = json.loads((tmp_path / "two" / "manifest.json").read_text())["units"]
     assert sorted({u["rank"] for u in units}) == [0, 1] and sorted({u["batched_groups"] for u in units}) == [1, 10]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
+def test_two_processes_equal_one_for_class_major_units(fmnist_root, teacher_ckpt, tmp_path):
+    # G-VBSM: groups of 5 classes x 2 slots, one group per batch; its statistics computed beforehand
+    # (several processes refuse to compute a missing file each).
+    stats = ["--stats-dir", str(tmp_path / "stats")]
+    fadrm.compute_statistics("fashion-mnist", teacher_ckpt, data_root=str(fmnist_root), stats_dir=stats[1],
+                             device="cpu", log=lambda s: None)  # fmt: skip
+    common = _distill(fmnist_root, teacher_ckpt, "--method", "g-vbsm", "--ipc", "2", "--group-images", "10",
+                      "--groups-per-batch", "1", *stats)  # fmt: skip
+    _one_and_two_processes(common, tmp_path)
+    assert pngs(tmp_path / "one" / "images") == pngs(tmp_path / "two" / "images")
+    units = json.loads((tmp_path / "two" / "manifest.json").read_text())["units"]
+    assert [u["unit"] for u in units] == ["ipc0000-0001-group0000", "ipc0000-0001-group0001"]
+    assert sorted(u["rank"] for u in units) == [0, 1]

@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from .artifacts import open_evaluated_set
 from .config import (
-    DistillConfig, EvalConfig, RunConfig, TeacherConfig, check_option, read_config_file, resolve, written_form,
+    DistillConfig, EvalConfig, RunConfig, StatsConfig, TeacherConfig, check_option, read_config_file, resolve,
+    written_form,
 )  # fmt: skip
 from .errors import FadrmError
 from .registry import registry
@@ -27,6 +28,7 @@ from .registry import registry
 # Imported here, not lazily: importing the module fadrm.evaluate later would rebind the name
 # fadrm.evaluate (this API function) to the module.
 from .evaluate import evaluate as _evaluate
+from .prepass import compute_statistics as _compute_statistics
 from .synthesis.pipeline import distill as _distill
 from .teachers import Teacher, is_torchvision_weights, load_teacher
 from .teachers import train_teacher as _train_teacher
@@ -43,6 +45,14 @@ def distill_config(config_file: str | Path | None = None, **options: Any) -> Dis
     if isinstance(teachers, (str, Path)):
         options["teachers"] = [teachers]
     return resolve(DistillConfig, options, config_file)
+
+
+def stats_config(config_file: str | Path | None = None, **options: Any) -> StatsConfig:
+    """The resolved, validated config of a statistics pre-pass (nothing is read or computed)."""
+    teachers = options.get("teachers")
+    if isinstance(teachers, (str, Path)):
+        options["teachers"] = [teachers]
+    return resolve(StatsConfig, options, config_file)
 
 
 def eval_config(config_file: str | Path | None = None, **options: Any) -> EvalConfig:
@@ -89,6 +99,17 @@ def distill(
     overriding the preset. Returns the manifest (also written to ``out/manifest.json``)."""
 
     return _distill(distill_config(config_file, dataset=dataset, teachers=teachers, out=out, **options), log=log)
+
+
+def compute_statistics(
+    dataset: str | None = None, teachers: str | Path | list[str | Path] | None = None,
+    log: Callable[[str], None] = print, config_file: str | Path | None = None, **options: Any,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Write each teacher's statistics file for ``dataset`` (what G-VBSM and EDC match; ``fadrm distill``
+    computes missing ones itself); ``options`` are :class:`~fadrm.config.StatsConfig` keys. Returns
+    the files' descriptions."""
+
+    return _compute_statistics(stats_config(config_file, dataset=dataset, teachers=teachers, **options), log=log)
 
 
 def evaluate(
@@ -231,4 +252,5 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "train-teacher": (teacher_config, _train_teacher),
     "distill": (distill_config, _distill),
     "evaluate": (eval_config, _evaluate),
+    "stats": (stats_config, _compute_statistics),
 }

@@ -13,6 +13,10 @@
 * **Evaluation run** : ``<eval>/runs/<key>.json`` holding ``identity`` and ``result``.
 * **Set made by another tool** (read only): an ImageFolder without a manifest, read as a
   registered dataset's classes (:class:`ImageFolderSet`).
+* **Statistics file** (``fadrm-statistics``, version 1): a teacher's training-set statistics
+  (``fadrm stats``) as ``<teacher>.stats-<hash>.safetensors`` and, written after it, a JSON
+  description of what made it (``.json`` beside it); an unfinished pass keeps its sums in
+  ``<file>.partial``.
 
 Every resume asks the same question, "was this file made for the same settings?", through
 :func:`changed_settings`; a difference either refuses to continue
@@ -212,20 +216,24 @@ class Layout:
         return path.relative_to(self.root).as_posix()
 
 
-def run_identity(config: DistillConfig, teachers_sha256: list[str | None]) -> dict[str, Any]:
-    """What defines a distilled set: its defining settings and its teachers' file hashes."""
-    return {"config": config.identity(), "teachers_sha256": list(teachers_sha256)}
+def run_identity(config: DistillConfig, teachers_sha256: list[str | None],
+                 statistics_sha256: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """What defines a distilled set: its defining settings, its teachers' file hashes and, for a
+    method that matches the teachers' statistics files, their hashes."""
+    identity = {"config": config.identity(), "teachers_sha256": list(teachers_sha256)}
+    return identity if statistics_sha256 is None else {**identity, "statistics_sha256": list(statistics_sha256)}
 
 
 def open_distilled_folder(
-    layout: Layout, config: DistillConfig, teachers_sha256: list[str | None], log: Callable[[str], None]
-) -> None:
+    layout: Layout, config: DistillConfig, teachers_sha256: list[str | None], log: Callable[[str], None],
+    statistics_sha256: list[str] | None = None,
+) -> None:  # fmt: skip
     """Create the folder, or check that an existing one holds the same run (resume).
 
     With ``config.overwrite`` a different run's outputs are removed first; a non-empty
     folder that is not a fadrm run is never touched.
     """
-    identity = run_identity(config, teachers_sha256)
+    identity = run_identity(config, teachers_sha256, statistics_sha256)
     if layout.run_file.exists():
         previous = read_json(layout.run_file)
         if not changed_settings(previous, identity):
@@ -237,8 +245,10 @@ def open_distilled_folder(
             for path in (layout.manifest, layout.config_file):
                 path.unlink(missing_ok=True)
         else:
-            previous = {**previous.get("config", {}), "teachers": previous.get("teachers_sha256")}
-            require_same_settings(previous, {**identity["config"], "teachers": identity["teachers_sha256"]},
+            previous = {**previous.get("config", {}), "teachers": previous.get("teachers_sha256"),
+                        "statistics": previous.get("statistics_sha256")}  # fmt: skip
+            require_same_settings(previous, {**identity["config"], "teachers": identity["teachers_sha256"],
+                                             "statistics": identity.get("statistics_sha256")},
                                   f"{layout.root} holds a run that", "pass --overwrite to replace it or choose another "
                                   "--out", RESUME_HINTS)  # fmt: skip
     elif layout.root.exists() and any(layout.root.iterdir()) and not config.overwrite:
@@ -707,6 +717,48 @@ class LabelStore:
 
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("epoch*.safetensors"))
+
+
+# ------------------------------------------------------------ statistics file
+STATISTICS_FORMAT = "fadrm-statistics"
+STATISTICS_VERSION = 1
+
+
+def statistics_description(path: Path) -> Path:
+    """The JSON that describes a statistics file (written after it: its presence means complete)."""
+    return path.with_suffix(".json")
+
+
+def write_statistics(path: Path, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> dict[str, Any]:
+    """Atomically write a statistics file, then its description (with the format header and the
+    tensors' hash); returns the description."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    description = {"format": STATISTICS_FORMAT, "format_version": STATISTICS_VERSION, "fadrm_version": __version__,
+                   **description, "sha256": sha256_file(path)}  # fmt: skip
+    write_json(statistics_description(path), description)
+    return description
+
+
+def read_statistics_description(path: Path, expected: Mapping[str, Any], fix: str) -> dict[str, Any] | None:
+    """The description of a complete statistics file (None if there is none), checked against ``expected``.
+
+    Raises:
+        FadrmError: one line naming the settings that differ from ``expected`` and ``fix``.
+    """
+    described = statistics_description(path)
+    if not (path.exists() and described.exists()):
+        return None
+    description = read_json(described)
+    if description.get("format") != STATISTICS_FORMAT or description.get("format_version", 0) > STATISTICS_VERSION:
+        raise FadrmError(f"{described} is not a statistics file this fadrm reads; {fix}")
+    require_same_settings({k: description.get(k) for k in expected}, expected, f"the statistics file {path}", fix)
+    return description
+
+
+def read_statistics(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a statistics file."""
+    return load_file(str(path))
 
 
 # ----------------------------------------------------------- evaluation runs

@@ -132,6 +132,10 @@ def _stage_parsers(sub: argparse._SubParsersAction) -> None:
                   "Train fresh students only on a distilled set (soft labels from its teachers) and report top-1/top-5 "
                   "on the real validation set. Finished runs are reused. A set made by another tool (an ImageFolder "
                   "without manifest.json) needs --dataset and --teacher.")  # fmt: skip
+    _stage_parser(sub, "stats", "compute the teachers' training-set statistics (G-VBSM, EDC; resumable)",
+                  "One pass over the training split per teacher, recording the statistics at every convolution and "
+                  "BatchNorm input that G-VBSM and EDC match, globally and per class, into a file beside the teacher "
+                  "(fadrm distill computes a missing one itself). Rerun the same command to resume.")  # fmt: skip
     _stage_parser(sub, "run", "the whole pipeline: teacher, distill, evaluate with a baseline",
                   "Train (or load) the teachers, distill, evaluate against the random-real baseline, each stage with "
                   "its preset's options. Rerunning reuses every finished stage.")  # fmt: skip
@@ -195,7 +199,8 @@ DEBUG_VARIABLE = "FADRM_DEBUG"
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render the docs)."""
-    parser = _Parser(prog="fadrm", description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED.")
+    parser = _Parser(prog="fadrm", description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED, G-VBSM, "
+                     "EDC, CV-DD.")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"fadrm {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an unexpected error (or set {DEBUG_VARIABLE}=1)")  # fmt: skip

@@ -298,6 +298,11 @@ class TeacherConfig(StageConfig):
                              persist=False)  # fmt: skip
 
 
+def _inert_at(key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
+    """An ``inert`` rule: the option is left out of the identity while it holds ``value``."""
+    return lambda flat: flat.get(key, value) == value
+
+
 @dataclass
 class SynthesisConfig(Options):
     """The recover loop: stages, loss weights, augmentation (docs/method.md, section 3)."""
@@ -314,6 +319,33 @@ class SynthesisConfig(Options):
     classes_per_group: int = option(100, check=at_least(1),
                                     help="classes sharing BN statistics in one group (more than the dataset has: "
                                     "one group of all its classes)")  # fmt: skip
+    # Added in fadrm 0.3 for G-VBSM, EDC and CV-DD; each is out of the identity at the value that
+    # leaves every earlier method's maths as it was.
+    stat_ema: float = option(0.0, check=in_range(0.0, 1.0), inert=_inert_at("stat_ema", 0.0),
+                             help="EMA coefficient a of each matched statistic: the distance is taken at "
+                             "a * previous + (1 - a) * current, the gradient goes to the current one (G-VBSM, "
+                             "EDC); 0: the current statistic")  # fmt: skip
+    conv_drop: float = option(0.0, check=in_range(0.0, 1.0), inert=_inert_at("conv_drop", 0.0),
+                              help="probability that a convolution's statistics term is left out of an "
+                              "iteration, drawn per group (G-VBSM's beta_dr)")  # fmt: skip
+    dd_weight: float = option(0.0, check=non_negative, inert=_inert_at("dd_weight", 0.0),
+                              help="weight of G-VBSM's data-densification term on the eigenvalue spectrum of each "
+                              "class's images in a group (needs several images of a class per group)")  # fmt: skip
+    group_images: int | None = option(None, check=at_least(1), inert=_inert_at("group_images", None),
+                                      help="images per group of a class-major method: whole classes with their "
+                                      "IPC slots (or --group-slots) each, which must divide it")  # fmt: skip
+    group_slots: int | None = option(None, check=at_least(1), inert=_inert_at("group_slots", None),
+                                     help="IPC slots of each class in a class-major group (default: all; must "
+                                     "divide --ipc)")  # fmt: skip
+    committee_size: int = option(1, check=at_least(1), inert=_inert_at("committee_size", 1),
+                                 help="teachers in the committee of a committee method (CV-DD: 2)")
+    fixed_committee: list[int] | None = option(None, check=each(at_least(0)),
+                                               inert=_inert_at("fixed_committee", None),
+                                               help="positions (0: the first --teacher) of one committee used at "
+                                               "every IPC index (default: a committee per IPC index)")  # fmt: skip
+    priors: list[float] | None = option(None, flag="--prior", repeat=True, inert=_inert_at("priors", None),
+                                        help="a committee method's prior per teacher, in --teacher order; member "
+                                        "k is weighted softmax(prior / 5)_k (default: equal weights)")  # fmt: skip
 
     @property
     def total_budget(self) -> int:
@@ -360,6 +392,13 @@ class DistillConfig(StageConfig):
     teacher_arch: str | None = option(None, help="architecture of a plain state-dict teacher", check=model_name)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     patches: PatchConfig = field(default_factory=PatchConfig)
+    init_from: str | None = option(None, check=existing_folder, inert=_inert_at("init_from", None),
+                                   help="a finished distilled set of the same dataset and IPC whose images a "
+                                   "real-image initialiser draws from instead of the training set (EDC on "
+                                   "ImageNet-1k: an RDED set)")  # fmt: skip
+    stats_dir: str | None = option(None, defines=False, check=not_a_file,
+                                   help="where the teachers' statistics files are kept (default: beside each "
+                                   "teacher); computed there when a method needs them")  # fmt: skip
     # Acts through the synthesis sizes and budgets it resolves to.
     equal_budget: bool = option(False, defines=False,
                                 help="give SRe2L / SRe2L++ FADRM's iteration budget instead of the one their "
@@ -407,6 +446,11 @@ class DistillConfig(StageConfig):
         if method.max_teachers is not None and len(self.teachers) > method.max_teachers:
             raise FadrmError(f"method {method.name} uses at most {method.max_teachers} teacher(s), got "
                              f"{len(self.teachers)}; use fadrm+ for several")  # fmt: skip
+        problem = (registry("unit plan").get(method.units).problem(self.ipc, self.synthesis)
+                   or registry("teacher policy").get(method.teacher_policy).problem(len(self.teachers), self.synthesis)
+                   or registry("initialiser").get(method.initialiser).problem(self))  # fmt: skip
+        if problem:
+            raise FadrmError(f"{method.name}: {problem}")
 
 
 @dataclass
@@ -549,8 +593,42 @@ class RunConfig(StageConfig):
                       + ", ".join(f"{stage} {amp}" for stage, amp in CUDA_AUTO_AMP.items()) + "; off on the CPU)")  # fmt: skip
 
 
+@dataclass
+class StatsConfig(StageConfig):
+    """The statistics pre-pass (``fadrm stats``) of G-VBSM and EDC: per teacher, the training set's
+    statistics at the input of every convolution and BatchNorm layer, globally and per class."""
+
+    SECTION: ClassVar[str] = "stats"
+
+    dataset: str = option(help="registered dataset name (fadrm list datasets)", choices=registered("dataset"))
+    # Identified by their files' hashes, as for distill.
+    teachers: list[str] = option(help="teacher checkpoint, .safetensors, or torchvision weights arch:WEIGHTS; "
+                                 "repeat for several", flag="--teacher", repeat=True, defines=False,
+                                 check=each(teacher_source))  # fmt: skip
+    holdout: int = option(0, help="leave out the last N training images per class, as the distillation does",
+                          check=at_least(0))  # fmt: skip
+    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False,
+                                  check=existing_folder)  # fmt: skip
+    teacher_arch: str | None = option(None, help="architecture of a plain state-dict teacher", check=model_name)
+    batch_size: int = option(64, help="images per forward pass; the targets are the mean of per-batch statistics",
+                             check=at_least(1))  # fmt: skip
+    seed: int = option(0, help="random seed of the image order and the augmentation")
+    stats_dir: str | None = option(None, defines=False, check=not_a_file,
+                                   help="where to write the statistics files (default: beside each teacher)")  # fmt: skip
+    workers: int | None = option(None, help="data-loading processes (default: 0 on <= 2 cores)", defines=False,
+                                 check=at_least(0))  # fmt: skip
+    device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
+    overwrite: bool = option(False, help="compute again a file made with other settings", defines=False,
+                             persist=False)  # fmt: skip
+
+    def check(self) -> None:
+        if not self.teachers:
+            raise FadrmError("give at least one --teacher")
+
+
 STAGES: dict[str, type[StageConfig]] = {
     "train-teacher": TeacherConfig, "distill": DistillConfig, "evaluate": EvalConfig, "run": RunConfig,
+    "stats": StatsConfig,
 }  # fmt: skip
 
 
@@ -721,7 +799,7 @@ def preset_names() -> list[str]:
 
 
 # The sections a preset may hold: one per stage, and the student recipe table.
-PRESET_SECTIONS = ("teacher", "distill", "evaluate", "run", "students")
+PRESET_SECTIONS = ("teacher", "distill", "evaluate", "run", "stats", "students")
 
 
 def _read_preset(dataset: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
-"""The synthesis engine: methods, initialisers, statistics matching, the stage loop with ARC."""
+"""The synthesis engine: methods, initialisers, work units, statistics matching, the stage loop with ARC."""
 
-from .bn_stats import BNStatMatcher
+from .matching import BNStatMatcher, StatMatcher
 from .methods import METHODS, Method
 from .recover import recover
 
-__all__ = ["BNStatMatcher", "METHODS", "Method", "recover"]
+__all__ = ["BNStatMatcher", "METHODS", "Method", "StatMatcher", "recover"]

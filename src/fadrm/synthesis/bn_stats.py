@@ -1,18 +1,13 @@
-"""BatchNorm statistics matching, computed inside forward hooks that are always removed."""
+"""The per-group moments kernel of statistics matching and the distance it feeds (the hooks are in
+:mod:`fadrm.synthesis.matching`)."""
 
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+from typing import Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-
-
-def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
-    """The model's BatchNorm layers in module order (the first one gets the extra weight)."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 
 
 # Added under the square root by the statistics kernels; small enough to vanish
@@ -95,6 +90,14 @@ class GroupMoments(torch.autograd.Function):
         return grad.flatten(0, 1).to(x.dtype), None
 
 
+def stat_distance(stats: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over paired statistics of ``||target - statistic||_2`` per group: (G,)."""
+    total = torch.linalg.vector_norm(stats[0] - targets[0], dim=1)
+    for stat, target in zip(stats[1:], targets[1:]):
+        total = total + torch.linalg.vector_norm(stat - target, dim=1)
+    return total
+
+
 def group_stat_distance(
     features: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, num_groups: int
 ) -> torch.Tensor:
@@ -106,7 +109,7 @@ def group_stat_distance(
     BatchNorm itself uses; groups never mix.
     """
     mean, var = GroupMoments.apply(features, num_groups)
-    return torch.linalg.vector_norm(mean - running_mean, dim=1) + torch.linalg.vector_norm(var - running_var, dim=1)
+    return stat_distance([mean, var], [running_mean, running_var])
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -114,72 +117,3 @@ def _device_of(model: nn.Module) -> torch.device:
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-class BNStatMatcher:
-    """Hooks every BN layer of the given models and accumulates the statistics loss.
-
-    Use as a context manager; the hooks are removed on exit, whatever happens.
-    After each forward pass, :meth:`pop` returns the weighted sum over that
-    model's BN layers, one value per group, and clears it for the next pass.
-    A model without BN layers (e.g. AlexNet in FADRM+) has no statistics to
-    match: its term is zero, so its passes optimise the cross-entropy alone.
-
-    Args:
-        models: the teachers (only the one that runs contributes to a pass).
-        num_groups: groups in each batch; statistics never mix groups.
-        first_bn_multiplier: weight of each model's first BN layer (10 in the paper).
-    """
-
-    def __init__(self, models: Iterable[nn.Module], num_groups: int, first_bn_multiplier: float = 10.0) -> None:
-        self.models = list(models)
-        self.num_groups = num_groups
-        self.first_bn_multiplier = first_bn_multiplier
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._terms: list[torch.Tensor] = []
-        # Where each model without BN layers runs: its zero term is created there.
-        self._bn_free: dict[nn.Module, torch.device] = {}
-
-    def __enter__(self) -> "BNStatMatcher":
-        try:
-            for model in self.models:
-                layers = batchnorm_layers(model)
-                if not layers:
-                    self._bn_free[model] = _device_of(model)
-                for index, layer in enumerate(layers):
-                    weight = self.first_bn_multiplier if index == 0 else 1.0
-                    self._handles.append(layer.register_forward_hook(self._make_hook(weight)))
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Remove every hook (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._terms.clear()
-
-    def _make_hook(self, weight: float):
-        def hook(module: _BatchNorm, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            distance = group_stat_distance(inputs[0], module.running_mean, module.running_var, self.num_groups)
-            self._terms.append(distance * weight if weight != 1.0 else distance)
-
-        return hook
-
-    def pop(self, model: nn.Module) -> torch.Tensor:
-        """Sum of the weighted per-layer distances of ``model``'s last forward pass, shape (num_groups,).
-
-        Zeros, on the model's device, for a model without BN layers.
-        """
-        if not self._terms:
-            if model in self._bn_free:
-                return torch.zeros(self.num_groups, device=self._bn_free[model])
-            raise RuntimeError("no BatchNorm layer ran in the last forward pass")
-        total = torch.stack(self._terms).sum(0)
-        self._terms.clear()
-        return total

@@ -11,28 +11,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
+
+import functools
 
 import torch
 
-from ..artifacts import Layout
+from ..artifacts import DistilledSet, Layout
 from ..config import DistillConfig
+from ..augment import resize
 from ..data import DatasetSpec, ImageDataset, normalize
 from ..data.datasets import read_image
 from ..distributed import Ranks
+from ..errors import FadrmError
 from ..io import save_png, write_json
 from ..registry import Registry
 from ..runtime import Runtime
 from ..seeding import make_generator
 from ..teachers import Teacher
 from ..training import progress
+from .matching import TeacherTargets
 from .patches import select_class_patches
 from .units import Unit
 
 
 @dataclass(frozen=True)
 class SynthesisRun:
-    """What every part of one distillation run shares: settings, data, teachers, files, device, ranks."""
+    """What every part of one distillation run shares: settings, data, teachers, files, device, ranks,
+    and the teachers' statistics where the method matches them."""
 
     config: DistillConfig
     spec: DatasetSpec
@@ -42,29 +48,37 @@ class SynthesisRun:
     runtime: Runtime
     ranks: Ranks
     log: Callable[[str], None]
+    # Per teacher, its statistics targets and file description, for methods that match them.
+    statistics: list[tuple[TeacherTargets, dict[str, Any]]] | None = None
 
 
 class Initialiser(Protocol):
     """How a method's images start."""
 
+    def problem(self, config: DistillConfig) -> str | None:
+        """Why the settings cannot start this method's images (one line, checked before any work), or None."""
+
     def prepare(self, run: SynthesisRun) -> None:
         """Work done once per run before synthesis (this rank's share; finished parts are skipped)."""
 
     def initial_images(self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]) -> torch.Tensor:
-        """The batch's initial images, normalised, (groups x classes, C, H, W), unit by unit."""
+        """The batch's initial images, normalised, (G*B, C, H, W), unit by unit in each unit's image order."""
 
     def source_file(self, run: SynthesisRun, label: int, ipc_index: int) -> Path | None:
         """The file an initial image was read from, if any."""
 
 
 class NoiseInitialiser:
-    """Gaussian noise in normalised space (SRe2L), drawn from each unit's own stream."""
+    """Gaussian noise in normalised space (SRe2L, G-VBSM), drawn from each unit's own stream."""
+
+    def problem(self, config: DistillConfig) -> str | None:
+        return None
 
     def prepare(self, run: SynthesisRun) -> None:
         return None
 
     def initial_images(self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]) -> torch.Tensor:
-        shape = (len(batch[0].classes), run.spec.channels, run.spec.image_size, run.spec.image_size)
+        shape = (batch[0].size, run.spec.channels, run.spec.image_size, run.spec.image_size)
         return torch.cat([torch.randn(shape, generator=g) for g in generators])
 
     def source_file(self, run: SynthesisRun, label: int, ipc_index: int) -> Path | None:
@@ -73,6 +87,9 @@ class NoiseInitialiser:
 
 class PatchInitialiser:
     """Realistic patches of real training images chosen by the first teacher (RDED's selection)."""
+
+    def problem(self, config: DistillConfig) -> str | None:
+        return None
 
     def prepare(self, run: SynthesisRun) -> None:
         layout = run.layout
@@ -91,7 +108,7 @@ class PatchInitialiser:
             write_json(layout.init_record(label), record)
 
     def initial_images(self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]) -> torch.Tensor:
-        files = [self.source_file(run, c, u.ipc_index) for u in batch for c in u.classes]
+        files = [self.source_file(run, c, i) for u in batch for c, i in u.images]
         images = torch.stack([read_image(path, run.spec.channels) for path in files])
         return normalize(images.float().div_(255), run.spec.mean, run.spec.std)
 
@@ -99,6 +116,72 @@ class PatchInitialiser:
         return run.layout.image("init", label, ipc_index)
 
 
+def _pools(targets: Sequence[int]) -> dict[int, list[int]]:
+    """Each class's indices, in order."""
+    pools: dict[int, list[int]] = {}
+    for index, label in enumerate(targets):
+        pools.setdefault(label, []).append(index)
+    return pools
+
+
+# Built once per run and reused by every batch (a set is keyed by its content's id).
+@functools.lru_cache(maxsize=2)
+def _dataset_pools(dataset: ImageDataset) -> dict[int, list[int]]:
+    return _pools(dataset.targets)
+
+
+@functools.lru_cache(maxsize=2)
+def _set_images(folder: str, set_id: str) -> tuple[torch.Tensor, dict[int, list[int]]]:
+    images, labels = DistilledSet.open(folder).images()
+    return images, _pools(labels.tolist())
+
+
+class RealImageInitialiser:
+    """Real images of each image's own class (EDC's real-image initialisation).
+
+    Every image starts from an image of its class drawn at random, with replacement (so a
+    unit may start twice from the same one), resized to the image size and flipped with
+    probability 1/2; the draws come from the unit's own stream. The images are those of the
+    training split (the run's holdout excluded), or, with ``--init-from``, those of a finished
+    distilled set of the same dataset, classes and IPC (EDC on ImageNet-1k starts from RDED's).
+    """
+
+    def problem(self, config: DistillConfig) -> str | None:
+        if config.init_from is None:
+            return None
+        source = DistilledSet.open(config.init_from)
+        if (source.dataset, source.ipc) != (config.dataset, config.ipc):
+            return (f"--init-from {config.init_from} holds a {source.dataset} set at IPC {source.ipc}; it must be "
+                    f"{config.dataset} at IPC {config.ipc}")  # fmt: skip
+        return None
+
+    def prepare(self, run: SynthesisRun) -> None:
+        folder = run.config.init_from
+        if folder is not None and tuple(DistilledSet.open(folder).class_names) != run.layout.class_names:
+            raise FadrmError(f"--init-from {folder} was made for other classes than this run's")
+
+    def initial_images(self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]) -> torch.Tensor:
+        folder = run.config.init_from
+        if folder is None:
+            images, pools = None, _dataset_pools(run.dataset)
+        else:
+            images, pools = _set_images(folder, DistilledSet.open(folder).set_id())
+        size = run.spec.image_size
+        out = []
+        for unit, gen in zip(batch, generators):
+            for label, _ in unit.images:
+                pool = pools[label]
+                index = pool[int(torch.randint(len(pool), (), generator=gen))]
+                image = images[index] if images is not None else run.dataset.load(index)
+                image = resize(image[None].float().div(255), size)
+                out.append(image.flip(-1) if bool(torch.rand((), generator=gen) < 0.5) else image)
+        return normalize(torch.cat(out), run.spec.mean, run.spec.std)
+
+    def source_file(self, run: SynthesisRun, label: int, ipc_index: int) -> Path | None:
+        return None
+
+
 INITIALISERS: Registry[Initialiser] = Registry("initialiser")
 INITIALISERS.add("noise", NoiseInitialiser())
 INITIALISERS.add("patches", PatchInitialiser())
+INITIALISERS.add("real-images", RealImageInitialiser())

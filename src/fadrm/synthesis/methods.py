@@ -1,24 +1,29 @@
 """The methods, as registered objects that carry their own behaviour.
 
 A method names, each from a registry: its initialiser (where the images start:
-Gaussian noise or realistic patches, :mod:`fadrm.synthesis.init`), its stage plan
-(how the configured stages are run), its statistics matcher (what the images
-must reproduce in the teachers) and its teacher policy (which teacher each
-iteration uses). It may also bring default options for any stage (its own
-published relabel or student protocol), which the dataset presets refine. The
+Gaussian noise, realistic patches or real images, :mod:`fadrm.synthesis.init`), its stage
+plan (how the configured stages are run), its unit plan (which images share statistics,
+:mod:`fadrm.synthesis.units`), its statistics matcher (what the images must reproduce in
+the teachers, :mod:`fadrm.synthesis.matching`) and its teacher policy (which teachers each
+iteration uses, and how they count). It may also bring default options for any stage (its
+own published relabel or student protocol), which the dataset presets refine. The
 pipeline asks the method; it never branches on a method's name.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
-from torch import nn
+import torch
 
-from ..config import SynthesisConfig
+from ..config import DistillConfig, SynthesisConfig
 from ..registry import Registry
-from .bn_stats import BNStatMatcher
+from ..seeding import make_generator
+from .matching import MATCHERS
+from .units import Unit
+
 
 @dataclass(frozen=True)
 class StagePlan:
@@ -41,25 +46,115 @@ STAGE_PLANS.add("single-stage", StagePlan(lambda s: replace(s, sizes=[s.sizes[-1
 # RDED: no optimisation; the initial images are the result.
 STAGE_PLANS.add("none", StagePlan(lambda s: replace(s, sizes=[s.sizes[-1]], budgets=[0]), optimises=False))
 
-# What synthesis matches: a context manager built as factory(teachers, groups, first_multiplier)
-# whose pop(teacher) returns the per-group statistics loss of the teacher's last forward.
-MATCHERS: Registry[Callable[..., Any]] = Registry("statistics matcher")
-MATCHERS.add("batchnorm", BNStatMatcher)
+
+# ----------------------------------------------------------------- teachers
+@dataclass(frozen=True)
+class TeacherPlan:
+    """Which teachers a unit's iterations run, and how each one counts.
+
+    Attributes:
+        teachers: positions in the run's teachers.
+        weights: None: one teacher per iteration, ``teachers[t mod len(teachers)]`` at
+            iteration t (round robin); otherwise every member at every iteration, on the
+            same view, member k's loss (cross-entropy + statistics) weighted ``weights[k]``.
+    """
+
+    teachers: tuple[int, ...]
+    weights: tuple[float, ...] | None = None
+
+    def members(self, step: int) -> list[tuple[int, float | None]]:
+        """(teacher position, weight or None for an unweighted single teacher) of iteration ``step``."""
+        if self.weights is None:
+            return [(self.teachers[step % len(self.teachers)], None)]
+        return list(zip(self.teachers, self.weights))
+
+    def describe(self) -> dict[str, Any]:
+        """What a unit record says about its committee (nothing for round robin)."""
+        if self.weights is None:
+            return {}
+        return {"committee": list(self.teachers), "committee_weights": [round(w, 6) for w in self.weights]}
 
 
-# Which teacher iteration ``step`` uses.
-TeacherPolicy = Callable[[int, Sequence[nn.Module]], nn.Module]
+@dataclass(frozen=True)
+class TeacherPolicy:
+    """How a method uses its teachers.
+
+    Attributes:
+        plans: (the run's config, number of teachers) -> the :class:`TeacherPlan` of each unit.
+        problem: why a number of teachers and the settings do not fit (one line), or None.
+    """
+
+    plans: Callable[[DistillConfig, int], Callable[[Unit], TeacherPlan]]
+    problem: Callable[[int, SynthesisConfig], str | None] = lambda teachers, synthesis: None
+
+
+def round_robin(config: DistillConfig, num_teachers: int) -> Callable[[Unit], TeacherPlan]:
+    """Every unit: iteration t uses teacher t mod K (FADRM+'s, G-VBSM's and EDC's schedule)."""
+    plan = TeacherPlan(tuple(range(num_teachers)))
+    return lambda unit: plan
+
+
+# CV-DD's synthesis weighs committee member k by softmax(prior / 5)_k (its relabelling uses 10).
+COMMITTEE_TEMPERATURE = 5.0
+
+
+def committee_weights(priors: Sequence[float]) -> tuple[float, ...]:
+    """softmax(prior / 5) over a committee's members."""
+    return tuple(torch.softmax(torch.tensor(priors, dtype=torch.float64) / COMMITTEE_TEMPERATURE, 0).tolist())
+
+
+def committees(num_teachers: int, ipc: int, synthesis: SynthesisConfig, seed: int) -> list[tuple[int, ...]]:
+    """The committee of each IPC index, as CV-DD chooses them, seeded where it draws at random.
+
+    ``fixed_committee`` if given, at every index; at IPC 1 the ``committee_size`` teachers
+    with the highest priors (the first ones without priors); while there are enough, the
+    distinct combinations in lexicographic order, one per index (CV-DD at IPC 10: the 10
+    pairs of 5 teachers); beyond that a sample of ``committee_size`` per index drawn from
+    (seed, index) (CV-DD at IPC 50 draws unseeded).
+    """
+    size = synthesis.committee_size
+    if synthesis.fixed_committee:
+        return [tuple(sorted(synthesis.fixed_committee))] * ipc
+    if ipc == 1:
+        priors = synthesis.priors or [0.0] * num_teachers
+        ranked = sorted(range(num_teachers), key=lambda k: -priors[k])  # stable: ties keep --teacher order
+        return [tuple(sorted(ranked[:size]))]
+    combinations = list(itertools.combinations(range(num_teachers), size))
+    if ipc <= len(combinations):
+        return combinations[:ipc]
+    draws = (torch.randperm(num_teachers, generator=make_generator(seed, "committee", i)) for i in range(ipc))
+    return [tuple(sorted(d[:size].tolist())) for d in draws]
+
+
+def committee_plans(config: DistillConfig, num_teachers: int) -> Callable[[Unit], TeacherPlan]:
+    """Every unit: its IPC index's committee, each member weighted by softmax(prior / 5)."""
+    synthesis = config.synthesis
+    priors = synthesis.priors or [0.0] * num_teachers
+    plans = [TeacherPlan(c, committee_weights([priors[k] for k in c]))
+             for c in committees(num_teachers, config.ipc, synthesis, config.seed)]  # fmt: skip
+    return lambda unit: plans[unit.ipc_index]
+
+
+def committee_problem(num_teachers: int, synthesis: SynthesisConfig) -> str | None:
+    """Why the committee settings do not fit ``num_teachers`` teachers, or None."""
+    size, fixed, priors = synthesis.committee_size, synthesis.fixed_committee, synthesis.priors
+    if size > num_teachers:
+        return f"a committee of --committee-size {size} needs at least {size} teachers, got {num_teachers}"
+    if fixed is not None and (len(fixed) != size or len(set(fixed)) != size or max(fixed) >= num_teachers):
+        return (f"--fixed-committee {' '.join(map(str, fixed))} must name {size} different teacher positions "
+                f"(0 to {num_teachers - 1}, in --teacher order)")  # fmt: skip
+    if priors is not None and len(priors) != num_teachers:
+        return (f"got {len(priors)} --prior values for {num_teachers} teacher(s); give one per --teacher, in the same "
+                "order (a preset's priors are those of its own teachers)")  # fmt: skip
+    return None
+
+
 TEACHER_POLICIES: Registry[TeacherPolicy] = Registry("teacher policy")
+TEACHER_POLICIES.add("round-robin", TeacherPolicy(round_robin))
+TEACHER_POLICIES.add("committee", TeacherPolicy(committee_plans, committee_problem))
 
 
-def round_robin(step: int, teachers: Sequence[nn.Module]) -> nn.Module:
-    """Iteration ``step`` uses teacher ``step mod K`` (FADRM+'s published schedule)."""
-    return teachers[step % len(teachers)]
-
-
-TEACHER_POLICIES.add("round-robin", round_robin)
-
-
+# ------------------------------------------------------------------ methods
 @dataclass(frozen=True)
 class Method:
     """One distillation method on the shared engine.
@@ -69,8 +164,9 @@ class Method:
         summary: one line for ``--help`` and ``fadrm list methods``.
         initialiser: an :data:`~fadrm.synthesis.init.INITIALISERS` name.
         stages: a :data:`STAGE_PLANS` name.
-        matcher: a :data:`MATCHERS` name.
+        matcher: a :data:`~fadrm.synthesis.matching.MATCHERS` name.
         teacher_policy: a :data:`TEACHER_POLICIES` name.
+        units: a :data:`~fadrm.synthesis.units.UNIT_PLANS` name.
         max_teachers: how many teachers the method accepts (None: any number).
         defaults: options the method brings per stage section ("distill", "evaluate", ...),
             under the dataset presets.
@@ -82,6 +178,7 @@ class Method:
     stages: str
     matcher: str = "batchnorm"
     teacher_policy: str = "round-robin"
+    units: str = "per-ipc"
     max_teachers: int | None = 1
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -94,8 +191,19 @@ class Method:
         """Whether the method optimises pixels at all (otherwise its initial images are its result)."""
         return STAGE_PLANS.get(self.stages).optimises
 
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether its matcher needs the teachers' statistics files (``fadrm stats``)."""
+        return MATCHERS.get(self.matcher).statistics
+
 
 METHODS: Registry[Method] = Registry("method")
+
+# The published settings that hold on every dataset (docs/method.md); the presets add the rest.
+# All three ran in full precision.
+_G_VBSM = {"stat_ema": 0.8, "conv_drop": 0.4, "dd_weight": 1.0, "group_images": 100, "amp": "off"}
+_EDC = {"stat_ema": 0.8, "group_images": 100, "crop_scale": [0.5, 1.0], "amp": "off"}
+_CV_DD = {"committee_size": 2, "amp": "off"}
 
 for _method in (
     Method("fadrm", "patch init, multi-resolution stages with ARC, one teacher", "patches", "multi-resolution"),
@@ -104,5 +212,13 @@ for _method in (
     Method("sre2l", "Gaussian init, one full-size stage, no ARC", "noise", "single-stage"),
     Method("sre2l++", "patch init, one full-size stage, no ARC (CV-DD's SRe2L++)", "patches", "single-stage"),
     Method("rded", "the selected real patches, no optimisation", "patches", "none"),
+    Method("g-vbsm", "Gaussian init, BN and convolution-input statistics with EMA, data densification, "
+           "class-major groups, teachers round-robin", "noise", "single-stage", matcher="batchnorm+conv",
+           units="class-major", max_teachers=None, defaults={"distill": _G_VBSM}),  # fmt: skip
+    Method("edc", "real-image init, G-VBSM's statistics mixed with class targets, class-major groups, teachers "
+           "round-robin", "real-images", "single-stage", matcher="category-aware", units="class-major",
+           max_teachers=None, defaults={"distill": _EDC}),  # fmt: skip
+    Method("cv-dd", "SRe2L++ with a committee of teachers per IPC index, weighted by their priors", "patches",
+           "single-stage", teacher_policy="committee", max_teachers=None, defaults={"distill": _CV_DD}),  # fmt: skip
 ):
     METHODS.add(_method.name, _method)

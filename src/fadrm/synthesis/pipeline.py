@@ -33,27 +33,30 @@ from ..data.transforms import denormalize
 from ..distributed import Ranks, init_ranks
 from ..errors import FadrmError
 from ..io import atomic_path, read_json, save_png, write_json
+from ..prepass import distill_statistics_config, teacher_statistics
 from ..runtime import Runtime, make_runtime
-from ..seeding import make_generator
 from ..teachers import Teacher, load_teachers
 from .init import INITIALISERS, SynthesisRun
-from .methods import MATCHERS, METHODS, TEACHER_POLICIES, Method
+from .matching import MATCHERS
+from .methods import METHODS, TEACHER_POLICIES, Method, TeacherPlan
 from .recover import recover
-from .units import Unit, plan_units
+from .units import UNIT_PLANS, Unit
 
 # Images per forward pass when --groups-per-batch is not given.
 DEFAULT_BATCH_IMAGES = {"cpu": 100, "cuda": 1000}
 
 
 def synthesis_teachers(config: DistillConfig, spec: DatasetSpec, class_names: list[str], runtime: Runtime) -> list[Teacher]:
-    """The run's teachers, loaded and placed; they must agree on the classes and at least one have BatchNorm.
+    """The run's teachers, loaded and placed; they must agree on the classes and, unless the method
+    also matches convolutions, at least one have BatchNorm.
 
     A teacher without BatchNorm (AlexNet in the published ImageNet-1k FADRM+)
-    contributes only the cross-entropy term on its iterations.
+    contributes only the cross-entropy term on its iterations (and its convolutions'
+    statistics where the method matches them).
     """
     teachers = load_teachers(config.teachers, spec, class_names, runtime, config.teacher_arch, config.holdout,
                              compile=True)  # fmt: skip
-    if not any(teacher.has_batchnorm() for teacher in teachers):
+    if not METHODS.get(config.method).needs_statistics and not any(teacher.has_batchnorm() for teacher in teachers):
         raise FadrmError(
             f"none of the teachers ({', '.join(t.arch for t in teachers)}) has BatchNorm layers, "
             "so there are no statistics to match; add a teacher with BatchNorm"
@@ -72,15 +75,20 @@ def _bounds(spec: DatasetSpec, device: torch.device) -> tuple[torch.Tensor, torc
     return normalize(zeros, spec.mean, spec.std), normalize(zeros + 1, spec.mean, spec.std)
 
 
-def _batches(units: list[Unit], groups_per_batch: int) -> list[list[Unit]]:
-    """Consecutive units of equal group size, at most ``groups_per_batch`` per batch."""
+def _batches(units: list[Unit], groups_per_batch: int, plans: Callable[[Unit], TeacherPlan]) -> list[list[Unit]]:
+    """Consecutive units of equal size and teacher plan, at most ``groups_per_batch`` per batch."""
     batches: list[list[Unit]] = []
     for unit in units:
-        if batches and len(batches[-1]) < groups_per_batch and len(batches[-1][0].classes) == len(unit.classes):
-            batches[-1].append(unit)
+        last = batches[-1] if batches else None
+        if last and len(last) < groups_per_batch and last[0].size == unit.size and plans(last[0]) == plans(unit):
+            last.append(unit)
         else:
             batches.append([unit])
     return batches
+
+
+def _units(run: SynthesisRun, method: Method) -> list[Unit]:
+    return UNIT_PLANS.get(method.units).plan(len(run.layout.class_names), run.config.ipc, run.config.synthesis)
 
 
 def _peak_memory(runtime: Runtime) -> int:
@@ -100,20 +108,22 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
     config, layout, runtime = run.config, run.layout, run.runtime
     settings = method.stage_plan(config.synthesis)
     initialiser = INITIALISERS.get(method.initialiser)
-    cpg = config.synthesis.classes_per_group
-    per_batch = config.groups_per_batch or max(1, DEFAULT_BATCH_IMAGES[runtime.device.type] // cpg)
-    batches = run.ranks.shard(_batches(plan_units(len(layout.class_names), config.ipc, cpg), per_batch))
+    plans = TEACHER_POLICIES.get(method.teacher_policy).plans(config, len(run.teachers))
+    units = _units(run, method)
+    per_batch = config.groups_per_batch or max(1, DEFAULT_BATCH_IMAGES[runtime.device.type] // units[0].size)
+    batches = run.ranks.shard(_batches(units, per_batch, plans))
     todo = [batch for batch in batches if not all(layout.unit_record(u.key).exists() for u in batch)]
     if not todo:
         return
     bounds = _bounds(run.spec, runtime.device)
     models = [t.model for t in run.teachers]
+    targets = [t for t, _ in run.statistics] if run.statistics is not None else None
     run.log(f"{method.name}: {sum(map(len, todo))} groups to synthesise, {per_batch} per batch, "
             f"{settings.total_budget} iterations each")  # fmt: skip
     for batch in todo:
         started = time.perf_counter()
-        generators = [make_generator(config.seed, "synth", u.ipc_index, u.group) for u in batch]
-        labels = torch.tensor([c for u in batch for c in u.classes])
+        generators = [u.generator(config.seed) for u in batch]
+        labels = torch.tensor([c for u in batch for c, _ in u.images])
         init = initialiser.initial_images(run, batch, generators)
         if runtime.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(runtime.device)
@@ -127,19 +137,20 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
         try:
             result = recover(
                 init, labels, models, generators, settings, runtime, bounds, on_step,
-                matcher=MATCHERS.get(method.matcher), policy=TEACHER_POLICIES.get(method.teacher_policy),
+                matcher=MATCHERS.get(method.matcher).build, plan=plans(batch[0]), targets=targets,
+                slots=batch[0].slots,
             )  # fmt: skip
         finally:
             bar.close()
         images = denormalize(result.images, run.spec.mean, run.spec.std).cpu()
         elapsed = time.perf_counter() - started
-        per_group = len(batch[0].classes)
+        per_group = batch[0].size
         for g, unit in enumerate(batch):
             records = []
-            for j, label in enumerate(unit.classes):
+            for j, (label, ipc_index) in enumerate(unit.images):
                 k = g * per_group + j
-                path = layout.image("images", label, unit.ipc_index)
-                source = initialiser.source_file(run, label, unit.ipc_index)
+                path = layout.image("images", label, ipc_index)
+                source = initialiser.source_file(run, label, ipc_index)
                 if not method.optimises and source is not None:
                     # Not optimised (RDED): the distilled image is the initial one, byte for byte.
                     with atomic_path(path) as tmp:
@@ -147,7 +158,7 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
                 else:
                     save_png(path, images[k])
                 records.append({
-                    "class": label, "class_name": layout.class_names[label], "ipc_index": unit.ipc_index,
+                    "class": label, "class_name": layout.class_names[label], "ipc_index": ipc_index,
                     "file": layout.relative(path), "ce": round(float(result.ce[k]), 6),
                 })  # fmt: skip
             write_json(layout.unit_record(unit.key), {
@@ -155,14 +166,15 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
                 "bn_loss": round(float(result.bn[g]), 6), "loss": round(float(result.loss[g]), 6),
                 "iterations": result.iterations, "seconds": elapsed / len(batch),
                 "seconds_per_image": elapsed / len(batch) / per_group, "batched_groups": len(batch),
-                "peak_memory_bytes": _peak_memory(runtime), "rank": run.ranks.rank, "images": records,
+                "peak_memory_bytes": _peak_memory(runtime), "rank": run.ranks.rank, **plans(unit).describe(),
+                "images": records,
             })  # fmt: skip
 
 
 def gather_manifest(run: SynthesisRun, method: Method, wall_seconds: float) -> dict[str, Any]:
     """Gather every unit's record into ``manifest.json``; fails if a unit is missing."""
     config, layout = run.config, run.layout
-    units = plan_units(len(layout.class_names), config.ipc, config.synthesis.classes_per_group)
+    units = _units(run, method)
     missing = [u.key for u in units if not layout.unit_record(u.key).exists()]
     if missing:
         raise FadrmError(f"{len(missing)} units are unfinished (e.g. {missing[0]}); run the same command again")
@@ -177,6 +189,7 @@ def gather_manifest(run: SynthesisRun, method: Method, wall_seconds: float) -> d
         "config": config.to_dict(),
         "stage_plan": asdict(method.stage_plan(config.synthesis)),
         "teachers": [t.describe() for t in run.teachers],
+        **({"statistics": [d for _, d in run.statistics]} if run.statistics is not None else {}),
         "images": images,
         "units": [{k: v for k, v in r.items() if k != "images"} for r in records],
         "wall_seconds_this_session": round(wall_seconds, 3),
@@ -215,9 +228,15 @@ def _distill_ranked(
     class_names = list(spec.display_names or dataset.classes)
     teachers = synthesis_teachers(config, spec, dataset.classes, runtime)
     layout = Layout(Path(config.out), tuple(class_names), config.ipc)
-    run = SynthesisRun(config, spec, dataset, teachers, layout, runtime, ranks, log)
+    statistics = None
+    if method.needs_statistics:
+        # Several processes would each compute a missing file: they ask for it to be made first.
+        statistics = teacher_statistics(distill_statistics_config(config), teachers, dataset, runtime,
+                                        compute=ranks.world == 1, log=log)  # fmt: skip
+    run = SynthesisRun(config, spec, dataset, teachers, layout, runtime, ranks, log, statistics)
     if ranks.is_main:
-        open_distilled_folder(layout, config, [t.sha256 for t in teachers], log)
+        open_distilled_folder(layout, config, [t.sha256 for t in teachers], log,
+                              [d["sha256"] for _, d in statistics] if statistics is not None else None)  # fmt: skip
     ranks.barrier()
     INITIALISERS.get(method.initialiser).prepare(run)
     ranks.barrier()

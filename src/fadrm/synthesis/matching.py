@@ -1,0 +1,369 @@
+"""Statistics matching: forward hooks on BatchNorm layers and on convolution inputs, always removed.
+
+What a hooked layer contributes, per group of images (groups never mix):
+
+* a BatchNorm layer: its input's per-channel mean and biased variance over (B, H, W),
+  matched to the layer's running buffers;
+* a convolution (when the teacher has statistics targets, from ``fadrm stats``): the same
+  channel statistics of its **input**, plus the patch statistics: the input resized
+  (bilinear) up to the next multiple of the cell side P, cut into P x P cells, and per cell
+  the mean and biased variance over (B, C, P, P); matched to the training set's.
+
+The distance is ``D(T, s) = ||T_mean - s_mean||_2 + ||T_var - s_var||_2`` summed over the
+layer's statistics; the first hooked module of each teacher (in ``named_modules`` order) is
+weighted by ``first_multiplier``. On top of this, G-VBSM and EDC take the distance at an EMA
+of the statistic (:class:`EmaSurrogate`), leave each convolution term out with a probability
+per forward, and EDC averages the distance to the global target with the distance to the
+group's class target (:data:`CATEGORY_SHARE`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..config import SynthesisConfig
+from ..registry import Registry
+from .bn_stats import GroupMoments, _device_of, stat_distance
+
+# EDC's soft category-aware matching: every term is (1 - share) * D(global target) + share *
+# D(class target); its code hard-codes one half, and so do we.
+CATEGORY_SHARE = 0.5
+
+
+# ------------------------------------------------------------ layer statistics
+def cell_size(image_size: int) -> int:
+    """P, the side of the patch-statistics cells, for images of ``image_size`` pixels.
+
+    The published values are 16 for the 224 px ImageNet family and 4 for CIFAR (32 px) and
+    Tiny-ImageNet (64 px). Fashion-MNIST (28 px) takes 4: it divides 28, so the image itself
+    is never resampled, and it gives CIFAR's ratio of cell to image side.
+    """
+    return 16 if image_size > 64 else 4
+
+
+def _to_cells(x: torch.Tensor, cell: int) -> torch.Tensor:
+    """``x`` (N, C, H, W) resized up to multiples of ``cell`` and split: (N, C, H/cell, cell, W/cell, cell)."""
+    height, width = (math.ceil(side / cell) * cell for side in x.shape[-2:])
+    if (height, width) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    return x.unflatten(2, (height // cell, cell)).unflatten(4, (width // cell, cell))
+
+
+def patch_moments(x: torch.Tensor, cell: int, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group and per cell, the mean and biased variance over (B, C, cell, cell): (G, cells) each.
+
+    Cells are numbered row by row.
+    """
+    cells = _to_cells(x.float(), cell).unflatten(0, (num_groups, -1))  # (G, B, C, u, P, v, P)
+    var, mean = torch.var_mean(cells, dim=(1, 2, 4, 6), correction=0)
+    return mean.flatten(1), var.flatten(1)
+
+
+def image_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel, the mean and the biased variance **within the image** over (H, W): (N, C) each."""
+    var, mean = torch.var_mean(x.float(), dim=(2, 3), correction=0)
+    return mean, var
+
+
+def image_patch_moments(x: torch.Tensor, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and cell, the mean and biased variance over (C, cell, cell): (N, cells) each."""
+    var, mean = torch.var_mean(_to_cells(x.float(), cell), dim=(1, 3, 5), correction=0)
+    return mean.flatten(1), var.flatten(1)
+
+
+def matched_layers(model: nn.Module, convolutions: bool) -> list[tuple[str, nn.Module]]:
+    """The model's BatchNorm layers, and its Conv2d layers when ``convolutions``, in ``named_modules``
+    order (a compiled model is named as the module it wraps)."""
+    model = getattr(model, "_orig_mod", model)
+    kinds = (_BatchNorm, nn.Conv2d) if convolutions else (_BatchNorm,)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+
+
+# ------------------------------------------------------------------- targets
+@dataclass
+class LayerTargets:
+    """What one hooked layer's statistics are matched to, from the statistics pre-pass.
+
+    Each is a (mean, variance) pair or None. ``channel``: (C,) each, over the training set (a
+    BatchNorm layer uses its running buffers instead); ``patch``: (cells,) each;
+    ``class_channel`` and ``class_patch``: one row per class, (classes, C) and (classes, cells).
+    """
+
+    channel: tuple[torch.Tensor, torch.Tensor] | None = None
+    patch: tuple[torch.Tensor, torch.Tensor] | None = None
+    class_channel: tuple[torch.Tensor, torch.Tensor] | None = None
+    class_patch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def to(self, device: torch.device) -> "LayerTargets":
+        """The same targets on ``device``."""
+        def move(pair):
+            return None if pair is None else (pair[0].to(device), pair[1].to(device))
+
+        return LayerTargets(move(self.channel), move(self.patch), move(self.class_channel), move(self.class_patch))
+
+
+@dataclass
+class TeacherTargets:
+    """One teacher's targets: the cell side of its patch statistics and each hooked layer's targets by name."""
+
+    cell: int
+    layers: dict[str, LayerTargets]
+
+
+def group_class_targets(pair: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
+                        num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A group's class target: the mean over its images of their class's target, (G, ...) each."""
+    return tuple(t[labels].unflatten(0, (num_groups, -1)).mean(1) for t in pair)  # type: ignore[return-value]
+
+
+class EmaSurrogate:
+    """Per (key, group) state ``s_hat <- a * s_hat + (1 - a) * s`` (no gradient), starting at 0.
+
+    :meth:`__call__` returns ``s_hat + s - stopgrad(s)``: the value of the EMA, the gradient
+    of the current statistic. The state starts at 0, as in the published code (whose "first
+    call" branch never runs), so early iterations see a shrunken statistic; it lives as long
+    as the matcher, i.e. one batch of work units. Groups whose term is left out of a forward
+    keep their state.
+    """
+
+    def __init__(self, coefficient: float) -> None:
+        self.coefficient = coefficient
+        self._state: dict[object, torch.Tensor] = {}
+
+    def __call__(self, key: object, value: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.coefficient
+        with torch.no_grad():
+            previous = self._state.get(key, torch.zeros_like(value))
+            state = a * previous + (1 - a) * value.detach()
+            if keep is not None:
+                state = torch.where(keep.view(-1, *([1] * (value.dim() - 1))), state, previous)
+            self._state[key] = state
+        return state + value - value.detach()
+
+
+# ------------------------------------------------------------------- matcher
+class StatMatcher:
+    """Hooks the matched layers of the given models and accumulates the statistics loss.
+
+    Use as a context manager; the hooks are removed on exit, whatever happens. After each
+    forward pass, :meth:`pop` returns the weighted sum over that model's hooked layers, one
+    value per group, and clears it. A model without hooked layers contributes zero.
+
+    Args:
+        models: the teachers (only those that run contribute to a pass).
+        num_groups: groups in each batch; statistics never mix groups.
+        first_multiplier: weight of each model's first hooked layer (10 in every paper).
+        targets: per model, its :data:`TeacherTargets` from the statistics pre-pass; a model
+            with targets also has its convolutions hooked. None: BatchNorm layers only.
+        ema: the :class:`EmaSurrogate` coefficient (0: the current statistics).
+        conv_drop: probability that a convolution term is left out of a forward, per group.
+        generators: one per group: the draws of ``conv_drop`` (never the global RNG).
+        labels: each image's class, needed for class targets.
+        class_share: weight of the class-target distance (0: the global targets only).
+    """
+
+    def __init__(
+        self, models: Iterable[nn.Module], num_groups: int, first_multiplier: float = 10.0, *,
+        targets: Sequence[TeacherTargets] | None = None, ema: float = 0.0, conv_drop: float = 0.0,
+        generators: Sequence[torch.Generator] = (), labels: torch.Tensor | None = None, class_share: float = 0.0,
+    ) -> None:  # fmt: skip
+        self.models = list(models)
+        self.num_groups = num_groups
+        self.first_multiplier = first_multiplier
+        self.targets = targets
+        self.ema = EmaSurrogate(ema) if ema > 0 else None
+        self.conv_drop = conv_drop
+        self.generators = list(generators)
+        self.labels = labels
+        self.class_share = class_share
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._terms: list[torch.Tensor] = []
+        # Where each model without hooked layers runs: its zero term is created there.
+        self._unhooked: dict[nn.Module, torch.device] = {}
+        self._keep: torch.Tensor | None = None  # this forward's kept convolution terms, (G, convolutions), CPU
+
+    def __enter__(self) -> "StatMatcher":
+        try:
+            for index, model in enumerate(self.models):
+                targets = self.targets[index] if self.targets is not None else None
+                layers = matched_layers(model, convolutions=targets is not None)
+                if not layers:
+                    self._unhooked[model] = _device_of(model)
+                convolutions = sum(isinstance(m, nn.Conv2d) for _, m in layers)
+                conv_index = 0
+                for position, (name, layer) in enumerate(layers):
+                    weight = self.first_multiplier if position == 0 else 1.0
+                    layer_targets = self._prepared(targets.layers.get(name) if targets else None, layer)
+                    if isinstance(layer, nn.Conv2d):
+                        hook = self._conv_hook((index, name), weight, layer_targets, targets.cell, conv_index,
+                                               convolutions)  # fmt: skip
+                        conv_index += 1
+                    else:
+                        hook = self._bn_hook((index, name), weight, layer_targets)
+                    self._handles.append(layer.register_forward_hook(hook))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._terms.clear()
+
+    def _prepared(self, targets: LayerTargets | None, layer: nn.Module) -> LayerTargets | None:
+        """A layer's targets on its device, with the class targets already averaged per group."""
+        if targets is None:
+            if isinstance(layer, nn.Conv2d):
+                raise ValueError(f"no statistics targets for convolution {layer}")
+            return None
+        if self.class_share == 0:  # the class targets are not needed on the device
+            targets = LayerTargets(targets.channel, targets.patch)
+        targets = targets.to(_device_of(layer))
+        if self.class_share > 0:
+            if self.labels is None or targets.class_channel is None:
+                raise ValueError("class-aware matching needs labels and class targets")
+            labels = self.labels.to(_device_of(layer))
+            targets.class_channel = group_class_targets(targets.class_channel, labels, self.num_groups)
+            if targets.class_patch is not None:
+                targets.class_patch = group_class_targets(targets.class_patch, labels, self.num_groups)
+        return targets
+
+    def _distance(self, key: tuple[int, str], stats: list[torch.Tensor], global_targets: list[torch.Tensor],
+                  class_targets: list[torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """D at the (surrogate) statistics: to the global targets, mixed with the class ones when asked."""
+        if self.ema is not None:
+            stats = [self.ema((*key, i), s, keep) for i, s in enumerate(stats)]
+        distance = stat_distance(stats, global_targets)
+        if self.class_share > 0:
+            distance = (1 - self.class_share) * distance + self.class_share * stat_distance(stats, class_targets)
+        return distance
+
+    def _bn_hook(self, key: tuple[int, str], weight: float, targets: LayerTargets | None):
+        def hook(module: _BatchNorm, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            mean, var = GroupMoments.apply(inputs[0], self.num_groups)
+            classes = list(targets.class_channel) if targets is not None and self.class_share > 0 else []
+            distance = self._distance(key, [mean, var], [module.running_mean, module.running_var], classes)
+            self._terms.append(distance * weight if weight != 1.0 else distance)
+
+        return hook
+
+    def _conv_hook(self, key: tuple[int, str], weight: float, targets: LayerTargets, cell: int, conv_index: int,
+                   convolutions: int):  # fmt: skip
+        def hook(module: nn.Conv2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = inputs[0]
+            keep = None
+            if self.conv_drop > 0:
+                if self._keep is None:
+                    # One draw per group and convolution of this forward, from each group's own stream.
+                    self._keep = torch.stack([torch.rand(convolutions, generator=g) for g in self.generators])
+                    self._keep = self._keep >= self.conv_drop
+                if not self._keep[:, conv_index].any():  # on the CPU: no device sync
+                    self._terms.append(torch.zeros(self.num_groups, device=x.device))
+                    return
+                keep = self._keep[:, conv_index].to(x.device)
+            mean, var = GroupMoments.apply(x, self.num_groups)
+            patch_mean, patch_var = patch_moments(x, cell, self.num_groups)
+            stats = [mean, var, patch_mean, patch_var]
+            global_targets = [*targets.channel, *targets.patch]
+            classes = [*targets.class_channel, *targets.class_patch] if self.class_share > 0 else []
+            distance = self._distance(key, stats, global_targets, classes, keep)
+            if keep is not None:
+                distance = distance * keep
+            self._terms.append(distance * weight if weight != 1.0 else distance)
+
+        return hook
+
+    def pop(self, model: nn.Module) -> torch.Tensor:
+        """Sum of the weighted per-layer distances of ``model``'s last forward pass, shape (num_groups,).
+
+        Zeros, on the model's device, for a model without hooked layers.
+        """
+        self._keep = None
+        if not self._terms:
+            if model in self._unhooked:
+                return torch.zeros(self.num_groups, device=self._unhooked[model])
+            raise RuntimeError("no matched layer ran in the last forward pass")
+        total = torch.stack(self._terms).sum(0)
+        self._terms.clear()
+        return total
+
+
+class BNStatMatcher(StatMatcher):
+    """BatchNorm layers only, matched to their running buffers (FADRM, SRe2L, RDED, CV-DD)."""
+
+    def __init__(self, models: Iterable[nn.Module], num_groups: int, first_bn_multiplier: float = 10.0,
+                 ema: float = 0.0) -> None:  # fmt: skip
+        super().__init__(models, num_groups, first_bn_multiplier, ema=ema)
+
+
+# ------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class MatchSetup:
+    """What a matcher is built from, once per batch of work units.
+
+    Attributes:
+        teachers: the models that may run.
+        num_groups: groups in the batch.
+        settings: the synthesis settings (first-layer weight, EMA, convolution drop).
+        labels: each image's class, (G*B,).
+        generators: one random stream per group.
+        targets: per teacher, its statistics targets (None where the matcher needs none).
+    """
+
+    teachers: Sequence[nn.Module]
+    num_groups: int
+    settings: SynthesisConfig
+    labels: torch.Tensor
+    generators: Sequence[torch.Generator]
+    targets: Sequence[TeacherTargets] | None = None
+
+
+@dataclass(frozen=True)
+class MatcherKind:
+    """A registered matcher.
+
+    Attributes:
+        build: the matcher for one batch.
+        statistics: whether it needs the teachers' statistics files (``fadrm stats``).
+    """
+
+    build: Callable[[MatchSetup], StatMatcher]
+    statistics: bool = False
+
+
+def _batchnorm(setup: MatchSetup) -> StatMatcher:
+    return BNStatMatcher(setup.teachers, setup.num_groups, setup.settings.first_bn_multiplier, setup.settings.stat_ema)
+
+
+def _with_convolutions(class_share: float) -> Callable[[MatchSetup], StatMatcher]:
+    def build(setup: MatchSetup) -> StatMatcher:
+        settings = setup.settings
+        return StatMatcher(
+            setup.teachers, setup.num_groups, settings.first_bn_multiplier, targets=setup.targets,
+            ema=settings.stat_ema, conv_drop=settings.conv_drop, generators=setup.generators, labels=setup.labels,
+            class_share=class_share,
+        )  # fmt: skip
+
+    return build
+
+
+MATCHERS: Registry[MatcherKind] = Registry("statistics matcher")
+# BatchNorm layers against their running buffers (FADRM, SRe2L, CV-DD).
+MATCHERS.add("batchnorm", MatcherKind(_batchnorm))
+# G-VBSM: BatchNorm layers and convolution inputs against the training set's statistics.
+MATCHERS.add("batchnorm+conv", MatcherKind(_with_convolutions(0.0), statistics=True))
+# EDC: the same, each distance averaged with the distance to the group's class targets.
+MATCHERS.add("category-aware", MatcherKind(_with_convolutions(CATEGORY_SHARE), statistics=True))
