@@ -140,6 +140,7 @@ def test_robustness_trains_every_arm_scores_them_and_reuses_them(distilled, fmni
     (cached,) = (tmp_path / "cache").glob("fashion-mnist-convnet-small-*.pt")
     assert results["runs"][0]["checkpoint"] == str(cached) and results["runs"][0]["epochs"] == 7
     assert "## Robustness scores" in (tmp_path / "e" / "results.md").read_text()
+    assert "validations after epochs 1, 2, as" in (tmp_path / "e" / "results.md").read_text()  # students' only
     assert "| distilled | soft, no augmentation |" in (tmp_path / "e" / "results.md").read_text()
     lines: list[str] = []
     again = fadrm.evaluate(distilled, log=lines.append, **common)

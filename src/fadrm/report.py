@@ -73,7 +73,8 @@ def robustness_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def _epochs_text(runs: Sequence[dict[str, Any]]) -> str:
     """The validation epochs of the runs, shortened ("1, 11, 21, ..., 291, 300")."""
-    epochs = sorted({e for run in runs for e in run.get("evaluated_epochs", [])})
+    # Student runs only: the full-data arm is validated once, after the teacher recipe's epochs.
+    epochs = sorted({e for run in runs if run.get("history", True) for e in run.get("evaluated_epochs", [])})
     return ", ".join(map(str, epochs)) if len(epochs) <= 6 else f"{epochs[0]}, {epochs[1]}, {epochs[2]}, ..., {epochs[-2]}, {epochs[-1]}"
 
 
