@@ -227,6 +227,8 @@ def _distill_ranked(
     dataset = load_split(spec, "train", config.data_root, config.holdout)
     class_names = list(spec.display_names or dataset.classes)
     teachers = synthesis_teachers(config, spec, dataset.classes, runtime)
+    if method.uses_priors and config.synthesis.priors is None and len(teachers) > 1 and ranks.is_main:
+        log(f"{method.name}: no --prior given, so the committee's members weigh the same (fadrm priors computes them)")
     layout = Layout(Path(config.out), tuple(class_names), config.ipc)
     statistics = None
     if method.needs_statistics:
