@@ -11,6 +11,7 @@ import torch
 
 import fadrm
 from fadrm import api
+from fadrm.artifacts import read_priors, write_priors
 from fadrm.cli import main
 from fadrm.config import PriorsConfig, resolve
 from fadrm.errors import FadrmError
@@ -58,6 +59,13 @@ def test_priors_are_each_teachers_last_epoch_top1_and_a_rerun_reuses_everything(
     assert again["priors"] == record["priors"]
     assert text.count("resuming in") == 2 and text.count("reusing finished run") == 2
     assert "groups to synthesise" not in text and "selecting realistic patches" not in text
+    # fadrm distill reads them from the file, each teacher's by its hash whatever the order.
+    code = main(["distill", "--dataset", "fashion-mnist", "--teacher", str(second_teacher_ckpt), "--teacher",
+                 str(teacher_ckpt), "--method", "cv-dd", "--ipc", "1", "--priors-from", str(tmp_path / "p" / "priors.json"),
+                 "--out", str(tmp_path / "cv-dd"), "--data-root", str(fmnist_root), "--sizes", "28", "--budgets", "1",
+                 "--mipc", "16", "--num-crop", "2", "--device", "cpu"])  # fmt: skip
+    manifest = json.loads((tmp_path / "cv-dd" / "manifest.json").read_text())
+    assert code == 0 and manifest["config"]["synthesis"]["priors"] == record["priors"][::-1]
 
 
 def test_one_student_for_every_teacher(teacher_ckpt, second_teacher_ckpt):
@@ -133,6 +141,29 @@ def test_preset_priors_are_for_the_presets_own_teachers_only(tmp_path):
     # fadrm distill has no teacher list of the preset's: no published prior or pair applies to its teachers.
     distill = api.distill_config(dataset="cifar100", teachers=["t.pt"] * 5, out="o", method="cv-dd", ipc=1)
     assert distill.synthesis.priors is None and distill.synthesis.fixed_committee is None
+
+
+def test_priors_from_a_file_of_other_teachers_or_other_values_are_one_line(fmnist_root, teacher_ckpt,
+                                                                         second_teacher_ckpt, tmp_path, capsys):  # fmt: skip
+    path = tmp_path / "priors.json"
+    write_priors(path, {"teachers": [{"source": "t.pt", "sha256": sha256_file(teacher_ckpt), "prior": 61.5},
+                                     {"source": "other.pt", "sha256": "0" * 64, "prior": 40.0}]})  # fmt: skip
+    (tmp_path / "notes.json").write_text("{}")
+    argv = ["distill", "--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt), "--teacher", str(second_teacher_ckpt),
+            "--method", "cv-dd", "--ipc", "1", "--out", str(tmp_path / "o"), "--data-root", str(fmnist_root), "--sizes",
+            "28", "--budgets", "1", "--mipc", "16", "--num-crop", "2", "--device", "cpu"]  # fmt: skip
+    for extra, message in (
+        (["--priors-from", str(path)], "holds the priors of other teachers (t.pt, other.pt); compute these teachers'"),
+        (["--priors-from", str(tmp_path / "notes.json")], "is not a priors.json written by fadrm priors"),
+    ):  # fmt: skip
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "o").exists()
+    # Given with --prior as well (a written config replays both): they must agree.
+    assert read_priors(path, [sha256_file(teacher_ckpt)], [61.5]) == [61.5]
+    with pytest.raises(FadrmError, match=r"--prior 60 and --priors-from .* \(61.5\) disagree; give one of them"):
+        read_priors(path, [sha256_file(teacher_ckpt)], [60.0])
 
 
 def test_priors_of_the_wrong_count_for_run_are_one_line(tmp_path, teacher_ckpt, second_teacher_ckpt, capsys):

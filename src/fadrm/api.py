@@ -219,7 +219,9 @@ def plan_run(
                                 "fixed_committee": config.fixed_committee, **(distill_options or {})})  # fmt: skip
     priors, priors_source = None, None
     if registry("method").get(config.method).uses_priors and len(distill.teachers) > 1:
-        if distill.synthesis.priors is not None:
+        if distill.priors_from:
+            priors_source = f"from {distill.priors_from}"
+        elif distill.synthesis.priors is not None:
             published = config.priors is not None and options.get("priors") is None
             priors_source = f"the {config.dataset} preset's published values for its teachers" if published else "given"
         else:
@@ -253,7 +255,10 @@ def run(
     the random-real baseline. Each stage reuses what an earlier run already finished.
 
     ``options`` are the other :class:`~fadrm.config.RunConfig` keys (seed, holdout, data_root,
-    device, amp, repeats, teacher_models). Returns a summary with each stage's accuracy and wall time.
+    device, amp, repeats, teacher_models, priors, prior_student). A committee method (CV-DD) without
+    priors, given or published for the preset's own teachers, has them computed first under
+    ``out/priors/ipc<N>/`` (:mod:`fadrm.priors`). Returns a summary with each stage's accuracy and wall
+    time (and the committee's priors).
     """
     plan = plan_run(distill_options, eval_options, dataset=dataset, ipc=ipc, out=out, method=method, teachers=teachers,
                     **options)  # fmt: skip
@@ -276,7 +281,7 @@ def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, 
         distill = with_priors(distill, computed["priors"])
         timings["priors"] = time.perf_counter() - started
     started = time.perf_counter()
-    _distill(distill, log=log)
+    manifest = _distill(distill, log=log)
     timings["distill"] = time.perf_counter() - started
     started = time.perf_counter()
     results = _evaluate(plan.evaluate, log=log)
@@ -286,9 +291,10 @@ def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, 
                "distilled": plan.distill.out}  # fmt: skip
     lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}"]
     if plan.priors_source is not None:
-        summary["priors"] = {"values": distill.synthesis.priors, "source": plan.priors_source}
-        lines.append(f"committee priors: {', '.join(f'{p:g}' for p in distill.synthesis.priors)} "
-                     f"({plan.priors_source})")  # fmt: skip
+        # As the set was made with them (--priors-from is read when the teachers are loaded).
+        priors = manifest["config"]["synthesis"]["priors"] if manifest else distill.synthesis.priors
+        summary["priors"] = {"values": priors, "source": plan.priors_source}
+        lines.append(f"committee priors: {', '.join(f'{p:g}' for p in priors or [])} ({plan.priors_source})")
     for r in results["summary"]:
         spread = f" ± {r['top1_std']:.2f} (mean of {r['repeats']} seeds)" if r["repeats"] > 1 else ""
         best = f"; best top-1 over the validations {r['best_top1']:.2f}%"

@@ -211,6 +211,14 @@ def existing_folder(value: str) -> str | None:
 _rule(existing_folder, "missing-folder")
 
 
+def existing_file(value: str) -> str | None:
+    """Rule: a file that exists."""
+    return None if Path(value).is_file() else "must be an existing file"
+
+
+_rule(existing_file, "missing-file.json")
+
+
 def not_a_folder(value: str) -> str | None:
     """Rule: a file name, not an existing folder."""
     return "must be a file name, not a folder" if Path(value).is_dir() else None
@@ -399,6 +407,10 @@ class DistillConfig(StageConfig):
     stats_dir: str | None = option(None, defines=False, check=not_a_file,
                                    help="where the teachers' statistics files are kept (default: beside each "
                                    "teacher); computed there when a method needs them")  # fmt: skip
+    # Not defining: the priors it gives are (written into the config as --prior values).
+    priors_from: str | None = option(None, defines=False, check=existing_file,
+                                     help="a committee method's priors from the priors.json of fadrm priors, "
+                                     "matched to each --teacher by its file's hash")  # fmt: skip
     # Acts through the synthesis sizes and budgets it resolves to.
     equal_budget: bool = option(False, defines=False,
                                 help="give SRe2L / SRe2L++ FADRM's iteration budget instead of the one their "

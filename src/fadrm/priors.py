@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ._version import __version__
+from .artifacts import write_priors
 from .config import DistillConfig, EvalConfig, PriorsConfig, resolve, validate
 from .data import get_dataset_spec
 from .errors import FadrmError
 from .evaluate import STUDENT_PROTOCOL, evaluate, student_args
-from .io import safe_name, write_json
+from .io import safe_name
 from .synthesis.pipeline import distill
 from .teachers import Teacher, load_teacher
 
@@ -111,10 +112,11 @@ def compute_priors(
         "prior": "last-epoch top-1 (%) of the student on the teacher's own set, rounded to 2 decimals",
         "protocol": protocol, "teachers": entries, "priors": priors, "flags": prior_flags(priors),
     }  # fmt: skip
-    write_json(Path(config.out) / PRIORS_FILE, record)
+    record = write_priors(Path(config.out) / PRIORS_FILE, record)
     lines = [f"  {entry['source']}: {entry['prior']:.2f}" for entry in entries]
     log("\n".join([f"priors (last-epoch top-1 of {student} on each teacher's {PRIOR_METHOD} set, IPC {config.ipc}):",
-                   *lines, f"wrote {Path(config.out) / PRIORS_FILE}; pass them as: {record['flags']}"]))  # fmt: skip
+                   *lines, f"wrote {Path(config.out) / PRIORS_FILE}; pass them to fadrm distill as {record['flags']} (or "
+                   f"--priors-from {Path(config.out) / PRIORS_FILE})"]))  # fmt: skip
     return record
 
 
