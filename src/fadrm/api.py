@@ -222,7 +222,7 @@ def plan_run(
         if distill.priors_from:
             priors_source = f"from {distill.priors_from}"
         elif distill.synthesis.priors is not None:
-            published = config.priors is not None and options.get("priors") is None
+            published = options.get("priors") is None and config.priors == distill.synthesis.priors
             priors_source = f"the {config.dataset} preset's published values for its teachers" if published else "given"
         else:
             # Under the run's folder per IPC, as its sets are: another IPC's priors are others.

@@ -806,11 +806,13 @@ def read_priors(path: str | Path, teachers_sha256: Sequence[str | None], given: 
         record = read_json(path)
     except (OSError, ValueError):
         record = None
-    if not isinstance(record, dict) or record.get("format") != PRIORS_FORMAT:
+    entries = record.get("teachers") if isinstance(record, dict) and record.get("format") == PRIORS_FORMAT else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"source", "sha256", "prior"} <= set(e)
+                                                for e in entries):  # fmt: skip
         raise FadrmError(f"--priors-from {path} is not a priors.json written by fadrm priors")
-    by_hash = {entry["sha256"]: entry["prior"] for entry in record["teachers"]}
+    by_hash = {entry["sha256"]: entry["prior"] for entry in entries}
     if any(sha not in by_hash for sha in teachers_sha256):
-        sources = ", ".join(entry["source"] for entry in record["teachers"])
+        sources = ", ".join(str(entry["source"]) for entry in entries)
         raise FadrmError(f"--priors-from {path} holds the priors of other teachers ({sources}); compute these "
                          "teachers' with fadrm priors")  # fmt: skip
     priors = [float(by_hash[sha]) for sha in teachers_sha256]

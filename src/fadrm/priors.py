@@ -32,10 +32,10 @@ PRIOR_METHOD = "sre2l++"
 PRIORS_FILE = "priors.json"
 
 
-def prior_set_folder(out: str | Path, teacher: Teacher) -> Path:
-    """Where ``teacher``'s own set is distilled: named by its file and the start of its hash, so
+def prior_set_folder(out: str | Path, source: str, sha256: str) -> Path:
+    """Where a teacher's own set is distilled: named by its file and the start of its hash, so
     another teacher never resumes into it."""
-    return Path(out) / f"{PRIOR_METHOD}-{safe_name(Path(teacher.source).stem)}-{str(teacher.sha256)[:8]}"
+    return Path(out) / f"{PRIOR_METHOD}-{safe_name(Path(source).stem)}-{sha256[:8]}"
 
 
 def prior_flags(priors: list[float]) -> str:
@@ -64,6 +64,15 @@ def fixed_student(config: PriorsConfig, teachers: list[Teacher]) -> tuple[str, d
     return student, options[0]
 
 
+def _teachers_and_student(config: PriorsConfig) -> tuple[list[dict[str, Any]], str, dict[str, Any]]:
+    """Each teacher's description (source, hash, architecture) and the fixed student with its options.
+    The weights loaded to learn them are not kept: each stage loads its own."""
+    spec = get_dataset_spec(config.dataset)
+    teachers = [load_teacher(source, spec) for source in config.teachers]
+    student, student_options = fixed_student(config, teachers)
+    return [teacher.describe() for teacher in teachers], student, student_options
+
+
 def compute_priors(
     config: PriorsConfig, log: Callable[[str], None] = print, distill_options: Mapping[str, Any] | None = None,
     eval_options: Mapping[str, Any] | None = None,
@@ -80,18 +89,17 @@ def compute_priors(
         What ``priors.json`` holds; ``priors`` lists the values in ``--teacher`` order.
     """
     validate(config)
-    spec = get_dataset_spec(config.dataset)
-    teachers = [load_teacher(source, spec) for source in config.teachers]
-    student, student_options = fixed_student(config, teachers)
+    described, student, student_options = _teachers_and_student(config)
     shared = {"dataset": config.dataset, "seed": config.seed, "holdout": config.holdout, "data_root": config.data_root,
               "device": config.device, "amp": config.amp}  # fmt: skip
     entries: list[dict[str, Any]] = []
     protocol: dict[str, Any] = {}
-    for teacher in teachers:
-        folder = prior_set_folder(config.out, teacher)
-        log(f"prior of {teacher.source}: its {PRIOR_METHOD} set in {folder}")
-        distill(resolve(DistillConfig, {**(distill_options or {}), **shared, "teachers": [teacher.source],
-                                        "out": str(folder), "method": PRIOR_METHOD, "ipc": config.ipc}), log=log)  # fmt: skip
+    for teacher in described:
+        folder = prior_set_folder(config.out, teacher["source"], teacher["sha256"])
+        log(f"prior of {teacher['source']}: its {PRIOR_METHOD} set in {folder}")
+        own_set = {**(distill_options or {}), **shared, "teachers": [teacher["source"]], "out": str(folder),
+                   "method": PRIOR_METHOD, "ipc": config.ipc}  # fmt: skip
+        distill(resolve(DistillConfig, own_set), log=log)
         # Only the last epoch counts, so the student validates only then (no choice on the validation set).
         students = {"eval_every": 0, **(eval_options or {}), **shared, "distilled": str(folder), "students": [student],
                     "baselines": [], "robustness": False, "repeats": 1}  # fmt: skip
@@ -99,10 +107,11 @@ def compute_priors(
         evaluation: EvalConfig = resolve(EvalConfig, students, dataset=config.dataset, method=PRIOR_METHOD,
                                          ipc=config.ipc)  # fmt: skip
         (run,) = evaluate(evaluation, log=log)["runs"]
+        # The same for every teacher: everything but the set is the config's.
         protocol = {**{k: v for k, v in evaluation.identity().items() if k != "distilled"},
                     "student_protocol": STUDENT_PROTOCOL, "recipe": run["recipe"]}  # fmt: skip
         # Rounded as fadrm reports accuracies, so the printed flags and this file give the same synthesis.
-        entries.append({"source": teacher.source, "sha256": teacher.sha256, "arch": teacher.arch,
+        entries.append({"source": teacher["source"], "sha256": teacher["sha256"], "arch": teacher["arch"],
                         "prior": round(run["top1"], 2), "top1": run["top1"], "set": str(folder),
                         "results": str(folder / "eval" / "results.json")})  # fmt: skip
     priors = [entry["prior"] for entry in entries]
@@ -112,11 +121,11 @@ def compute_priors(
         "prior": "last-epoch top-1 (%) of the student on the teacher's own set, rounded to 2 decimals",
         "protocol": protocol, "teachers": entries, "priors": priors, "flags": prior_flags(priors),
     }  # fmt: skip
-    record = write_priors(Path(config.out) / PRIORS_FILE, record)
-    lines = [f"  {entry['source']}: {entry['prior']:.2f}" for entry in entries]
+    path = Path(config.out) / PRIORS_FILE
+    record = write_priors(path, record)
     log("\n".join([f"priors (last-epoch top-1 of {student} on each teacher's {PRIOR_METHOD} set, IPC {config.ipc}):",
-                   *lines, f"wrote {Path(config.out) / PRIORS_FILE}; pass them to fadrm distill as {record['flags']} (or "
-                   f"--priors-from {Path(config.out) / PRIORS_FILE})"]))  # fmt: skip
+                   *(f"  {entry['source']}: {entry['prior']:.2f}" for entry in entries),
+                   f"wrote {path}; pass them to fadrm distill as {record['flags']} (or --priors-from {path})"]))
     return record
 
 
