@@ -133,6 +133,9 @@ def test_preset_priors_are_for_the_presets_own_teachers_only(tmp_path):
         assert other.priors is not None and other.priors.teachers == other.distill.teachers
         assert other.priors.out == str(tmp_path / "r" / "priors" / "ipc1") and other.priors.ipc == 1
     assert plan(teachers=mine, prior_student="convnet").priors.student == "convnet"
+    shown = plan(teachers=mine).to_dict()  # what fadrm run --print-config shows: the priors stage too
+    assert list(shown) == ["run", "teachers", "priors", "distill", "evaluate"] and shown["priors"]["ipc"] == 1
+    assert "priors" not in plan().to_dict()
     # Priors given are used as given, and must be one per teacher.
     given = plan(teachers=mine, priors=[50.0, 60.0])
     assert given.distill.synthesis.priors == [50.0, 60.0] and given.priors is None and given.priors_source == "given"

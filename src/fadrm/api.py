@@ -41,28 +41,25 @@ def teacher_config(config_file: str | Path | None = None, **options: Any) -> Tea
     return resolve(TeacherConfig, options, config_file)
 
 
+def _one_teacher_as_a_list(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with a single teacher given as a path turned into a list of one."""
+    teachers = options.get("teachers")
+    return {**options, "teachers": [teachers]} if isinstance(teachers, (str, Path)) else options
+
+
 def distill_config(config_file: str | Path | None = None, **options: Any) -> DistillConfig:
     """The resolved, validated config of a distillation (nothing is read or trained)."""
-    teachers = options.get("teachers")
-    if isinstance(teachers, (str, Path)):
-        options["teachers"] = [teachers]
-    return resolve(DistillConfig, options, config_file)
+    return resolve(DistillConfig, _one_teacher_as_a_list(options), config_file)
 
 
 def stats_config(config_file: str | Path | None = None, **options: Any) -> StatsConfig:
     """The resolved, validated config of a statistics pre-pass (nothing is read or computed)."""
-    teachers = options.get("teachers")
-    if isinstance(teachers, (str, Path)):
-        options["teachers"] = [teachers]
-    return resolve(StatsConfig, options, config_file)
+    return resolve(StatsConfig, _one_teacher_as_a_list(options), config_file)
 
 
 def priors_config(config_file: str | Path | None = None, **options: Any) -> PriorsConfig:
     """The resolved, validated config of a priors computation (nothing is read or trained)."""
-    teachers = options.get("teachers")
-    if isinstance(teachers, (str, Path)):
-        options["teachers"] = [teachers]
-    return resolve(PriorsConfig, options, config_file)
+    return resolve(PriorsConfig, _one_teacher_as_a_list(options), config_file)
 
 
 def eval_config(config_file: str | Path | None = None, **options: Any) -> EvalConfig:
