@@ -16,7 +16,7 @@ from fadrm.errors import FadrmError
 from conftest import class_images, write_idx
 
 
-@pytest.mark.parametrize("command", ["train-teacher", "distill", "evaluate", "run", "stats", "download", "list"])
+@pytest.mark.parametrize("command", ["train-teacher", "distill", "evaluate", "run", "stats", "priors", "download", "list"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -141,6 +141,8 @@ def test_every_option_refuses_invalid_values_with_one_line(stage, flag, value, t
         "run": ["--dataset", "fashion-mnist", "--out", str(out), "--data-root", str(fmnist_root)],
         "stats": ["--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt), "--data-root", str(fmnist_root),
                   "--stats-dir", str(out)],
+        "priors": ["--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt), "--out", str(out),
+                   "--data-root", str(fmnist_root)],
     }[stage]  # fmt: skip
     if flag.startswith("--"):
         if flag in required:  # the invalid value replaces the valid one

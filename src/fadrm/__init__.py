@@ -1,8 +1,8 @@
 """fadrm: dataset distillation with FADRM / FADRM+ and the baselines on the same engine."""
 
 from ._version import __version__
-from .api import compute_statistics, distill, evaluate, run, train_teacher
-from .config import DistillConfig, EvalConfig, RunConfig, StatsConfig, TeacherConfig, resolve
+from .api import compute_priors, compute_statistics, distill, evaluate, run, train_teacher
+from .config import DistillConfig, EvalConfig, PriorsConfig, RunConfig, StatsConfig, TeacherConfig, resolve
 from .data import DATASETS, DatasetSpec, get_dataset_spec, load_split
 from .errors import FadrmError
 from .models import MODELS, build_model, list_models
@@ -17,12 +17,14 @@ __all__ = [
     "FadrmError",
     "METHODS",
     "MODELS",
+    "PriorsConfig",
     "RunConfig",
     "StatsConfig",
     "Teacher",
     "TeacherConfig",
     "__version__",
     "build_model",
+    "compute_priors",
     "compute_statistics",
     "distill",
     "evaluate",

@@ -13,14 +13,14 @@ the dataset's preset, then the package defaults, exactly as for the ``fadrm`` co
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from .artifacts import open_evaluated_set
 from .config import (
-    DistillConfig, EvalConfig, RunConfig, StatsConfig, TeacherConfig, check_option, read_config_file, resolve,
-    written_form,
+    DistillConfig, EvalConfig, PriorsConfig, RunConfig, StatsConfig, TeacherConfig, check_option, read_config_file,
+    resolve, written_form,
 )  # fmt: skip
 from .errors import FadrmError
 from .registry import registry
@@ -29,6 +29,8 @@ from .registry import registry
 # fadrm.evaluate (this API function) to the module.
 from .evaluate import evaluate as _evaluate
 from .prepass import compute_statistics as _compute_statistics
+from .priors import compute_priors as _compute_priors
+from .priors import with_priors
 from .synthesis.pipeline import distill as _distill
 from .teachers import Teacher, is_torchvision_weights, load_teacher
 from .teachers import train_teacher as _train_teacher
@@ -39,20 +41,25 @@ def teacher_config(config_file: str | Path | None = None, **options: Any) -> Tea
     return resolve(TeacherConfig, options, config_file)
 
 
+def _one_teacher_as_a_list(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with a single teacher given as a path turned into a list of one."""
+    teachers = options.get("teachers")
+    return {**options, "teachers": [teachers]} if isinstance(teachers, (str, Path)) else options
+
+
 def distill_config(config_file: str | Path | None = None, **options: Any) -> DistillConfig:
     """The resolved, validated config of a distillation (nothing is read or trained)."""
-    teachers = options.get("teachers")
-    if isinstance(teachers, (str, Path)):
-        options["teachers"] = [teachers]
-    return resolve(DistillConfig, options, config_file)
+    return resolve(DistillConfig, _one_teacher_as_a_list(options), config_file)
 
 
 def stats_config(config_file: str | Path | None = None, **options: Any) -> StatsConfig:
     """The resolved, validated config of a statistics pre-pass (nothing is read or computed)."""
-    teachers = options.get("teachers")
-    if isinstance(teachers, (str, Path)):
-        options["teachers"] = [teachers]
-    return resolve(StatsConfig, options, config_file)
+    return resolve(StatsConfig, _one_teacher_as_a_list(options), config_file)
+
+
+def priors_config(config_file: str | Path | None = None, **options: Any) -> PriorsConfig:
+    """The resolved, validated config of a priors computation (nothing is read or trained)."""
+    return resolve(PriorsConfig, _one_teacher_as_a_list(options), config_file)
 
 
 def eval_config(config_file: str | Path | None = None, **options: Any) -> EvalConfig:
@@ -112,6 +119,20 @@ def compute_statistics(
     return _compute_statistics(stats_config(config_file, dataset=dataset, teachers=teachers, **options), log=log)
 
 
+def compute_priors(
+    dataset: str | None = None, teachers: str | Path | list[str | Path] | None = None, out: str | Path | None = None,
+    log: Callable[[str], None] = print, config_file: str | Path | None = None,
+    distill_options: dict[str, Any] | None = None, eval_options: dict[str, Any] | None = None, **options: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Each teacher's prior for a committee method (CV-DD): the last-epoch top-1 of one student trained
+    on an SRe2L++ set distilled from that teacher alone (:mod:`fadrm.priors`). ``options`` are
+    :class:`~fadrm.config.PriorsConfig` keys; ``distill_options`` and ``eval_options`` further options of
+    every set and student. Returns what ``out/priors.json`` holds (``priors``: in teacher order)."""
+
+    config = priors_config(config_file, dataset=dataset, teachers=teachers, out=out, **options)
+    return _compute_priors(config, log, distill_options, eval_options)
+
+
 def evaluate(
     distilled: str | Path | None = None, log: Callable[[str], None] = print, config_file: str | Path | None = None,
     **options: Any,
@@ -131,19 +152,29 @@ class RunPlan:
         run: the run's own options.
         teachers: per teacher, the config that trains it (reused when finished), or the
             checkpoint / torchvision weights name used as given.
-        distill: the distillation.
+        distill: the distillation (without its priors where they are still to be computed).
         evaluate: the evaluation (with the random-real baseline).
+        priors: the priors to compute before distilling (a committee method whose priors are
+            neither given nor the preset's for its own teachers), or None.
+        priors_source: where the distillation's priors come from, for the summary (None: no priors).
+        distill_options, eval_options: the extra options given for distillation and evaluation,
+            which the priors' sets and students take as well.
     """
 
     run: RunConfig
     teachers: list[TeacherConfig | str]
     distill: DistillConfig
     evaluate: EvalConfig
+    priors: PriorsConfig | None = None
+    priors_source: str | None = None
+    distill_options: dict[str, Any] = field(default_factory=dict)
+    eval_options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Every stage as its config file would hold it."""
         teachers = [t if isinstance(t, str) else written_form(t) for t in self.teachers]
-        return {"run": written_form(self.run), "teachers": teachers, "distill": written_form(self.distill),
+        priors = {"priors": written_form(self.priors)} if self.priors is not None else {}
+        return {"run": written_form(self.run), "teachers": teachers, **priors, "distill": written_form(self.distill),
                 "evaluate": written_form(self.evaluate)}  # fmt: skip
 
 
@@ -180,14 +211,29 @@ def plan_run(
             teachers.append(resolve(TeacherConfig, {**shared, "model": model, "out": str(path)},
                                     method=config.method, ipc=config.ipc))  # fmt: skip
     distilled = out / f"{config.method}-ipc{config.ipc}"
-    distill = distill_config(**shared, teachers=[_teacher_path(t) for t in teachers], out=str(distilled),
-                             method=config.method, ipc=config.ipc, **(distill_options or {}))  # fmt: skip
+    distill = distill_config(**{**shared, "teachers": [_teacher_path(t) for t in teachers], "out": str(distilled),
+                                "method": config.method, "ipc": config.ipc, "priors": config.priors,
+                                "fixed_committee": config.fixed_committee, **(distill_options or {})})  # fmt: skip
+    priors, priors_source = None, None
+    if registry("method").get(config.method).uses_priors and len(distill.teachers) > 1:
+        if distill.priors_from:
+            priors_source = f"from {distill.priors_from}"
+        elif distill.synthesis.priors is not None:
+            published = options.get("priors") is None and config.priors == distill.synthesis.priors
+            priors_source = f"the {config.dataset} preset's published values for its teachers" if published else "given"
+        else:
+            # Under the run's folder per IPC, as its sets are: another IPC's priors are others.
+            priors = resolve(PriorsConfig, {**shared, "teachers": distill.teachers, "ipc": config.ipc,
+                                            "out": str(out / "priors" / f"ipc{config.ipc}"),
+                                            "student": config.prior_student})  # fmt: skip
+            priors_source = f"computed: {Path(priors.out) / 'priors.json'}"
     evaluation = {"baselines": ["random-real"], "repeats": config.repeats, "robustness": config.robustness, **shared,
                   **(eval_options or {})}  # fmt: skip
     evaluation.pop("dataset")
     evaluate = resolve(EvalConfig, {"distilled": str(distilled), **evaluation}, dataset=config.dataset,
                        method=config.method, ipc=config.ipc)  # fmt: skip
-    return RunPlan(config, teachers, distill, evaluate)
+    return RunPlan(config, teachers, distill, evaluate, priors, priors_source, dict(distill_options or {}),
+                   dict(eval_options or {}))  # fmt: skip
 
 
 def _preset_teacher_model(dataset: str) -> str | None:
@@ -206,7 +252,10 @@ def run(
     the random-real baseline. Each stage reuses what an earlier run already finished.
 
     ``options`` are the other :class:`~fadrm.config.RunConfig` keys (seed, holdout, data_root,
-    device, amp, repeats, teacher_models). Returns a summary with each stage's accuracy and wall time.
+    device, amp, repeats, teacher_models, priors, prior_student). A committee method (CV-DD) without
+    priors, given or published for the preset's own teachers, has them computed first under
+    ``out/priors/ipc<N>/`` (:mod:`fadrm.priors`). Returns a summary with each stage's accuracy and wall
+    time (and the committee's priors).
     """
     plan = plan_run(distill_options, eval_options, dataset=dataset, ipc=ipc, out=out, method=method, teachers=teachers,
                     **options)  # fmt: skip
@@ -222,8 +271,14 @@ def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, 
             _train_teacher(teacher, log=log)
     timings["teacher"] = time.perf_counter() - started
     teacher_acc = [load_teacher(_teacher_path(t)).val_top1 for t in plan.teachers]
+    distill = plan.distill
+    if plan.priors is not None:
+        started = time.perf_counter()
+        computed = _compute_priors(plan.priors, log, plan.distill_options, plan.eval_options)
+        distill = with_priors(distill, computed["priors"])
+        timings["priors"] = time.perf_counter() - started
     started = time.perf_counter()
-    _distill(plan.distill, log=log)
+    manifest = _distill(distill, log=log)
     timings["distill"] = time.perf_counter() - started
     started = time.perf_counter()
     results = _evaluate(plan.evaluate, log=log)
@@ -232,6 +287,11 @@ def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, 
                "robustness": results.get("robustness", []), "seconds": timings,
                "distilled": plan.distill.out}  # fmt: skip
     lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}"]
+    if plan.priors_source is not None:
+        # As the set was made with them (--priors-from is read when the teachers are loaded).
+        priors = manifest["config"]["synthesis"]["priors"] if manifest else distill.synthesis.priors
+        summary["priors"] = {"values": priors, "source": plan.priors_source}
+        lines.append(f"committee priors: {', '.join(f'{p:g}' for p in priors or [])} ({plan.priors_source})")
     for r in results["summary"]:
         spread = f" ± {r['top1_std']:.2f} (mean of {r['repeats']} seeds)" if r["repeats"] > 1 else ""
         best = f"; best top-1 over the validations {r['best_top1']:.2f}%"
@@ -253,4 +313,5 @@ STAGE_COMMANDS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "distill": (distill_config, _distill),
     "evaluate": (eval_config, _evaluate),
     "stats": (stats_config, _compute_statistics),
+    "priors": (priors_config, _compute_priors),
 }

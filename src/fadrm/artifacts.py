@@ -17,6 +17,9 @@
   (``fadrm stats``) as ``<teacher>.stats-<hash>.safetensors`` and, written after it, a JSON
   description of what made it (``.json`` beside it); an unfinished pass keeps its sums in
   ``<file>.partial``.
+* **Priors file** (``fadrm-priors``, version 1): ``priors.json`` (``fadrm priors``), each teacher's
+  source, sha256 and prior with the student and protocol that scored them; ``--priors-from``
+  reads it, matching teachers by their hashes.
 
 Every resume asks the same question, "was this file made for the same settings?", through
 :func:`changed_settings`; a difference either refuses to continue
@@ -773,3 +776,47 @@ def read_finished_run(path: Path, identity: dict[str, Any]) -> dict[str, Any] | 
 def write_finished_run(path: Path, identity: dict[str, Any], result: dict[str, Any]) -> None:
     """Store one finished student run with the identity it was made for."""
     write_json(path, {"identity": identity, "result": result})
+
+
+# ------------------------------------------------------------------ priors
+PRIORS_FORMAT = "fadrm-priors"
+PRIORS_VERSION = 1
+
+
+def write_priors(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Write a priors file: the format header, then ``record`` (its ``teachers`` each with
+    ``sha256`` and ``prior``). Returns what was written."""
+    contents = {"format": PRIORS_FORMAT, "format_version": PRIORS_VERSION, **record}
+    write_json(path, contents)
+    return contents
+
+
+def read_priors(path: str | Path, teachers_sha256: Sequence[str | None], given: Sequence[float] | None) -> list[float]:
+    """The priors a priors file holds for these teachers (by hash), in their order.
+
+    Args:
+        path: the file (``--priors-from``).
+        teachers_sha256: the run's teachers.
+        given: priors given as well (``--prior``, or a written config replayed): they must be the file's.
+
+    Raises:
+        FadrmError: the file is not a priors file, lacks one of the teachers, or disagrees with ``given``.
+    """
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        record = None
+    entries = record.get("teachers") if isinstance(record, dict) and record.get("format") == PRIORS_FORMAT else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"source", "sha256", "prior"} <= set(e)
+                                                for e in entries):  # fmt: skip
+        raise FadrmError(f"--priors-from {path} is not a priors.json written by fadrm priors")
+    by_hash = {entry["sha256"]: entry["prior"] for entry in entries}
+    if any(sha not in by_hash for sha in teachers_sha256):
+        sources = ", ".join(str(entry["source"]) for entry in entries)
+        raise FadrmError(f"--priors-from {path} holds the priors of other teachers ({sources}); compute these "
+                         "teachers' with fadrm priors")  # fmt: skip
+    priors = [float(by_hash[sha]) for sha in teachers_sha256]
+    if given is not None and list(given) != priors:
+        raise FadrmError(f"--prior {' '.join(f'{p:g}' for p in given)} and --priors-from {path} "
+                         f"({' '.join(f'{p:g}' for p in priors)}) disagree; give one of them")  # fmt: skip
+    return priors

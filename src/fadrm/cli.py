@@ -136,9 +136,14 @@ def _stage_parsers(sub: argparse._SubParsersAction) -> None:
                   "One pass over the training split per teacher, recording the statistics at every convolution and "
                   "BatchNorm input that G-VBSM and EDC match, globally and per class, into a file beside the teacher "
                   "(fadrm distill computes a missing one itself). Rerun the same command to resume.")  # fmt: skip
+    _stage_parser(sub, "priors", "compute each teacher's prior for a committee method (CV-DD; resumable)",
+                  "For each teacher, distill an SRe2L++ set from it alone and train one fixed student on it; the "
+                  "student's last-epoch top-1 is the teacher's prior. Writes --out/priors.json and prints the --prior "
+                  "flags to pass to fadrm distill. Rerun the same command to resume.")  # fmt: skip
     _stage_parser(sub, "run", "the whole pipeline: teacher, distill, evaluate with a baseline",
                   "Train (or load) the teachers, distill, evaluate against the random-real baseline, each stage with "
-                  "its preset's options. Rerunning reuses every finished stage.")  # fmt: skip
+                  "its preset's options; a committee method without priors computes them first, as fadrm priors. "
+                  "Rerunning reuses every finished stage.")  # fmt: skip
 
 
 # ----------------------------------------------------------------- download

@@ -1,8 +1,8 @@
 """Every stage's typed configuration, defined once; presets; one resolver; the resolved config on disk.
 
 Each stage has one dataclass (:class:`TeacherConfig`, :class:`DistillConfig` with its
-:class:`SynthesisConfig` and :class:`PatchConfig` parts, :class:`EvalConfig`, and
-:class:`RunConfig` for the whole pipeline). Each field is declared once with :func:`option`:
+:class:`SynthesisConfig` and :class:`PatchConfig` parts, :class:`EvalConfig`, :class:`StatsConfig`,
+:class:`PriorsConfig`, and :class:`RunConfig` for the whole pipeline). Each field is declared once with :func:`option`:
 its default, its help text, whether it *defines* the result (and so the identity a resume
 checks) or only how the work is executed, its valid values, and its command-line flag. The
 CLI flags, the validation and the identities are all generated from these declarations.
@@ -211,6 +211,14 @@ def existing_folder(value: str) -> str | None:
 _rule(existing_folder, "missing-folder")
 
 
+def existing_file(value: str) -> str | None:
+    """Rule: a file that exists."""
+    return None if Path(value).is_file() else "must be an existing file"
+
+
+_rule(existing_file, "missing-file.json")
+
+
 def not_a_folder(value: str) -> str | None:
     """Rule: a file name, not an existing folder."""
     return "must be a file name, not a folder" if Path(value).is_dir() else None
@@ -399,6 +407,10 @@ class DistillConfig(StageConfig):
     stats_dir: str | None = option(None, defines=False, check=not_a_file,
                                    help="where the teachers' statistics files are kept (default: beside each "
                                    "teacher); computed there when a method needs them")  # fmt: skip
+    # Not defining: the priors it gives are (written into the config as --prior values).
+    priors_from: str | None = option(None, defines=False, check=existing_file,
+                                     help="a committee method's priors from the priors.json of fadrm priors, "
+                                     "matched to each --teacher by its file's hash")  # fmt: skip
     # Acts through the synthesis sizes and budgets it resolves to.
     equal_budget: bool = option(False, defines=False,
                                 help="give SRe2L / SRe2L++ FADRM's iteration budget instead of the one their "
@@ -564,7 +576,12 @@ class EvalConfig(StageConfig):
 
 @dataclass
 class RunConfig(StageConfig):
-    """``fadrm run``: the whole pipeline; each stage's other options come from its preset."""
+    """``fadrm run``: the whole pipeline; each stage's other options come from its preset.
+
+    A preset's ``priors`` and ``fixed_committee`` (CV-DD's published values) describe its own
+    ``teacher_models`` by position, so they apply only while the run trains or loads exactly that
+    list; with other teachers a committee method's priors are computed (:mod:`fadrm.priors`).
+    """
 
     SECTION: ClassVar[str] = "run"
 
@@ -587,10 +604,69 @@ class RunConfig(StageConfig):
     robustness: bool = option(False, defines=False,
                               help="also train every baseline the robustness scores need and report HLR, IOR, LRS "
                               "and ARS")  # fmt: skip
+    priors: list[float] | None = option(None, flag="--prior", repeat=True,
+                                        help="a committee method's prior per teacher, in teacher order (default: "
+                                        "the preset's published ones when the run uses the preset's own "
+                                        "teachers, else computed first as fadrm priors does)")  # fmt: skip
+    fixed_committee: list[int] | None = option(None, check=each(at_least(0)),
+                                               help="positions (0: the first teacher) of one committee used at every "
+                                               "IPC index (default: the preset's published pair when the run uses "
+                                               "the preset's own teachers)")  # fmt: skip
+    prior_student: str | None = option(None, check=model_name,
+                                       help="the student that scores every teacher's SRe2L++ set when the priors "
+                                       "are computed (default: the first teacher's architecture)")  # fmt: skip
     device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
     amp: str = option("auto", defines=False, choices=AMP_MODES, unset="auto",
                       help="mixed precision (auto: each stage's published precision on CUDA: "
                       + ", ".join(f"{stage} {amp}" for stage, amp in CUDA_AUTO_AMP.items()) + "; off on the CPU)")  # fmt: skip
+
+    # Options that name or weigh the preset's teachers by their position in its teacher_models:
+    # published for those teachers, so they never reach a run with other teachers.
+    TEACHER_BOUND: ClassVar[tuple[str, ...]] = ("priors", "fixed_committee")
+
+    @classmethod
+    def preset_layers(
+        cls, dataset: str, method: str | None, ipc: int | None, chosen: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The preset's layers; its priors and fixed committee only while the run uses the preset's own
+        teacher list (no ``--teacher``, and ``--teacher-model`` either unset or the preset's list)."""
+        layers = super().preset_layers(dataset, method, ipc, chosen)
+        own_models = _merged(cls, *layers).get("teacher_models")
+        if chosen.get("teachers") or chosen.get("teacher_models", own_models) != own_models:
+            layers = [{k: v for k, v in layer.items() if k not in cls.TEACHER_BOUND} for layer in layers]
+        return layers
+
+
+@dataclass
+class PriorsConfig(StageConfig):
+    """A committee method's priors (``fadrm priors``): per teacher, the last-epoch top-1 of one fixed
+    student trained on an SRe2L++ set distilled from that teacher alone."""
+
+    SECTION: ClassVar[str] = "priors"
+
+    dataset: str = option(help="registered dataset name (fadrm list datasets)", choices=registered("dataset"))
+    # Identified by their files' hashes, as for distill; checked when loaded, not here: `fadrm run`
+    # resolves this config before it trains them.
+    teachers: list[str] = option(help="teacher checkpoint, .safetensors, or torchvision weights arch:WEIGHTS; "
+                                 "repeat for several", flag="--teacher", repeat=True, defines=False)  # fmt: skip
+    out: str = option(help="folder for each teacher's SRe2L++ set and priors.json", defines=False, check=not_a_file)
+    ipc: int = option(10, help="images per class of each teacher's set (the IPC the priors are for)",
+                      check=at_least(1))  # fmt: skip
+    student: str | None = option(None, check=model_name,
+                                 help="the one student trained on every teacher's set (default: the first "
+                                 "teacher's architecture)")  # fmt: skip
+    seed: int = option(0, help="random seed of the sets and the students")
+    holdout: int = option(0, help="validate on the last N training images per class, not the test set",
+                          check=at_least(0))  # fmt: skip
+    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False,
+                                  check=existing_folder)  # fmt: skip
+    device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
+    amp: str = option("auto", defines=False, choices=AMP_MODES, unset="auto",
+                      help="mixed precision (auto: the presets' precision of SRe2L++ and of the students)")
+
+    def check(self) -> None:
+        if not self.teachers:
+            raise FadrmError("give at least one --teacher")
 
 
 @dataclass
@@ -628,7 +704,7 @@ class StatsConfig(StageConfig):
 
 STAGES: dict[str, type[StageConfig]] = {
     "train-teacher": TeacherConfig, "distill": DistillConfig, "evaluate": EvalConfig, "run": RunConfig,
-    "stats": StatsConfig,
+    "stats": StatsConfig, "priors": PriorsConfig,
 }  # fmt: skip
 
 
@@ -799,7 +875,7 @@ def preset_names() -> list[str]:
 
 
 # The sections a preset may hold: one per stage, and the student recipe table.
-PRESET_SECTIONS = ("teacher", "distill", "evaluate", "run", "stats", "students")
+PRESET_SECTIONS = ("teacher", "distill", "evaluate", "run", "stats", "priors", "students")
 
 
 def _read_preset(dataset: str) -> dict[str, Any]:

@@ -82,10 +82,13 @@ class TeacherPolicy:
     Attributes:
         plans: (the run's config, number of teachers) -> the :class:`TeacherPlan` of each unit.
         problem: why a number of teachers and the settings do not fit (one line), or None.
+        uses_priors: whether several teachers are weighed by their ``priors`` (without them,
+            equally); ``fadrm run`` computes them where none are given (:mod:`fadrm.priors`).
     """
 
     plans: Callable[[DistillConfig, int], Callable[[Unit], TeacherPlan]]
     problem: Callable[[int, SynthesisConfig], str | None] = lambda teachers, synthesis: None
+    uses_priors: bool = False
 
 
 def round_robin(config: DistillConfig, num_teachers: int) -> Callable[[Unit], TeacherPlan]:
@@ -145,13 +148,13 @@ def committee_problem(num_teachers: int, synthesis: SynthesisConfig) -> str | No
                 f"(0 to {num_teachers - 1}, in --teacher order)")  # fmt: skip
     if priors is not None and len(priors) != num_teachers:
         return (f"got {len(priors)} --prior values for {num_teachers} teacher(s); give one per --teacher, in the same "
-                "order (a preset's priors are those of its own teachers)")  # fmt: skip
+                "order (fadrm priors computes them)")  # fmt: skip
     return None
 
 
 TEACHER_POLICIES: Registry[TeacherPolicy] = Registry("teacher policy")
 TEACHER_POLICIES.add("round-robin", TeacherPolicy(round_robin))
-TEACHER_POLICIES.add("committee", TeacherPolicy(committee_plans, committee_problem))
+TEACHER_POLICIES.add("committee", TeacherPolicy(committee_plans, committee_problem, uses_priors=True))
 
 
 # ------------------------------------------------------------------ methods
@@ -190,6 +193,11 @@ class Method:
     def optimises(self) -> bool:
         """Whether the method optimises pixels at all (otherwise its initial images are its result)."""
         return STAGE_PLANS.get(self.stages).optimises
+
+    @property
+    def uses_priors(self) -> bool:
+        """Whether its teacher policy weighs several teachers by their priors."""
+        return TEACHER_POLICIES.get(self.teacher_policy).uses_priors
 
     @property
     def needs_statistics(self) -> bool:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from ..artifacts import Layout, open_distilled_folder, write_manifest
+from ..artifacts import Layout, open_distilled_folder, read_priors, write_manifest
 from ..config import DistillConfig, validate
 from ..data import DatasetSpec, get_dataset_spec, load_split, normalize
 from ..data.transforms import denormalize
@@ -227,6 +227,12 @@ def _distill_ranked(
     dataset = load_split(spec, "train", config.data_root, config.holdout)
     class_names = list(spec.display_names or dataset.classes)
     teachers = synthesis_teachers(config, spec, dataset.classes, runtime)
+    if config.priors_from:
+        priors = read_priors(config.priors_from, [t.sha256 for t in teachers], config.synthesis.priors)
+        config = replace(config, synthesis=replace(config.synthesis, priors=priors))
+        validate(config)
+    if method.uses_priors and config.synthesis.priors is None and len(teachers) > 1 and ranks.is_main:
+        log(f"{method.name}: no --prior given, so the committee's members weigh the same (fadrm priors computes them)")
     layout = Layout(Path(config.out), tuple(class_names), config.ipc)
     statistics = None
     if method.needs_statistics:
