@@ -41,6 +41,7 @@ ABLATIONS: dict[str, dict[str, Any] | None] = {
     "merges=1": {"sizes": [24, 28], "budgets": [500, 500]},
     "merges=3": None,
 }
+STUDENT = "convnet-small"  # the first teacher's architecture: every student of the study
 SECOND_TEACHER = {"model": "convnet", "model_args": {"width": 48, "depth": 2}}
 
 
@@ -64,6 +65,8 @@ def cell(out: Path, name: str, method: str, ipc: int, seed: int, sources: list[P
                    "--ipc", str(ipc), "--seed", str(seed), "--out", str(folder)]  # fmt: skip
         for source in sources:
             command += ["--teacher", str(source)]
+        if fadrm.METHODS.get(method).uses_priors:
+            command += ["--priors-from", str(priors(out, sources, ipc, seed))]
         if options:
             extra = out / f"{name}-ipc{ipc}-seed{seed}.options.yaml"
             extra.write_text(yaml.safe_dump(options))
@@ -79,6 +82,19 @@ def cell(out: Path, name: str, method: str, ipc: int, seed: int, sources: list[P
                      "synthesis_s_per_image": manifest["synthesis_seconds_per_image"],
                      "peak_memory_mib": manifest["peak_memory_bytes"] / 2**20, "folder": str(folder)})  # fmt: skip
     return rows
+
+
+def priors(out: Path, sources: list[Path], ipc: int, seed: int) -> Path:
+    """A committee method's priors for these teachers at this IPC and seed, computed by ``fadrm priors``
+    (one SRe2L++ set per teacher, scored by the study's student) and reused; the priors.json file."""
+    folder = out / f"priors-ipc{ipc}-seed{seed}"
+    if not (folder / "priors.json").exists():
+        command = [sys.executable, "-m", "fadrm", "priors", "--dataset", "fashion-mnist", "--ipc", str(ipc),
+                   "--seed", str(seed), "--student", STUDENT, "--out", str(folder)]  # fmt: skip
+        for source in sources:
+            command += ["--teacher", str(source)]
+        subprocess.run(command, check=True)
+    return folder / "priors.json"
 
 
 def summarise(rows: list[dict], key: str = "top1") -> dict[tuple[str, int], tuple[float, float, int]]:
