@@ -44,8 +44,8 @@ def _train_recorded(monkeypatch, config, n_images, model=None, labeller=None):
     steps: list[dict] = []
     real_factory = OPTIMIZERS.get(config.optimizer)
 
-    def recording_factory(groups, lr):
-        optimizer = real_factory(groups, lr)
+    def recording_factory(groups, lr, momentum):
+        optimizer = real_factory(groups, lr, momentum)
 
         def before_step(opt, *args):
             steps.append({"inputs": list(seen), "grads": [p.grad.clone() for p in model.parameters()]})
@@ -134,7 +134,7 @@ def test_weight_decay_only_on_multi_dimensional_weights():
     assert table.ndim == 2 and any(p is table for p in swin_no_decay["params"])
     assert not any(p is table for p in swin_decay["params"])
     for optimizer in ("adamw", "sgd"):
-        opt = OPTIMIZERS.get(optimizer)(weight_decay_groups(model, 0.05), 1e-3)
+        opt = OPTIMIZERS.get(optimizer)(weight_decay_groups(model, 0.05), 1e-3, 0.9)
         assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
 
 
@@ -191,13 +191,47 @@ def test_stretched_cosine_golden_values(epoch, epochs, eta, factor):
     assert stretched_cosine(epoch, epochs, eta) == pytest.approx(factor, abs=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("epoch", "epochs", "eta", "factor"),
+    [
+        # Up to 5E/6 the stretched cosine: at e = 500 of 600 with eta 2, 0.5 * (1 + cos(5 pi / 12)) = 0.6294095225512604.
+        (0, 600, 2.0, 1.0),
+        (300, 600, 2.0, 0.5 + math.sqrt(2) / 4),
+        (500, 600, 2.0, 0.6294095225512604),
+        # After 5E/6 that value times (1 - e / E): a sixth of it at 501 is 0.6294095225512604 * 99 / 600.
+        (501, 600, 2.0, 0.6294095225512604 * 99 / 600),
+        (540, 600, 2.0, 0.06294095225512604),
+        (600, 600, 2.0, 0.0),
+        # eta 1: 0.5 * (1 + cos(5 pi / 6)) = 0.06698729810778065 before the line.
+        (11, 12, 1.0, 0.06698729810778065 / 12),
+    ],
+)
+def test_ssrs_golden_values(epoch, epochs, eta, factor):
+    assert SCHEDULES.get("ssrs")(epoch, epochs, eta) == pytest.approx(factor, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "factor"), [(0, 1.0), (799, 1.0), (800, 0.5), (899, 0.5), (900, 0.25), (949, 0.25), (950, 0.125), (999, 0.125)]
+)
+def test_multistep_halves_at_80_90_and_95_percent(epoch, factor):
+    # EDC's CIFAR-10 MultiStepLR([800, 900, 950], 0.5) over 1000 epochs; eta has no effect.
+    assert SCHEDULES.get("multistep")(epoch, 1000, 2.0) == factor
+    assert SCHEDULES.get("multistep")(epoch // 10, 100, 1.0) == factor  # the same steps at 80, 90, 95 of 100
+
+
+def test_sgd_momentum_reaches_the_optimiser():
+    model = nn.Linear(3, 2)
+    assert OPTIMIZERS.get("sgd")(weight_decay_groups(model, 0.0), 0.1, 0.875).defaults["momentum"] == 0.875
+    assert EvalConfig(distilled="x").momentum == 0.9  # the former fixed value
+
+
 # --------------------------------------------------------------- registries
 @pytest.mark.parametrize("name", OPTIMIZERS.names())
 def test_every_optimizer_steps_a_tiny_model(name):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer = OPTIMIZERS.get(name)(weight_decay_groups(model, 0.01), 0.1)
+    optimizer = OPTIMIZERS.get(name)(weight_decay_groups(model, 0.01), 0.1, 0.9)
     model(torch.randn(4, 3)).square().mean().backward()
     optimizer.step()
     assert isinstance(optimizer, torch.optim.Optimizer)
@@ -225,7 +259,7 @@ def test_every_loss_is_finite_and_has_a_gradient(name):
     ("registry", "message"),
     [
         (OPTIMIZERS, "^unknown optimizer 'nope'; choose one of: adamw, sgd$"),
-        (SCHEDULES, "^unknown schedule 'nope'; choose one of: stretched-cosine$"),
+        (SCHEDULES, "^unknown schedule 'nope'; choose one of: stretched-cosine, ssrs, multistep$"),
         (STUDENT_LOSSES, "^unknown loss 'nope'; choose one of: kl$"),
     ],
 )

@@ -484,6 +484,11 @@ class EvalConfig(StageConfig):
     loss: str = option("kl", help="loss between the student's and the soft labels' distributions",
                        choices=registered("loss"),
                        inert=lambda flat: flat.get("loss") == "kl")  # fmt: skip
+    # New for the students of G-VBSM, EDC and CV-DD: out of the identity at its former value, and wherever
+    # the optimiser has no momentum.
+    momentum: float = option(0.9, help="SGD's momentum (--optimizer sgd only; EDC's CIFAR-100 student: 0.875)",
+                             check=in_range(0.0, 1.0),
+                             inert=lambda flat: flat.get("momentum") == 0.9 or flat.get("optimizer") != "sgd")  # fmt: skip
     lr: float | None = option(None, flag="--student-lr", check=positive,
                               help="default: the published value for the dataset, student and IPC (the preset's "
                               "students table)")  # fmt: skip

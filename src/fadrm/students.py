@@ -29,8 +29,8 @@ from .registry import Registry
 from .runtime import Runtime
 from .training import backward, check_finite, evaluate_accuracy, optimizer_step, progress
 
-# (parameter groups, learning rate) -> optimiser.
-OptimizerFn = Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]
+# (parameter groups, learning rate, momentum) -> optimiser; an optimiser without momentum ignores it.
+OptimizerFn = Callable[[list[dict[str, Any]], float, float], torch.optim.Optimizer]
 # (epoch, epochs, eta) -> learning-rate factor, applied once per epoch.
 ScheduleFn = Callable[[int, int, float], float]
 # (student logits, teacher probabilities at the temperature, temperature) -> loss.
@@ -54,14 +54,14 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-    """AdamW (the published student optimiser); weight decay per group."""
+def adamw(groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
+    """AdamW (the published student optimiser); weight decay per group; ``momentum`` is SGD's, unused here."""
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def sgd(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-    """SGD with momentum 0.9; weight decay per group."""
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+def sgd(groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
+    """SGD with (heavy-ball) momentum; weight decay per group."""
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
 OPTIMIZERS.add("adamw", adamw)
@@ -74,7 +74,23 @@ def stretched_cosine(epoch: int, epochs: int, eta: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * epoch / (eta * epochs)))
 
 
+def ssrs(epoch: int, epochs: int, eta: float) -> float:
+    """EDC's "smoothing schedule with a smooth ending": the stretched cosine up to 5/6 of the epochs, then
+    its value at 5/6 times a line falling to zero, ``(1 - epoch / epochs)`` (a drop to a sixth at 5/6)."""
+    if 6 * epoch <= 5 * epochs:
+        return stretched_cosine(epoch, epochs, eta)
+    return 0.5 * (1 + math.cos(5 * math.pi / (6 * eta))) * (1 - epoch / epochs)
+
+
+def multistep(epoch: int, epochs: int, eta: float) -> float:
+    """Halve the rate at 80%, 90% and 95% of the epochs (EDC's CIFAR-10 steps at 800, 900, 950 of 1000);
+    ``eta`` is unused. Compared in integers (twentieths of the epochs), so no boundary moves by rounding."""
+    return 0.5 ** sum(20 * epoch >= share * epochs for share in (16, 18, 19))
+
+
 SCHEDULES.add("stretched-cosine", stretched_cosine)
+SCHEDULES.add("ssrs", ssrs)
+SCHEDULES.add("multistep", multistep)
 
 
 # ------------------------------------------------------------------ losses
@@ -129,7 +145,7 @@ def train_student(
     soft_loss = STUDENT_LOSSES.get(config.loss)
     sampler = config.view_sampler(spec.image_size)
     runtime.place(model)
-    optimizer = optimizer_factory(weight_decay_groups(model, config.weight_decay), config.lr)
+    optimizer = optimizer_factory(weight_decay_groups(model, config.weight_decay), config.lr, config.momentum)
     eta = config.eta
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: schedule(e, config.epochs, eta))
     scaler = runtime.grad_scaler()
