@@ -259,7 +259,7 @@ def test_every_loss_is_finite_and_has_a_gradient(name):
     ("registry", "message"),
     [
         (OPTIMIZERS, "^unknown optimizer 'nope'; choose one of: adamw, sgd$"),
-        (SCHEDULES, "^unknown schedule 'nope'; choose one of: stretched-cosine, ssrs, multistep$"),
+        (SCHEDULES, "^unknown schedule 'nope'; choose one of: multistep, ssrs, stretched-cosine$"),
         (STUDENT_LOSSES, "^unknown loss 'nope'; choose one of: kl$"),
     ],
 )
