@@ -705,15 +705,19 @@ class LabelStore:
         Full logits give the exact softmax; top-k keeps the k largest
         probabilities and spreads the remaining mass evenly over the other classes.
         """
+        return self.read_with_logits(epoch)[0]
+
+    def read_with_logits(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One epoch's soft targets (as :meth:`read`) and the stored logits as float32 (None for top-k)."""
         from .labels import soft_targets
 
         tensors = load_file(str(self.path(epoch)))
         if "logits" in tensors:
-            return soft_targets(tensors["logits"], self.temperature)
+            return soft_targets(tensors["logits"], self.temperature), tensors["logits"].float()
         probs, indices = tensors["probs"].float(), tensors["indices"].long()
         rest = (1.0 - probs.sum(1, keepdim=True)).clamp_min(0) / max(self.num_classes - self.topk, 1)
         full = rest.expand(len(probs), self.num_classes).clone()
-        return full.scatter_(1, indices, probs)
+        return full.scatter_(1, indices, probs), None
 
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("epoch*.safetensors"))

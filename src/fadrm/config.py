@@ -481,7 +481,8 @@ class EvalConfig(StageConfig):
     schedule: str = option("stretched-cosine", help="learning-rate schedule over the epochs",
                            choices=registered("schedule"),
                            inert=lambda flat: flat.get("schedule") == "stretched-cosine")  # fmt: skip
-    loss: str = option("kl", help="loss between the student's and the soft labels' distributions",
+    loss: str = option("kl", help="the student's loss on soft labels: kl (the distributions at --temperature) or "
+                       "mse-ce (raw logits' MSE + --ce-weight x cross-entropy, G-VBSM and EDC)",
                        choices=registered("loss"),
                        inert=lambda flat: flat.get("loss") == "kl")  # fmt: skip
     # New for the students of G-VBSM, EDC and CV-DD: out of the identity at its former value, and wherever
@@ -489,6 +490,9 @@ class EvalConfig(StageConfig):
     momentum: float = option(0.9, help="SGD's momentum (--optimizer sgd only; EDC's CIFAR-100 student: 0.875)",
                              check=in_range(0.0, 1.0),
                              inert=lambda flat: flat.get("momentum") == 0.9 or flat.get("optimizer") != "sgd")  # fmt: skip
+    ce_weight: float = option(0.1, check=non_negative, inert=lambda flat: flat.get("loss") != "mse-ce",
+                              help="weight of the cross-entropy with each image's own class in --loss mse-ce "
+                              "(G-VBSM: 0.15 on CIFAR, 0.1 on Tiny-ImageNet and ImageNet; EDC: 0.025)")  # fmt: skip
     lr: float | None = option(None, flag="--student-lr", check=positive,
                               help="default: the published value for the dataset, student and IPC (the preset's "
                               "students table)")  # fmt: skip
@@ -550,6 +554,9 @@ class EvalConfig(StageConfig):
                 f"--accumulation {self.accumulation} must divide --batch-size {self.batch_size} "
                 "(each loader batch is split into equal micro-batches)"
             )
+        if self.labels == "stored" and self.topk is not None and registry("loss").get(self.loss).needs_logits:
+            raise FadrmError(f"--loss {self.loss} needs the teachers' logits; --topk {self.topk} stores probabilities "
+                             "only: leave --topk out")  # fmt: skip
         late = [e for e in self.eval_at if not 1 <= e <= self.epochs]
         if late:
             raise FadrmError(f"--eval-at {late[0]} is outside the {self.epochs} training epochs")

@@ -2,7 +2,7 @@
 
 Implements sections 4 and 5 of the method: soft labels from the teacher(s) on
 the exact augmented view the student sees (:mod:`fadrm.augment`), a soft-label
-loss at temperature T (:data:`STUDENT_LOSSES`), an optimiser
+loss (:data:`STUDENT_LOSSES`: KL at temperature T, or G-VBSM's and EDC's MSE + CE), an optimiser
 (:data:`OPTIMIZERS`) over weight-decay groups and a per-epoch learning-rate
 schedule (:data:`SCHEDULES`). Hard-label arms use :func:`mixed_cross_entropy`.
 Orchestration (which students, sets and repeats; resuming) is in
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -33,12 +34,42 @@ from .training import backward, check_finite, evaluate_accuracy, optimizer_step,
 OptimizerFn = Callable[[list[dict[str, Any]], float, float], torch.optim.Optimizer]
 # (epoch, epochs, eta) -> learning-rate factor, applied once per epoch.
 ScheduleFn = Callable[[int, int, float], float]
-# (student logits, teacher probabilities at the temperature, temperature) -> loss.
-LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SoftLabels:
+    """What a student's soft-label loss compares its logits with on one (micro-)batch.
+
+    Attributes:
+        probabilities: the teachers' probabilities at the temperature (a store's top-k: the k kept,
+            the rest spread evenly).
+        logits: the teachers' raw logits; None where a store kept top-k probabilities only.
+        hard: each image's own class (a mixed-in partner's class is not here).
+    """
+
+    probabilities: torch.Tensor
+    logits: torch.Tensor | None
+    hard: torch.Tensor
+
+    def __getitem__(self, part: slice) -> "SoftLabels":
+        return SoftLabels(self.probabilities[part], None if self.logits is None else self.logits[part], self.hard[part])
+
+
+@dataclass(frozen=True)
+class StudentLoss:
+    """A soft-label loss: ``compute(student logits, labels, config)``; ``needs_logits`` when it reads the
+    teachers' raw logits (so stored top-k probabilities cannot serve it)."""
+
+    compute: Callable[[torch.Tensor, SoftLabels, EvalConfig], torch.Tensor]
+    needs_logits: bool = False
+
+    def __call__(self, logits: torch.Tensor, labels: SoftLabels, config: EvalConfig) -> torch.Tensor:
+        return self.compute(logits, labels, config)
+
 
 OPTIMIZERS: Registry[OptimizerFn] = Registry("optimizer")
 SCHEDULES: Registry[ScheduleFn] = Registry("schedule")
-STUDENT_LOSSES: Registry[LossFn] = Registry("loss")
+STUDENT_LOSSES: Registry[StudentLoss] = Registry("loss")
 
 
 # -------------------------------------------------------------- optimisers
@@ -94,12 +125,21 @@ SCHEDULES.add("multistep", multistep)
 
 
 # ------------------------------------------------------------------ losses
-def kl_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(targets || softmax(logits / T)), averaged over the batch (no T^2 factor, as published)."""
-    return F.kl_div(F.log_softmax(logits / temperature, dim=1), targets, reduction="batchmean")
+def kl_loss(logits: torch.Tensor, labels: SoftLabels, config: EvalConfig) -> torch.Tensor:
+    """KL(teacher probabilities || softmax(logits / T)), averaged over the batch (no T^2 factor, as published)."""
+    return F.kl_div(F.log_softmax(logits / config.temperature, dim=1), labels.probabilities, reduction="batchmean")
 
 
-STUDENT_LOSSES.add("kl", kl_loss)
+def mse_ce_loss(logits: torch.Tensor, labels: SoftLabels, config: EvalConfig) -> torch.Tensor:
+    """G-VBSM's and EDC's loss: MSE between raw student and teacher logits (mean over every entry) plus
+    ``ce_weight`` times the cross-entropy with each image's own class; no temperature. As in their code,
+    a CutMix partner's class is ignored."""
+    assert labels.logits is not None  # EvalConfig.check refuses stored top-k with this loss
+    return F.mse_loss(logits, labels.logits) + config.ce_weight * F.cross_entropy(logits, labels.hard)
+
+
+STUDENT_LOSSES.add("kl", StudentLoss(kl_loss))
+STUDENT_LOSSES.add("mse-ce", StudentLoss(mse_ce_loss, needs_logits=True))
 
 
 def mixed_cross_entropy(
@@ -154,27 +194,30 @@ def train_student(
     started = time.perf_counter()
     for epoch in progress(range(config.epochs), desc):
         model.train()
-        targets_epoch = store.read(epoch) if store is not None else None
+        stored = store.read_with_logits(epoch) if store is not None else None
         offset, total, count = 0, 0.0, 0
         for b, indices in enumerate(sampler.batches(epoch, len(train.images), config.batch_size)):
             # Views, mixing and soft labels belong to the loader batch (BSSL halves included).
             view = sampler.view(epoch, b, indices, train.images.shape[-2], train.images.shape[-1])
             pixels = normalize(runtime.batch(render(train.images, view, spec.image_size)), spec.mean, spec.std)
-            if targets_epoch is not None:
-                targets = targets_epoch[offset : offset + len(indices)].to(runtime.device)
+            hard = train.labels[indices].to(runtime.device)
+            labels: SoftLabels | None = None
+            if stored is not None:
+                probabilities, teacher_logits = (None if t is None else t[offset : offset + len(indices)].to(runtime.device)
+                                                 for t in stored)  # fmt: skip
+                labels = SoftLabels(probabilities, teacher_logits, hard)
             elif labeller is not None:
-                targets = soft_targets(labeller(pixels, runtime), config.temperature)
+                teacher_logits = labeller(pixels, runtime)
+                labels = SoftLabels(soft_targets(teacher_logits, config.temperature), teacher_logits, hard)
             else:
-                targets = None
-                hard = train.labels[indices].to(runtime.device)
                 partner_hard = hard[view.partner.to(runtime.device)]
             offset += len(indices)
             optimizer.zero_grad(set_to_none=True)
             for part in micro_batches(config.batch_size, config.accumulation, len(indices)):
                 with runtime.autocast():
                     logits = model(pixels[part]).float()
-                if targets is not None:
-                    loss = soft_loss(logits, targets[part], config.temperature)
+                if labels is not None:
+                    loss = soft_loss(logits, labels[part], config)
                 else:
                     loss = mixed_cross_entropy(logits, hard[part], partner_hard[part], view.lam)
                 check_finite(loss, f"training {desc}")
