@@ -519,6 +519,16 @@ class EvalConfig(StageConfig):
                         "batch (the published default; --no-bssl: eval-mode teachers)")  # fmt: skip
     teacher_weights: list[float] | None = option(None, help="weight of each relabelling teacher", flag="--teacher-weight",
                                                  repeat=True, check=each(non_negative))  # fmt: skip
+    # The relabelling of G-VBSM and CV-DD; out of the identity when off, as every run before them.
+    teacher_priors: list[float] | None = option(None, flag="--teacher-prior", repeat=True,
+                                                help="CV-DD's committee relabelling: one score per relabelling teacher "
+                                                "(its prior); the teachers' logits are weighted by softmax(prior / "
+                                                "--prior-temperature)")  # fmt: skip
+    prior_temperature: float = option(10.0, check=positive, inert=lambda flat: not flat.get("teacher_priors"),
+                                      help="temperature of the priors' softmax (CV-DD relabels at 10)")  # fmt: skip
+    balance_teachers: bool = option(False, inert=lambda flat: not flat.get("balance_teachers"),
+                                    help="rescale each teacher's logits for a batch to the teachers' mean Frobenius "
+                                    "norm before averaging (G-VBSM on ImageNet)")  # fmt: skip
     eval_every: int = option(10, defines=False, check=at_least(0),
                              help="validate after epochs 1, 1+k, 1+2k, ... and the last (published: 10; 0: the last "
                              "only); the best of these is reported beside the last epoch's")  # fmt: skip
@@ -557,6 +567,11 @@ class EvalConfig(StageConfig):
         if self.labels == "stored" and self.topk is not None and registry("loss").get(self.loss).needs_logits:
             raise FadrmError(f"--loss {self.loss} needs the teachers' logits; --topk {self.topk} stores probabilities "
                              "only: leave --topk out")  # fmt: skip
+        if self.teacher_priors and self.teacher_weights:
+            raise FadrmError("give --teacher-weight or --teacher-prior, not both (priors make the weights)")
+        if self.teacher_priors and self.teachers and len(self.teacher_priors) != len(self.teachers):
+            raise FadrmError(f"{len(self.teacher_priors)} teacher priors for {len(self.teachers)} teachers: give one "
+                             "--teacher-prior per --teacher")  # fmt: skip
         late = [e for e in self.eval_at if not 1 <= e <= self.epochs]
         if late:
             raise FadrmError(f"--eval-at {late[0]} is outside the {self.epochs} training epochs")
