@@ -500,6 +500,9 @@ class EvalConfig(StageConfig):
     eta: float | None = option(None, check=positive,
                                help="cosine stretch: lr factor 0.5(1 + cos(pi e / (eta E))); default as --student-lr")  # fmt: skip
     temperature: float = option(20.0, help="softmax temperature of the soft labels and the student", check=positive)
+    ema_decay: float = option(0.0, check=in_range(0.0, 1.0), inert=lambda flat: not flat.get("ema_decay"),
+                              help="validate an exponential moving average of the student's parameters, updated "
+                              "after every optimiser step with this decay (0: off; EDC: 0.99)")  # fmt: skip
     mix: str = option("cutmix", help="mixing of each loader batch", choices=registered("mix"))
     mix_alpha: float = option(1.0, check=positive,
                               help="mixing weight ~ Beta(a, a): 1 as published for CutMix; the reference's MixUp "

@@ -11,10 +11,11 @@ Orchestration (which students, sets and repeats; resuming) is in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,52 @@ def mixed_cross_entropy(
     return lam * F.cross_entropy(logits, hard) + (1 - lam) * F.cross_entropy(logits, partner_hard)
 
 
+# ------------------------------------------------------------ weight EMA
+class EmaWeights:
+    """An exponential moving average of a student's parameters, the weights EDC validates.
+
+    Starts at the model's parameters and moves ``p_ema <- d * p_ema + (1 - d) * p`` after every
+    optimiser step (:meth:`update`). Only parameters: BatchNorm's running statistics stay the
+    live model's, as in EDC, when :meth:`swapped_in` lends the averages to the model.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.averages = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One step of the average towards the model's current parameters."""
+        for average, parameter in zip(self.averages, model.parameters()):
+            average.mul_(self.decay).add_(parameter.detach(), alpha=1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The model with the averaged parameters for the duration; its own are put back after, even on error."""
+        live = [p.detach().clone() for p in model.parameters()]
+        try:
+            with torch.no_grad():
+                for parameter, average in zip(model.parameters(), self.averages):
+                    parameter.copy_(average)
+            yield model
+        finally:
+            with torch.no_grad():
+                for parameter, own in zip(model.parameters(), live):
+                    parameter.copy_(own)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averages and the decay, for a checkpoint."""
+        return {"decay": self.decay, "averages": [a.clone() for a in self.averages]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's :meth:`state_dict`."""
+        if len(state["averages"]) != len(self.averages):
+            raise ValueError("the checkpoint's weight averages belong to another model")
+        self.decay = float(state["decay"])
+        for average, saved in zip(self.averages, state["averages"]):
+            average.copy_(saved)
+
+
 # -------------------------------------------------------------------- loop
 def micro_batches(batch_size: int, accumulation: int, num_images: int) -> list[slice]:
     """How one loader batch of ``num_images`` is forwarded: micro-batches of ``batch_size // accumulation``.
@@ -189,6 +236,7 @@ def train_student(
     eta = config.eta
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: schedule(e, config.epochs, eta))
     scaler = runtime.grad_scaler()
+    ema = EmaWeights(model, config.ema_decay) if config.ema_decay > 0 else None
     evaluate_after = set(config.evaluation_epochs())
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -225,10 +273,13 @@ def train_student(
                 total += float(loss.detach()) * len(logits)
                 count += len(logits)
             optimizer_step(optimizer, scaler)
+            if ema is not None:
+                ema.update(model)
         scheduler.step()
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / count}
         if epoch + 1 in evaluate_after:
-            record.update(evaluate_accuracy(model, val_loader, runtime, spec.mean, spec.std))
+            with ema.swapped_in(model) if ema is not None else contextlib.nullcontext(model) as validated:
+                record.update(evaluate_accuracy(validated, val_loader, runtime, spec.mean, spec.std))
             if epoch + 1 != config.epochs:
                 log(f"{desc}: epoch {epoch + 1}: top-1 {record['top1']:.2f}%")
         history.append(record)
