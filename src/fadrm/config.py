@@ -524,6 +524,7 @@ class EvalConfig(StageConfig):
                                                  repeat=True, check=each(non_negative))  # fmt: skip
     # The relabelling of G-VBSM and CV-DD; out of the identity when off, as every run before them.
     teacher_priors: list[float] | None = option(None, flag="--teacher-prior", repeat=True,
+                                                inert=lambda flat: not flat.get("teacher_priors"),
                                                 help="CV-DD's committee relabelling: one score per relabelling teacher "
                                                 "(its prior); the teachers' logits are weighted by softmax(prior / "
                                                 "--prior-temperature)")  # fmt: skip
