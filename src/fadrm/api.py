@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from .artifacts import open_evaluated_set
 from .config import (
-    DistillConfig, EvalConfig, RunConfig, StatsConfig, TeacherConfig, check_option, read_config_file, resolve,
+    PROTOCOL_WORDS, DistillConfig, EvalConfig, RunConfig, StatsConfig, TeacherConfig, check_option, read_config_file,
+    resolve,
     written_form,
 )  # fmt: skip
 from .errors import FadrmError
@@ -182,8 +183,8 @@ def plan_run(
     distilled = out / f"{config.method}-ipc{config.ipc}"
     distill = distill_config(**shared, teachers=[_teacher_path(t) for t in teachers], out=str(distilled),
                              method=config.method, ipc=config.ipc, **(distill_options or {}))  # fmt: skip
-    evaluation = {"baselines": ["random-real"], "repeats": config.repeats, "robustness": config.robustness, **shared,
-                  **(eval_options or {})}  # fmt: skip
+    evaluation = {"baselines": ["random-real"], "repeats": config.repeats, "robustness": config.robustness,
+                  "protocol": config.protocol, **shared, **(eval_options or {})}  # fmt: skip
     evaluation.pop("dataset")
     evaluate = resolve(EvalConfig, {"distilled": str(distilled), **evaluation}, dataset=config.dataset,
                        method=config.method, ipc=config.ipc)  # fmt: skip
@@ -228,10 +229,11 @@ def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, 
     started = time.perf_counter()
     results = _evaluate(plan.evaluate, log=log)
     timings["evaluate"] = time.perf_counter() - started
-    summary = {"teacher_top1": teacher_acc, "runs": results["runs"], "summary": results["summary"],
+    summary = {"teacher_top1": teacher_acc, "protocol": results["protocol"], "runs": results["runs"], "summary": results["summary"],
                "robustness": results.get("robustness", []), "seconds": timings,
                "distilled": plan.distill.out}  # fmt: skip
-    lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}"]
+    lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}",
+             f"students: the {plan.evaluate.protocol} protocol ({PROTOCOL_WORDS[plan.evaluate.protocol]})"]
     for r in results["summary"]:
         spread = f" ± {r['top1_std']:.2f} (mean of {r['repeats']} seeds)" if r["repeats"] > 1 else ""
         best = f"; best top-1 over the validations {r['best_top1']:.2f}%"

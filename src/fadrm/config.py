@@ -261,6 +261,11 @@ class StageConfig(Options):
     SECTION: ClassVar[str] = ""
 
     @classmethod
+    def protocol_method(cls, method: str | None, chosen: dict[str, Any]) -> str | None:
+        """The method whose defaults and preset overrides this stage takes (its own, unless a stage says otherwise)."""
+        return method
+
+    @classmethod
     def preset_layers(
         cls, dataset: str, method: str | None, ipc: int | None, chosen: dict[str, Any]
     ) -> list[dict[str, Any]]:
@@ -453,6 +458,23 @@ class DistillConfig(StageConfig):
             raise FadrmError(f"{method.name}: {problem}")
 
 
+# The student protocols, with what each means in the results.
+PROTOCOL_WORDS = {
+    "own": "each method's published relabelling and student settings",
+    "common": "FADRM's reference relabelling and student settings, whatever the method",
+}
+# The method whose protocol ``common`` gives every set.
+COMMON_PROTOCOL_METHOD = "fadrm"
+
+
+def protocol_option() -> Any:
+    """``--protocol``, shared by ``fadrm evaluate`` and ``fadrm run``. Not defining: it acts through the
+    settings it resolves, which are the identity."""
+    return option("own", defines=False, choices=tuple(PROTOCOL_WORDS),
+                  help="how students train: own (the method's published relabelling and student protocol) or common "
+                  "(FADRM's reference protocol for every method, so that a table compares the data alone)")  # fmt: skip
+
+
 @dataclass
 class EvalConfig(StageConfig):
     """Student training on a distilled set (``fadrm evaluate``)."""
@@ -471,6 +493,7 @@ class EvalConfig(StageConfig):
     students: list[str] | None = option(None, defines=False, flag="--student", repeat=True, check=each(model_name),
                                         help="student model (default: the teacher's architecture); repeat for a "
                                         "cross-architecture table")  # fmt: skip
+    protocol: str = protocol_option()
     epochs: int = option(300, help="training epochs", check=at_least(1))
     batch_size: int = option(16, help="loader batch: one view draw and one optimiser step each", check=at_least(1))
     accumulation: int = option(2, check=at_least(1),
@@ -513,6 +536,9 @@ class EvalConfig(StageConfig):
     augment: bool = option(True, inert=lambda flat: flat.get("augment") is True,
                            help="the students' augmentation: random-resized crops, flips and mixing (--no-augment: "
                            "whole images, as they are)")  # fmt: skip
+    rand_augment: bool = option(False, inert=lambda flat: not flat.get("rand_augment"),
+                                help="RandAugment (two operations at magnitude 9, as torchvision's) on each image "
+                                "before its crop, drawn from the batch's seed (EDC's CIFAR and Tiny students)")  # fmt: skip
     labels: str = option("live", help="teacher in the loop, or labels stored once and reused", choices=("live", "stored"))
     labels_dir: str | None = option(None, defines=False,
                                     help="where stored labels live (default: <out>/labels; repeat r > 0 uses "
@@ -562,6 +588,11 @@ class EvalConfig(StageConfig):
                       "on the CPU)", defines=False, choices=AMP_MODES, unset="auto")  # fmt: skip
     workers: int | None = option(None, help="data-loading processes", defines=False, check=at_least(0))
 
+    @classmethod
+    def protocol_method(cls, method: str | None, chosen: dict[str, Any]) -> str | None:
+        """The set's own method under ``--protocol own``; FADRM's under ``common``."""
+        return COMMON_PROTOCOL_METHOD if chosen.get("protocol") == "common" else method
+
     def check(self) -> None:
         if self.batch_size % self.accumulation:
             raise FadrmError(
@@ -585,7 +616,7 @@ class EvalConfig(StageConfig):
         from .augment import ViewSampler
 
         return ViewSampler(self.seed, size, (self.crop_scale[0], self.crop_scale[1]), self.mix, self.mix_alpha,
-                           self.augment)  # fmt: skip
+                           self.augment, self.rand_augment)  # fmt: skip
 
     def evaluation_epochs(self) -> list[int]:
         """The epochs (1-based) after which the student is validated; always ends with the last."""
@@ -604,6 +635,7 @@ class RunConfig(StageConfig):
                       check=not_a_file)  # fmt: skip
     method: str = option("fadrm", help="the method (fadrm list methods)", choices=registered("method"))
     ipc: int = option(10, help="images per class", check=at_least(1))
+    protocol: str = protocol_option()
     teachers: list[str] | None = option(None, help="use these teachers instead of training the preset's",
                                         flag="--teacher", repeat=True, check=each(teacher_source))  # fmt: skip
     teacher_models: list[str] | None = option(None, flag="--teacher-model", repeat=True, check=each(model_or_weights),
@@ -1018,10 +1050,11 @@ def resolve(
     if context["dataset"] is None:
         raise FadrmError("give --dataset")
     layers: list[dict[str, Any]] = []
-    if context["method"] not in (None, MISSING):
-        method_defaults = registry("method").get(context["method"]).defaults.get(cls.SECTION, {})
-        layers.append(nest(cls, method_defaults, f"method {context['method']}"))
-    layers += cls.preset_layers(context["dataset"], context["method"], context["ipc"], chosen)
+    method = cls.protocol_method(None if context["method"] is MISSING else context["method"], chosen)
+    if method is not None:
+        method_defaults = registry("method").get(method).defaults.get(cls.SECTION, {})
+        layers.append(nest(cls, method_defaults, f"method {method}"))
+    layers += cls.preset_layers(context["dataset"], method, context["ipc"], chosen)
     config = build(cls, _merged(cls, *layers, chosen))
     validate(config)
     return config

@@ -83,6 +83,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     train_set = load_split(spec, "train", config.data_root, config.holdout) if subsets else None
     results: dict[str, Any] = {
         "distilled": str(config.distilled), "dataset": spec.name, "method": distilled_set.method, "ipc": distilled_set.ipc,
+        "protocol": config.protocol,
         "images_per_class": list(distilled_set.images_per_class), "teachers": [t.describe() for t in teachers],
         "config": config.to_dict(), "runs": [],
     }  # fmt: skip
@@ -222,6 +223,7 @@ def prepare_store(
         **({"teacher_priors": config.teacher_priors, "prior_temperature": config.prior_temperature}
            if config.teacher_priors else {}),
         **({"balance_teachers": True} if config.balance_teachers else {}),
+        **({"rand_augment": True} if config.rand_augment else {}),
     }  # fmt: skip
     store = LabelStore(folder, identity, len(distilled_set.class_names),
                        config.topk, config.temperature)  # fmt: skip
