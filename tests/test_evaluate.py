@@ -359,9 +359,14 @@ def test_a_finished_run_serves_the_validations_it_covers(distilled, fmnist_root,
         ({"eval_at": [5]}, "--eval-at 5 is outside the 2 training epochs"),
         ({"topk": 10, "labels": "stored"}, "--topk 10 keeps every one of the 10 classes; give fewer, or leave it out to store full logits"),
         ({"optimizer": "adam"}, "--optimizer must be one of adamw, sgd, got 'adam'"),
-        ({"schedule": "cosine"}, "--schedule must be one of stretched-cosine, got 'cosine'"),
-        ({"loss": "ce"}, "--loss must be one of kl, got 'ce'"),
+        ({"schedule": "cosine"}, "--schedule must be one of multistep, ssrs, stretched-cosine, got 'cosine'"),
+        ({"loss": "ce"}, "--loss must be one of kl, mse-ce, got 'ce'"),
         ({"mix": "cutout"}, "--mix must be one of cutmix, mixup, none, got 'cutout'"),
+        ({"loss": "mse-ce", "topk": 3, "labels": "stored"}, "--loss mse-ce needs the teachers' logits; --topk 3 stores "
+                                                            "probabilities only: leave --topk out"),
+        ({"teacher_priors": [60.0, 50.0]}, "2 teacher priors for 1 teachers: give one --teacher-prior per teacher"),
+        ({"teacher_priors": [60.0], "teacher_weights": [1.0]}, "give --teacher-weight or --teacher-prior, not both "
+                                                               "(priors make the weights)"),
         ({"baselines": ["herding"]}, "--baseline must be one of full-data, hard-labels, no-augmentation, random-real, got "
                                        "['herding']"),
     ],

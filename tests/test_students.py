@@ -20,7 +20,7 @@ from fadrm.evaluate import EvalConfig
 from fadrm.registry import Registry
 from fadrm.runtime import make_runtime
 from fadrm.students import (
-    OPTIMIZERS, SCHEDULES, STUDENT_LOSSES, micro_batches, mixed_cross_entropy, stretched_cosine, weight_decay_groups,
+    OPTIMIZERS, SCHEDULES, STUDENT_LOSSES, SoftLabels, micro_batches, mixed_cross_entropy, stretched_cosine, weight_decay_groups,
 )  # fmt: skip
 
 CPU = make_runtime("cpu", "off")
@@ -44,8 +44,8 @@ def _train_recorded(monkeypatch, config, n_images, model=None, labeller=None):
     steps: list[dict] = []
     real_factory = OPTIMIZERS.get(config.optimizer)
 
-    def recording_factory(groups, lr):
-        optimizer = real_factory(groups, lr)
+    def recording_factory(groups, lr, momentum):
+        optimizer = real_factory(groups, lr, momentum)
 
         def before_step(opt, *args):
             steps.append({"inputs": list(seen), "grads": [p.grad.clone() for p in model.parameters()]})
@@ -134,7 +134,7 @@ def test_weight_decay_only_on_multi_dimensional_weights():
     assert table.ndim == 2 and any(p is table for p in swin_no_decay["params"])
     assert not any(p is table for p in swin_decay["params"])
     for optimizer in ("adamw", "sgd"):
-        opt = OPTIMIZERS.get(optimizer)(weight_decay_groups(model, 0.05), 1e-3)
+        opt = OPTIMIZERS.get(optimizer)(weight_decay_groups(model, 0.05), 1e-3, 0.9)
         assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
 
 
@@ -160,8 +160,25 @@ def test_kl_loss_equals_a_hand_computation():
     # q = softmax(logits / 2) = [0.18632372, 0.30719589, 0.50648039] and [0.34595419, 0.20983183, 0.44421398];
     # sum over both rows of sum(p * (log p - log q)), divided by the batch of 2, is 0.0695599146574475.
     # No T**2 factor: the published loss is KL at temperature T, batch-mean.
-    loss = STUDENT_LOSSES.get("kl")(logits, targets, 2.0)
+    labels = SoftLabels(targets, None, torch.tensor([2, 0]))
+    loss = STUDENT_LOSSES.get("kl")(logits, labels, EvalConfig(distilled="x", temperature=2.0))
     assert float(loss) == pytest.approx(0.0695599146574475, rel=1e-6)
+
+
+def test_mse_ce_loss_equals_a_hand_computation():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 0.5]])
+    teacher = torch.tensor([[0.5, 2.0, 4.0], [1.0, -1.0, 0.0]])
+    # MSE over all six entries: (0.25 + 0 + 1 + 1 + 0 + 0.25) / 6 = 0.4166666666666667.
+    # CE with own classes [2, 0], by hand (math.log, math.exp): row 1: log(e + e^2 + e^3) - 3 = 0.40760596444438013;
+    # row 2: log(1 + e^-1 + e^0.5) - 0 = 1.1041306053367284; mean 0.7558682848905542.
+    # No temperature: T = 20 below must not matter. w = 0.025: 0.4166666666666667 + 0.025 * 0.7558682848905542.
+    labels = SoftLabels(torch.softmax(teacher, 1), teacher, torch.tensor([2, 0]))
+    config = EvalConfig(distilled="x", loss="mse-ce", ce_weight=0.025, temperature=20.0)
+    loss = STUDENT_LOSSES.get("mse-ce")(logits, labels, config)
+    assert float(loss) == pytest.approx(0.4166666666666667 + 0.025 * 0.7558682848905542, rel=1e-6)
+    # The CutMix partner's class is not part of it: only the logits and own classes count.
+    assert float(STUDENT_LOSSES.get("mse-ce")(logits, labels, dataclasses.replace(config, ce_weight=0.0))) == pytest.approx(
+        0.4166666666666667, rel=1e-6)  # fmt: skip
 
 
 def test_mixed_cross_entropy_weights_the_two_classes():
@@ -191,13 +208,47 @@ def test_stretched_cosine_golden_values(epoch, epochs, eta, factor):
     assert stretched_cosine(epoch, epochs, eta) == pytest.approx(factor, abs=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("epoch", "epochs", "eta", "factor"),
+    [
+        # Up to 5E/6 the stretched cosine: at e = 500 of 600 with eta 2, 0.5 * (1 + cos(5 pi / 12)) = 0.6294095225512604.
+        (0, 600, 2.0, 1.0),
+        (300, 600, 2.0, 0.5 + math.sqrt(2) / 4),
+        (500, 600, 2.0, 0.6294095225512604),
+        # After 5E/6 that value times (1 - e / E): a sixth of it at 501 is 0.6294095225512604 * 99 / 600.
+        (501, 600, 2.0, 0.6294095225512604 * 99 / 600),
+        (540, 600, 2.0, 0.06294095225512604),
+        (600, 600, 2.0, 0.0),
+        # eta 1: 0.5 * (1 + cos(5 pi / 6)) = 0.06698729810778065 before the line.
+        (11, 12, 1.0, 0.06698729810778065 / 12),
+    ],
+)
+def test_ssrs_golden_values(epoch, epochs, eta, factor):
+    assert SCHEDULES.get("ssrs")(epoch, epochs, eta) == pytest.approx(factor, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "factor"), [(0, 1.0), (799, 1.0), (800, 0.5), (899, 0.5), (900, 0.25), (949, 0.25), (950, 0.125), (999, 0.125)]
+)
+def test_multistep_halves_at_80_90_and_95_percent(epoch, factor):
+    # EDC's CIFAR-10 MultiStepLR([800, 900, 950], 0.5) over 1000 epochs; eta has no effect.
+    assert SCHEDULES.get("multistep")(epoch, 1000, 2.0) == factor
+    assert SCHEDULES.get("multistep")(epoch // 10, 100, 1.0) == factor  # the same steps at 80, 90, 95 of 100
+
+
+def test_sgd_momentum_reaches_the_optimiser():
+    model = nn.Linear(3, 2)
+    assert OPTIMIZERS.get("sgd")(weight_decay_groups(model, 0.0), 0.1, 0.875).defaults["momentum"] == 0.875
+    assert EvalConfig(distilled="x").momentum == 0.9  # the former fixed value
+
+
 # --------------------------------------------------------------- registries
 @pytest.mark.parametrize("name", OPTIMIZERS.names())
 def test_every_optimizer_steps_a_tiny_model(name):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer = OPTIMIZERS.get(name)(weight_decay_groups(model, 0.01), 0.1)
+    optimizer = OPTIMIZERS.get(name)(weight_decay_groups(model, 0.01), 0.1, 0.9)
     model(torch.randn(4, 3)).square().mean().backward()
     optimizer.step()
     assert isinstance(optimizer, torch.optim.Optimizer)
@@ -214,8 +265,9 @@ def test_every_schedule_starts_at_the_full_rate(name):
 @pytest.mark.parametrize("name", STUDENT_LOSSES.names())
 def test_every_loss_is_finite_and_has_a_gradient(name):
     logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    targets = torch.softmax(torch.randn(4, 5, generator=torch.Generator().manual_seed(1)), dim=1)
-    loss = STUDENT_LOSSES.get(name)(logits, targets, 4.0)
+    teacher = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+    labels = SoftLabels(torch.softmax(teacher / 4.0, dim=1), teacher, torch.tensor([0, 1, 2, 3]))
+    loss = STUDENT_LOSSES.get(name)(logits, labels, EvalConfig(distilled="x", temperature=4.0))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
@@ -225,8 +277,8 @@ def test_every_loss_is_finite_and_has_a_gradient(name):
     ("registry", "message"),
     [
         (OPTIMIZERS, "^unknown optimizer 'nope'; choose one of: adamw, sgd$"),
-        (SCHEDULES, "^unknown schedule 'nope'; choose one of: stretched-cosine$"),
-        (STUDENT_LOSSES, "^unknown loss 'nope'; choose one of: kl$"),
+        (SCHEDULES, "^unknown schedule 'nope'; choose one of: multistep, ssrs, stretched-cosine$"),
+        (STUDENT_LOSSES, "^unknown loss 'nope'; choose one of: kl, mse-ce$"),
     ],
 )
 def test_unknown_names_list_the_choices(registry, message):

@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 from .artifacts import open_evaluated_set
 from .config import (
-    DistillConfig, EvalConfig, PriorsConfig, RunConfig, StatsConfig, TeacherConfig, check_option, read_config_file,
-    resolve, written_form,
+    PROTOCOL_WORDS, DistillConfig, EvalConfig, PriorsConfig, RunConfig, StatsConfig, TeacherConfig, check_option,
+    read_config_file, resolve, written_form,
 )  # fmt: skip
 from .errors import FadrmError
 from .registry import registry
@@ -227,8 +227,8 @@ def plan_run(
                                             "out": str(out / "priors" / f"ipc{config.ipc}"),
                                             "student": config.prior_student})  # fmt: skip
             priors_source = f"computed: {Path(priors.out) / 'priors.json'}"
-    evaluation = {"baselines": ["random-real"], "repeats": config.repeats, "robustness": config.robustness, **shared,
-                  **(eval_options or {})}  # fmt: skip
+    evaluation = {"baselines": ["random-real"], "repeats": config.repeats, "robustness": config.robustness,
+                  "protocol": config.protocol, **shared, **(eval_options or {})}  # fmt: skip
     evaluation.pop("dataset")
     evaluate = resolve(EvalConfig, {"distilled": str(distilled), **evaluation}, dataset=config.dataset,
                        method=config.method, ipc=config.ipc)  # fmt: skip
@@ -283,10 +283,11 @@ def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, 
     started = time.perf_counter()
     results = _evaluate(plan.evaluate, log=log)
     timings["evaluate"] = time.perf_counter() - started
-    summary = {"teacher_top1": teacher_acc, "runs": results["runs"], "summary": results["summary"],
-               "robustness": results.get("robustness", []), "seconds": timings,
+    summary = {"teacher_top1": teacher_acc, "protocol": results["protocol"], "runs": results["runs"],
+               "summary": results["summary"], "robustness": results.get("robustness", []), "seconds": timings,
                "distilled": plan.distill.out}  # fmt: skip
-    lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}"]
+    lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}",
+             f"students: the {plan.evaluate.protocol} protocol ({PROTOCOL_WORDS[plan.evaluate.protocol]})"]
     if plan.priors_source is not None:
         # As the set was made with them (--priors-from is read when the teachers are loaded).
         priors = manifest["config"]["synthesis"]["priors"] if manifest else distill.synthesis.priors

@@ -327,6 +327,13 @@ class DistilledSet:
         return int(self.manifest["config"].get("holdout", 0))
 
     @property
+    def priors(self) -> list[float] | None:
+        """The committee priors the set was distilled with, one per teacher (None: not a committee method)."""
+        config = self.manifest["config"]
+        priors = config.get("synthesis", config).get("priors")  # format 1 kept its settings flat
+        return list(priors) if priors else None
+
+    @property
     def teachers(self) -> list[dict[str, Any]]:
         """The teachers that made the set, as described in the manifest (source, sha256, ...)."""
         return list(self.manifest["teachers"])
@@ -522,8 +529,8 @@ class ImageFolderSet:
     """A distilled set made by another tool: an ImageFolder (``folder/<class folder>/<images>``)
     without our manifest, read as the classes of a registered dataset.
 
-    It offers what evaluation asks of a :class:`DistilledSet`; it has no teachers of its own
-    and no holdout. Classes may hold different numbers of images.
+    It offers what evaluation asks of a :class:`DistilledSet`; it has no teachers (nor priors)
+    of its own and no holdout. Classes may hold different numbers of images.
 
     Attributes:
         folder: the set's folder.
@@ -576,6 +583,11 @@ class ImageFolderSet:
     def teachers(self) -> list[dict[str, Any]]:
         """Empty: the tool that made the set used its own teachers; evaluation needs ``--teacher``."""
         return []
+
+    @property
+    def priors(self) -> None:
+        """None: weights for the relabelling teachers are the user's to give."""
+        return None
 
     @property
     def images_per_class(self) -> tuple[int, int]:
@@ -708,15 +720,19 @@ class LabelStore:
         Full logits give the exact softmax; top-k keeps the k largest
         probabilities and spreads the remaining mass evenly over the other classes.
         """
+        return self.read_with_logits(epoch)[0]
+
+    def read_with_logits(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One epoch's soft targets (as :meth:`read`) and the stored logits as float32 (None for top-k)."""
         from .labels import soft_targets
 
         tensors = load_file(str(self.path(epoch)))
         if "logits" in tensors:
-            return soft_targets(tensors["logits"], self.temperature)
+            return soft_targets(tensors["logits"], self.temperature), tensors["logits"].float()
         probs, indices = tensors["probs"].float(), tensors["indices"].long()
         rest = (1.0 - probs.sum(1, keepdim=True)).clamp_min(0) / max(self.num_classes - self.topk, 1)
         full = rest.expand(len(probs), self.num_classes).clone()
-        return full.scatter_(1, indices, probs)
+        return full.scatter_(1, indices, probs), None
 
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.folder.glob("epoch*.safetensors"))

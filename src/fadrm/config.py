@@ -269,6 +269,11 @@ class StageConfig(Options):
     SECTION: ClassVar[str] = ""
 
     @classmethod
+    def protocol_method(cls, method: str | None, chosen: dict[str, Any]) -> str | None:
+        """The method whose defaults and preset overrides this stage takes (its own, unless a stage says otherwise)."""
+        return method
+
+    @classmethod
     def preset_layers(
         cls, dataset: str, method: str | None, ipc: int | None, chosen: dict[str, Any]
     ) -> list[dict[str, Any]]:
@@ -465,6 +470,23 @@ class DistillConfig(StageConfig):
             raise FadrmError(f"{method.name}: {problem}")
 
 
+# The student protocols, with what each means in the results.
+PROTOCOL_WORDS = {
+    "own": "each method's published relabelling and student settings",
+    "common": "FADRM's reference relabelling and student settings, whatever the method",
+}
+# The method whose protocol ``common`` gives every set.
+COMMON_PROTOCOL_METHOD = "fadrm"
+
+
+def protocol_option() -> Any:
+    """``--protocol``, shared by ``fadrm evaluate`` and ``fadrm run``. Not defining: it acts through the
+    settings it resolves, which are the identity."""
+    return option("own", defines=False, choices=tuple(PROTOCOL_WORDS),
+                  help="how students train: own (the method's published relabelling and student protocol) or common "
+                  "(FADRM's reference protocol for every method, so that a table compares the data alone)")  # fmt: skip
+
+
 @dataclass
 class EvalConfig(StageConfig):
     """Student training on a distilled set (``fadrm evaluate``)."""
@@ -483,6 +505,7 @@ class EvalConfig(StageConfig):
     students: list[str] | None = option(None, defines=False, flag="--student", repeat=True, check=each(model_name),
                                         help="student model (default: the teacher's architecture); repeat for a "
                                         "cross-architecture table")  # fmt: skip
+    protocol: str = protocol_option()
     epochs: int = option(300, help="training epochs", check=at_least(1))
     batch_size: int = option(16, help="loader batch: one view draw and one optimiser step each", check=at_least(1))
     accumulation: int = option(2, check=at_least(1),
@@ -493,9 +516,18 @@ class EvalConfig(StageConfig):
     schedule: str = option("stretched-cosine", help="learning-rate schedule over the epochs",
                            choices=registered("schedule"),
                            inert=lambda flat: flat.get("schedule") == "stretched-cosine")  # fmt: skip
-    loss: str = option("kl", help="loss between the student's and the soft labels' distributions",
+    loss: str = option("kl", help="the student's loss on soft labels: kl (the distributions at --temperature) or "
+                       "mse-ce (raw logits' MSE + --ce-weight x cross-entropy, G-VBSM and EDC)",
                        choices=registered("loss"),
                        inert=lambda flat: flat.get("loss") == "kl")  # fmt: skip
+    # New for the students of G-VBSM, EDC and CV-DD: out of the identity at its former value, and wherever
+    # the optimiser has no momentum.
+    momentum: float = option(0.9, help="SGD's momentum (--optimizer sgd only; EDC's CIFAR-100 student: 0.875)",
+                             check=in_range(0.0, 1.0),
+                             inert=lambda flat: flat.get("momentum") == 0.9 or flat.get("optimizer") != "sgd")  # fmt: skip
+    ce_weight: float = option(0.1, check=non_negative, inert=lambda flat: flat.get("loss") != "mse-ce",
+                              help="weight of the cross-entropy with each image's own class in --loss mse-ce "
+                              "(G-VBSM: 0.15 on CIFAR, 0.1 on Tiny-ImageNet and ImageNet; EDC: 0.025)")  # fmt: skip
     lr: float | None = option(None, flag="--student-lr", check=positive,
                               help="default: the published value for the dataset, student and IPC (the preset's "
                               "students table)")  # fmt: skip
@@ -503,6 +535,9 @@ class EvalConfig(StageConfig):
     eta: float | None = option(None, check=positive,
                                help="cosine stretch: lr factor 0.5(1 + cos(pi e / (eta E))); default as --student-lr")  # fmt: skip
     temperature: float = option(20.0, help="softmax temperature of the soft labels and the student", check=positive)
+    ema_decay: float = option(0.0, check=in_range(0.0, 1.0), inert=lambda flat: not flat.get("ema_decay"),
+                              help="validate an exponential moving average of the student's parameters, updated "
+                              "after every optimiser step with this decay (0: off; EDC: 0.99)")  # fmt: skip
     mix: str = option("cutmix", help="mixing of each loader batch", choices=registered("mix"))
     mix_alpha: float = option(1.0, check=positive,
                               help="mixing weight ~ Beta(a, a): 1 as published for CutMix; the reference's MixUp "
@@ -513,6 +548,9 @@ class EvalConfig(StageConfig):
     augment: bool = option(True, inert=lambda flat: flat.get("augment") is True,
                            help="the students' augmentation: random-resized crops, flips and mixing (--no-augment: "
                            "whole images, as they are)")  # fmt: skip
+    rand_augment: bool = option(False, inert=lambda flat: not flat.get("rand_augment"),
+                                help="RandAugment (two operations at magnitude 9, as torchvision's) on each image "
+                                "before its crop, drawn from the batch's seed (EDC's CIFAR and Tiny students)")  # fmt: skip
     labels: str = option("live", help="teacher in the loop, or labels stored once and reused", choices=("live", "stored"))
     labels_dir: str | None = option(None, defines=False,
                                     help="where stored labels live (default: <out>/labels; repeat r > 0 uses "
@@ -522,6 +560,17 @@ class EvalConfig(StageConfig):
                         "batch (the published default; --no-bssl: eval-mode teachers)")  # fmt: skip
     teacher_weights: list[float] | None = option(None, help="weight of each relabelling teacher", flag="--teacher-weight",
                                                  repeat=True, check=each(non_negative))  # fmt: skip
+    # The relabelling of G-VBSM and CV-DD; out of the identity when off, as every run before them.
+    teacher_priors: list[float] | None = option(None, flag="--teacher-prior", repeat=True,
+                                                inert=lambda flat: not flat.get("teacher_priors"),
+                                                help="CV-DD's committee relabelling: one score per relabelling teacher "
+                                                "(its prior); the teachers' logits are weighted by softmax(prior / "
+                                                "--prior-temperature)")  # fmt: skip
+    prior_temperature: float = option(10.0, check=positive, inert=lambda flat: not flat.get("teacher_priors"),
+                                      help="temperature of the priors' softmax (CV-DD relabels at 10)")  # fmt: skip
+    balance_teachers: bool = option(False, inert=lambda flat: not flat.get("balance_teachers"),
+                                    help="rescale each teacher's logits for a batch to the teachers' mean Frobenius "
+                                    "norm before averaging (G-VBSM on ImageNet)")  # fmt: skip
     eval_every: int = option(10, defines=False, check=at_least(0),
                              help="validate after epochs 1, 1+k, 1+2k, ... and the last (published: 10; 0: the last "
                              "only); the best of these is reported beside the last epoch's")  # fmt: skip
@@ -551,12 +600,25 @@ class EvalConfig(StageConfig):
                       "on the CPU)", defines=False, choices=AMP_MODES, unset="auto")  # fmt: skip
     workers: int | None = option(None, help="data-loading processes", defines=False, check=at_least(0))
 
+    @classmethod
+    def protocol_method(cls, method: str | None, chosen: dict[str, Any]) -> str | None:
+        """The set's own method under ``--protocol own``; FADRM's under ``common``."""
+        return COMMON_PROTOCOL_METHOD if chosen.get("protocol") == "common" else method
+
     def check(self) -> None:
         if self.batch_size % self.accumulation:
             raise FadrmError(
                 f"--accumulation {self.accumulation} must divide --batch-size {self.batch_size} "
                 "(each loader batch is split into equal micro-batches)"
             )
+        if self.labels == "stored" and self.topk is not None and registry("loss").get(self.loss).needs_logits:
+            raise FadrmError(f"--loss {self.loss} needs the teachers' logits; --topk {self.topk} stores probabilities "
+                             "only: leave --topk out")  # fmt: skip
+        if self.teacher_priors and self.teacher_weights:
+            raise FadrmError("give --teacher-weight or --teacher-prior, not both (priors make the weights)")
+        if self.teacher_priors and self.teachers and len(self.teacher_priors) != len(self.teachers):
+            raise FadrmError(f"{len(self.teacher_priors)} teacher priors for {len(self.teachers)} teachers: give one "
+                             "--teacher-prior per --teacher")  # fmt: skip
         late = [e for e in self.eval_at if not 1 <= e <= self.epochs]
         if late:
             raise FadrmError(f"--eval-at {late[0]} is outside the {self.epochs} training epochs")
@@ -566,7 +628,7 @@ class EvalConfig(StageConfig):
         from .augment import ViewSampler
 
         return ViewSampler(self.seed, size, (self.crop_scale[0], self.crop_scale[1]), self.mix, self.mix_alpha,
-                           self.augment)  # fmt: skip
+                           self.augment, self.rand_augment)  # fmt: skip
 
     def evaluation_epochs(self) -> list[int]:
         """The epochs (1-based) after which the student is validated; always ends with the last."""
@@ -590,6 +652,7 @@ class RunConfig(StageConfig):
                       check=not_a_file)  # fmt: skip
     method: str = option("fadrm", help="the method (fadrm list methods)", choices=registered("method"))
     ipc: int = option(10, help="images per class", check=at_least(1))
+    protocol: str = protocol_option()
     teachers: list[str] | None = option(None, help="use these teachers instead of training the preset's",
                                         flag="--teacher", repeat=True, check=each(teacher_source))  # fmt: skip
     teacher_models: list[str] | None = option(None, flag="--teacher-model", repeat=True, check=each(model_or_weights),
@@ -1063,10 +1126,11 @@ def resolve(
     if context["dataset"] is None:
         raise FadrmError("give --dataset")
     layers: list[dict[str, Any]] = []
-    if context["method"] not in (None, MISSING):
-        method_defaults = registry("method").get(context["method"]).defaults.get(cls.SECTION, {})
-        layers.append(nest(cls, method_defaults, f"method {context['method']}"))
-    layers += cls.preset_layers(context["dataset"], context["method"], context["ipc"], chosen)
+    method = cls.protocol_method(None if context["method"] is MISSING else context["method"], chosen)
+    if method is not None:
+        method_defaults = registry("method").get(method).defaults.get(cls.SECTION, {})
+        layers.append(nest(cls, method_defaults, f"method {method}"))
+    layers += cls.preset_layers(context["dataset"], method, context["ipc"], chosen)
     config = build(cls, _merged(cls, *layers, chosen))
     validate(config)
     return config

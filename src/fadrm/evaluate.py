@@ -28,7 +28,7 @@ from .baselines import (
 from .config import EvalConfig, student_recipe, validate, write_config
 from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split
 from .errors import FadrmError
-from .labels import TeacherLabeller, label_epoch
+from .labels import TeacherLabeller, label_epoch, prior_weights
 from .models import build_model
 from .robustness import robustness_summary
 from .runtime import Runtime, make_runtime
@@ -59,6 +59,13 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     if config.labels == "stored" and config.topk is not None and config.topk >= len(class_names):
         raise FadrmError(f"--topk {config.topk} keeps every one of the {len(class_names)} classes; give fewer, or "
                          "leave it out to store full logits")  # fmt: skip
+    relabelling = config.teachers or distilled_set.teachers
+    if config.teacher_priors is None and config.teacher_weights is None and not config.teachers and \
+            config.protocol == "own" and distilled_set.priors:  # fmt: skip
+        # A committee's own relabelling (CV-DD) weighs the set's teachers by the priors it was made with.
+        config.teacher_priors = distilled_set.priors
+    weights = (prior_weights(config.teacher_priors, config.prior_temperature, len(relabelling)) if config.teacher_priors
+               else config.teacher_weights)  # fmt: skip
     runtime = make_runtime(config.device, config.amp, stage="evaluate")
     out = Path(config.out or Path(config.distilled) / EVAL_FOLDER)
     log(f"evaluating the {distilled_set.describe()}")
@@ -71,7 +78,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     val_loader = make_loader(val_set, 256, shuffle=False, workers=config.workers)
     teachers = load_teachers(config.teachers or [t["source"] for t in distilled_set.teachers], spec, val_set.classes,
                              runtime, holdout=config.holdout)  # fmt: skip
-    labeller = TeacherLabeller([t.model for t in teachers], config.teacher_weights, config.bssl)
+    labeller = TeacherLabeller([t.model for t in teachers], weights, config.bssl, config.balance_teachers)
     students = config.students or [teachers[0].arch]
     for name in students:
         build_model(name, 2, spec.channels, spec.image_size)  # fail now on an unknown student, not after hours
@@ -80,6 +87,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     train_set = load_split(spec, "train", config.data_root, config.holdout) if subsets else None
     results: dict[str, Any] = {
         "distilled": str(config.distilled), "dataset": spec.name, "method": distilled_set.method, "ipc": distilled_set.ipc,
+        "protocol": config.protocol,
         "images_per_class": list(distilled_set.images_per_class), "teachers": [t.describe() for t in teachers],
         "config": config.to_dict(), "runs": [],
     }  # fmt: skip
@@ -214,7 +222,12 @@ def prepare_store(
         "crop_scale": list(config.crop_scale), "temperature": config.temperature, "bssl": config.bssl,
         "teachers": [t["sha256"] for t in distilled_set.teachers] if not config.teachers else list(config.teachers),
         "teacher_weights": config.teacher_weights, **distilled_set.labels_identity(),
-        **({} if config.augment else {"augment": False}),  # stores made before the option keep their identity
+        # Stores made before these options keep their identity.
+        **({} if config.augment else {"augment": False}),
+        **({"teacher_priors": config.teacher_priors, "prior_temperature": config.prior_temperature}
+           if config.teacher_priors else {}),
+        **({"balance_teachers": True} if config.balance_teachers else {}),
+        **({"rand_augment": True} if config.rand_augment else {}),
     }  # fmt: skip
     store = LabelStore(folder, identity, len(distilled_set.class_names),
                        config.topk, config.temperature)  # fmt: skip

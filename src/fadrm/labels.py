@@ -51,20 +51,44 @@ def halves(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return (inputs[:first], inputs[first:]) if first else (inputs,)
 
 
+def prior_weights(priors: Sequence[float], temperature: float, teachers: int) -> list[float]:
+    """CV-DD's committee weights of the relabelling teachers: softmax(prior / temperature).
+
+    A prior is a score per teacher (CV-DD: the top-1 of a student trained on that model's own
+    set); the weights sum to one, so the weighted mean of the logits is CV-DD's weighted sum.
+    """
+    if len(priors) != teachers:
+        raise FadrmError(f"{len(priors)} teacher priors for {teachers} teachers: give one --teacher-prior per teacher")
+    return torch.softmax(torch.tensor(priors, dtype=torch.float64) / temperature, dim=0).tolist()
+
+
+def balanced_norms(logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """G-VBSM's balancing: each teacher's logit matrix for the batch rescaled to the teachers' mean
+    Frobenius norm, ``z_k * mean_j ||Z_j||_F / ||Z_k||_F``, so no teacher dominates the mean by scale."""
+    norms = [z.norm() for z in logits]
+    mean = torch.stack(norms).mean()
+    return [z * (mean / norm) for z, norm in zip(logits, norms)]
+
+
 class TeacherLabeller:
     """Mean (optionally weighted) logits of several teachers on normalised inputs.
 
     With ``bssl`` the teachers' BatchNorm layers use the statistics of each half of
     the batch separately ("batch-specific soft labels"), their running statistics untouched.
+    With ``balance`` each teacher's logits are first rescaled by :func:`balanced_norms`.
     """
 
-    def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None, bssl: bool = False) -> None:
+    def __init__(
+        self, models: Sequence[nn.Module], weights: Sequence[float] | None = None, bssl: bool = False,
+        balance: bool = False,
+    ) -> None:  # fmt: skip
         if weights is not None and len(weights) != len(models):
             raise FadrmError(f"{len(weights)} teacher weights for {len(models)} teachers")
         self.models = list(models)
         total = sum(weights) if weights else len(models)
         self.weights = [w / total for w in weights] if weights else [1.0 / len(models)] * len(models)
         self.bssl = bssl
+        self.balance = balance
         # Found once: BSSL switches them for every batch.
         self.batchnorm_layers = [m for model in self.models for m in model.modules() if isinstance(m, _BatchNorm)]
 
@@ -73,11 +97,10 @@ class TeacherLabeller:
         context = batch_statistics(self.batchnorm_layers) if self.bssl else contextlib.nullcontext()
         chunks = halves(inputs) if self.bssl else (inputs,)
         with context, runtime.autocast():
-            outputs = [
-                torch.cat([model(chunk) for chunk in chunks]).float() * weight
-                for model, weight in zip(self.models, self.weights)
-            ]
-        return torch.stack(outputs).sum(0)
+            logits = [torch.cat([model(chunk) for chunk in chunks]).float() for model in self.models]
+        if self.balance:
+            logits = balanced_norms(logits)
+        return torch.stack([z * weight for z, weight in zip(logits, self.weights)]).sum(0)
 
 
 # ------------------------------------------------------------- soft targets

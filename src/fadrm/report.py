@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from .config import PROTOCOL_WORDS
 from .io import atomic_path, to_uint8, write_json
 
 
@@ -19,7 +20,10 @@ def _labels(row: dict[str, Any]) -> str:
 
 def results_table(results: dict[str, Any]) -> str:
     """Markdown table: each student's distilled accuracy next to its baselines (and their means over repeats)."""
-    lines = [f"# {results['method']} on {results['dataset']}, IPC {results['ipc']}", ""]
+    # Results written before --protocol existed were all under the method's own protocol.
+    protocol = results.get("protocol", "own")
+    lines = [f"# {results['method']} on {results['dataset']}, IPC {results['ipc']}, {protocol} student protocol", "",
+             f"Students: the {protocol} protocol ({PROTOCOL_WORDS[protocol]}).", ""]
     if any(row["repeats"] > 1 for row in results["summary"]):
         lines += [
             "| student | training set | labels | repeats | top-1 (%) | top-5 (%) | best top-1 (%) |",

@@ -2,7 +2,7 @@
 
 Implements sections 4 and 5 of the method: soft labels from the teacher(s) on
 the exact augmented view the student sees (:mod:`fadrm.augment`), a soft-label
-loss at temperature T (:data:`STUDENT_LOSSES`), an optimiser
+loss (:data:`STUDENT_LOSSES`: KL at temperature T, or G-VBSM's and EDC's MSE + CE), an optimiser
 (:data:`OPTIMIZERS`) over weight-decay groups and a per-epoch learning-rate
 schedule (:data:`SCHEDULES`). Hard-label arms use :func:`mixed_cross_entropy`.
 Orchestration (which students, sets and repeats; resuming) is in
@@ -11,9 +11,11 @@ Orchestration (which students, sets and repeats; resuming) is in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +31,46 @@ from .registry import Registry
 from .runtime import Runtime
 from .training import backward, check_finite, evaluate_accuracy, optimizer_step, progress
 
-# (parameter groups, learning rate) -> optimiser.
-OptimizerFn = Callable[[list[dict[str, Any]], float], torch.optim.Optimizer]
+# (parameter groups, learning rate, momentum) -> optimiser; an optimiser without momentum ignores it.
+OptimizerFn = Callable[[list[dict[str, Any]], float, float], torch.optim.Optimizer]
 # (epoch, epochs, eta) -> learning-rate factor, applied once per epoch.
 ScheduleFn = Callable[[int, int, float], float]
-# (student logits, teacher probabilities at the temperature, temperature) -> loss.
-LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SoftLabels:
+    """What a student's soft-label loss compares its logits with on one (micro-)batch.
+
+    Attributes:
+        probabilities: the teachers' probabilities at the temperature (a store's top-k: the k kept,
+            the rest spread evenly).
+        logits: the teachers' raw logits; None where a store kept top-k probabilities only.
+        hard: each image's own class (a mixed-in partner's class is not here).
+    """
+
+    probabilities: torch.Tensor
+    logits: torch.Tensor | None
+    hard: torch.Tensor
+
+    def __getitem__(self, part: slice) -> "SoftLabels":
+        return SoftLabels(self.probabilities[part], None if self.logits is None else self.logits[part], self.hard[part])
+
+
+@dataclass(frozen=True)
+class StudentLoss:
+    """A soft-label loss: ``compute(student logits, labels, config)``; ``needs_logits`` when it reads the
+    teachers' raw logits (so stored top-k probabilities cannot serve it)."""
+
+    compute: Callable[[torch.Tensor, SoftLabels, EvalConfig], torch.Tensor]
+    needs_logits: bool = False
+
+    def __call__(self, logits: torch.Tensor, labels: SoftLabels, config: EvalConfig) -> torch.Tensor:
+        return self.compute(logits, labels, config)
+
 
 OPTIMIZERS: Registry[OptimizerFn] = Registry("optimizer")
 SCHEDULES: Registry[ScheduleFn] = Registry("schedule")
-STUDENT_LOSSES: Registry[LossFn] = Registry("loss")
+STUDENT_LOSSES: Registry[StudentLoss] = Registry("loss")
 
 
 # -------------------------------------------------------------- optimisers
@@ -54,14 +86,14 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-    """AdamW (the published student optimiser); weight decay per group."""
+def adamw(groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
+    """AdamW (the published student optimiser); weight decay per group; ``momentum`` is SGD's, unused here."""
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def sgd(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-    """SGD with momentum 0.9; weight decay per group."""
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+def sgd(groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
+    """SGD with (heavy-ball) momentum; weight decay per group."""
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
 OPTIMIZERS.add("adamw", adamw)
@@ -74,16 +106,41 @@ def stretched_cosine(epoch: int, epochs: int, eta: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * epoch / (eta * epochs)))
 
 
+def ssrs(epoch: int, epochs: int, eta: float) -> float:
+    """EDC's "smoothing schedule with a smooth ending": the stretched cosine up to 5/6 of the epochs, then
+    its value at 5/6 times a line falling to zero, ``(1 - epoch / epochs)`` (a drop to a sixth at 5/6)."""
+    if 6 * epoch <= 5 * epochs:
+        return stretched_cosine(epoch, epochs, eta)
+    return 0.5 * (1 + math.cos(5 * math.pi / (6 * eta))) * (1 - epoch / epochs)
+
+
+def multistep(epoch: int, epochs: int, eta: float) -> float:
+    """Halve the rate at 80%, 90% and 95% of the epochs (EDC's CIFAR-10 steps at 800, 900, 950 of 1000);
+    ``eta`` is unused. Compared in integers (twentieths of the epochs), so no boundary moves by rounding."""
+    return 0.5 ** sum(20 * epoch >= share * epochs for share in (16, 18, 19))
+
+
 SCHEDULES.add("stretched-cosine", stretched_cosine)
+SCHEDULES.add("ssrs", ssrs)
+SCHEDULES.add("multistep", multistep)
 
 
 # ------------------------------------------------------------------ losses
-def kl_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(targets || softmax(logits / T)), averaged over the batch (no T^2 factor, as published)."""
-    return F.kl_div(F.log_softmax(logits / temperature, dim=1), targets, reduction="batchmean")
+def kl_loss(logits: torch.Tensor, labels: SoftLabels, config: EvalConfig) -> torch.Tensor:
+    """KL(teacher probabilities || softmax(logits / T)), averaged over the batch (no T^2 factor, as published)."""
+    return F.kl_div(F.log_softmax(logits / config.temperature, dim=1), labels.probabilities, reduction="batchmean")
 
 
-STUDENT_LOSSES.add("kl", kl_loss)
+def mse_ce_loss(logits: torch.Tensor, labels: SoftLabels, config: EvalConfig) -> torch.Tensor:
+    """G-VBSM's and EDC's loss: MSE between raw student and teacher logits (mean over every entry) plus
+    ``ce_weight`` times the cross-entropy with each image's own class; no temperature. As in their code,
+    a CutMix partner's class is ignored."""
+    assert labels.logits is not None  # EvalConfig.check refuses stored top-k with this loss
+    return F.mse_loss(logits, labels.logits) + config.ce_weight * F.cross_entropy(logits, labels.hard)
+
+
+STUDENT_LOSSES.add("kl", StudentLoss(kl_loss))
+STUDENT_LOSSES.add("mse-ce", StudentLoss(mse_ce_loss, needs_logits=True))
 
 
 def mixed_cross_entropy(
@@ -91,6 +148,52 @@ def mixed_cross_entropy(
 ) -> torch.Tensor:
     """The hard-label loss of a mixed batch: lam * CE(own class) + (1 - lam) * CE(partner's class)."""
     return lam * F.cross_entropy(logits, hard) + (1 - lam) * F.cross_entropy(logits, partner_hard)
+
+
+# ------------------------------------------------------------ weight EMA
+class EmaWeights:
+    """An exponential moving average of a student's parameters, the weights EDC validates.
+
+    Starts at the model's parameters and moves ``p_ema <- d * p_ema + (1 - d) * p`` after every
+    optimiser step (:meth:`update`). Only parameters: BatchNorm's running statistics stay the
+    live model's, as in EDC, when :meth:`swapped_in` lends the averages to the model.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.averages = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One step of the average towards the model's current parameters."""
+        for average, parameter in zip(self.averages, model.parameters()):
+            average.mul_(self.decay).add_(parameter.detach(), alpha=1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The model with the averaged parameters for the duration; its own are put back after, even on error."""
+        live = [p.detach().clone() for p in model.parameters()]
+        try:
+            with torch.no_grad():
+                for parameter, average in zip(model.parameters(), self.averages):
+                    parameter.copy_(average)
+            yield model
+        finally:
+            with torch.no_grad():
+                for parameter, own in zip(model.parameters(), live):
+                    parameter.copy_(own)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averages and the decay, for a checkpoint."""
+        return {"decay": self.decay, "averages": [a.clone() for a in self.averages]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's :meth:`state_dict`."""
+        if len(state["averages"]) != len(self.averages):
+            raise ValueError("the checkpoint's weight averages belong to another model")
+        self.decay = float(state["decay"])
+        for average, saved in zip(self.averages, state["averages"]):
+            average.copy_(saved)
 
 
 # -------------------------------------------------------------------- loop
@@ -129,36 +232,40 @@ def train_student(
     soft_loss = STUDENT_LOSSES.get(config.loss)
     sampler = config.view_sampler(spec.image_size)
     runtime.place(model)
-    optimizer = optimizer_factory(weight_decay_groups(model, config.weight_decay), config.lr)
+    optimizer = optimizer_factory(weight_decay_groups(model, config.weight_decay), config.lr, config.momentum)
     eta = config.eta
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: schedule(e, config.epochs, eta))
     scaler = runtime.grad_scaler()
+    ema = EmaWeights(model, config.ema_decay) if config.ema_decay > 0 else None
     evaluate_after = set(config.evaluation_epochs())
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     for epoch in progress(range(config.epochs), desc):
         model.train()
-        targets_epoch = store.read(epoch) if store is not None else None
+        stored = store.read_with_logits(epoch) if store is not None else None
         offset, total, count = 0, 0.0, 0
         for b, indices in enumerate(sampler.batches(epoch, len(train.images), config.batch_size)):
             # Views, mixing and soft labels belong to the loader batch (BSSL halves included).
             view = sampler.view(epoch, b, indices, train.images.shape[-2], train.images.shape[-1])
             pixels = normalize(runtime.batch(render(train.images, view, spec.image_size)), spec.mean, spec.std)
-            if targets_epoch is not None:
-                targets = targets_epoch[offset : offset + len(indices)].to(runtime.device)
+            hard = train.labels[indices].to(runtime.device)
+            labels: SoftLabels | None = None
+            if stored is not None:
+                probabilities, teacher_logits = (None if t is None else t[offset : offset + len(indices)].to(runtime.device)
+                                                 for t in stored)  # fmt: skip
+                labels = SoftLabels(probabilities, teacher_logits, hard)
             elif labeller is not None:
-                targets = soft_targets(labeller(pixels, runtime), config.temperature)
+                teacher_logits = labeller(pixels, runtime)
+                labels = SoftLabels(soft_targets(teacher_logits, config.temperature), teacher_logits, hard)
             else:
-                targets = None
-                hard = train.labels[indices].to(runtime.device)
                 partner_hard = hard[view.partner.to(runtime.device)]
             offset += len(indices)
             optimizer.zero_grad(set_to_none=True)
             for part in micro_batches(config.batch_size, config.accumulation, len(indices)):
                 with runtime.autocast():
                     logits = model(pixels[part]).float()
-                if targets is not None:
-                    loss = soft_loss(logits, targets[part], config.temperature)
+                if labels is not None:
+                    loss = soft_loss(logits, labels[part], config)
                 else:
                     loss = mixed_cross_entropy(logits, hard[part], partner_hard[part], view.lam)
                 check_finite(loss, f"training {desc}")
@@ -166,10 +273,13 @@ def train_student(
                 total += float(loss.detach()) * len(logits)
                 count += len(logits)
             optimizer_step(optimizer, scaler)
+            if ema is not None:
+                ema.update(model)
         scheduler.step()
         record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / count}
         if epoch + 1 in evaluate_after:
-            record.update(evaluate_accuracy(model, val_loader, runtime, spec.mean, spec.std))
+            with ema.swapped_in(model) if ema is not None else contextlib.nullcontext(model) as validated:
+                record.update(evaluate_accuracy(validated, val_loader, runtime, spec.mean, spec.std))
             if epoch + 1 != config.epochs:
                 log(f"{desc}: epoch {epoch + 1}: top-1 {record['top1']:.2f}%")
         history.append(record)

@@ -212,6 +212,13 @@ METHODS: Registry[Method] = Registry("method")
 _G_VBSM = {"stat_ema": 0.8, "conv_drop": 0.4, "dd_weight": 1.0, "group_images": 100, "amp": "off"}
 _EDC = {"stat_ema": 0.8, "group_images": 100, "crop_scale": [0.5, 1.0], "amp": "off"}
 _CV_DD = {"committee_size": 2, "amp": "off"}
+# Their students on every dataset (docs/method.md; the presets' evaluate overrides add optimiser, rates, batches).
+# G-VBSM: MSE + CE on raw logits, eval-mode teachers, stored labels, plain cosine.
+_G_VBSM_STUDENTS = {"loss": "mse-ce", "ce_weight": 0.1, "bssl": False, "labels": "stored", "accumulation": 1,
+                    "eta": 1.0}  # fmt: skip
+# EDC: MSE + 0.025 CE, an EMA of the weights validated, eval-mode teachers, crops of 50-100%, cosine stretched by 2.
+_EDC_STUDENTS = {"loss": "mse-ce", "ce_weight": 0.025, "ema_decay": 0.99, "bssl": False, "accumulation": 1,
+                 "crop_scale": [0.5, 1.0], "eta": 2.0}  # fmt: skip
 
 for _method in (
     Method("fadrm", "patch init, multi-resolution stages with ARC, one teacher", "patches", "multi-resolution"),
@@ -222,10 +229,10 @@ for _method in (
     Method("rded", "the selected real patches, no optimisation", "patches", "none"),
     Method("g-vbsm", "Gaussian init, BN and convolution-input statistics with EMA, data densification, "
            "class-major groups, teachers round-robin", "noise", "single-stage", matcher="batchnorm+conv",
-           units="class-major", max_teachers=None, defaults={"distill": _G_VBSM}),  # fmt: skip
+           units="class-major", max_teachers=None, defaults={"distill": _G_VBSM, "evaluate": _G_VBSM_STUDENTS}),  # fmt: skip
     Method("edc", "real-image init, G-VBSM's statistics mixed with class targets, class-major groups, teachers "
            "round-robin", "real-images", "single-stage", matcher="category-aware", units="class-major",
-           max_teachers=None, defaults={"distill": _EDC}),  # fmt: skip
+           max_teachers=None, defaults={"distill": _EDC, "evaluate": _EDC_STUDENTS}),  # fmt: skip
     Method("cv-dd", "SRe2L++ with a committee of teachers per IPC index, weighted by their priors", "patches",
            "single-stage", teacher_policy="committee", max_teachers=None, defaults={"distill": _CV_DD}),  # fmt: skip
 ):
