@@ -260,11 +260,12 @@ def test_existing_methods_resolve_as_before_and_common_is_fadrms_for_every_metho
         ("imagenet-1k", "edc", 10, {"labels": "stored", "rand_augment": False, "batch_size": 100,
                                     "teachers": ["resnet18:IMAGENET1K_V1", "mobilenet_v2:IMAGENET1K_V1",
                                                  "shufflenet_v2_x0_5:IMAGENET1K_V1", "alexnet:IMAGENET1K_V1"]}),
-        ("cifar100", "cv-dd", 10, {"teacher_priors": [64.0, 60.6, 51.6, 59.4, 56.4], "prior_temperature": 10.0,
+        # The relabelling priors are the set's own (read at evaluation), not preset data.
+        ("cifar100", "cv-dd", 10, {"teacher_priors": None, "prior_temperature": 10.0,
                                    "epochs": 300, "eta": 2, "lr": 1e-3, "loss": "kl", "bssl": True}),
         ("cifar100", "cv-dd", 50, {"eta": 1}),
-        ("tiny-imagenet", "cv-dd", 10, {"eta": 1, "teacher_priors": [46.5, 28.3, 43.6, 44.8, 41.5]}),
-        ("imagenet-1k", "cv-dd", 50, {"eta": 1, "teacher_priors": [56.4, 42.3, 52.5, 44.2, 40.6]}),
+        ("tiny-imagenet", "cv-dd", 10, {"eta": 1}),
+        ("imagenet-1k", "cv-dd", 50, {"eta": 1}),
     ],
 )
 def test_print_config_shows_each_methods_published_protocol(dataset, method, ipc, published, monkeypatch, capsys):
@@ -288,13 +289,26 @@ def rded_set(fmnist_root, teacher_ckpt, tmp_path_factory):
     return out
 
 
-def _as_method(rded_set, tmp_path, method: str):
-    """The fixture's images as if ``method`` had made them (its manifest says so), so its protocol applies."""
+def _as_method(rded_set, tmp_path, method: str, priors: list[float] | None = None):
+    """The fixture's images as if ``method`` had made them (its manifest says so, with the committee
+    ``priors`` it was distilled with), so its protocol applies."""
     folder = tmp_path / method
     shutil.copytree(rded_set, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["config"]["synthesis"]["priors"] = priors
     (folder / "manifest.json").write_text(json.dumps({**manifest, "method": method}))
     return folder
+
+
+def test_a_committee_set_is_relabelled_with_the_priors_it_was_made_with(rded_set, fmnist_root, tmp_path):
+    folder = _as_method(rded_set, tmp_path, "cv-dd", priors=[70.0])
+    results = fadrm.evaluate(folder, data_root=str(fmnist_root), epochs=1, batch_size=8, device="cpu", amp="off",
+                             workers=0, eval_every=0, log=lambda s: None)  # fmt: skip
+    assert results["config"]["teacher_priors"] == [70.0]
+    # Given weights, other teachers or the common protocol: the set's priors do not apply.
+    common = fadrm.evaluate(folder, out=str(tmp_path / "common"), data_root=str(fmnist_root), epochs=1, batch_size=8,
+                            device="cpu", amp="off", workers=0, eval_every=0, protocol="common", log=lambda s: None)
+    assert common["config"]["teacher_priors"] is None
 
 
 QUICK_FLAGS = ["--epochs", "2", "--batch-size", "8", "--device", "cpu", "--amp", "off", "--workers", "0"]
