@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fadrm.augment import MIXES, ViewSampler, render, train_transform
+from fadrm.augment import MIXES, ViewSampler, fused_multiply_add, render, train_transform, upsampled_crops
 from fadrm.data import get_dataset_spec, normalize
 from fadrm.errors import FadrmError
 from fadrm.labels import TeacherLabeller
@@ -27,6 +28,62 @@ def test_views_are_a_function_of_seed_epoch_batch():
     assert all(torch.equal(render(images, x, 28), render(images, y, 28)) for x, y in zip(a, b))
     other = sampler.view(4, 0, sampler.batches(4, 6, 4)[0], 28, 28)
     assert not torch.equal(render(images, a[0], 28), render(images, other, 28)[: len(a[0].indices)])
+
+
+def _crops_one_by_one(images: torch.Tensor, boxes: list, flips: list, size: int) -> torch.Tensor:
+    """The reference: each [0, 1] crop resized alone by PyTorch's bilinear upsample, then flipped."""
+    crops = []
+    for image, (top, left, h, w), flip in zip(images, boxes, flips):
+        crop = image[None, :, top : top + h, left : left + w].float().div(255)
+        if (h, w) != (size, size):
+            crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)
+        crops.append(crop.flip(-1) if flip else crop)
+    return torch.cat(crops)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="reproduces PyTorch's x86 kernels, which fuse multiply-adds")  # fmt: skip
+@pytest.mark.parametrize(("size", "channels", "threads"), [(28, 1, 2), (32, 3, 2), (64, 3, 2), (64, 1, 1), (96, 3, 1),
+                                                          (96, 3, 2), (96, 1, 2)])  # fmt: skip
+def test_batched_crops_are_bitwise_the_per_image_resize(size, channels, threads):
+    # Up to 64 px (and 3 channels on one thread) PyTorch sums the four corners at once, otherwise
+    # along rows first: both orders, every crop size of the random-resized-crop draws, flips.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(size)
+        images = torch.randint(0, 256, (24, channels, size, size), dtype=torch.uint8, generator=generator)
+        sampler = ViewSampler(seed=size + channels, size=size)
+        for epoch in range(3):
+            for b, indices in enumerate(sampler.batches(epoch, len(images), 16)):
+                view = sampler.view(epoch, b, indices, size, size)
+                expected = _crops_one_by_one(images[indices], view.boxes, view.flips, size)
+                assert torch.equal(upsampled_crops(images[indices], view.boxes, view.flips, size), expected)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_batched_crops_cover_every_crop_size_and_uint8_level():
+    size = 28
+    boxes = [(28 - h, 0, h, w) for h in range(1, size + 1) for w in range(1, size + 1)]
+    images = torch.arange(len(boxes) * size * size).remainder(256).to(torch.uint8).view(len(boxes), 1, size, size)
+    flips = [i % 3 == 0 for i in range(len(boxes))]
+    assert torch.equal(upsampled_crops(images, boxes, flips, size), _crops_one_by_one(images, boxes, flips, size))
+
+
+def test_fused_multiply_add_rounds_once():
+    def fma(a: float, b: float, c: float) -> float:
+        return fused_multiply_add(*(torch.tensor([x], dtype=torch.float64) for x in (a, b, c))).item()
+
+    # Exact sums just below and just above a float32 halfway point, which float64 rounds onto it
+    # (and a second rounding, ties to even, then to the wrong side).
+    a, b, c = 1 + 2**-23, 2**-24 * (1 - 2**-23), 1 + 2**-23  # 1 + 3 * 2**-24 - 2**-70
+    assert float(torch.tensor(a * b + c).float()) == 1 + 2**-22
+    assert fma(a, b, c) == 1 + 2**-23
+    a, b, c = 1 + 2**-12, 1 + 2**-12, 2**-60  # 1 + 2**-11 + 2**-24 + 2**-60
+    assert float(torch.tensor(a * b + c).float()) == 1 + 2**-11
+    assert fma(a, b, c) == 1 + 2**-11 + 2**-23
+    assert fma(0.5, 0.75, 0.125) == 0.5  # exact: unchanged
 
 
 def test_cutmix_box_and_weight_are_shared_by_images_and_labels():

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fadrm
+from fadrm.augment import MIXES, ViewSampler, render
 from fadrm.runtime import make_runtime
 from fadrm.seeding import make_generator
 from fadrm.synthesis.bn_stats import group_stat_distance
@@ -73,3 +74,19 @@ def test_distill_and_evaluate_on_cuda(fmnist_root, teacher_ckpt, tmp_path):
     results = fadrm.evaluate(out, data_root=str(fmnist_root), epochs=2, batch_size=8, device="cuda", workers=0,
                              labels="stored", log=lambda s: None)  # fmt: skip
     assert 0 <= results["runs"][0]["top1"] <= 100
+
+
+@pytest.mark.parametrize("mix", MIXES.names())
+def test_views_rendered_on_the_gpu_are_the_cpu_pixels(mix):
+    # The demo's, CIFAR's and ImageNet's sizes (ImageNet's sums in the other order when torch
+    # uses several threads), and a set of images larger than the output, whose shrinking crops
+    # are still resized on the CPU.
+    for size, channels, side in ((28, 1, 28), (32, 3, 32), (224, 3, 224), (32, 3, 48)):
+        generator = torch.Generator().manual_seed(side)
+        images = torch.randint(0, 256, (20, channels, side, side), dtype=torch.uint8, generator=generator)
+        sampler = ViewSampler(seed=size, size=size, mix=mix)
+        for b, indices in enumerate(sampler.batches(0, len(images), 8)):
+            view = sampler.view(0, b, indices, side, side)
+            on_gpu = render(images, view, size, "cuda")
+            assert on_gpu.device.type == "cuda"
+            assert torch.equal(on_gpu.cpu(), render(images, view, size))

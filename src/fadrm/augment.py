@@ -286,20 +286,148 @@ class ViewSampler:
         return BatchView(indices, boxes, flips, lam, partner, cut_box, augment_ops)
 
 
-def render(images: torch.Tensor, view: BatchView, size: int) -> torch.Tensor:
-    """The batch's pixels in [0, 1]: RandAugment (if drawn), crops, flips, then CutMix or MixUp. ``images`` is
-    uint8 (N, C, H, W)."""
-    crops = []
-    for position, (index, (top, left, h, w), flip) in enumerate(zip(view.indices.tolist(), view.boxes, view.flips)):
-        image = images[index : index + 1]
-        if view.augment_ops:
-            image = apply_rand_augment(image[0], view.augment_ops[position])[None]
-        crop = resize(image[:, :, top : top + h, left : left + w].float().div(255), size)
-        crops.append(crop.flip(-1) if flip else crop)
-    batch = torch.cat(crops)
+# ------------------------------------------------- batched crop and resize
+# The [0, 1] value of each uint8 level as the CPU divides (CUDA divides by a scalar as a
+# multiplication by its reciprocal, which can differ in the last bit), in float64 for
+# fused_multiply_add.
+_UNIT_VALUES = torch.arange(256, dtype=torch.float32).div(255).double()
+
+
+def _float32(values: torch.Tensor) -> torch.Tensor:
+    """float64 ``values`` rounded once to float32, kept as float64."""
+    return values.float().double()
+
+
+def fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a * b + c`` rounded once to float32, as a fused multiply-add instruction computes it, on any device.
+
+    ``a``, ``b`` and ``c`` are broadcastable float64 tensors holding float32 values, and so is
+    the result. The product is exact in float64. The float64 sum is made round-to-odd (where
+    Knuth's two-sum finds it inexact and its last bit is even, it moves one step towards the
+    exact value); rounding that to float32, 29 bits shorter, rounds the exact value correctly.
+    """
+    product = a * b
+    total = product + c
+    addend_part = total - product
+    error = (product - (total - addend_part)) + (c - addend_part)
+    make_odd = (error != 0) & ((total.view(torch.int64) & 1) == 0)
+    towards_error = torch.where(error > 0, math.inf, -math.inf).to(total)
+    return _float32(torch.where(make_odd, torch.nextafter(total, towards_error), total))
+
+
+def _bilinear_taps(lengths: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and weights of ``size`` outputs per crop side, as PyTorch's CPU bilinear upsample computes them.
+
+    ``lengths`` is int64 (B,) on the CPU, each at most ``size``. Returns (first index, second
+    index, first weight, second weight), each (B, size), the weights float64 holding float32
+    values. The source coordinate max(in / out * (d + 0.5) - 0.5, 0) is one fused
+    multiply-add, as in PyTorch's x86 build; a side equal to ``size`` is copied.
+    """
+    outputs = torch.arange(size)
+    scale = (lengths.float() / torch.tensor(float(size))).double()[:, None]
+    source = fused_multiply_add(scale, outputs.double() + 0.5, torch.tensor(-0.5, dtype=torch.float64)).float()
+    source = source.clamp_min(0)
+    last = lengths[:, None] - 1
+    first = source.floor().long().minimum(last)
+    second_weight = (source - first.float()).clamp(0, 1)
+    second = first + (first < last).long()
+    copied = lengths[:, None] == size
+    first = torch.where(copied, outputs, first)
+    second = torch.where(copied, outputs, second)
+    second_weight = torch.where(copied, 0.0, second_weight)
+    return first, second, (1 - second_weight).double(), second_weight.double()
+
+
+def _sums_corners_at_once(channels: int, size: int) -> bool:
+    """Whether PyTorch's CPU bilinear upsample of a float32 (1, C, h, w) crop to ``size`` sums its four corners at once.
+
+    Its vectorised channels-last kernel does, for outputs up to 64 x 64 px and for 3-channel
+    images whenever torch uses one thread; its generic kernel sums along each row first, then
+    between the rows. The two round differently.
+    """
+    return 2 * size <= 128 or (channels == 3 and torch.get_num_threads() == 1)
+
+
+def upsampled_crops(images: torch.Tensor, boxes: list[Box], flips: list[bool], size: int) -> torch.Tensor:
+    """Each image's crop bilinearly resized to ``size`` and flipped where asked, in a fixed number of tensor ops.
+
+    ``images`` is uint8 (B, C, H, W) on any device, with one crop box (top, left, h, w) and
+    flip per image; returns float32 [0, 1] (B, C, size, size) on that device. For boxes no
+    larger than ``size`` and images of up to 3 channels these are bitwise the numbers of
+    :func:`resize` on each [0, 1] crop on an x86 CPU: the kernel's indices and weights
+    (:func:`_bilinear_taps`), its order of sums (:func:`_sums_corners_at_once`) and its fused
+    multiply-adds, in float64 arithmetic that every device rounds alike.
+    """
+    device, count, (channels, height, width) = images.device, len(images), images.shape[1:]
+    tops, lefts, heights, widths = torch.tensor(boxes).unbind(1)
+    rows = _bilinear_taps(heights, size)
+    # A flipped crop reads its columns right to left: each output pixel is computed on its own,
+    # so this is exactly the resized crop flipped.
+    flipped = torch.tensor(flips)[:, None]
+    cols = [torch.where(flipped, taps.flip(-1), taps) for taps in _bilinear_taps(widths, size)]
+    # Rows broadcast as (B, size, 1), columns as (B, 1, size): outputs are (B, size, size, C),
+    # channels innermost as in the kernel. Indices address the batch's pixels as (B * H * W, C).
+    row_starts = (tops + torch.arange(count) * height)[:, None]
+    row_index = [((taps + row_starts) * width)[:, :, None].to(device) for taps in rows[:2]]
+    col_index = [(taps + lefts[:, None])[:, None, :].to(device) for taps in cols[:2]]
+    row_weight = [weights[:, :, None, None].to(device) for weights in rows[2:]]
+    col_weight = [weights[:, None, :, None].to(device) for weights in cols[2:]]
+    pixels = _UNIT_VALUES.to(device)[images.long()].permute(0, 2, 3, 1).reshape(-1, channels)
+    (c00, c01), (c10, c11) = [[pixels[r + c] for c in col_index] for r in row_index]
+    if _sums_corners_at_once(channels, size):
+        # i00 * w00 + i01 * w01 + i10 * w10 + i11 * w11 with float32 weights w = row * column,
+        # contracted by the compiler into three fused multiply-adds.
+        (w00, w01), (w10, w11) = [[_float32(r * c) for c in col_weight] for r in row_weight]
+        out = fused_multiply_add(c00, w00, _float32(c01 * w01))
+        out = fused_multiply_add(c10, w10, out)
+        out = fused_multiply_add(c11, w11, out)
+    else:
+        # Along each row, then between the two rows.
+        top, bottom = (
+            fused_multiply_add(first, col_weight[0], _float32(second * col_weight[1]))
+            for first, second in ((c00, c01), (c10, c11))
+        )
+        out = fused_multiply_add(top, row_weight[0], _float32(bottom * row_weight[1]))
+    return out.float().permute(0, 3, 1, 2).contiguous()
+
+
+def _resized_crop(images: torch.Tensor, index: int, box: Box, flip: bool, size: int) -> torch.Tensor:
+    """One image's crop in [0, 1], resized to ``size`` on the CPU by :func:`resize` and flipped where asked."""
+    top, left, h, w = box
+    crop = resize(images[index : index + 1, :, top : top + h, left : left + w].cpu().float().div(255), size)
+    return crop.flip(-1) if flip else crop
+
+
+def render(
+    images: torch.Tensor, view: BatchView, size: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The batch's pixels in [0, 1] on ``device`` (default: the images'): RandAugment (if drawn), crops, flips,
+    then CutMix or MixUp.
+
+    ``images`` is uint8 (N, C, H, W). On the CPU each crop is resized by its own kernel call,
+    faster there than the batched arithmetic of :func:`upsampled_crops`; on another device
+    (CUDA) the batch's images are moved there and all its crops resized at once, to the same
+    numbers as on an x86 CPU. A crop larger than ``size`` (in a set whose images are larger
+    than the output) is shrunk, antialiased, on the CPU in either case.
+    """
+    device = images.device if device is None else torch.device(device)
+    source, positions = images, view.indices.tolist()
+    if view.augment_ops:
+        # RandAugment changes each whole image before its crop (EDC's order), one image at a time.
+        source = torch.stack([apply_rand_augment(images[i], ops) for i, ops in zip(positions, view.augment_ops)])
+        positions = list(range(len(positions)))
+    crops = list(zip(positions, view.boxes, view.flips))
+    if device.type == "cpu":
+        batch = torch.cat([_resized_crop(source, *crop, size) for crop in crops])
+    else:
+        chosen = source[torch.tensor(positions, device=source.device)]
+        batch = upsampled_crops(chosen.to(device), view.boxes, view.flips, size)
+        for position, (index, box, flip) in enumerate(crops):
+            if box[2] > size or box[3] > size:
+                batch[position] = _resized_crop(source, index, box, flip, size)[0].to(device)
     if view.lam == 1.0:
         return batch
-    other = batch[view.partner]
+    other = batch[view.partner.to(device)]
     if view.cut_box is None:
         return view.lam * batch + (1 - view.lam) * other
     top, left, h, w = view.cut_box

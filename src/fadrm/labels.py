@@ -117,6 +117,6 @@ def label_epoch(
     outputs = []
     for b, indices in enumerate(sampler.batches(epoch, len(images), batch_size)):
         view = sampler.view(epoch, b, indices, images.shape[-2], images.shape[-1])
-        pixels = normalize(runtime.batch(render(images, view, sampler.size)), mean, std)
+        pixels = normalize(runtime.batch(render(images, view, sampler.size, runtime.device)), mean, std)
         outputs.append(labeller(pixels, runtime).cpu())
     return torch.cat(outputs)

@@ -247,7 +247,8 @@ def train_student(
         for b, indices in enumerate(sampler.batches(epoch, len(train.images), config.batch_size)):
             # Views, mixing and soft labels belong to the loader batch (BSSL halves included).
             view = sampler.view(epoch, b, indices, train.images.shape[-2], train.images.shape[-1])
-            pixels = normalize(runtime.batch(render(train.images, view, spec.image_size)), spec.mean, spec.std)
+            pixels = render(train.images, view, spec.image_size, runtime.device)
+            pixels = normalize(runtime.batch(pixels), spec.mean, spec.std)
             hard = train.labels[indices].to(runtime.device)
             labels: SoftLabels | None = None
             if stored is not None:
