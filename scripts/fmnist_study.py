@@ -58,7 +58,8 @@ def teachers(out: Path) -> tuple[Path, Path]:
 
 def cell(out: Path, name: str, method: str, ipc: int, seed: int, sources: list[Path], **options: Any) -> list[dict]:
     """Distill one set (in its own process, so its peak memory is its own) and evaluate it under the
-    common student protocol, relabelled by the first teacher; rows of the results table."""
+    common student protocol (FADRM's, ``--protocol common``), relabelled by the first teacher; rows of
+    the results table."""
     folder = out / f"{name}-ipc{ipc}-seed{seed}"
     if not (folder / "manifest.json").exists():
         command = [sys.executable, "-m", "fadrm", "distill", "--dataset", "fashion-mnist", "--method", method,
@@ -73,7 +74,7 @@ def cell(out: Path, name: str, method: str, ipc: int, seed: int, sources: list[P
             command += ["--config", str(extra)]
         subprocess.run(command, check=True)
     baselines = ["random-real"] if name == "fadrm" else []
-    results = fadrm.evaluate(folder, seed=seed, baselines=baselines, teachers=[str(sources[0])])
+    results = fadrm.evaluate(folder, seed=seed, baselines=baselines, teachers=[str(sources[0])], protocol="common")
     manifest = json.loads((folder / "manifest.json").read_text())
     rows = []
     for run in results["runs"]:
