@@ -17,12 +17,15 @@ from typing import Any, Callable
 import torch
 
 from .artifacts import (
-    DistilledSet, LabelStore, read_finished_run, stored_label_bytes, write_finished_run,
+    DistilledSet, LabelStore, StudentCheckpoint, checkpoint_dict, read_finished_run, stored_label_bytes,
+    write_finished_run,
 )  # fmt: skip
 from .baselines import BASELINES, TrainingSet
 from .config import EvalConfig, student_recipe, validate, write_config
 from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split
+from .distributed import Ranks, init_ranks
 from .errors import FadrmError
+from .io import save_torch
 from .labels import TeacherLabeller, label_epoch
 from .models import build_model
 from .runtime import Runtime, make_runtime
@@ -42,7 +45,9 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     """Train each student on the distilled set (and each baseline), write results; returns them.
 
     Finished runs are kept in ``<out>/runs/`` and skipped when the command is
-    repeated with the same settings, so an interrupted evaluation resumes.
+    repeated with the same settings, so an interrupted evaluation resumes; an
+    unfinished student continues after its last finished epoch. Under torchrun the
+    processes train each student together; rank 0 writes every file.
     """
     from .report import write_report
 
@@ -54,11 +59,14 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
         raise FadrmError(f"--topk {config.topk} keeps every one of the {len(class_names)} classes; give fewer, or "
                          "leave it out to store full logits")  # fmt: skip
     runtime = make_runtime(config.device, config.amp, stage="evaluate")
+    ranks = init_ranks(runtime.device.type)
+    runtime, log = ranks.own_device(runtime), ranks.main_only(log)
     out = Path(config.out or Path(config.distilled) / "eval")
     distilled = TrainingSet("distilled", *distilled_set.images())
     if config.holdout is None:
         config.holdout = distilled_set.holdout
-    write_config(out / "config.yaml", config)
+    if ranks.is_main:
+        write_config(out / "config.yaml", config)
     val_set = load_split(spec, "val", config.data_root, config.holdout)
     val_set.transform = eval_transform(spec)
     val_loader = make_loader(val_set, 256, shuffle=False, workers=config.workers)
@@ -94,7 +102,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
         if config.labels == "stored":
             folder = Path(config.labels_dir or out / "labels")
             folder = folder.with_name(folder.name + suffix)
-            store = prepare_store(trial, distilled_set, distilled, spec, labeller, runtime, folder, log)
+            store = prepare_store(trial, distilled_set, distilled, spec, labeller, runtime, folder, log, ranks)
             stores.append(store)
         for student, (training_set, label_mode) in itertools.product(students, arms):
             key = f"{training_set.name}-{student}-{label_mode}{suffix}"
@@ -113,13 +121,25 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
                 args = teachers[0].arch_args if student == teachers[0].arch else {}
                 model = build_model(student, len(class_names), spec.channels, spec.image_size, **args)
                 use_store = store if training_set.name == "distilled" else None
+                checkpoint = StudentCheckpoint(run_file.with_suffix(".partial.pt"), identity)
                 run = train_student(
                     model, training_set, run_config, spec, runtime, val_loader,
                     labeller if label_mode == "soft" else None, use_store, desc=key, log=log,
+                    checkpoint=checkpoint, ranks=ranks,
                 )  # fmt: skip
                 run.update({"student": student, "train_set": training_set.name, "labels": label_mode,
                             "images": len(training_set.images), "recipe": recipe})  # fmt: skip
-                write_finished_run(run_file, identity, run)
+                if ranks.is_main:
+                    # The trained student as a teacher checkpoint: every command takes it as a teacher.
+                    meta = {"arch": student, "arch_args": args, "dataset": spec.name,
+                            "class_names": list(val_set.classes), "in_channels": spec.channels,
+                            "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std),
+                            "val_top1": run["top1"], "val_top5": run["top5"], "train_config": identity}  # fmt: skip
+                    weights = model.to(memory_format=torch.contiguous_format)
+                    save_torch(run_file.with_suffix(".pt"), checkpoint_dict(weights, meta))
+                    write_finished_run(run_file, identity, run)
+                    checkpoint.remove()
+                ranks.barrier()  # every rank sees the finished run before the next one
                 log(f"{key}: top-1 {run['top1']:.2f}% at the last epoch (best {run['best_top1']:.2f}% at epoch "
                     f"{run['best_epoch']}), top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)")  # fmt: skip
             # Runs finished before repeats existed lack the field; the identity fixes the seed.
@@ -130,7 +150,9 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
             "dirs": [str(store.folder) for store in stores], "bytes": sum(store.bytes_on_disk() for store in stores),
             "bytes_per_image_per_epoch": stored_label_bytes(len(class_names), config.topk),
         }  # fmt: skip
-    write_report(out, results)
+    if ranks.is_main:
+        write_report(out, results)
+    ranks.close()
     return results
 
 
@@ -162,9 +184,9 @@ def resolve_recipe(config: EvalConfig, dataset: str, student: str, ipc: int) -> 
 
 def prepare_store(
     config: EvalConfig, distilled_set: DistilledSet, distilled: TrainingSet, spec: DatasetSpec,
-    labeller: TeacherLabeller, runtime: Runtime, folder: Path, log: Callable[[str], None],
+    labeller: TeacherLabeller, runtime: Runtime, folder: Path, log: Callable[[str], None], ranks: Ranks = Ranks(),
 ) -> LabelStore:  # fmt: skip
-    """Open (or create) the label store in ``folder`` and compute the epochs it lacks."""
+    """Open (or create) the label store in ``folder`` and compute the epochs it lacks (rank 0; the others wait)."""
     identity = {
         "images": len(distilled.images), "ipc": distilled_set.ipc, "seed": config.seed, "epochs": config.epochs,
         "batch_size": config.batch_size, "mix": config.mix, "mix_alpha": config.mix_alpha,
@@ -174,12 +196,15 @@ def prepare_store(
     }  # fmt: skip
     store = LabelStore(folder, identity, len(distilled_set.class_names),
                        config.topk, config.temperature)  # fmt: skip
-    store.open()
-    sampler = config.view_sampler(spec.image_size)
-    missing = [e for e in range(config.epochs) if not store.has(e)]
-    if missing:
-        log(f"storing soft labels for {len(missing)} epochs in {store.folder}")
-    for epoch in progress(missing, "labels"):
-        logits = label_epoch(distilled.images, sampler, epoch, config.batch_size, labeller, spec.mean, spec.std, runtime)
-        store.write(epoch, logits)
+    if ranks.is_main:
+        store.open()
+        sampler = config.view_sampler(spec.image_size)
+        missing = [e for e in range(config.epochs) if not store.has(e)]
+        if missing:
+            log(f"storing soft labels for {len(missing)} epochs in {store.folder}")
+        for epoch in progress(missing, "labels"):
+            logits = label_epoch(distilled.images, sampler, epoch, config.batch_size, labeller, spec.mean, spec.std,
+                                 runtime)  # fmt: skip
+            store.write(epoch, logits)
+    ranks.barrier()
     return store
