@@ -1,4 +1,5 @@
-"""The CUDA paths: the statistics kernel, mixed precision, distill and evaluate end to end.
+"""The CUDA paths: the statistics kernels, mixed precision, every method's distill and evaluate end
+to end, batched view rendering, and a student's resume with its gradient scaler and weight average.
 
 Skipped without a CUDA device (CI has none); run them wherever one is lent.
 """
@@ -14,6 +15,8 @@ from fadrm.augment import MIXES, ViewSampler, render
 from fadrm.runtime import make_runtime
 from fadrm.seeding import make_generator
 from fadrm.synthesis.bn_stats import group_stat_distance
+from fadrm.synthesis.matching import patch_moments
+from fadrm.synthesis.recover import data_densification
 from fadrm.config import SynthesisConfig
 from fadrm.synthesis.recover import recover
 
@@ -90,3 +93,64 @@ def test_views_rendered_on_the_gpu_are_the_cpu_pixels(mix):
             on_gpu = render(images, view, size, "cuda")
             assert on_gpu.device.type == "cuda"
             assert torch.equal(on_gpu.cpu(), render(images, view, size))
+
+
+def test_patch_statistics_and_densification_match_the_cpu():
+    # G-VBSM's and EDC's terms: per-group patch moments of conv inputs, and the eigenvalue spectrum.
+    torch.manual_seed(0)
+    x = torch.randn(4 * 3, 5, 14, 14) * 1.5 + 0.2
+    cpu_mean, cpu_var = patch_moments(x, 7, num_groups=4)
+    cuda_mean, cuda_var = (t.cpu() for t in patch_moments(x.cuda(), 7, num_groups=4))
+    assert torch.allclose(cpu_mean, cuda_mean, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(cpu_var, cuda_var, rtol=1e-4, atol=1e-5)
+    views = torch.randn(2 * 5 * 2, 1, 8, 8)  # 2 groups of 5 classes x 2 slots
+    cpu = data_densification(views, slots=2, num_groups=2)
+    assert torch.allclose(cpu, data_densification(views.cuda(), slots=2, num_groups=2).cpu(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("g-vbsm", {"group_images": 10}),
+    ("edc", {}),
+    ("cv-dd", {"priors": [60.0, 65.0]}),
+])  # fmt: skip
+def test_each_new_method_distills_and_evaluates_on_cuda(method, options, fmnist_root, teacher_ckpt,
+                                                        second_teacher_ckpt, tmp_path):  # fmt: skip
+    # The statistics pre-pass (G-VBSM, EDC) runs on the GPU too, computed because the file is missing.
+    out = tmp_path / method
+    manifest = fadrm.distill(
+        "fashion-mnist", [teacher_ckpt, second_teacher_ckpt], out, method=method, ipc=2, data_root=str(fmnist_root),
+        sizes=[28], budgets=[3], mipc=16, num_crop=2, stats_dir=str(tmp_path / "stats"), device="cuda", amp="auto",
+        log=lambda s: None, **options,
+    )  # fmt: skip
+    assert "cuda" in manifest["device"] and manifest["complete"] and len(manifest["images"]) == 20
+    results = fadrm.evaluate(out, data_root=str(fmnist_root), epochs=2, batch_size=8, device="cuda", workers=0,
+                             log=lambda s: None)  # fmt: skip
+    assert results["protocol"] == "own" and 0 <= results["runs"][0]["top1"] <= 100
+
+
+def test_a_student_resumes_on_cuda_with_its_scaler_and_weight_average(fmnist_root, teacher_ckpt, tmp_path):
+    out = tmp_path / "set"
+    fadrm.distill("fashion-mnist", [teacher_ckpt], out, method="rded", ipc=2, data_root=str(fmnist_root),
+                  mipc=16, num_crop=2, device="cuda", log=lambda s: None)  # fmt: skip
+    common = dict(data_root=str(fmnist_root), epochs=3, eval_every=1, batch_size=8, device="cuda", amp="fp16",
+                  ema_decay=0.5, workers=0)  # fmt: skip
+    straight = fadrm.evaluate(out, out=str(tmp_path / "straight"), log=lambda s: None, **common)["runs"][0]
+
+    def stop_at_epoch_2(line: str) -> None:
+        if "epoch 2:" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fadrm.evaluate(out, out=str(tmp_path / "e"), log=stop_at_epoch_2, **common)
+    saved = torch.load(tmp_path / "e" / "runs" / "distilled-convnet-small-soft.partial.pt", weights_only=True)
+    assert {"scaler", "ema", "random"} <= set(saved)
+    lines: list[str] = []
+    resumed = fadrm.evaluate(out, out=str(tmp_path / "e"), log=lines.append, **common)["runs"][0]
+    assert "distilled-convnet-small-soft: resuming after epoch 1" in lines
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    # The RNG streams and the scaler are restored; cuDNN may still pick other kernels, so weights
+    # agree within float noise rather than bit for bit.
+    a, b = (torch.load(tmp_path / d / "runs" / "distilled-convnet-small-soft.pt", weights_only=True)["state_dict"]
+            for d in ("straight", "e"))  # fmt: skip
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3, rtol=1e-3) for k in a)
+    assert resumed["history"][0] == straight["history"][0]

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,3 +389,98 @@ def test_new_options_at_their_defaults_keep_the_identity_of_older_runs():
     assert "schedule" not in default and "loss" not in default
     changed = EvalConfig(distilled="x", schedule="other", loss="other").identity()
     assert changed == {**default, "schedule": "other", "loss": "other"}
+
+
+# ------------------------------------------------------- resumable students
+def _student_weights(out) -> dict[str, torch.Tensor]:
+    return fadrm.load_teacher(out / "runs" / "distilled-convnet-small-soft.pt").model.state_dict()
+
+
+# With an EMA of the weights (EDC's protocol) the validations read the averages: resuming them
+# from the live weights instead of the checkpoint would change the history of epochs 2 and 3.
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_an_interrupted_student_resumes_to_the_same_weights_and_history(distilled, fmnist_root, tmp_path, ema_decay):
+    common = dict(data_root=str(fmnist_root), eval_every=1, ema_decay=ema_decay, **{**QUICK, "epochs": 3})
+    straight = fadrm.evaluate(distilled, out=str(tmp_path / "straight"), log=lambda s: None, **common)["runs"][0]
+
+    def stop_at_epoch_2(line: str) -> None:
+        if "epoch 2:" in line:  # logged after epoch 2's validation, before its checkpoint
+            raise KeyboardInterrupt
+
+    out = tmp_path / "e"
+    partial = out / "runs" / "distilled-convnet-small-soft.partial.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fadrm.evaluate(distilled, out=str(out), log=stop_at_epoch_2, **common)
+    saved = torch.load(partial, weights_only=True)
+    assert saved["epoch"] == 1 and len(saved["history"]) == 1 and saved["identity"]["epochs"] == 3
+    assert {"model", "optimizer", "scheduler", "random"} <= set(saved) and "scaler" not in saved  # no scaler on the CPU
+    assert ("ema" in saved) == (ema_decay > 0)
+    lines: list[str] = []
+    resumed = fadrm.evaluate(distilled, out=str(out), log=lines.append, **common)["runs"][0]
+    assert "distilled-convnet-small-soft: resuming after epoch 1" in lines
+    assert resumed["history"] == straight["history"] and resumed["evaluated_epochs"] == [1, 2, 3]
+    assert not partial.exists()  # ours, removed once the finished run is written
+    a, b = _student_weights(tmp_path / "straight"), _student_weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = torch.load(out / "runs" / "distilled-convnet-small-soft.pt", weights_only=True)
+    assert ckpt["val_top1"] == straight["top1"] and ckpt["train_config"]["epochs"] == 3
+
+
+def test_a_checkpoint_of_other_settings_is_replaced_naming_them(distilled, fmnist_root, tmp_path):
+    common = dict(out=str(tmp_path / "e"), data_root=str(fmnist_root), eval_every=1, **{**QUICK, "epochs": 3})
+
+    def stop_at_epoch_2(line: str) -> None:
+        if "epoch 2:" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fadrm.evaluate(distilled, log=stop_at_epoch_2, **common)
+    lines: list[str] = []
+    fadrm.evaluate(distilled, temperature=4.0, log=lines.append, **common)
+    assert any(line.endswith("holds a student of other settings (temperature); starting it again") for line in lines)
+    assert not any("resuming" in line for line in lines)
+
+
+def test_checkpoint_every_saves_every_nth_epoch(distilled, fmnist_root, tmp_path):
+    def stop_at_epoch_3(line: str) -> None:
+        if "epoch 3:" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fadrm.evaluate(distilled, out=str(tmp_path / "e"), data_root=str(fmnist_root), eval_every=1, checkpoint_every=2,
+                       log=stop_at_epoch_3, **{**QUICK, "epochs": 4})  # fmt: skip
+    partial = tmp_path / "e" / "runs" / "distilled-convnet-small-soft.partial.pt"
+    assert torch.load(partial, weights_only=True)["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_evaluate_killed_with_sigkill_resumes_to_the_same_student(distilled, fmnist_root, tmp_path):
+    """kill -9 between epochs (a real process): the rerun continues from the last finished epoch and
+    ends with the weights and history of an uninterrupted run, bit for bit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "fadrm", "evaluate", str(distilled), "--data-root", str(fmnist_root),
+                "--epochs", "60", "--batch-size", "8", "--eval-every", "20", "--device", "cpu", "--workers", "0",
+                "--out", str(out)]  # fmt: skip
+
+    subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True, env=env)
+    killed = tmp_path / "killed"
+    partial = killed / "runs" / "distilled-convnet-small-soft.partial.pt"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.kill()  # SIGKILL: no handler runs
+    finally:
+        proc.wait()
+    assert partial.exists(), "the run finished before it could be killed"
+    epochs_done = torch.load(partial, weights_only=True)["epoch"]
+    rerun = subprocess.run(command(killed), check=True, capture_output=True, text=True, env=env)
+    assert f"resuming after epoch {epochs_done}" in rerun.stdout and 0 < epochs_done < 60
+    a, b = _student_weights(tmp_path / "straight"), _student_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = [json.loads((out / "runs" / "distilled-convnet-small-soft.json").read_text())["result"]["history"]
+               for out in (tmp_path / "straight", killed)]  # fmt: skip
+    assert history[0] == history[1] and not partial.exists()

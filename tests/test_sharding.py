@@ -1,4 +1,5 @@
-"""torchrun sharding: two gloo processes give the same set as one process, each unit done once."""
+"""torchrun: two gloo processes give the same distilled set as one process, each unit done once, and train
+the same students and teachers as one process within float tolerance."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fadrm
-
+from fadrm.teachers import load_teacher
 from test_distill import pngs
+from test_evaluate import distilled  # noqa: F401  (the fixture: a small distilled set)
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -89,3 +92,49 @@ def test_two_processes_equal_one_for_class_major_units(fmnist_root, teacher_ckpt
     units = json.loads((tmp_path / "two" / "manifest.json").read_text())["units"]
     assert [u["unit"] for u in units] == ["ipc0000-0001-group0000", "ipc0000-0001-group0001"]
     assert sorted(u["rank"] for u in units) == [0, 1]
+# ------------------------------------------------ one model, several processes
+# K processes change only the order of float additions (gradients averaged over the ranks,
+# BatchNorm sums over the ranks), as another thread count does in one process; after these few
+# steps the weights agree to about 1e-6. A wrong BatchNorm batch or gradient weighting is off by
+# about 1e-2 after the same steps, so this tolerance tells the two apart.
+WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=2e-4)
+
+
+def _assert_same_weights(one: Path, two: Path) -> None:
+    a, b = (load_teacher(path).model.state_dict() for path in (one, two))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), **WEIGHT_TOLERANCE), key
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_students_of_one(distilled, fmnist_root, tmp_path):
+    # BSSL labels live under two processes (each labels one half), stored labels (rank 0 writes
+    # them, the other waits) for the distilled set, and hard labels for the random real baseline.
+    command = ["evaluate", str(distilled), "--data-root", str(fmnist_root), "--epochs", "3", "--batch-size", "8",
+               "--eval-every", "1", "--bssl", "--labels", "stored", "--baseline", "random-real", "--device", "cpu",
+               "--workers", "0"]  # fmt: skip
+    _one_and_two_processes(command, tmp_path)
+    arms = ("distilled-convnet-small-soft", "random-real-convnet-small-soft", "random-real-convnet-small-hard")
+    runs = sorted(path.name for path in (tmp_path / "two" / "runs").iterdir())
+    assert runs == sorted(f"{arm}.{ext}" for arm in arms for ext in ("json", "pt"))  # no checkpoint left
+    for arm in arms:
+        _assert_same_weights(tmp_path / "one" / "runs" / f"{arm}.pt", tmp_path / "two" / "runs" / f"{arm}.pt")
+        one, two = (json.loads((tmp_path / out / "runs" / f"{arm}.json").read_text())["result"]
+                    for out in ("one", "two"))  # fmt: skip
+        # Validation is shared out by batch and added in batch order: the same model scores the same.
+        assert [h["top5"] for h in one["history"]] == [h["top5"] for h in two["history"]]
+        # The KL at T = 20 is about 1e-4 and a difference of near-equal distributions: 1e-3 relative.
+        assert [h["train_loss"] for h in one["history"]] == pytest.approx([h["train_loss"] for h in two["history"]],
+                                                                          rel=1e-3)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_teacher_of_one(fmnist_root, tmp_path):
+    command = ["train-teacher", "--dataset", "fashion-mnist", "--model", "convnet-small", "--model-arg", "width=4",
+               "--epochs", "2", "--batch-size", "64", "--data-root", str(fmnist_root), "--device", "cpu",
+               "--workers", "0"]  # fmt: skip
+    _one_and_two_processes(command, tmp_path)
+    _assert_same_weights(tmp_path / "one", tmp_path / "two")
+    history = [torch.load(tmp_path / out, weights_only=True)["history"] for out in ("one", "two")]
+    assert [h["top1"] for h in history[0]] == [h["top1"] for h in history[1]]

@@ -15,12 +15,14 @@ import fadrm
 from fadrm.augment import ViewSampler
 from fadrm.baselines import TrainingSet
 from fadrm.data import get_dataset_spec
+from fadrm.distributed import Ranks
 from fadrm.errors import FadrmError
 from fadrm.evaluate import EvalConfig
 from fadrm.registry import Registry
 from fadrm.runtime import make_runtime
 from fadrm.students import (
-    OPTIMIZERS, SCHEDULES, STUDENT_LOSSES, SoftLabels, micro_batches, mixed_cross_entropy, stretched_cosine, weight_decay_groups,
+    OPTIMIZERS, SCHEDULES, STUDENT_LOSSES, SoftLabels, micro_batches, mixed_cross_entropy, smallest_micro_batch,
+    stretched_cosine, weight_decay_groups,
 )  # fmt: skip
 
 CPU = make_runtime("cpu", "off")
@@ -104,7 +106,7 @@ def test_cutmix_and_bssl_halves_are_drawn_per_loader_batch(monkeypatch):
     # The labeller sees the whole loader batch (so BSSL halves are 8 + 8 of the 16), once per step.
     calls: list[int] = []
 
-    def labeller(pixels, runtime):
+    def labeller(pixels, runtime, ranks):
         calls.append(len(pixels))
         return torch.zeros(len(pixels), 10)
 
@@ -292,3 +294,42 @@ def test_train_student_looks_its_parts_up_by_name(field, registry):
     with pytest.raises(FadrmError, match=f"unknown {registry} 'nope'"):
         ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), _tiny_training_set(4), config,
                          dataclasses.replace(SPEC, image_size=8), CPU, None, None, log=lambda s: None)  # fmt: skip
+
+
+# ------------------------------------------------------------ several processes
+def test_each_rank_takes_a_contiguous_near_equal_share_and_weights_its_loss():
+    # 5 images of a micro-batch at positions 8..12 over 3 ranks: 2, 2, 1, in rank order.
+    shares = [Ranks(rank, 3).share(range(8, 13)) for rank in range(3)]
+    assert shares == [slice(8, 10), slice(10, 12), slice(12, 13)]
+    assert Ranks().share(range(0, 16)) == slice(0, 16)
+    loss = torch.tensor(2.0)
+    # Averaged over the 3 ranks, 3 * n_r / n of each share's mean loss is the micro-batch's mean loss.
+    weights = [float(Ranks(rank, 3).weighted(loss, 2 if rank < 2 else 1, 5)) for rank in range(3)]
+    assert weights == pytest.approx([2.0 * 3 * 2 / 5, 2.0 * 3 * 2 / 5, 2.0 * 3 / 5])
+    assert Ranks().weighted(loss, 5, 5) is loss
+
+
+def test_too_many_processes_for_a_micro_batch_are_refused():
+    # 20 images in loader batches of 8 (8, 8, 4), two micro-batches each: the last batch's holds 4 images.
+    assert smallest_micro_batch(20, 8, 2) == 4 and smallest_micro_batch(16, 16, 2) == 8
+    assert smallest_micro_batch(5, 16, 2) == 5 and smallest_micro_batch(17, 16, 2) == 1
+    config = EvalConfig(distilled="x", epochs=1, batch_size=8, accumulation=2, lr=0.1, eta=1.0)
+    with pytest.raises(FadrmError, match=r"^5 processes need at least 5 images in every micro-batch, and student has "
+                                         r"one of 4 \(--batch-size 8 in --accumulation 2, 20 images\); use fewer"):
+        ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), _tiny_training_set(20), config,
+                         dataclasses.replace(SPEC, image_size=8), CPU, None, None, log=lambda s: None,
+                         ranks=Ranks(0, 5))  # fmt: skip
+
+
+def test_a_non_finite_loss_stops_the_student_before_its_checkpoint(tmp_path):
+    from fadrm.artifacts import StudentCheckpoint
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[1].bias[0] = float("nan")
+    checkpoint = StudentCheckpoint(tmp_path / "s.partial.pt", {"seed": 0})
+    config = EvalConfig(distilled="x", epochs=2, batch_size=4, lr=0.1, eta=1.0, mix="none")
+    with pytest.raises(FadrmError, match=r"^non-finite loss \(nan\) during training student; lower the learning rate"):
+        ST.train_student(model, _tiny_training_set(8), config, dataclasses.replace(SPEC, image_size=8), CPU, None, None,
+                         log=lambda s: None, checkpoint=checkpoint)  # fmt: skip
+    assert not checkpoint.path.exists()

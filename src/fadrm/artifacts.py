@@ -10,7 +10,10 @@
   replayable with ``--config``) and ``manifest.json`` when complete (see :class:`Layout`).
 * **Label store** (version 1): ``labels.json`` (what the labels were made for) and one
   ``epochNNNNN.safetensors`` of teacher outputs per epoch.
-* **Evaluation run** : ``<eval>/runs/<key>.json`` holding ``identity`` and ``result``.
+* **Evaluation run** : ``<eval>/runs/<key>.json`` holding ``identity`` and ``result``; the trained
+  student beside it as ``<key>.pt`` (a teacher checkpoint: any command takes it as a teacher); an
+  unfinished student's state after its last finished epoch in ``<key>.partial.pt``
+  (:class:`StudentCheckpoint`), removed once the run is finished.
 * **Set made by another tool** (read only): an ImageFolder without a manifest, read as a
   registered dataset's classes (:class:`ImageFolderSet`).
 * **Statistics file** (``fadrm-statistics``, version 1): a teacher's training-set statistics
@@ -23,8 +26,8 @@
 
 Every resume asks the same question, "was this file made for the same settings?", through
 :func:`changed_settings`; a difference either refuses to continue
-(:func:`require_same_settings`, naming the settings that differ) or, for a finished student,
-means training it again.
+(:func:`require_same_settings`, naming the settings that differ) or, for a finished or an
+unfinished student, means training it again.
 """
 
 from __future__ import annotations
@@ -792,6 +795,44 @@ def read_finished_run(path: Path, identity: dict[str, Any]) -> dict[str, Any] | 
 def write_finished_run(path: Path, identity: dict[str, Any], result: dict[str, Any]) -> None:
     """Store one finished student run with the identity it was made for."""
     write_json(path, {"identity": identity, "result": result})
+
+
+class StudentCheckpoint:
+    """An unfinished student run's state after its last finished epoch (format version 1).
+
+    A ``torch.save`` dict of plain data, loadable with ``weights_only=True``: the run's
+    identity, the epoch, the history so far, the seconds spent, and the state dicts the loop
+    gives (model with its BatchNorm buffers, optimiser, scheduler, gradient scaler, the EMA of
+    the weights where the protocol keeps one, global random generators). The run's key and identity define a student, so a checkpoint made with
+    other settings is stale: it is replaced, with a line naming the settings, as a finished
+    run of other settings is retrained.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: Path, identity: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.identity = identity
+
+    def load(self, log: Callable[[str], None]) -> dict[str, Any] | None:
+        """The saved state when there is one for this identity, else None."""
+        if not self.path.exists():
+            return None
+        state = safe_torch_load(self.path)
+        changed = changed_settings(state.get("identity", {}), self.identity)
+        if changed:
+            log(f"{self.path} holds a student of other settings ({', '.join(changed)}); starting it again")
+            return None
+        return state
+
+    def save(self, epoch: int, history: list[dict[str, Any]], seconds: float, states: dict[str, Any]) -> None:
+        """Atomically replace the checkpoint with the state after ``epoch`` (1-based) finished epochs."""
+        save_torch(self.path, {"format_version": self.VERSION, "identity": self.identity, "epoch": epoch,
+                               "history": history, "seconds": seconds, **states})  # fmt: skip
+
+    def remove(self) -> None:
+        """Delete the checkpoint (once the finished run is written: it is fadrm's, not the user's)."""
+        self.path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ priors

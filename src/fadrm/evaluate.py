@@ -19,15 +19,17 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .artifacts import (
-    EVAL_FOLDER, DistilledSet, ImageFolderSet, LabelStore, open_evaluated_set, read_finished_run, stored_label_bytes,
-    write_finished_run,
+    EVAL_FOLDER, DistilledSet, ImageFolderSet, LabelStore, StudentCheckpoint, checkpoint_dict, open_evaluated_set,
+    read_finished_run, stored_label_bytes, write_finished_run,
 )  # fmt: skip
 from .baselines import (
     DISTILLED, FULL_DATA, REAL_SUBSETS, ROBUSTNESS_BASELINES, TrainingSet, comparison_arms, full_data_student,
 )  # fmt: skip
 from .config import EvalConfig, student_recipe, validate, write_config
 from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split
+from .distributed import Ranks, init_ranks
 from .errors import FadrmError
+from .io import save_torch
 from .labels import TeacherLabeller, label_epoch, prior_weights
 from .models import build_model
 from .robustness import robustness_summary
@@ -48,7 +50,9 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     """Train each student on the distilled set (and each baseline), write results; returns them.
 
     Finished runs are kept in ``<out>/runs/`` and skipped when the command is
-    repeated with the same settings, so an interrupted evaluation resumes.
+    repeated with the same settings, so an interrupted evaluation resumes; an
+    unfinished student continues after its last finished epoch. Under torchrun the
+    processes train each student together; rank 0 writes every file.
     """
     from .report import write_report
 
@@ -67,12 +71,15 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     weights = (prior_weights(config.teacher_priors, config.prior_temperature, len(relabelling)) if config.teacher_priors
                else config.teacher_weights)  # fmt: skip
     runtime = make_runtime(config.device, config.amp, stage="evaluate")
+    ranks = init_ranks(runtime.device.type)
+    runtime, log = ranks.own_device(runtime), ranks.main_only(log)
     out = Path(config.out or Path(config.distilled) / EVAL_FOLDER)
     log(f"evaluating the {distilled_set.describe()}")
     distilled = TrainingSet("distilled", *distilled_set.images())
     if config.holdout is None:
         config.holdout = distilled_set.holdout
-    write_config(out / "config.yaml", config)
+    if ranks.is_main:
+        write_config(out / "config.yaml", config)
     val_set = load_split(spec, "val", config.data_root, config.holdout)
     val_set.transform = eval_transform(spec)
     val_loader = make_loader(val_set, 256, shuffle=False, workers=config.workers)
@@ -110,7 +117,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
         if config.labels == "stored":
             folder = Path(config.labels_dir or out / "labels")
             folder = folder.with_name(folder.name + suffix)
-            store = prepare_store(trial, distilled_set, distilled, spec, labeller, runtime, folder, log)
+            store = prepare_store(trial, distilled_set, distilled, spec, labeller, runtime, folder, log, ranks)
             stores.append(store)
         for student, arm in itertools.product(students, arms):
             if arm.train_set == FULL_DATA:
@@ -129,18 +136,30 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
                 log(f"{key}: reusing finished run (top-1 {run['top1']:.2f}%)")
             else:
                 torch.manual_seed(derive_seed(trial.seed, "student", student))
-                model = build_model(student, len(class_names), spec.channels, spec.image_size,
-                                    **student_args(student, teachers))  # fmt: skip
+                args = student_args(student, teachers)
+                model = build_model(student, len(class_names), spec.channels, spec.image_size, **args)
                 # Stored labels are the teachers' outputs on exactly the views of the soft distilled arm.
                 own_views = arm.train_set == DISTILLED and arm.labels == "soft" and run_config.augment == trial.augment
+                checkpoint = StudentCheckpoint(run_file.with_suffix(".partial.pt"), identity)
                 run = train_student(
                     model, training_set, run_config, spec, runtime, val_loader,
                     labeller if arm.labels == "soft" else None, store if own_views else None, desc=key, log=log,
+                    checkpoint=checkpoint, ranks=ranks,
                 )  # fmt: skip
                 run.update({"student": student, "train_set": training_set.name, "labels": arm.labels,
                             "augment": run_config.augment, "images": len(training_set.images),
                             "recipe": recipe})  # fmt: skip
-                write_finished_run(run_file, identity, run)
+                if ranks.is_main:
+                    # The trained student as a teacher checkpoint: every command takes it as a teacher.
+                    meta = {"arch": student, "arch_args": args, "dataset": spec.name,
+                            "class_names": list(val_set.classes), "in_channels": spec.channels,
+                            "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std),
+                            "val_top1": run["top1"], "val_top5": run["top5"], "train_config": identity}  # fmt: skip
+                    weights = model.to(memory_format=torch.contiguous_format)
+                    save_torch(run_file.with_suffix(".pt"), checkpoint_dict(weights, meta))
+                    write_finished_run(run_file, identity, run)
+                    checkpoint.remove()
+                ranks.barrier()  # every rank sees the finished run before the next one
                 log(f"{key}: top-1 {run['top1']:.2f}% at the last epoch (best {run['best_top1']:.2f}% at epoch "
                     f"{run['best_epoch']}), top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)")  # fmt: skip
             # Runs finished before repeats (or --no-augment) existed lack the field; the identity fixes it.
@@ -154,7 +173,9 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
             "dirs": [str(store.folder) for store in stores], "bytes": sum(store.bytes_on_disk() for store in stores),
             "bytes_per_image_per_epoch": stored_label_bytes(len(class_names), config.topk),
         }  # fmt: skip
-    write_report(out, results)
+    if ranks.is_main:
+        write_report(out, results)
+    ranks.close()
     return results
 
 
@@ -196,8 +217,8 @@ def full_data_run(
         "student": student, "train_set": FULL_DATA, "labels": "hard", "augment": True, "top1": metrics["top1"],
         "top5": metrics["top5"], "best_top1": metrics["top1"], "best_epoch": epochs, "evaluated_epochs": [epochs],
         "epochs": epochs, "seconds": round(time.perf_counter() - started, 2), "history": [],
-        "images": len(load_split(spec, "train", config.data_root, config.holdout)), "checkpoint": model.source, "recipe": {"source": "the dataset's teacher recipe",
-                                                               **teacher_config.identity()},
+        "images": len(load_split(spec, "train", config.data_root, config.holdout)), "checkpoint": model.source,
+        "recipe": {"source": "the dataset's teacher recipe", **teacher_config.identity()},
         "seed": config.seed,
     }  # fmt: skip
 
@@ -213,9 +234,9 @@ def resolve_recipe(config: EvalConfig, dataset: str, student: str, ipc: int) -> 
 
 def prepare_store(
     config: EvalConfig, distilled_set: DistilledSet | ImageFolderSet, distilled: TrainingSet, spec: DatasetSpec,
-    labeller: TeacherLabeller, runtime: Runtime, folder: Path, log: Callable[[str], None],
+    labeller: TeacherLabeller, runtime: Runtime, folder: Path, log: Callable[[str], None], ranks: Ranks = Ranks(),
 ) -> LabelStore:  # fmt: skip
-    """Open (or create) the label store in ``folder`` and compute the epochs it lacks."""
+    """Open (or create) the label store in ``folder`` and compute the epochs it lacks (rank 0; the others wait)."""
     identity = {
         "images": len(distilled.images), "ipc": distilled_set.ipc, "seed": config.seed, "epochs": config.epochs,
         "batch_size": config.batch_size, "mix": config.mix, "mix_alpha": config.mix_alpha,
@@ -231,12 +252,15 @@ def prepare_store(
     }  # fmt: skip
     store = LabelStore(folder, identity, len(distilled_set.class_names),
                        config.topk, config.temperature)  # fmt: skip
-    store.open()
-    sampler = config.view_sampler(spec.image_size)
-    missing = [e for e in range(config.epochs) if not store.has(e)]
-    if missing:
-        log(f"storing soft labels for {len(missing)} epochs in {store.folder}")
-    for epoch in progress(missing, "labels"):
-        logits = label_epoch(distilled.images, sampler, epoch, config.batch_size, labeller, spec.mean, spec.std, runtime)
-        store.write(epoch, logits)
+    if ranks.is_main:
+        store.open()
+        sampler = config.view_sampler(spec.image_size)
+        missing = [e for e in range(config.epochs) if not store.has(e)]
+        if missing:
+            log(f"storing soft labels for {len(missing)} epochs in {store.folder}")
+        for epoch in progress(missing, "labels"):
+            logits = label_epoch(distilled.images, sampler, epoch, config.batch_size, labeller, spec.mean, spec.std,
+                                 runtime)  # fmt: skip
+            store.write(epoch, logits)
+    ranks.barrier()
     return store

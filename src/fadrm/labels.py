@@ -11,7 +11,7 @@ drawn by :class:`fadrm.augment.ViewSampler`.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .augment import ViewSampler, render
 from .data import normalize
+from .distributed import Ranks
 from .errors import FadrmError
 from .runtime import Runtime
 
@@ -45,8 +46,12 @@ def batch_statistics(layers: Sequence[_BatchNorm]) -> Iterator[None]:
             layer.eval()
 
 
-def halves(inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The two halves BSSL labels separately; an odd extra image goes to the second (as the reference)."""
+Batch = TypeVar("Batch", torch.Tensor, range)
+
+
+def halves(inputs: Batch) -> tuple[Batch, ...]:
+    """The two halves BSSL labels separately (of a batch, or of its positions); an odd extra image goes to
+    the second (as the reference)."""
     first = len(inputs) // 2
     return (inputs[:first], inputs[first:]) if first else (inputs,)
 
@@ -93,14 +98,38 @@ class TeacherLabeller:
         self.batchnorm_layers = [m for model in self.models for m in model.modules() if isinstance(m, _BatchNorm)]
 
     @torch.no_grad()
-    def __call__(self, inputs: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, runtime: Runtime, ranks: Ranks = Ranks()) -> torch.Tensor:
+        """The labels of every image of ``inputs``.
+
+        Under several ranks (each holding the same ``inputs``), each labels a part and all
+        receive the whole: with BSSL a whole half each, labelled on its own statistics exactly
+        as in one process (ranks beyond the two halves repeat one and discard it: they would only
+        wait); without BSSL, images are independent and each rank takes an equal share.
+        """
         context = batch_statistics(self.batchnorm_layers) if self.bssl else contextlib.nullcontext()
-        chunks = halves(inputs) if self.bssl else (inputs,)
+        positions = range(len(inputs))
+        if self.bssl:
+            chunks = halves(positions)
+            owned = ranks.rank < len(chunks)
+            if ranks.world > 1:
+                chunks = (chunks[ranks.rank % len(chunks)],)
+        else:
+            chunks, owned = (positions[ranks.share(positions)],), True
         with context, runtime.autocast():
-            logits = [torch.cat([model(chunk) for chunk in chunks]).float() for model in self.models]
+            logits = torch.stack([
+                torch.cat([model(inputs[chunk.start : chunk.stop]) for chunk in chunks]).float() for model in self.models
+            ])  # fmt: skip
+        if ranks.world > 1:
+            # Every rank gets every teacher's logits for the whole batch before they are balanced
+            # (a norm over the batch) and weighted: one rank's rows and zeros elsewhere, summed, exact.
+            whole = logits.new_zeros(len(self.models), len(inputs), logits.shape[-1])
+            if owned:
+                whole[:, chunks[0].start : chunks[0].stop] = logits
+            logits = ranks.sum(whole)
+        teachers = list(logits.unbind(0))
         if self.balance:
-            logits = balanced_norms(logits)
-        return torch.stack([z * weight for z, weight in zip(logits, self.weights)]).sum(0)
+            teachers = balanced_norms(teachers)
+        return torch.stack([z * weight for z, weight in zip(teachers, self.weights)]).sum(0)
 
 
 # ------------------------------------------------------------- soft targets

@@ -30,3 +30,21 @@ def epoch_seed(seed: int, epoch: int) -> int:
     Kept exactly so that teacher runs started by earlier versions resume identically.
     """
     return seed * 100_003 + epoch
+
+
+def global_random_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's global generators (the CPU's, and ``device``'s when it is a GPU), for a checkpoint.
+
+    Student views never draw from them; a student with dropout does.
+    """
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_global_random_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Put back what :func:`global_random_state` saved (a GPU's state only on a GPU)."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -21,14 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import LabelStore
+from .artifacts import LabelStore, StudentCheckpoint
 from .augment import render
 from .baselines import TrainingSet
 from .config import EvalConfig
 from .data import DatasetSpec, normalize
+from .distributed import Ranks, gradient_sync
+from .errors import FadrmError
 from .labels import TeacherLabeller, soft_targets
 from .registry import Registry
 from .runtime import Runtime
+from .seeding import global_random_state, restore_global_random_state
 from .training import backward, check_finite, evaluate_accuracy, optimizer_step, progress
 
 # (parameter groups, learning rate, momentum) -> optimiser; an optimiser without momentum ignores it.
@@ -207,6 +210,12 @@ def micro_batches(batch_size: int, accumulation: int, num_images: int) -> list[s
     return [slice(start, start + size) for start in range(0, num_images, size)]
 
 
+def smallest_micro_batch(num_images: int, batch_size: int, accumulation: int) -> int:
+    """The fewest images any micro-batch of an epoch holds (the last loader batch may be short)."""
+    loader_batches = {min(batch_size, num_images), num_images % batch_size or batch_size}
+    return min(len(range(n)[part]) for n in loader_batches for part in micro_batches(batch_size, accumulation, n))
+
+
 def train_student(
     model: nn.Module,
     train: TrainingSet,
@@ -218,20 +227,35 @@ def train_student(
     store: LabelStore | None = None,
     desc: str = "student",
     log: Callable[[str], None] = print,
+    checkpoint: StudentCheckpoint | None = None,
+    ranks: Ranks = Ranks(),
 ) -> dict[str, Any]:
     """Train ``model`` on ``train`` only; soft labels from ``store`` or ``labeller``, hard labels when both are None.
 
     ``config.lr`` and ``config.eta`` must be resolved (see :func:`fadrm.config.student_recipe`).
     Returns the per-epoch loss, every validation, the final top-1/top-5 and the best top-1
     over the validations (which selects on the validation set: report it as such).
+
+    With ``checkpoint`` the whole state is saved after every ``config.checkpoint_every``-th
+    epoch and a run saved with the same identity continues after its last saved epoch, ending
+    as an uninterrupted run would. Under several ``ranks`` they train ``model`` together: each
+    loader batch is still forwarded as ``accumulation`` micro-batches of ``batch_size /
+    accumulation`` images (the BatchNorm batch, synchronised over the ranks), each rank
+    forwarding its share of every micro-batch; only rank 0 saves.
     """
     if config.lr is None or config.eta is None:
         raise ValueError("train_student needs a resolved lr and eta")
     optimizer_factory = OPTIMIZERS.get(config.optimizer)
     schedule = SCHEDULES.get(config.schedule)
     soft_loss = STUDENT_LOSSES.get(config.loss)
+    smallest = smallest_micro_batch(len(train.images), config.batch_size, config.accumulation)
+    if smallest < ranks.world:
+        raise FadrmError(f"{ranks.world} processes need at least {ranks.world} images in every micro-batch, and "
+                         f"{desc} has one of {smallest} (--batch-size {config.batch_size} in --accumulation "
+                         f"{config.accumulation}, {len(train.images)} images); use fewer processes")  # fmt: skip
     sampler = config.view_sampler(spec.image_size)
     runtime.place(model)
+    network = ranks.parallel(model)
     optimizer = optimizer_factory(weight_decay_groups(model, config.weight_decay), config.lr, config.momentum)
     eta = config.eta
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: schedule(e, config.epochs, eta))
@@ -239,13 +263,29 @@ def train_student(
     ema = EmaWeights(model, config.ema_decay) if config.ema_decay > 0 else None
     evaluate_after = set(config.evaluation_epochs())
     history: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    for epoch in progress(range(config.epochs), desc):
+    start_epoch, seconds_before = 0, 0.0
+    state = checkpoint.load(log) if checkpoint is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        restore_global_random_state(state["random"], runtime.device)
+        start_epoch, history, seconds_before = int(state["epoch"]), list(state["history"]), float(state["seconds"])
+        log(f"{desc}: resuming after epoch {start_epoch}")
+    started = time.perf_counter() - seconds_before
+    for epoch in progress(range(start_epoch, config.epochs), desc):
         model.train()
         stored = store.read_with_logits(epoch) if store is not None else None
-        offset, total, count = 0, 0.0, 0
+        offset, count = 0, 0
+        # Summed on the device and read once per epoch: no host sync per micro-batch.
+        total = torch.zeros((), dtype=torch.float64, device=runtime.device)
         for b, indices in enumerate(sampler.batches(epoch, len(train.images), config.batch_size)):
-            # Views, mixing and soft labels belong to the loader batch (BSSL halves included).
+            # Views, mixing and soft labels belong to the loader batch (BSSL halves included); every
+            # rank renders the whole batch (cheap next to the model) and forwards its share.
             view = sampler.view(epoch, b, indices, train.images.shape[-2], train.images.shape[-1])
             pixels = render(train.images, view, spec.image_size, runtime.device)
             pixels = normalize(runtime.batch(pixels), spec.mean, spec.std)
@@ -256,37 +296,52 @@ def train_student(
                                                  for t in stored)  # fmt: skip
                 labels = SoftLabels(probabilities, teacher_logits, hard)
             elif labeller is not None:
-                teacher_logits = labeller(pixels, runtime)
+                teacher_logits = labeller(pixels, runtime, ranks)
                 labels = SoftLabels(soft_targets(teacher_logits, config.temperature), teacher_logits, hard)
             else:
                 partner_hard = hard[view.partner.to(runtime.device)]
             offset += len(indices)
             optimizer.zero_grad(set_to_none=True)
-            for part in micro_batches(config.batch_size, config.accumulation, len(indices)):
-                with runtime.autocast():
-                    logits = model(pixels[part]).float()
-                if labels is not None:
-                    loss = soft_loss(logits, labels[part], config)
-                else:
-                    loss = mixed_cross_entropy(logits, hard[part], partner_hard[part], view.lam)
-                check_finite(loss, f"training {desc}")
-                backward(loss / config.accumulation, scaler)
-                total += float(loss.detach()) * len(logits)
-                count += len(logits)
+            parts = micro_batches(config.batch_size, config.accumulation, len(indices))
+            for m, part in enumerate(parts):
+                whole = range(len(indices))[part]
+                mine = ranks.share(whole)
+                # Gradients are averaged over the ranks once per step, after the last micro-batch.
+                with gradient_sync(network, sync=m == len(parts) - 1):
+                    with runtime.autocast():
+                        logits = network(pixels[mine]).float()
+                    if labels is not None:
+                        loss = soft_loss(logits, labels[mine], config)
+                    else:
+                        loss = mixed_cross_entropy(logits, hard[mine], partner_hard[mine], view.lam)
+                    backward(ranks.weighted(loss, len(logits), len(whole)) / config.accumulation, scaler)
+                total += loss.detach().double() * len(logits)
+                count += len(whole)
             optimizer_step(optimizer, scaler)
             if ema is not None:
                 ema.update(model)
         scheduler.step()
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total / count}
+        check_finite(ranks.sum(total), f"training {desc}")  # before anything is saved
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(total) / count}
         if epoch + 1 in evaluate_after:
             with ema.swapped_in(model) if ema is not None else contextlib.nullcontext(model) as validated:
-                record.update(evaluate_accuracy(validated, val_loader, runtime, spec.mean, spec.std))
+                record.update(evaluate_accuracy(validated, val_loader, runtime, spec.mean, spec.std, ranks=ranks))
             if epoch + 1 != config.epochs:
                 log(f"{desc}: epoch {epoch + 1}: top-1 {record['top1']:.2f}%")
         history.append(record)
+        if checkpoint is not None and ranks.is_main and (epoch + 1) % config.checkpoint_every == 0:
+            states = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "random": global_random_state(runtime.device)}  # fmt: skip
+            if scaler is not None:
+                states["scaler"] = scaler.state_dict()
+            if ema is not None:
+                states["ema"] = ema.state_dict()
+            checkpoint.save(epoch + 1, history, time.perf_counter() - started, states)
     result = {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "epochs": config.epochs,
               "seconds": round(time.perf_counter() - started, 2), "history": history}  # fmt: skip
-    return with_best_of(result, sorted(evaluate_after))
+    # The validations made: a run resumed under another --eval-every claims only those it has.
+    validated = [h["epoch"] for h in history if "top1" in h and h["epoch"] in evaluate_after]
+    return with_best_of(result, validated)
 
 
 def with_best_of(result: dict[str, Any], epochs: list[int]) -> dict[str, Any]:

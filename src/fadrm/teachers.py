@@ -28,6 +28,7 @@ from .augment import train_transform
 from .config import TeacherConfig, validate, write_config
 from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split
 from .data.specs import IMAGENET_MEAN, IMAGENET_STD
+from .distributed import Ranks, init_ranks
 from .errors import FadrmError
 from .io import save_torch, sha256_file
 from .models import build_model
@@ -276,10 +277,11 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
     after every epoch to ``<out>.partial``; running again continues from the
     last finished epoch. A finished checkpoint with the same settings is
     returned as is. The resolved config is written beside the checkpoint.
+    Under torchrun the processes train the one teacher together (each forwards its
+    share of every batch; BatchNorm statistics of the whole batch); rank 0 writes.
     """
     validate(config)
     out = Path(config.out)
-    spec = get_dataset_spec(config.dataset)
     if out.exists() and not config.overwrite:
         ckpt = safe_torch_load(out)
         require_same_settings(ckpt.get("train_config", {}) if isinstance(ckpt, dict) else {}, config.identity(),
@@ -287,6 +289,18 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
         log(f"teacher {out} already trained with these settings (val top-1 {ckpt.get('val_top1'):.2f}%)")
         return load_teacher(out)
     runtime = make_runtime(config.device, config.amp, stage="teacher")
+    ranks = init_ranks(runtime.device.type)
+    try:
+        _train_teacher_ranked(config, ranks.own_device(runtime), ranks, ranks.main_only(log))
+        ranks.barrier()  # the checkpoint is written
+        return load_teacher(out)
+    finally:
+        ranks.close()
+
+
+def _train_teacher_ranked(config: TeacherConfig, runtime: Runtime, ranks: Ranks, log: Callable[[str], None]) -> None:
+    out = Path(config.out)
+    spec = get_dataset_spec(config.dataset)
     train_set = load_split(spec, "train", config.data_root, config.holdout)
     val_set = load_split(spec, "val", config.data_root, config.holdout)
     train_set.transform = train_transform(spec)
@@ -295,11 +309,14 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
     torch.manual_seed(config.seed)
     model = build_model(config.model, num_classes, spec.channels, spec.image_size, **config.model_args)
     runtime.place(model)
+    network = ranks.parallel(model)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
     )
     # Dropping the ragged last batch keeps BatchNorm away from tiny batches, unless it is the only batch.
     drop_last = len(train_set) > config.batch_size
+    if min(config.batch_size, len(train_set)) < ranks.world:
+        raise FadrmError(f"{ranks.world} processes need batches of at least {ranks.world} images; use fewer processes")
     steps_per_epoch = len(make_loader(train_set, config.batch_size, shuffle=True, workers=0, drop_last=drop_last))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15,
@@ -315,31 +332,37 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
         scheduler.load_state_dict(state["scheduler"])
         history, start_epoch = list(state["history"]), int(state["epoch"])
         log(f"resuming {out} after epoch {start_epoch}")
-    write_config(teacher_config_path(out), config)  # once the settings are known to fit what is on disk
+    if ranks.is_main:
+        write_config(teacher_config_path(out), config)  # once the settings are known to fit what is on disk
     val_loader = make_loader(val_set, 512, shuffle=False, workers=config.workers)
     metrics = history[-1] if history else {"top1": float("nan"), "top5": float("nan")}
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         epoch_started = time.perf_counter()
-        # Seeding per epoch makes a resumed run see the same batches and augmentations.
+        # Seeding per epoch makes a resumed run see the same batches and augmentations (and every
+        # rank the same batches, of which it keeps its share).
         torch.manual_seed(epoch_seed(config.seed, epoch))
         loader = make_loader(
             train_set, config.batch_size, shuffle=True, seed=epoch_seed(config.seed, epoch),
             workers=config.workers, drop_last=drop_last,
         )  # fmt: skip
         loss = train_one_epoch(
-            model, loader, optimizer, scheduler, runtime, spec.mean, spec.std, desc=f"epoch {epoch + 1}/{config.epochs}"
-        )
-        metrics = evaluate_accuracy(model, val_loader, runtime, spec.mean, spec.std)
+            network, loader, optimizer, scheduler, runtime, spec.mean, spec.std,
+            desc=f"epoch {epoch + 1}/{config.epochs}", ranks=ranks,
+        )  # fmt: skip
+        metrics = evaluate_accuracy(model, val_loader, runtime, spec.mean, spec.std, ranks=ranks)
         seconds = round(time.perf_counter() - epoch_started, 2)
         history.append({"epoch": epoch + 1, "train_loss": loss, **metrics, "seconds": seconds})
-        save_teacher_progress(partial, config.identity(), epoch + 1, history, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        })  # fmt: skip
+        if ranks.is_main:
+            save_teacher_progress(partial, config.identity(), epoch + 1, history, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            })  # fmt: skip
         log(
             f"epoch {epoch + 1}/{config.epochs}: train loss {loss:.4f}, val top-1 {metrics['top1']:.2f}%, "
             f"top-5 {metrics['top5']:.2f}% ({time.perf_counter() - started:.0f}s)"
         )
+    if not ranks.is_main:
+        return
     meta = {
         "arch": config.model, "arch_args": config.model_args, "dataset": spec.name,
         "class_names": list(train_set.classes), "in_channels": spec.channels, "image_size": spec.image_size,
@@ -349,4 +372,3 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
     save_torch(out, checkpoint_dict(model.to(memory_format=torch.contiguous_format), meta))
     partial.unlink(missing_ok=True)
     log(f"saved teacher to {out} (val top-1 {metrics['top1']:.2f}%)")
-    return load_teacher(out)

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .data.transforms import normalize
+from .distributed import Ranks
 from .errors import FadrmError
 from .runtime import Runtime
 
@@ -42,7 +43,11 @@ def progress(iterable: Iterable[T], desc: str, **kwargs: Any) -> Iterable[T]:
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
-    """Stop with a clear message on a NaN or infinite loss instead of training on garbage."""
+    """Stop with a clear message on a NaN or infinite loss instead of training on garbage.
+
+    Reads ``loss`` to the host: training loops pass an epoch's running sum, which is
+    non-finite when any of its losses was, once per epoch.
+    """
     value = float(loss.detach())
     if not math.isfinite(value):
         raise FadrmError(f"non-finite loss ({value}) during {where}; lower the learning rate or disable --amp")
@@ -71,27 +76,36 @@ def train_one_epoch(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     desc: str = "train",
+    ranks: Ranks = Ranks(),
 ) -> float:
-    """One epoch of cross-entropy training on hard labels; returns the mean loss."""
+    """One epoch of cross-entropy training on hard labels; returns the mean loss.
+
+    Under several ``ranks`` every rank iterates the same loader and forwards its share of each
+    batch through ``model``, the data-parallel wrapper (:meth:`fadrm.distributed.Ranks.parallel`).
+    Stops on a non-finite loss at the end of the epoch, before the caller saves anything.
+    """
     model.train()
     scaler = runtime.grad_scaler()
-    total, count = 0.0, 0
+    # Summed on the device and read once per epoch: no host sync per step.
+    total = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    count = 0
     bar = progress(loader, desc)
     for images, labels in bar:
-        images = normalize(runtime.batch(images), mean, std)
-        labels = labels.to(runtime.device, non_blocking=True)
+        mine = ranks.share(range(len(labels)))
+        images = normalize(runtime.batch(images[mine]), mean, std)
+        labels_mine = labels[mine].to(runtime.device, non_blocking=True)
         with runtime.autocast():
-            loss = nn.functional.cross_entropy(model(images), labels)
-        check_finite(loss, desc)
+            loss = nn.functional.cross_entropy(model(images), labels_mine)
         optimizer.zero_grad(set_to_none=True)
-        backward(loss, scaler)
+        backward(ranks.weighted(loss, len(labels_mine), len(labels)), scaler)
         optimizer_step(optimizer, scaler)
         scheduler.step()
-        total += float(loss.detach()) * len(labels)
+        total += loss.detach().double() * len(labels_mine)
         count += len(labels)
-        if isinstance(bar, tqdm):
-            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
-    return total / max(count, 1)
+        if not bar.disable:  # a terminal: this rank's running loss
+            bar.set_postfix(loss=f"{float(total) / count * ranks.world:.4f}", refresh=False)
+    check_finite(ranks.sum(total), desc)
+    return float(total) / max(count, 1)
 
 
 @torch.no_grad()
@@ -102,21 +116,33 @@ def evaluate_accuracy(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     desc: str = "val",
+    ranks: Ranks = Ranks(),
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) and mean cross-entropy of ``model`` on ``loader``."""
+    """Top-1 and top-5 accuracy (percent) and mean cross-entropy of ``model`` on ``loader``.
+
+    Under several ``ranks`` each forwards every ``world``-th batch (all still load every batch)
+    and the per-batch figures are summed in batch order, so the result is one process's.
+    """
     model.eval()
-    correct1 = correct5 = 0
-    loss_sum, count = 0.0, 0
-    for images, labels in progress(loader, desc):
+    # Per batch: summed cross-entropy, top-1 hits, top-5 hits, images (float64 holds the counts exactly).
+    per_batch = torch.zeros(len(loader), 4, dtype=torch.float64)
+    for index, (images, labels) in enumerate(progress(loader, desc)):
+        if index % ranks.world != ranks.rank:
+            continue
         images = normalize(runtime.batch(images), mean, std)
         labels = labels.to(runtime.device)
         with runtime.autocast():
             logits = model(images)
-        loss_sum += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+        loss_sum = float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(labels[:, None])
-        correct1 += int(hits[:, 0].sum())
-        correct5 += int(hits.any(dim=1).sum())
-        count += len(labels)
+        per_batch[index] = torch.tensor([loss_sum, int(hits[:, 0].sum()), int(hits.any(dim=1).sum()), len(labels)],
+                                        dtype=torch.float64)  # fmt: skip
+    loss_sum = correct1 = correct5 = count = 0.0
+    for row in ranks.sum(per_batch).tolist():  # added in batch order, as one process adds them
+        loss_sum += row[0]
+        correct1 += row[1]
+        correct5 += row[2]
+        count += row[3]
     count = max(count, 1)
     return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss_sum / count}
