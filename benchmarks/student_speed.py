@@ -124,6 +124,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                            "--amp", args.amp, *(["--threads", str(args.threads)] if args.threads else [])]  # fmt: skip
                     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                     samples[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    print(f"{name} {mode}: {samples[mode][-1]}", file=sys.stderr, flush=True)  # partial results survive a timeout
             row = {"config": name, "batch": batch_size, "steps": steps}
             # Wall clock, and the process's CPU time: on an oversubscribed CPU, the work done
             # whatever else runs.

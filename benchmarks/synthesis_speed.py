@@ -158,6 +158,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 if args.profile:
                     print(done.stderr)
                 samples[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(f"{name} {mode}: {samples[mode][-1]}", file=sys.stderr, flush=True)  # partial results survive a timeout
         bare = statistics.median(s["seconds_per_iter"] for s in samples["bare"])
         ours = statistics.median(s["seconds_per_iter"] for s in samples["fadrm"])
         bare_mem = max(s["peak_bytes"] for s in samples["bare"])

@@ -44,7 +44,7 @@ def test_group_statistics_and_their_gradient_match_the_cpu():
     running_mean, running_var = torch.randn(6), torch.rand(6) + 0.5
     results = []
     for device in ("cpu", "cuda"):
-        leaf = x.to(device).requires_grad_(True)
+        leaf = x.clone().to(device).requires_grad_(True)  # a fresh leaf on each device
         distance = group_stat_distance(leaf, running_mean.to(device), running_var.to(device), num_groups=3)
         distance.sum().backward()
         results.append((distance.detach().cpu(), leaf.grad.cpu()))
