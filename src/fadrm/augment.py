@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 
 from .data.specs import DatasetSpec
 from .registry import Registry
+from .runtime import to_device
 from .seeding import derive_seed, make_generator
 
 
@@ -368,11 +369,11 @@ def upsampled_crops(images: torch.Tensor, boxes: list[Box], flips: list[bool], s
     # Rows broadcast as (B, size, 1), columns as (B, 1, size): outputs are (B, size, size, C),
     # channels innermost as in the kernel. Indices address the batch's pixels as (B * H * W, C).
     row_starts = (tops + torch.arange(count) * height)[:, None]
-    row_index = [((taps + row_starts) * width)[:, :, None].to(device) for taps in rows[:2]]
-    col_index = [(taps + lefts[:, None])[:, None, :].to(device) for taps in cols[:2]]
-    row_weight = [weights[:, :, None, None].to(device) for weights in rows[2:]]
-    col_weight = [weights[:, None, :, None].to(device) for weights in cols[2:]]
-    pixels = _UNIT_VALUES.to(device)[images.long()].permute(0, 2, 3, 1).reshape(-1, channels)
+    row_index = [to_device(((taps + row_starts) * width)[:, :, None], device) for taps in rows[:2]]
+    col_index = [to_device((taps + lefts[:, None])[:, None, :], device) for taps in cols[:2]]
+    row_weight = [to_device(weights[:, :, None, None], device) for weights in rows[2:]]
+    col_weight = [to_device(weights[:, None, :, None], device) for weights in cols[2:]]
+    pixels = to_device(_UNIT_VALUES, device)[images.long()].permute(0, 2, 3, 1).reshape(-1, channels)
     (c00, c01), (c10, c11) = [[pixels[r + c] for c in col_index] for r in row_index]
     if _sums_corners_at_once(channels, size):
         # i00 * w00 + i01 * w01 + i10 * w10 + i11 * w11 with float32 weights w = row * column,
@@ -421,13 +422,13 @@ def render(
         batch = torch.cat([_resized_crop(source, *crop, size) for crop in crops])
     else:
         chosen = source[torch.tensor(positions, device=source.device)]
-        batch = upsampled_crops(chosen.to(device), view.boxes, view.flips, size)
+        batch = upsampled_crops(to_device(chosen, device), view.boxes, view.flips, size)
         for position, (index, box, flip) in enumerate(crops):
             if box[2] > size or box[3] > size:
-                batch[position] = _resized_crop(source, index, box, flip, size)[0].to(device)
+                batch[position] = to_device(_resized_crop(source, index, box, flip, size)[0], device)
     if view.lam == 1.0:
         return batch
-    other = batch[view.partner.to(device)]
+    other = batch[to_device(view.partner, device)]
     if view.cut_box is None:
         return view.lam * batch + (1 - view.lam) * other
     top, left, h, w = view.cut_box

@@ -21,6 +21,21 @@ AMP_MODES = ("auto", "off", "fp16", "bf16")
 CUDA_AUTO_AMP = {"synthesis": "fp16", "evaluate": "off", "teacher": "bf16"}
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device``, without making the host wait for the device's queued work.
+
+    A copy from ordinary (pageable) host memory to a GPU first waits for every kernel queued
+    before it, which would hold the host back from drawing the next batch's views while the
+    GPU trains on this one. A CPU tensor bound for CUDA therefore goes through pinned memory
+    (PyTorch's caching host allocator keeps it until the copy is done) and is copied
+    asynchronously. The values are those of a plain ``.to(device)``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where tensors live and how the forward pass is computed.

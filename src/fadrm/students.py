@@ -30,7 +30,7 @@ from .distributed import Ranks, gradient_sync
 from .errors import FadrmError
 from .labels import TeacherLabeller, soft_targets
 from .registry import Registry
-from .runtime import Runtime
+from .runtime import Runtime, to_device
 from .seeding import global_random_state, restore_global_random_state
 from .training import backward, check_finite, evaluate_accuracy, optimizer_step, progress
 
@@ -289,17 +289,18 @@ def train_student(
             view = sampler.view(epoch, b, indices, train.images.shape[-2], train.images.shape[-1])
             pixels = render(train.images, view, spec.image_size, runtime.device)
             pixels = normalize(runtime.batch(pixels), spec.mean, spec.std)
-            hard = train.labels[indices].to(runtime.device)
+            hard = to_device(train.labels[indices], runtime.device)
             labels: SoftLabels | None = None
             if stored is not None:
-                probabilities, teacher_logits = (None if t is None else t[offset : offset + len(indices)].to(runtime.device)
-                                                 for t in stored)  # fmt: skip
+                probabilities, teacher_logits = (
+                    None if t is None else to_device(t[offset : offset + len(indices)], runtime.device) for t in stored
+                )  # fmt: skip
                 labels = SoftLabels(probabilities, teacher_logits, hard)
             elif labeller is not None:
                 teacher_logits = labeller(pixels, runtime, ranks)
                 labels = SoftLabels(soft_targets(teacher_logits, config.temperature), teacher_logits, hard)
             else:
-                partner_hard = hard[view.partner.to(runtime.device)]
+                partner_hard = hard[to_device(view.partner, runtime.device)]
             offset += len(indices)
             optimizer.zero_grad(set_to_none=True)
             parts = micro_batches(config.batch_size, config.accumulation, len(indices))

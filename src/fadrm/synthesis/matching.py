@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..config import SynthesisConfig
 from ..registry import Registry
+from ..runtime import to_device
 from .bn_stats import GroupMoments, _device_of, stat_distance
 
 # EDC's soft category-aware matching: every term is (1 - share) * D(global target) + share *
@@ -273,7 +274,7 @@ class StatMatcher:
                 if not self._keep[:, conv_index].any():  # on the CPU: no device sync
                     self._terms.append(torch.zeros(self.num_groups, device=x.device))
                     return
-                keep = self._keep[:, conv_index].to(x.device)
+                keep = to_device(self._keep[:, conv_index], x.device)
             mean, var = GroupMoments.apply(x, self.num_groups)
             patch_mean, patch_var = patch_moments(x, cell, self.num_groups)
             stats = [mean, var, patch_mean, patch_var]
