@@ -42,13 +42,13 @@ def progress(iterable: Iterable[T], desc: str, **kwargs: Any) -> Iterable[T]:
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None, **kwargs)
 
 
-def check_finite(loss: torch.Tensor | float, where: str) -> None:
+def check_finite(loss: torch.Tensor, where: str) -> None:
     """Stop with a clear message on a NaN or infinite loss instead of training on garbage.
 
     Reads ``loss`` to the host: training loops pass an epoch's running sum, which is
     non-finite when any of its losses was, once per epoch.
     """
-    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    value = float(loss.detach())
     if not math.isfinite(value):
         raise FadrmError(f"non-finite loss ({value}) during {where}; lower the learning rate or disable --amp")
 

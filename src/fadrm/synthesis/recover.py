@@ -74,17 +74,6 @@ def arc_merge(x: torch.Tensor, residual_source: torch.Tensor, size: int, alpha: 
     return alpha * resize(x, size) + (1 - alpha) * resize(residual_source, size)
 
 
-LOSS_READ_EVERY = 20  # iterations between reads of the loss to the host (and the non-finite check)
-
-
-def read_losses(losses: torch.Tensor) -> list[float]:
-    """Iteration losses read to the host, stopping with a clear message if any is not finite."""
-    values = losses.tolist()
-    for value in values:
-        check_finite(value, "synthesis")
-    return values
-
-
 def recover(
     init: torch.Tensor,
     labels: torch.Tensor,
@@ -111,8 +100,7 @@ def recover(
         settings: stages and hyperparameters (the method's stage plan already applied).
         runtime: device and mixed precision.
         bounds: per-channel (low, high) of valid pixels in normalised space, shape (1, C, 1, 1).
-        on_step: called with (iteration, loss) after each step, e.g. to drive a progress bar; the
-            loss is the last one read to the host (every ``LOSS_READ_EVERY`` iterations).
+        on_step: called with (iteration, loss) after each step, e.g. to drive a progress bar.
         matcher: builds the statistics matcher of this batch (BatchNorm layers by default).
         plan: which teachers each iteration runs and their weights (default: every teacher,
             round robin, iteration t using teacher t mod K).
@@ -130,17 +118,13 @@ def recover(
     result_ce = torch.zeros(len(init), device=device)
     result_bn = torch.zeros(num_groups, device=device)
     result_loss = torch.zeros(num_groups, device=device)
-    # The mean loss of each iteration stays on the device and is read every LOSS_READ_EVERY
-    # iterations: reading it every step would make the host wait for the GPU each time.
-    losses = torch.zeros(total, device=device)
     history: list[float] = []
     plan = plan or TeacherPlan(tuple(range(len(teachers))))
     step = 0
     with matcher(MatchSetup(teachers, num_groups, settings, labels, generators, targets)) as statistics:
         for stage, (size, budget) in enumerate(zip(settings.sizes, settings.budgets)):
             x = x.detach().requires_grad_(True)
-            # Fused on CUDA: one kernel, and with fp16's gradient scaler no host sync per step.
-            optimizer = torch.optim.Adam([x], lr=settings.lr, betas=(0.5, 0.9), eps=1e-8, fused=device.type == "cuda")
+            optimizer = torch.optim.Adam([x], lr=settings.lr, betas=(0.5, 0.9), eps=1e-8)
             scaler = runtime.grad_scaler()
             for _ in range(budget):
                 for group in optimizer.param_groups:
@@ -167,18 +151,17 @@ def recover(
                     if settings.dd_weight > 0 and slots > 1:
                         group_loss = group_loss + settings.dd_weight * data_densification(views, slots, num_groups)
                     loss = group_loss.sum()
+                check_finite(loss, "synthesis")
                 optimizer.zero_grad(set_to_none=True)
                 backward(loss, scaler)
                 optimizer_step(optimizer, scaler)
                 with torch.no_grad():
                     x.clamp_(low, high)
                 result_ce, result_bn, result_loss = ce.detach(), bn.detach(), group_loss.detach()
-                losses[step] = result_loss.mean()
+                history.append(float(result_loss.mean()))
                 step += 1
-                if step % LOSS_READ_EVERY == 0 or step == total:
-                    history.extend(read_losses(losses[len(history) : step]))
                 if on_step is not None:
-                    on_step(step, history[-1] if history else math.nan)
+                    on_step(step, history[-1])
             if stage + 1 < len(settings.sizes):
                 with torch.no_grad():
                     # A convex mix of in-range images stays in range: no clamp needed.
