@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -104,10 +103,7 @@ def worker(config_name: str, mode: str, batch_size: int, steps: int, warmup: int
         train(steps)
         sync()
     seconds, cpu_seconds = (time.perf_counter() - start) / steps, (time.process_time() - start_cpu) / steps
-    if runtime.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(runtime.device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = runtime.peak_memory()
     return {"seconds_per_step": seconds, "cpu_seconds_per_step": cpu_seconds, "peak_bytes": peak}
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -137,10 +136,7 @@ def worker(
             recover(init, labels.cpu(), teachers, generators(), settings(iters), runtime, bounds)
             sync()
             seconds = (time.perf_counter() - start) / (iters * len(cfg["sizes"]))
-    if runtime.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(runtime.device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = runtime.peak_memory()
     return {"seconds_per_iter": seconds, "peak_bytes": peak, "batch": batch}
 
 

@@ -2,10 +2,13 @@
 
     python scripts/fmnist_study.py --out runs/study            # everything (hours on a 2-core CPU)
     python scripts/fmnist_study.py --out runs/study --ipc 1 10 --seeds 0   # a slice
+    python scripts/fmnist_study.py --out runs/study --report-only          # the page from what is finished
 
 Runs in any order and resumes: each distilled set and each student run is
 kept under --out and reused, so an interrupted study continues where it
-stopped. After every finished cell the results page (docs/results.md by
+stopped. Every student is trained by the common protocol (FADRM's); G-VBSM, EDC
+and CV-DD are also evaluated once under their own published protocol at IPC 10
+(first seed). After every finished cell the results page (docs/results.md by
 default) and its plots are rewritten from what exists, with mean +- std over
 the seeds that are done.
 """
@@ -41,6 +44,10 @@ ABLATIONS: dict[str, dict[str, Any] | None] = {
     "merges=1": {"sizes": [24, 28], "budgets": [500, 500]},
     "merges=3": None,
 }
+# The methods this study adds beside FADRM's own comparisons: each also under its own protocol.
+NEW_METHODS = ["g-vbsm", "edc", "cv-dd"]
+# The paper's efficiency table: synthesis seconds per ImageNet-1k image, for ratios beside ours.
+PAPER_SECONDS_PER_IMAGE = {"fadrm": 0.47, "sre2l++": 2.52, "edc": 4.99, "cv-dd": 8.20, "g-vbsm": 17.28}
 STUDENT = "convnet-small"  # the first teacher's architecture: every student of the study
 SECOND_TEACHER = {"model": "convnet", "model_args": {"width": 48, "depth": 2}}
 
@@ -56,11 +63,25 @@ def teachers(out: Path) -> tuple[Path, Path]:
     return first, second
 
 
-def cell(out: Path, name: str, method: str, ipc: int, seed: int, sources: list[Path], **options: Any) -> list[dict]:
+def finished_results(folder: Path, eval_folder: str, protocol: str) -> dict | None:
+    """The results an earlier evaluation wrote in ``folder/eval_folder``, when the set is complete
+    and they were made under ``protocol``; else None."""
+    path = folder / eval_folder / "results.json"
+    if not (folder / "manifest.json").exists() or not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    return results if results.get("protocol") == protocol else None
+
+
+def cell(out: Path, name: str, method: str, ipc: int, seed: int, sources: list[Path], report_only: bool = False,
+         **options: Any) -> list[dict]:  # fmt: skip
     """Distill one set (in its own process, so its peak memory is its own) and evaluate it under the
     common student protocol (FADRM's, ``--protocol common``), relabelled by the first teacher; rows of
-    the results table."""
+    the results table. With ``report_only`` nothing is computed: the rows of a finished cell, else none."""
     folder = out / f"{name}-ipc{ipc}-seed{seed}"
+    if report_only:
+        results = finished_results(folder, "eval", "common")
+        return [] if results is None else cell_rows(folder, name, ipc, seed, results)
     if not (folder / "manifest.json").exists():
         command = [sys.executable, "-m", "fadrm", "distill", "--dataset", "fashion-mnist", "--method", method,
                    "--ipc", str(ipc), "--seed", str(seed), "--out", str(folder)]  # fmt: skip
@@ -75,6 +96,11 @@ def cell(out: Path, name: str, method: str, ipc: int, seed: int, sources: list[P
         subprocess.run(command, check=True)
     baselines = ["random-real"] if name == "fadrm" else []
     results = fadrm.evaluate(folder, seed=seed, baselines=baselines, teachers=[str(sources[0])], protocol="common")
+    return cell_rows(folder, name, ipc, seed, results)
+
+
+def cell_rows(folder: Path, name: str, ipc: int, seed: int, results: dict) -> list[dict]:
+    """The results table's rows of one evaluated set: its students and the baselines beside them."""
     manifest = json.loads((folder / "manifest.json").read_text())
     rows = []
     for run in results["runs"]:
@@ -83,6 +109,21 @@ def cell(out: Path, name: str, method: str, ipc: int, seed: int, sources: list[P
                      "synthesis_s_per_image": manifest["synthesis_seconds_per_image"],
                      "peak_memory_mib": manifest["peak_memory_bytes"] / 2**20, "folder": str(folder)})  # fmt: skip
     return rows
+
+
+def own_protocol(out: Path, method: str, ipc: int, seed: int, report_only: bool = False) -> list[dict]:
+    """A study set evaluated under its method's own published student protocol (its own teachers
+    relabel, with the method's loss, EMA and schedule), kept in ``eval-own`` beside the common
+    protocol's ``eval``; its row (none when ``report_only`` and not yet evaluated)."""
+    folder = out / f"{method}-ipc{ipc}-seed{seed}"
+    if report_only:
+        results = finished_results(folder, "eval-own", "own")
+        if results is None:
+            return []
+    else:
+        results = fadrm.evaluate(folder, seed=seed, out=str(folder / "eval-own"), protocol="own")
+    run = next(r for r in results["runs"] if r["train_set"] == "distilled")
+    return [{"name": method, "ipc": ipc, "seed": seed, "top1": run["top1"], "student_seconds": run["seconds"]}]
 
 
 def priors(out: Path, sources: list[Path], ipc: int, seed: int) -> Path:
@@ -106,7 +147,8 @@ def summarise(rows: list[dict], key: str = "top1") -> dict[tuple[str, int], tupl
     return {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
 
 
-def write_page(page: Path, rows: list[dict], ablation_rows: list[dict], teacher_info: list[dict], args) -> None:
+def write_page(page: Path, rows: list[dict], ablation_rows: list[dict], teacher_info: list[dict], args,
+               own_rows: list[dict] = ()) -> None:  # fmt: skip
     """Rewrite the generated block of ``page`` (text outside the markers is the author's and is kept)."""
     images = page.parent / "images"
     table = summarise(rows)
@@ -129,7 +171,7 @@ def write_page(page: Path, rows: list[dict], ablation_rows: list[dict], teacher_
         lines.append(f"- `{t['file']}`: {t['arch']}{f' ({options})' if options else ''}, {t['top1']:.2f}%{seconds}")
     lines += ["", "The first teacher relabels every student and is also the student architecture, so its accuracy "
               "is the whole-training-set upper bound.", "",
-              "### Test top-1 (%), ConvNet student, mean ± std over seeds", "",
+              "### Test top-1 (%), ConvNet student, common protocol (FADRM's students), mean ± std over seeds", "",
               "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |", "|---|" + "---:|" * len(ipcs)]  # fmt: skip
     lines += [f"| {name} | " + " | ".join(mean_sd(table, (name, i)) for i in ipcs) + " |" for name in names]
     synthesis = summarise([r for r in rows if r["name"] in METHODS], "synthesis_s_per_image")
@@ -150,6 +192,32 @@ def write_page(page: Path, rows: list[dict], ablation_rows: list[dict], teacher_
         cells = [c for i in ipcs for c in (number(synthesis, (name, i), 3), number(memory, (name, i), 0),
                                           number(student, (name, i), 0))]  # fmt: skip
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    fadrm_cost = synthesis.get(("fadrm", 10))
+    if fadrm_cost:
+        lines += ["", "### Synthesis cost against the paper's efficiency table", "",
+                  ("Seconds per distilled image at IPC 10 (one thread, Fashion-MNIST, each method's own iteration "
+                   "count) and as a multiple of FADRM's, beside the paper's seconds per ImageNet-1k image and their "
+                   "multiple of FADRM's."), "",
+                  "| method | s/img here | x FADRM here | paper s/img (ImageNet-1k) | x FADRM in the paper |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for name in METHODS:
+            if (name, 10) in synthesis:
+                ours = synthesis[(name, 10)][0]
+                paper = PAPER_SECONDS_PER_IMAGE.get(name)
+                lines.append(f"| {name} | {ours:.3f} | {ours / fadrm_cost[0]:.2f} | "
+                             + (f"{paper:.2f} | {paper / PAPER_SECONDS_PER_IMAGE['fadrm']:.2f} |" if paper else "- | - |"))
+    if own_rows:
+        common = {(r["name"], r["ipc"], r["seed"]): r["top1"] for r in rows}
+        lines += ["", "### Each new method under its own published student protocol", "",
+                  ("The same sets (IPC 10, one seed) trained by the method's own protocol (`fadrm evaluate SET`, its "
+                   "teachers relabelling) against the common protocol of the table above (`--protocol common`, "
+                   "the first teacher relabelling); test top-1 %."), "",
+                  "| method | seed | common protocol | own protocol | higher |", "|---|---:|---:|---:|---|"]  # fmt: skip
+        for r in own_rows:
+            shared = common.get((r["name"], r["ipc"], r["seed"]))
+            higher = "-" if shared is None else ("own" if r["top1"] > shared else "common" if r["top1"] < shared else "tie")
+            shared_text = "-" if shared is None else f"{shared:.2f}"
+            lines.append(f"| {r['name']} | {r['seed']} | {shared_text} | {r['top1']:.2f} | {higher} |")
     lines += ["", "![accuracy vs IPC](images/fmnist_acc_vs_ipc.png)", ""]
     plot_accuracy(images / "fmnist_acc_vs_ipc.png", table, names, ipcs)
     if ablation_rows:
@@ -257,6 +325,8 @@ def main() -> None:
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--ablation-seeds", type=int, nargs="+", help="seeds of the ablations (default: --seeds)")
     parser.add_argument("--page", default="docs/results.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="compute nothing: rewrite the page from the cells already finished")  # fmt: skip
     args = parser.parse_args()
     args.argv = sys.argv[1:]
     out = Path(args.out)
@@ -268,19 +338,24 @@ def main() -> None:
         for seed in args.seeds:
             for method in args.methods:
                 sources = [first, second] if method in MULTI_TEACHER else [first]
-                rows += cell(out, method, method, ipc, seed, sources)
+                rows += cell(out, method, method, ipc, seed, sources, args.report_only)
                 write_page(Path(args.page), rows, ablation_rows, teacher_info, args)
     if not args.no_ablations:
         for seed in args.ablation_seeds or args.seeds:
             for name, options in ABLATIONS.items():
-                done = cell(out, "fadrm", "fadrm", 10, seed, [first]) if options is None else cell(
-                    out, f"ablation-{name}", "fadrm", 10, seed, [first], **options)  # fmt: skip
+                done = cell(out, "fadrm", "fadrm", 10, seed, [first], args.report_only) if options is None else cell(
+                    out, f"ablation-{name}", "fadrm", 10, seed, [first], args.report_only, **options)  # fmt: skip
                 ablation_rows += [{**r, "name": name} for r in done if not r["name"].startswith("random-real")]
                 write_page(Path(args.page), rows, ablation_rows, teacher_info, args)
+    own_rows = [row for m in NEW_METHODS if m in args.methods and 10 in args.ipc
+                for row in own_protocol(out, m, 10, args.seeds[0], args.report_only)]  # fmt: skip
+    if own_rows:
+        write_page(Path(args.page), rows, ablation_rows, teacher_info, args, own_rows)
     ipc = 10 if 10 in args.ipc else args.ipc[0]
     folders = {m: out / f"{m}-ipc{ipc}-seed{args.seeds[0]}" for m in args.methods}
     grid(Path(args.page).parent / "images" / "fmnist_grid.png", {m: f for m, f in folders.items() if f.exists()})
-    (out / "study.json").write_text(json.dumps({"rows": rows, "ablations": ablation_rows}, indent=2) + "\n")
+    study = {"rows": rows, "ablations": ablation_rows, "own_protocol": own_rows}
+    (out / "study.json").write_text(json.dumps(study, indent=2) + "\n")
 
 
 if __name__ == "__main__":

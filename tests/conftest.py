@@ -1,4 +1,4 @@
-"""Tiny fixtures in each dataset's true on-disk format, and a tiny teacher."""
+"""Tiny fixtures in each dataset's true on-disk format, a tiny teacher and set, and the shared helpers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+import fadrm
+from fadrm.baselines import TrainingSet
+from fadrm.cli import main
 from fadrm.data.specs import FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES
 from fadrm.io import save_torch
 from fadrm.models import build_model
@@ -142,3 +145,30 @@ def teacher_ckpt(tmp_path_factory) -> Path:
 def second_teacher_ckpt(tmp_path_factory) -> Path:
     """Another architecture for FADRM+."""
     return make_teacher_checkpoint(tmp_path_factory.mktemp("teacher2") / "teacher2.pt", seed=1, width=6, depth=2)
+
+
+@pytest.fixture(scope="module")
+def distilled(fmnist_root, teacher_ckpt, tmp_path_factory) -> Path:
+    """A small RDED set of the Fashion-MNIST fixture (IPC 2), one per test module: evaluations
+    write into it, so modules do not see each other's finished runs."""
+    out = tmp_path_factory.mktemp("set") / "rded"
+    fadrm.distill("fashion-mnist", [teacher_ckpt], out, method="rded", ipc=2, data_root=str(fmnist_root),
+                  mipc=16, num_crop=2, device="cpu", log=lambda s: None)  # fmt: skip
+    return out
+
+
+def tiny_training_set(n: int) -> TrainingSet:
+    """``n`` random 8 px grey images, classes 0-9 in turn."""
+    gen = torch.Generator().manual_seed(0)
+    return TrainingSet("distilled", torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8),
+                       torch.arange(n) % 10)  # fmt: skip
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, list[str], list[str]]:
+    """Exit status, stdout lines and stderr lines of ``fadrm ARGV`` run in this process."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    captured = capsys.readouterr()
+    return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()

@@ -13,7 +13,7 @@ from fadrm.config import STAGES, choices_of, flag_of, option_fields, option_type
 from fadrm.data import get_dataset_spec, load_split
 from fadrm.errors import FadrmError
 
-from conftest import class_images, write_idx
+from conftest import class_images, run_cli, write_idx
 
 
 @pytest.mark.parametrize("command", ["train-teacher", "distill", "evaluate", "run", "stats", "priors", "download", "list"])
@@ -80,13 +80,6 @@ def test_download_uses_torchvision_and_loads(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------ bad input, every option
-def _cli(argv: list[str], capsys) -> tuple[int, list[str]]:
-    """Exit status and stderr lines of ``fadrm ARGV`` run in this process."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err.strip().splitlines()
 
 
 def _values(cls, path, f) -> list[list[str]]:
@@ -151,7 +144,7 @@ def test_every_option_refuses_invalid_values_with_one_line(stage, flag, value, t
         argv = [stage, *required, flag, *value, "--print-config"]
     else:
         argv = [stage, *value, *required[1:], "--print-config"]
-    code, lines = _cli(argv, capsys)
+    code, _, lines = run_cli(argv, capsys)
     assert code == 2, (argv, lines)
     assert len(lines) == 1 and lines[0].startswith("fadrm: error: "), lines
     assert (flag if flag.startswith("--") else value[0]) in lines[0], lines
@@ -180,7 +173,7 @@ def test_the_reported_inputs_are_one_line_before_any_work(tmp_path, fmnist_root,
          "--epochs must be at least 1, got 0"),
     ]  # fmt: skip
     for argv, message in cases:
-        code, lines = _cli(argv, capsys)
+        code, _, lines = run_cli(argv, capsys)
         assert code == 2 and len(lines) == 1 and message in lines[0], (argv, lines)
         assert not out.exists()
 
@@ -205,7 +198,7 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_as_a_teacher(kind, tmp_path
                 return (os.system, ("echo owned > " + str(tmp_path / "owned"),))
 
         path.write_bytes(pickle.dumps(Payload()))
-    code, lines = _cli(["distill", "--dataset", "fashion-mnist", "--teacher", str(path), "--out",
+    code, _, lines = run_cli(["distill", "--dataset", "fashion-mnist", "--teacher", str(path), "--out",
                         str(tmp_path / "o")], capsys)  # fmt: skip
     assert code == 2 and len(lines) == 1 and str(path) in lines[0], lines
     expected = "it holds pickled code or objects" if kind == "pickled code" else "PyTorch checkpoint"
@@ -219,7 +212,7 @@ def test_an_unexpected_error_is_one_line_saying_it_is_a_bug(monkeypatch, capsys)
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(api, "plan_run", broken)
-    code, lines = _cli(["run", "--dataset", "fashion-mnist", "--out", "x"], capsys)
+    code, _, lines = run_cli(["run", "--dataset", "fashion-mnist", "--out", "x"], capsys)
     assert code == 1 and len(lines) == 1
     assert "a bug in fadrm" in lines[0] and "ZeroDivisionError: division by zero" in lines[0] and "--debug" in lines[0]
     with pytest.raises(ZeroDivisionError):

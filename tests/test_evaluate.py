@@ -35,12 +35,6 @@ SPEC = get_dataset_spec("fashion-mnist")
 QUICK = dict(epochs=2, batch_size=8, device="cpu", amp="off", workers=0)
 
 
-@pytest.fixture(scope="module")
-def distilled(fmnist_root, teacher_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("set") / "rded"
-    fadrm.distill("fashion-mnist", [teacher_ckpt], out, method="rded", ipc=2, data_root=str(fmnist_root),
-                  mipc=16, num_crop=2, device="cpu", log=lambda s: None)  # fmt: skip
-    return out
 
 
 def test_soft_labels_equal_teacher_output_on_identical_views(teacher_ckpt, second_teacher_ckpt):

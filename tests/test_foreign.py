@@ -18,10 +18,11 @@ from PIL import Image
 
 import fadrm
 from fadrm.artifacts import DistilledSet, ImageFolderSet, class_of_folders, open_evaluated_set
-from fadrm.cli import main
 from fadrm.data import get_dataset_spec, load_split
 from fadrm.data.specs import FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES
 from fadrm.errors import FadrmError
+
+from conftest import run_cli
 
 SPEC = get_dataset_spec("fashion-mnist")
 QUICK = dict(epochs=2, batch_size=8, device="cpu", amp="off", workers=0)
@@ -57,12 +58,6 @@ def no_curves(monkeypatch):
     monkeypatch.setattr("fadrm.report.plot_curves", lambda path, runs: False)
 
 
-@pytest.fixture(scope="module")
-def our_set(fmnist_root, teacher_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ours") / "rded"
-    fadrm.distill("fashion-mnist", [teacher_ckpt], out, method="rded", ipc=2, data_root=str(fmnist_root),
-                  mipc=16, num_crop=2, device="cpu", log=lambda s: None)  # fmt: skip
-    return out
 
 
 # ------------------------------------------------------------------ matching
@@ -138,22 +133,22 @@ def test_channels_grey_rgb_with_equal_channels_and_grey_in_an_rgb_dataset(imagen
 
 
 # -------------------------------------------------------------- evaluation
-def _export(our_set: Path, root: Path) -> Path:
+def _export(distilled: Path, root: Path) -> Path:
     """Our set's images as another tool would publish them: class folders by name, no manifest."""
-    manifest_set = DistilledSet.open(our_set)
+    manifest_set = DistilledSet.open(distilled)
     for record in manifest_set.manifest["images"]:
         target = root / FOLDER_NAMES[record["class"]] / Path(record["file"]).name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(our_set / record["file"], target)
+        shutil.copyfile(distilled / record["file"], target)
     return root
 
 
-def test_our_set_as_an_image_folder_trains_the_same_students(our_set, fmnist_root, teacher_ckpt, tmp_path, no_curves):
-    exported = _export(our_set, tmp_path / "exported")
-    ours, foreign = DistilledSet.open(our_set), open_evaluated_set(exported, "fashion-mnist", str(fmnist_root), ["t"])
+def test_our_set_as_an_image_folder_trains_the_same_students(distilled, fmnist_root, teacher_ckpt, tmp_path, no_curves):
+    exported = _export(distilled, tmp_path / "exported")
+    ours, foreign = DistilledSet.open(distilled), open_evaluated_set(exported, "fashion-mnist", str(fmnist_root), ["t"])
     assert all(torch.equal(a, b) for a, b in zip(ours.images(), foreign.images()))
     common = dict(data_root=str(fmnist_root), log=lambda s: None, **QUICK)
-    through_manifest = fadrm.evaluate(our_set, out=str(tmp_path / "a"), **common)
+    through_manifest = fadrm.evaluate(distilled, out=str(tmp_path / "a"), **common)
     as_folder = fadrm.evaluate(exported, out=str(tmp_path / "b"), dataset="fashion-mnist", teachers=[str(teacher_ckpt)],
                                **common)  # fmt: skip
     (a,), (b,) = through_manifest["runs"], as_folder["runs"]
@@ -186,12 +181,6 @@ def test_a_foreign_set_gets_baselines_stored_labels_and_resumes_by_content(fmnis
 
 
 # -------------------------------------------------------- bad input, one line
-def _cli(argv: list[str], capsys) -> tuple[int, list[str]]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err.strip().splitlines()
 
 
 def _break(case: str, root: Path, tmp_path: Path) -> str:
@@ -259,14 +248,14 @@ def test_a_bad_set_is_one_line_before_any_work(case, fmnist_root, teacher_ckpt, 
     root = write_fmnist_folder(tmp_path / "set", fmnist_root, per_class=1)
     expected = _break(case, root, tmp_path)
     out = tmp_path / "eval"
-    code, lines = _cli(["evaluate", str(root), "--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt),
+    code, _, lines = run_cli(["evaluate", str(root), "--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt),
                         "--data-root", str(fmnist_root), "--epochs", "1", "--out", str(out)], capsys)  # fmt: skip
     assert code == 2 and len(lines) == 1 and lines[0].startswith("fadrm: error: "), lines
     assert expected in lines[0], lines
     assert not out.exists()
 
 
-def test_options_a_foreign_set_needs_are_one_line(our_set, fmnist_root, teacher_ckpt, tmp_path, capsys):
+def test_options_a_foreign_set_needs_are_one_line(distilled, fmnist_root, teacher_ckpt, tmp_path, capsys):
     root = write_fmnist_folder(tmp_path / "set", fmnist_root, per_class=1)
     evaluate = ["evaluate", str(root), "--data-root", str(fmnist_root), "--print-config"]
     cases = [
@@ -274,18 +263,18 @@ def test_options_a_foreign_set_needs_are_one_line(our_set, fmnist_root, teacher_
                    "ImageFolder made by another tool with --dataset and --teacher"),
         ([*evaluate, "--dataset", "fashion-mnist"], "so no teachers of its own to label its images: give --teacher"),
         ([*evaluate, "--dataset", "mnist", "--teacher", str(teacher_ckpt)], "--dataset must be one of"),
-        (["evaluate", str(our_set), "--dataset", "cifar10", "--print-config"],
-         f"--dataset cifar10 disagrees with {our_set}, a set of fashion-mnist"),
+        (["evaluate", str(distilled), "--dataset", "cifar10", "--print-config"],
+         f"--dataset cifar10 disagrees with {distilled}, a set of fashion-mnist"),
     ]  # fmt: skip
     for argv, message in cases:
-        code, lines = _cli(argv, capsys)
+        code, _, lines = run_cli(argv, capsys)
         assert code == 2 and len(lines) == 1 and message in lines[0], (argv, lines)
     # With a manifest, --dataset may name the set's own dataset; without --print-config nothing differs.
-    code, _ = _cli(["evaluate", str(our_set), "--dataset", "fashion-mnist", "--print-config"], capsys)
+    code, _, _ = run_cli(["evaluate", str(distilled), "--dataset", "fashion-mnist", "--print-config"], capsys)
     assert code == 0
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "run.json").write_text("{}")
-    code, lines = _cli([*evaluate[:1], str(tmp_path / "unfinished"), "--dataset", "fashion-mnist"], capsys)
+    code, _, lines = run_cli([*evaluate[:1], str(tmp_path / "unfinished"), "--dataset", "fashion-mnist"], capsys)
     assert code == 2 and "an unfinished fadrm distill run" in lines[0]
 
 

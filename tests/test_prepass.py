@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 import fadrm
 from fadrm import prepass
 from fadrm.artifacts import statistics_description
-from fadrm.cli import main
 from fadrm.config import StatsConfig, resolve
 from fadrm.data import get_dataset_spec, load_split
 from fadrm.errors import FadrmError
@@ -26,20 +25,14 @@ from fadrm.runtime import make_runtime
 from fadrm.seeding import make_generator
 from fadrm.teachers import load_teacher
 
+from conftest import run_cli
+
 SPEC = get_dataset_spec("fashion-mnist")
 CPU = make_runtime("cpu", "off")
 QUIET = {"log": lambda s: None, "device": "cpu"}
 TINY = ["--sizes", "28", "--budgets", "2", "--mipc", "16", "--num-crop", "2", "--device", "cpu"]
 
 
-def _cli(argv: list[str], capsys) -> tuple[int, list[str], list[str]]:
-    """Exit status, stdout lines and stderr lines of ``fadrm ARGV`` run in this process."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()
 
 
 def _batch_moments(x: np.ndarray, cell: int) -> list[np.ndarray]:
@@ -114,13 +107,13 @@ def test_an_interrupted_pass_resumes_to_the_same_file(fmnist_root, teacher_ckpt,
 def test_stats_command_then_distill_uses_the_file(fmnist_root, teacher_ckpt, tmp_path, capsys):
     stats = ["--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--teacher", str(teacher_ckpt),
              "--stats-dir", str(tmp_path / "s"), "--device", "cpu"]  # fmt: skip
-    assert _cli(["stats", *stats], capsys)[0] == 0
-    code, out, _ = _cli(["stats", *stats], capsys)
+    assert run_cli(["stats", *stats], capsys)[0] == 0
+    code, out, _ = run_cli(["stats", *stats], capsys)
     assert code == 0 and any("already in" in line for line in out)
-    code, _, err = _cli(["stats", *stats, "--batch-size", "8"], capsys)  # the file was made with 64
+    code, _, err = run_cli(["stats", *stats, "--batch-size", "8"], capsys)  # the file was made with 64
     assert code == 2 and len(err) == 1 and "different settings (batch_size)" in err[0] and "--overwrite" in err[0]
     out_dir = tmp_path / "gvbsm"
-    code, out, _ = _cli(["distill", *stats, "--method", "g-vbsm", "--ipc", "2", "--out", str(out_dir), *TINY], capsys)
+    code, out, _ = run_cli(["distill", *stats, "--method", "g-vbsm", "--ipc", "2", "--out", str(out_dir), *TINY], capsys)
     assert code == 0 and not any("computing the statistics" in line for line in out)
     manifest = json.loads((out_dir / "manifest.json").read_text())
     (used,) = manifest["statistics"]
@@ -143,7 +136,7 @@ def test_statistics_of_another_teacher_or_holdout_are_refused(fmnist_root, teach
     argv = ["distill", "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--teacher",
             str(second_teacher_ckpt), "--method", "edc", "--ipc", "1", "--stats-dir", str(stats_dir), "--out",
             str(tmp_path / "o"), *TINY]  # fmt: skip
-    code, _, err = _cli(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2 and len(err) == 1 and "different settings (teacher_sha256)" in err[0], err
     assert not (tmp_path / "o").exists()
     config = resolve(StatsConfig, {"dataset": "fashion-mnist", "teachers": [str(teacher_ckpt)], "holdout": 2,
@@ -164,7 +157,7 @@ def test_bad_method_settings_are_one_line_before_any_work(args, message, fmnist_
                                                           second_teacher_ckpt, tmp_path, capsys):  # fmt: skip
     argv = ["distill", "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--teacher", str(teacher_ckpt),
             "--teacher", str(second_teacher_ckpt), "--out", str(tmp_path / "o"), *args]  # fmt: skip
-    code, _, err = _cli(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o").exists()
 
@@ -206,7 +199,7 @@ def test_edc_starts_from_real_images_of_each_class(fmnist_root, teacher_ckpt, tm
 
 def test_run_plans_the_published_settings_of_each_new_method(tmp_path, capsys):
     def plan(dataset, method, ipc):
-        code, out, err = _cli(["run", "--dataset", dataset, "--method", method, "--ipc", str(ipc), "--out",
+        code, out, err = run_cli(["run", "--dataset", dataset, "--method", method, "--ipc", str(ipc), "--out",
                                str(tmp_path / "r"), "--print-config"], capsys)  # fmt: skip
         assert code == 0, err
         return yaml.safe_load("\n".join(out))

@@ -15,7 +15,6 @@ import torch
 import fadrm
 from fadrm.teachers import load_teacher
 from test_distill import pngs
-from test_evaluate import distilled  # noqa: F401  (the fixture: a small distilled set)
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 

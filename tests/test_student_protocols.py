@@ -19,7 +19,6 @@ from fadrm import cli
 
 from fadrm.artifacts import LabelStore
 from fadrm.augment import AUGMENT_OPS, ViewSampler, render
-from fadrm.baselines import TrainingSet
 from fadrm.config import EvalConfig, preset_names, resolve
 from fadrm.data import get_dataset_spec, normalize
 from fadrm.errors import FadrmError
@@ -29,15 +28,13 @@ from fadrm.runtime import make_runtime
 from fadrm.students import EmaWeights
 from fadrm.synthesis.methods import METHODS
 
+from conftest import tiny_training_set
+
 CPU = make_runtime("cpu", "off")
 ST = importlib.import_module("fadrm.students")
 SMALL = dataclasses.replace(get_dataset_spec("fashion-mnist"), image_size=8)
 
 
-def _tiny_set(n: int) -> TrainingSet:
-    gen = torch.Generator().manual_seed(0)
-    return TrainingSet("distilled", torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8),
-                       torch.arange(n) % 10)  # fmt: skip
 
 
 class Constant(nn.Module):
@@ -149,7 +146,7 @@ def test_train_student_validates_the_ema_weights(monkeypatch):
     monkeypatch.setattr(ST, "EmaWeights", keeping)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     config = EvalConfig(distilled="x", epochs=2, batch_size=4, accumulation=1, lr=0.1, eta=1.0, ema_decay=0.5)
-    ST.train_student(model, _tiny_set(8), config, SMALL, CPU, None, None, log=lambda s: None)
+    ST.train_student(model, tiny_training_set(8), config, SMALL, CPU, None, None, log=lambda s: None)
     # Validated after epochs 1 and 2 with the averages, never the live weights, which stay in the model.
     assert len(seen) == 2 and all(torch.equal(p, a) for p, a in zip(seen[-1], averaged[0].averages))
     assert not all(torch.equal(p, a) for p, a in zip(model.parameters(), averaged[0].averages))
@@ -281,27 +278,21 @@ def test_print_config_shows_each_methods_published_protocol(dataset, method, ipc
     assert common["loss"] == "kl" and common["ema_decay"] == 0.0 and not common["teacher_priors"]
 
 
-@pytest.fixture(scope="module")
-def rded_set(fmnist_root, teacher_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("set") / "rded"
-    fadrm.distill("fashion-mnist", [teacher_ckpt], out, method="rded", ipc=2, data_root=str(fmnist_root),
-                  mipc=16, num_crop=2, device="cpu", log=lambda s: None)  # fmt: skip
-    return out
 
 
-def _as_method(rded_set, tmp_path, method: str, priors: list[float] | None = None):
+def _as_method(distilled, tmp_path, method: str, priors: list[float] | None = None):
     """The fixture's images as if ``method`` had made them (its manifest says so, with the committee
     ``priors`` it was distilled with), so its protocol applies."""
     folder = tmp_path / method
-    shutil.copytree(rded_set, folder)
+    shutil.copytree(distilled, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["config"]["synthesis"]["priors"] = priors
     (folder / "manifest.json").write_text(json.dumps({**manifest, "method": method}))
     return folder
 
 
-def test_a_committee_set_is_relabelled_with_the_priors_it_was_made_with(rded_set, fmnist_root, tmp_path):
-    folder = _as_method(rded_set, tmp_path, "cv-dd", priors=[70.0])
+def test_a_committee_set_is_relabelled_with_the_priors_it_was_made_with(distilled, fmnist_root, tmp_path):
+    folder = _as_method(distilled, tmp_path, "cv-dd", priors=[70.0])
     results = fadrm.evaluate(folder, data_root=str(fmnist_root), epochs=1, batch_size=8, device="cpu", amp="off",
                              workers=0, eval_every=0, log=lambda s: None)  # fmt: skip
     assert results["config"]["teacher_priors"] == [70.0]
@@ -324,9 +315,9 @@ QUICK_FLAGS = ["--epochs", "2", "--batch-size", "8", "--device", "cpu", "--amp",
         ("edc", ["--protocol", "common"], {"loss": "kl", "ema_decay": 0.0, "rand_augment": False}),
     ],
 )
-def test_evaluate_trains_each_methods_protocol_end_to_end(rded_set, fmnist_root, teacher_ckpt, second_teacher_ckpt,
+def test_evaluate_trains_each_methods_protocol_end_to_end(distilled, fmnist_root, teacher_ckpt, second_teacher_ckpt,
                                                           tmp_path, method, extra, expected):  # fmt: skip
-    folder = _as_method(rded_set, tmp_path, method)
+    folder = _as_method(distilled, tmp_path, method)
     teachers = ["--teacher", str(teacher_ckpt)] + (["--teacher", str(second_teacher_ckpt)] if method == "cv-dd" else [])
     assert cli.main(["evaluate", str(folder), "--data-root", str(fmnist_root), *teachers, *QUICK_FLAGS, *extra]) == 0
     results = json.loads((folder / "eval" / "results.json").read_text())
@@ -349,10 +340,10 @@ def test_evaluate_trains_each_methods_protocol_end_to_end(rded_set, fmnist_root,
         (["--protocol", "theirs"], None),
     ],
 )
-def test_bad_relabel_and_loss_input_is_one_line_exit_2(rded_set, fmnist_root, tmp_path, capsys, flags, message):
+def test_bad_relabel_and_loss_input_is_one_line_exit_2(distilled, fmnist_root, tmp_path, capsys, flags, message):
     status = None
     try:
-        status = cli.main(["evaluate", str(rded_set), "--out", str(tmp_path / "e"), "--data-root", str(fmnist_root),
+        status = cli.main(["evaluate", str(distilled), "--out", str(tmp_path / "e"), "--data-root", str(fmnist_root),
                            *QUICK_FLAGS, *flags])  # fmt: skip
     except SystemExit as exit_:  # argparse refuses an unknown choice itself
         status = exit_.code

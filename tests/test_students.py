@@ -13,7 +13,6 @@ from torch import nn
 
 import fadrm
 from fadrm.augment import ViewSampler
-from fadrm.baselines import TrainingSet
 from fadrm.data import get_dataset_spec
 from fadrm.distributed import Ranks
 from fadrm.errors import FadrmError
@@ -25,16 +24,14 @@ from fadrm.students import (
     stretched_cosine, weight_decay_groups,
 )  # fmt: skip
 
+from conftest import tiny_training_set
+
 CPU = make_runtime("cpu", "off")
 EV = importlib.import_module("fadrm.evaluate")  # the module; fadrm.evaluate is the API function
 ST = importlib.import_module("fadrm.students")
 SPEC = get_dataset_spec("fashion-mnist")
 
 
-def _tiny_training_set(n: int) -> TrainingSet:
-    gen = torch.Generator().manual_seed(0)
-    return TrainingSet("distilled", torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8),
-                       torch.arange(n) % 10)  # fmt: skip
 
 
 def _train_recorded(monkeypatch, config, n_images, model=None, labeller=None):
@@ -60,7 +57,7 @@ def _train_recorded(monkeypatch, config, n_images, model=None, labeller=None):
     recording.add(config.optimizer, recording_factory)
     monkeypatch.setattr(ST, "OPTIMIZERS", recording)
     monkeypatch.setattr(ST, "evaluate_accuracy", lambda *a, **k: {"top1": 0.0, "top5": 0.0, "loss": 0.0})
-    ST.train_student(model, _tiny_training_set(n_images), config, small, CPU, None, labeller, log=lambda s: None)
+    ST.train_student(model, tiny_training_set(n_images), config, small, CPU, None, labeller, log=lambda s: None)
     return steps
 
 
@@ -86,7 +83,7 @@ def test_accumulated_gradient_is_the_loader_batch_mean_and_a_short_batch_is_halv
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     reference = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     reference.load_state_dict(model.state_dict())
-    labels_by_image = _tiny_training_set(20).labels
+    labels_by_image = tiny_training_set(20).labels
     order = ViewSampler(0, 8).batches(0, 20, 16)
     steps = _train_recorded(monkeypatch, config, 20, model=model)
     for step, indices, share in zip(steps, order, (1.0, 0.5)):
@@ -146,7 +143,7 @@ def test_best_and_final_accuracy_are_both_reported(monkeypatch):
     accuracies = iter([50.0, 70.0, 60.0])
     monkeypatch.setattr(ST, "evaluate_accuracy", lambda *a, **k: {"top1": next(accuracies), "top5": 90.0, "loss": 1.0})
     config = EvalConfig(distilled="x", epochs=5, batch_size=4, lr=0.1, eta=1.0, eval_every=2, mix="none")
-    result = ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), _tiny_training_set(8), config,
+    result = ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), tiny_training_set(8), config,
                               dataclasses.replace(SPEC, image_size=8), CPU, None, None, log=lambda s: None)  # fmt: skip
     assert result["evaluated_epochs"] == [1, 3, 5]
     assert (result["top1"], result["best_top1"], result["best_epoch"]) == (60.0, 70.0, 3)
@@ -292,7 +289,7 @@ def test_unknown_names_list_the_choices(registry, message):
 def test_train_student_looks_its_parts_up_by_name(field, registry):
     config = EvalConfig(distilled="x", epochs=1, batch_size=4, lr=0.1, eta=1.0, **{field: "nope"})
     with pytest.raises(FadrmError, match=f"unknown {registry} 'nope'"):
-        ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), _tiny_training_set(4), config,
+        ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), tiny_training_set(4), config,
                          dataclasses.replace(SPEC, image_size=8), CPU, None, None, log=lambda s: None)  # fmt: skip
 
 
@@ -316,7 +313,7 @@ def test_too_many_processes_for_a_micro_batch_are_refused():
     config = EvalConfig(distilled="x", epochs=1, batch_size=8, accumulation=2, lr=0.1, eta=1.0)
     with pytest.raises(FadrmError, match=r"^5 processes need at least 5 images in every micro-batch, and student has "
                                          r"one of 4 \(--batch-size 8 in --accumulation 2, 20 images\); use fewer"):
-        ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), _tiny_training_set(20), config,
+        ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), tiny_training_set(20), config,
                          dataclasses.replace(SPEC, image_size=8), CPU, None, None, log=lambda s: None,
                          ranks=Ranks(0, 5))  # fmt: skip
 
@@ -330,6 +327,6 @@ def test_a_non_finite_loss_stops_the_student_before_its_checkpoint(tmp_path):
     checkpoint = StudentCheckpoint(tmp_path / "s.partial.pt", {"seed": 0})
     config = EvalConfig(distilled="x", epochs=2, batch_size=4, lr=0.1, eta=1.0, mix="none")
     with pytest.raises(FadrmError, match=r"^non-finite loss \(nan\) during training student; lower the learning rate"):
-        ST.train_student(model, _tiny_training_set(8), config, dataclasses.replace(SPEC, image_size=8), CPU, None, None,
+        ST.train_student(model, tiny_training_set(8), config, dataclasses.replace(SPEC, image_size=8), CPU, None, None,
                          log=lambda s: None, checkpoint=checkpoint)  # fmt: skip
     assert not checkpoint.path.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 from dataclasses import dataclass
 from typing import ContextManager
@@ -82,6 +83,13 @@ class Runtime:
         """An input batch on the device in the chosen memory format."""
         tensor = tensor.to(self.device, non_blocking=True)
         return tensor.contiguous(memory_format=torch.channels_last) if self.channels_last else tensor
+
+    def peak_memory(self) -> int:
+        """This process's peak memory in bytes: the CUDA allocator's peak on a GPU (since the last
+        ``torch.cuda.reset_peak_memory_stats``), else the process's peak resident memory."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"

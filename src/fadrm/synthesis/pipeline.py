@@ -16,7 +16,6 @@ only the units without a record.
 
 from __future__ import annotations
 
-import resource
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -91,12 +90,6 @@ def _units(run: SynthesisRun, method: Method) -> list[Unit]:
     return UNIT_PLANS.get(method.units).plan(len(run.layout.class_names), run.config.ipc, run.config.synthesis)
 
 
-def _peak_memory(runtime: Runtime) -> int:
-    if runtime.device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(runtime.device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def synthesize(run: SynthesisRun, method: Method) -> None:
     """Run the recover loop over this rank's unfinished batches and write their images and records.
 
@@ -166,7 +159,7 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
                 "bn_loss": round(float(result.bn[g]), 6), "loss": round(float(result.loss[g]), 6),
                 "iterations": result.iterations, "seconds": elapsed / len(batch),
                 "seconds_per_image": elapsed / len(batch) / per_group, "batched_groups": len(batch),
-                "peak_memory_bytes": _peak_memory(runtime), "rank": run.ranks.rank, **plans(unit).describe(),
+                "peak_memory_bytes": runtime.peak_memory(), "rank": run.ranks.rank, **plans(unit).describe(),
                 "images": records,
             })  # fmt: skip
 
