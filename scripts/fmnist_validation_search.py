@@ -1,14 +1,15 @@
 """Choose Fashion-MNIST synthesis settings on a validation split held out from the training set.
 
     python scripts/fmnist_validation_search.py --out runs/valsearch [--holdout 500] [--seeds 0] [--ipc 10]
-        [--accumulation N] [--bssl]
+        [--accumulation N] [--bssl] [--protocol common] [--candidates NAME ...]
 
 Trains a teacher without the last ``holdout`` training images of each class,
 distills each candidate setting at the given IPC (10 by default), trains the same student on each
 distilled set and on a random real subset (soft and hard labels), and ranks
 the candidates by top-1 on the held-out images, with each candidate's mean margin over the
 random real subset (soft labels) of the same seed. ``--accumulation`` overrides the
-student recipe's gradient accumulation (the students then go to ``eval-accum<N>``).
+student recipe's gradient accumulation (the students then go to ``eval-accum<N>``);
+``--protocol common`` trains every candidate's students by FADRM's protocol (``eval-common``).
 The test set is never read.
 Every step resumes: rerun the same command after an interruption.
 """
@@ -40,6 +41,14 @@ CANDIDATES: dict[str, dict] = {
     "factor-2-resize": {"factor": 2, "patch_scoring": "resize"},
     # The published iteration count (500 per stage); the preset halves it for CPU time.
     "budget-2000": {"budgets": [500, 500, 500, 500]},
+    # G-VBSM and EDC as the preset transposes their CIFAR settings (lr 0.05; G-VBSM's full
+    # circular shift, EDC's none), and one change each: the shift FADRM uses at 28 px, the
+    # patches' learning rate.
+    "g-vbsm": {"method": "g-vbsm"},
+    "g-vbsm-jitter-3": {"method": "g-vbsm", "jitter": 3},
+    "g-vbsm-lr-0.25": {"method": "g-vbsm", "lr": 0.25},
+    "edc": {"method": "edc"},
+    "edc-lr-0.25": {"method": "edc", "lr": 0.25},
 }
 
 
@@ -52,6 +61,8 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--accumulation", type=int, help="student micro-batches per loader batch (default: the preset's)")
     parser.add_argument("--bssl", action="store_true", help="students with BSSL labels (the preset uses eval-mode teachers)")
+    parser.add_argument("--protocol", choices=["own", "common"], default="own",
+                        help="each method's own student protocol, or FADRM's for all (compares the data alone)")  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out)
     eval_options = {} if args.accumulation is None else {"accumulation": args.accumulation}
@@ -59,6 +70,9 @@ def main() -> None:
     if args.bssl:
         eval_options["bssl"] = True
         eval_suffix += "-bssl"
+    if args.protocol == "common":
+        eval_options["protocol"] = "common"
+        eval_suffix += "-common"
     teacher = out / "teacher.pt"
     recipe = load_preset_section("fashion-mnist", "teacher")
     fadrm.train_teacher("fashion-mnist", recipe.pop("model"), teacher, holdout=args.holdout, **recipe)
