@@ -197,7 +197,8 @@ def write_page(page: Path, rows: list[dict], ablation_rows: list[dict], teacher_
         lines += ["", "### Synthesis cost against the paper's efficiency table", "",
                   ("Seconds per distilled image at IPC 10 (one thread, Fashion-MNIST, each method's own iteration "
                    "count) and as a multiple of FADRM's, beside the paper's seconds per ImageNet-1k image and their "
-                   "multiple of FADRM's."), "",
+                   "multiple of FADRM's. Wall clock from each manifest: it compares methods only when their sets "
+                   "were made on an otherwise idle machine."), "",
                   "| method | s/img here | x FADRM here | paper s/img (ImageNet-1k) | x FADRM in the paper |",
                   "|---|---:|---:|---:|---:|"]  # fmt: skip
         for name in METHODS:

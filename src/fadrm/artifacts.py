@@ -803,9 +803,9 @@ class StudentCheckpoint:
     A ``torch.save`` dict of plain data, loadable with ``weights_only=True``: the run's
     identity, the epoch, the history so far, the seconds spent, and the state dicts the loop
     gives (model with its BatchNorm buffers, optimiser, scheduler, gradient scaler, the EMA of
-    the weights where the protocol keeps one, global random generators). The run's key and identity define a student, so a checkpoint made with
-    other settings is stale: it is replaced, with a line naming the settings, as a finished
-    run of other settings is retrained.
+    the weights where the protocol keeps one, global random generators). The run's key and
+    identity define a student, so a checkpoint made with other settings is stale: it is
+    replaced, with a line naming the settings, as a finished run of other settings is retrained.
     """
 
     VERSION = 1
