@@ -15,6 +15,7 @@ Three users, one module:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -294,6 +295,12 @@ class ViewSampler:
 _UNIT_VALUES = torch.arange(256, dtype=torch.float32).div(255).double()
 
 
+@functools.lru_cache(maxsize=None)
+def _unit_values_on(device: torch.device) -> torch.Tensor:
+    """``_UNIT_VALUES`` on ``device``, copied there once rather than for every batch."""
+    return to_device(_UNIT_VALUES, device)
+
+
 def _float32(values: torch.Tensor) -> torch.Tensor:
     """float64 ``values`` rounded once to float32, kept as float64."""
     return values.float().double()
@@ -373,7 +380,7 @@ def upsampled_crops(images: torch.Tensor, boxes: list[Box], flips: list[bool], s
     col_index = [to_device((taps + lefts[:, None])[:, None, :], device) for taps in cols[:2]]
     row_weight = [to_device(weights[:, :, None, None], device) for weights in rows[2:]]
     col_weight = [to_device(weights[:, None, :, None], device) for weights in cols[2:]]
-    pixels = to_device(_UNIT_VALUES, device)[images.long()].permute(0, 2, 3, 1).reshape(-1, channels)
+    pixels = _unit_values_on(device)[images.long()].permute(0, 2, 3, 1).reshape(-1, channels)
     (c00, c01), (c10, c11) = [[pixels[r + c] for c in col_index] for r in row_index]
     if _sums_corners_at_once(channels, size):
         # i00 * w00 + i01 * w01 + i10 * w10 + i11 * w11 with float32 weights w = row * column,
