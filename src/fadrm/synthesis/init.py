@@ -19,7 +19,7 @@ import torch
 
 from ..artifacts import DistilledSet, Layout
 from ..config import DistillConfig
-from ..augment import resize
+from ..augment import coin_flip, resize
 from ..data import DatasetSpec, ImageDataset, normalize
 from ..data.datasets import read_image
 from ..distributed import Ranks
@@ -174,7 +174,7 @@ class RealImageInitialiser:
                 index = pool[int(torch.randint(len(pool), (), generator=gen))]
                 image = images[index] if images is not None else run.dataset.load(index)
                 image = resize(image[None].float().div(255), size)
-                out.append(image.flip(-1) if bool(torch.rand((), generator=gen) < 0.5) else image)
+                out.append(image.flip(-1) if coin_flip(gen) else image)
         return normalize(torch.cat(out), run.spec.mean, run.spec.std)
 
     def source_file(self, run: SynthesisRun, label: int, ipc_index: int) -> Path | None:

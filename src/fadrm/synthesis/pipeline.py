@@ -122,9 +122,9 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
             torch.cuda.reset_peak_memory_stats(runtime.device)
         bar = tqdm(total=settings.total_budget, desc=f"{batch[0].key}+{len(batch) - 1}", leave=False, disable=None)
 
-        def on_step(step: int, loss: float) -> None:
+        def on_step(step: int, loss: float | None) -> None:
             bar.update(1)
-            if step % 20 == 0:
+            if loss is not None:  # the end of a stage
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
         try:

@@ -19,7 +19,7 @@ from torch import nn
 from ..augment import ViewParams, resize
 from ..config import SynthesisConfig
 from ..runtime import Runtime
-from ..training import backward, check_finite, optimizer_step
+from ..training import backward, check_finite_values, optimizer_step
 from .matching import MATCHERS, MatchSetup, StatMatcher, TeacherTargets
 from .methods import TeacherPlan
 
@@ -28,6 +28,9 @@ from .methods import TeacherPlan
 # target spectrum; both are the published constants.
 DD_SIDE = 32
 DD_TEMPERATURE = 4.0
+# The published optimiser of the pixels.
+ADAM_BETAS = (0.5, 0.9)
+ADAM_EPS = 1e-8
 
 
 @dataclass
@@ -45,6 +48,36 @@ class RecoverResult:
 def cosine_lr(base_lr: float, step: int, total: int) -> float:
     """One cosine decay over the whole budget, no warm-up."""
     return 0.5 * base_lr * (1 + math.cos(math.pi * step / total))
+
+
+class ImageAdam:
+    """Adam on the one tensor of images, computed as ``torch.optim.Adam``'s single-tensor path does
+    (the same operations in the same order: bitwise the same images on the CPU).
+
+    The step count lives on the host, so a step never reads the device (torch's keeps it in a
+    tensor and reads it back every step), and there is no optimiser machinery around the six
+    operations of an update.
+    """
+
+    def __init__(self, param: torch.Tensor, betas: tuple[float, float], eps: float) -> None:
+        self.param = param
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        """One update of ``param`` from its ``.grad`` at learning rate ``lr``."""
+        grad = self.param.grad
+        self.steps += 1
+        self.exp_avg.lerp_(grad, 1 - self.beta1)
+        self.exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        step_size = lr / (1 - self.beta1**self.steps)
+        bias_correction2_sqrt = (1 - self.beta2**self.steps) ** 0.5
+        denom = (self.exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
+        self.param.addcdiv_(self.exp_avg, denom, value=-step_size)
 
 
 def data_densification(views: torch.Tensor, slots: int, num_groups: int) -> torch.Tensor:
@@ -82,7 +115,7 @@ def recover(
     settings: SynthesisConfig,
     runtime: Runtime,
     bounds: tuple[torch.Tensor, torch.Tensor],
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float | None], None] | None = None,
     matcher: Callable[[MatchSetup], StatMatcher] = MATCHERS.get("batchnorm").build,
     plan: TeacherPlan | None = None,
     targets: Sequence[TeacherTargets] | None = None,
@@ -100,7 +133,9 @@ def recover(
         settings: stages and hyperparameters (the method's stage plan already applied).
         runtime: device and mixed precision.
         bounds: per-channel (low, high) of valid pixels in normalised space, shape (1, C, 1, 1).
-        on_step: called with (iteration, loss) after each step, e.g. to drive a progress bar.
+        on_step: called with (iteration, None) after each step, e.g. to drive a progress bar, and
+            with (iteration, that iteration's mean group loss) after a stage's last step (the
+            losses are read from the device once per stage).
         matcher: builds the statistics matcher of this batch (BatchNorm layers by default).
         plan: which teachers each iteration runs and their weights (default: every teacher,
             round robin, iteration t using teacher t mod K).
@@ -124,11 +159,16 @@ def recover(
     with matcher(MatchSetup(teachers, num_groups, settings, labels, generators, targets)) as statistics:
         for stage, (size, budget) in enumerate(zip(settings.sizes, settings.budgets)):
             x = x.detach().requires_grad_(True)
-            optimizer = torch.optim.Adam([x], lr=settings.lr, betas=(0.5, 0.9), eps=1e-8)
             scaler = runtime.grad_scaler()
+            if scaler is None:
+                adam = ImageAdam(x, ADAM_BETAS, ADAM_EPS)
+            else:  # fp16: torch's optimiser, whose steps the scaler skips on overflow
+                optimizer = torch.optim.Adam([x], lr=settings.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+            # This stage's per-iteration mean group loss, kept on the device and read once at
+            # its end: a read inside the loop would stall the device every iteration.
+            stage_losses: list[torch.Tensor] = []
             for _ in range(budget):
-                for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(settings.lr, step, total)
+                lr = cosine_lr(settings.lr, step, total)
                 views = torch.cat([
                     ViewParams.sample(gen, size, settings.jitter, settings.crop_scale).apply(chunk, size)
                     for gen, chunk in zip(generators, x.chunk(num_groups))
@@ -151,15 +191,27 @@ def recover(
                     if settings.dd_weight > 0 and slots > 1:
                         group_loss = group_loss + settings.dd_weight * data_densification(views, slots, num_groups)
                     loss = group_loss.sum()
-                check_finite(loss, "synthesis")
-                optimizer.zero_grad(set_to_none=True)
+                x.grad = None
                 backward(loss, scaler)
-                optimizer_step(optimizer, scaler)
+                if scaler is None:
+                    adam.step(lr)
+                else:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    optimizer_step(optimizer, scaler)
                 with torch.no_grad():
                     x.clamp_(low, high)
                 result_ce, result_bn, result_loss = ce.detach(), bn.detach(), group_loss.detach()
-                history.append(float(result_loss.mean()))
+                stage_losses.append(result_loss.mean())
                 step += 1
+                if on_step is not None and len(stage_losses) < budget:
+                    on_step(step, None)
+            if stage_losses:
+                # A non-finite loss poisons the images for good; the stage's remaining steps cost
+                # only time, and finding it here keeps the device free of reads.
+                losses = torch.stack(stage_losses).cpu().tolist()
+                check_finite_values(losses, f"synthesis (stage {stage + 1} of {len(settings.sizes)}, size {size})")
+                history.extend(losses)
                 if on_step is not None:
                     on_step(step, history[-1])
             if stage + 1 < len(settings.sizes):
