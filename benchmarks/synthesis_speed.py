@@ -16,6 +16,7 @@ Configs:
   cifar100     CIFAR-style ResNet-18, 100 classes per group, 32 px, one FADRM stage
   cifar100-4t  the same with four teachers round-robin (FADRM+)
   imagenet     torchvision ResNet-18, 10 classes per group, stages 200/224
+  imagenet-b100  the same, 100 classes per group (the reference's batch; not run by default)
   fashion-mnist  (not run by default) the demo's ConvNet-w32, 10 groups of 10, stages 24/28
 """
 
@@ -38,6 +39,8 @@ CONFIGS = {
         "classes": 100, "group": 100, "sizes": [32],
     },
     "imagenet": {"teachers": ["resnet18"], "classes": 1000, "group": 10, "sizes": [200, 224]},
+    # The reference's ImageNet batch: 100 classes at one IPC index (issue 25's second shape).
+    "imagenet-b100": {"teachers": ["resnet18"], "classes": 1000, "group": 100, "sizes": [200, 224]},
     # The README demo's shape: ten one-image-per-class groups of the CPU teacher in one pass.
     "fashion-mnist": {"teachers": ["convnet-small"], "classes": 10, "group": 10, "sizes": [24, 28], "channels": 1,
                       "groups": 10},
@@ -48,7 +51,7 @@ PAPER_BUDGET = 2000
 
 def worker(
     config_name: str, mode: str, iters: int, warmup: int, device: str, amp: str, groups: int | None, memory_format: str,
-    compile: bool = False, profile: bool = False,
+    compile: bool = False, profile: bool = False, fused_statistics: bool = False,
 ) -> dict:
     """One measurement in this process: seconds per iteration and peak memory.
 
@@ -71,7 +74,7 @@ def worker(
     groups = groups or cfg.get("groups", 1)
     channels = cfg.get("channels", 3)
     runtime = make_runtime(device, amp, channels_last=None if memory_format == "auto" else memory_format == "channels-last",
-                           compile=compile)  # fmt: skip
+                           compile=compile, fused_statistics=fused_statistics)  # fmt: skip
     torch.manual_seed(0)
     size = cfg["sizes"][-1]
     teachers = []
@@ -149,7 +152,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 cmd = [sys.executable, __file__, "--worker", name, mode, "--iters", str(args.iters),
                        "--warmup", str(args.warmup), "--device", args.device, "--amp", args.amp,
                        "--memory-format", args.memory_format, *(["--groups", str(args.groups)] if args.groups else []),
-                       *(["--compile"] if args.compile else []), *(["--profile"] if args.profile else [])]  # fmt: skip
+                       *(["--compile"] if args.compile else []), *(["--profile"] if args.profile else []),
+                       *(["--fused-statistics"] if args.fused_statistics else [])]  # fmt: skip
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 if args.profile:
                     print(done.stderr)
@@ -181,12 +185,13 @@ def main() -> None:
                         help="auto: channels-last on CPU (the library's default)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="torch.compile the teachers (compiled in the warm-up)")
     parser.add_argument("--profile", action="store_true", help="print each measurement's profiler table")
+    parser.add_argument("--fused-statistics", action="store_true", help="our loop with the fused statistics loss")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.iters, args.warmup, args.device, args.amp, args.groups,
-                                args.memory_format, args.compile, args.profile)))  # fmt: skip
+                                args.memory_format, args.compile, args.profile, args.fused_statistics)))  # fmt: skip
         return
     rows = measure(args)
     gib = 1024**3
@@ -200,7 +205,7 @@ def main() -> None:
         import torch
 
         meta = {"device": args.device, "amp": args.amp, "groups": args.groups, "memory_format": args.memory_format,
-                "compile": args.compile, "iters": args.iters,
+                "compile": args.compile, "fused_statistics": args.fused_statistics, "iters": args.iters,
                 "rounds": args.rounds, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                 "command": " ".join(sys.argv)}  # fmt: skip
         if args.device.startswith("cuda"):

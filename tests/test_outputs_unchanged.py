@@ -3,8 +3,9 @@
 ``tests/data/outputs-0.3.0.json`` holds the sha256 of every PNG (``images/`` and ``init/``) and
 of the manifest that fadrm 0.3.0 wrote for each method at a small shape with default settings
 on the CPU. The manifest is hashed without what legitimately differs between two runs of the
-same inputs (:data:`VOLATILE`: timings, memory, version strings) and with the temporary paths
-and the teachers' file hashes replaced by their roles. The hashes hold for the torch build and CPU kernel family recorded
+same inputs (:data:`VOLATILE`: timings, memory, version strings), without the options added since
+(:data:`ADDED_SINCE_0_3_0`, which must be at their defaults) and with the temporary paths and the
+teachers' file hashes replaced by their roles. The hashes hold for the torch build and CPU kernel family recorded
 in the file: float rounding of the CPU kernels differs between torch releases and between
 instruction sets (AVX2, AVX-512), so elsewhere the test skips and says why.
 
@@ -33,11 +34,18 @@ SHAPE = dict(ipc=2, sizes=[24, 28], budgets=[6, 6], mipc=16, num_crop=2, classes
 # Manifest keys whose values differ between two runs of the same inputs.
 VOLATILE = {"fadrm_version", "torch_version", "python_version", "wall_seconds_this_session",
             "synthesis_seconds_per_image", "peak_memory_bytes", "seconds", "seconds_per_image"}  # fmt: skip
+# Options added to the distill config since 0.3.0 (execution choices, recorded in the manifest's
+# config): a default run must have them at these values, and is then compared without them.
+ADDED_SINCE_0_3_0 = {"fused_statistics": False}
 
 
 def canonical(value, roles: dict[str, str]):
     """``value`` without :data:`VOLATILE` keys and with each path in ``roles`` replaced by its role."""
     if isinstance(value, dict):
+        if value.get("format") == "fadrm-distilled":
+            config = value["config"]
+            assert {key: config.get(key) for key in ADDED_SINCE_0_3_0} == ADDED_SINCE_0_3_0, config
+            value = {**value, "config": {k: v for k, v in config.items() if k not in ADDED_SINCE_0_3_0}}
         return {key: canonical(item, roles) for key, item in value.items() if key not in VOLATILE}
     if isinstance(value, list):
         return [canonical(item, roles) for item in value]

@@ -26,17 +26,24 @@ class HostCost:
     """What a counted region dispatched: operators by name and scalar reads."""
 
     ops: collections.Counter = field(default_factory=collections.Counter)
-    scalar_reads: int = 0
+    scalar_reads: float = 0
 
     @property
-    def total(self) -> int:
+    def total(self) -> float:
         """Operators dispatched, scalar reads included."""
         return sum(self.ops.values())
+
+    def __add__(self, other: "HostCost") -> "HostCost":
+        return HostCost(self.ops + other.ops, self.scalar_reads + other.scalar_reads)
 
     def __sub__(self, other: "HostCost") -> "HostCost":
         ops = collections.Counter(self.ops)
         ops.subtract(other.ops)
         return HostCost(+ops, self.scalar_reads - other.scalar_reads)
+
+    def scaled(self, factor: float) -> "HostCost":
+        """Every count times ``factor`` (e.g. per iteration from a count over several)."""
+        return HostCost(collections.Counter({op: n * factor for op, n in self.ops.items()}), self.scalar_reads * factor)
 
 
 class CountHostCost(TorchDispatchMode):

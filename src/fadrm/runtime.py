@@ -46,12 +46,15 @@ class Runtime:
         amp: "off", "fp16" or "bf16" (already resolved from "auto").
         channels_last: run convolutions on channels-last tensors.
         compile: wrap models in ``torch.compile`` where :meth:`place` is asked to.
+        fused_statistics: synthesis computes the BatchNorm-statistics loss of all of a model's
+            layers in one autograd node (fewer host operations, other rounding).
     """
 
     device: torch.device
     amp: str
     channels_last: bool = False
     compile: bool = False
+    fused_statistics: bool = False
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -93,7 +96,8 @@ class Runtime:
 
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return f"{name} ({self.device}), amp={self.amp}" + (", compiled" if self.compile else "")
+        return (f"{name} ({self.device}), amp={self.amp}" + (", compiled" if self.compile else "")
+                + (", fused statistics" if self.fused_statistics else ""))  # fmt: skip
 
 
 def make_runtime(
@@ -102,6 +106,7 @@ def make_runtime(
     channels_last: bool | None = None,
     compile: bool = False,
     stage: str = "synthesis",
+    fused_statistics: bool = False,
 ) -> Runtime:
     """Resolve ``device`` ("auto", "cpu", "cuda", "cuda:N") and ``amp`` ("auto", "off", "fp16", "bf16").
 
@@ -115,6 +120,8 @@ def make_runtime(
     ``compile=True`` (the synthesis teachers): off by default, because on the
     CPU it measured only 3% faster for ResNet-18 (none for small ConvNets)
     after minutes of compilation per input size.
+    ``fused_statistics``: see :class:`Runtime`; off by default until a GPU run has
+    timed it (the CPU default must keep 0.3.0's bytes).
     """
     device = device or "auto"
     amp = amp or "auto"
@@ -141,4 +148,4 @@ def make_runtime(
     # Inductor builds C++ kernels for the CPU; without a compiler it fails deep inside the first forward.
     if compile and dev.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
         raise FadrmError("--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
-    return Runtime(dev, amp, channels_last, compile)
+    return Runtime(dev, amp, channels_last, compile, fused_statistics)

@@ -31,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..config import SynthesisConfig
 from ..registry import Registry
 from ..runtime import to_device
-from .bn_stats import GroupMoments, _device_of, stat_distance
+from .bn_stats import FusedBatchNormLoss, FusedLayout, GroupMoments, device_of, stat_distance
 
 # EDC's soft category-aware matching: every term is (1 - share) * D(global target) + share *
 # D(class target); its code hard-codes one half, and so do we.
@@ -150,7 +150,40 @@ class EmaSurrogate:
 
 
 # ------------------------------------------------------------------- matcher
-class StatMatcher:
+class HookedMatcher:
+    """What every matcher shares: its hooks are registered on entering the context and all removed
+    on leaving it, whatever happens. Subclasses fill :meth:`_register` (append to ``_handles``) and
+    :meth:`_release` (drop what the hooks kept)."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self):
+        try:
+            self._register()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook and drop what they kept (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._release()
+
+    def _register(self) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        pass
+
+
+class StatMatcher(HookedMatcher):
     """Hooks the matched layers of the given models and accumulates the statistics loss.
 
     Use as a context manager; the hooks are removed on exit, whatever happens. After each
@@ -184,44 +217,33 @@ class StatMatcher:
         self.generators = list(generators)
         self.labels = labels
         self.class_share = class_share
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
         self._terms: list[torch.Tensor] = []
         # Where each model without hooked layers runs: its zero term is created there.
         self._unhooked: dict[nn.Module, torch.device] = {}
         self._keep: torch.Tensor | None = None  # this forward's kept convolution terms, (G, convolutions), CPU
+        self._kept_by_any: list[bool] = []
 
-    def __enter__(self) -> "StatMatcher":
-        try:
-            for index, model in enumerate(self.models):
-                targets = self.targets[index] if self.targets is not None else None
-                layers = matched_layers(model, convolutions=targets is not None)
-                if not layers:
-                    self._unhooked[model] = _device_of(model)
-                convolutions = sum(isinstance(m, nn.Conv2d) for _, m in layers)
-                conv_index = 0
-                for position, (name, layer) in enumerate(layers):
-                    weight = self.first_multiplier if position == 0 else 1.0
-                    layer_targets = self._prepared(targets.layers.get(name) if targets else None, layer)
-                    if isinstance(layer, nn.Conv2d):
-                        hook = self._conv_hook((index, name), weight, layer_targets, targets.cell, conv_index,
-                                               convolutions)  # fmt: skip
-                        conv_index += 1
-                    else:
-                        hook = self._bn_hook((index, name), weight, layer_targets)
-                    self._handles.append(layer.register_forward_hook(hook))
-        except BaseException:
-            self.close()
-            raise
-        return self
+    def _register(self) -> None:
+        for index, model in enumerate(self.models):
+            targets = self.targets[index] if self.targets is not None else None
+            layers = matched_layers(model, convolutions=targets is not None)
+            if not layers:
+                self._unhooked[model] = device_of(model)
+            convolutions = sum(isinstance(m, nn.Conv2d) for _, m in layers)
+            conv_index = 0
+            for position, (name, layer) in enumerate(layers):
+                weight = self.first_multiplier if position == 0 else 1.0
+                layer_targets = self._prepared(targets.layers.get(name) if targets else None, layer)
+                if isinstance(layer, nn.Conv2d):
+                    hook = self._conv_hook((index, name), weight, layer_targets, targets.cell, conv_index,
+                                           convolutions)  # fmt: skip
+                    conv_index += 1
+                else:
+                    hook = self._bn_hook((index, name), weight, layer_targets)
+                self._handles.append(layer.register_forward_hook(hook))
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Remove every hook (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _release(self) -> None:
         self._terms.clear()
 
     def _prepared(self, targets: LayerTargets | None, layer: nn.Module) -> LayerTargets | None:
@@ -232,11 +254,11 @@ class StatMatcher:
             return None
         if self.class_share == 0:  # the class targets are not needed on the device
             targets = LayerTargets(targets.channel, targets.patch)
-        targets = targets.to(_device_of(layer))
+        targets = targets.to(device_of(layer))
         if self.class_share > 0:
             if self.labels is None or targets.class_channel is None:
                 raise ValueError("class-aware matching needs labels and class targets")
-            labels = self.labels.to(_device_of(layer))
+            labels = self.labels.to(device_of(layer))
             targets.class_channel = group_class_targets(targets.class_channel, labels, self.num_groups)
             if targets.class_patch is not None:
                 targets.class_patch = group_class_targets(targets.class_patch, labels, self.num_groups)
@@ -271,7 +293,9 @@ class StatMatcher:
                     # One draw per group and convolution of this forward, from each group's own stream.
                     self._keep = torch.stack([torch.rand(convolutions, generator=g) for g in self.generators])
                     self._keep = self._keep >= self.conv_drop
-                if not self._keep[:, conv_index].any():  # on the CPU: no device sync
+                    # Which convolutions any group keeps, read from host memory once per forward.
+                    self._kept_by_any = self._keep.any(0).tolist()
+                if not self._kept_by_any[conv_index]:
                     self._terms.append(torch.zeros(self.num_groups, device=x.device))
                     return
                 keep = to_device(self._keep[:, conv_index], x.device)
@@ -310,6 +334,68 @@ class BNStatMatcher(StatMatcher):
         super().__init__(models, num_groups, first_bn_multiplier, ema=ema)
 
 
+class FusedBatchNormMatcher(HookedMatcher):
+    """:class:`BNStatMatcher`'s loss, computed by :class:`~fadrm.synthesis.bn_stats.FusedBatchNormLoss`.
+
+    The hooks only keep each BatchNorm layer's input; :meth:`pop` computes the loss of all of a
+    model's layers at once, with about a fifth of the host operations of the per-layer path
+    (``benchmarks/host_cost.py``). The same loss; float rounding differs.
+    """
+
+    def __init__(self, models: Iterable[nn.Module], num_groups: int, first_bn_multiplier: float = 10.0,
+                 ema: float = 0.0) -> None:  # fmt: skip
+        self.models = list(models)
+        self.num_groups = num_groups
+        self.first_multiplier = first_bn_multiplier
+        self.ema = ema
+        super().__init__()
+        self._layouts: dict[nn.Module, FusedLayout] = {}
+        self._ema_state: dict[nn.Module, dict] = {}
+        self._inputs: dict[nn.Module, list[torch.Tensor | None]] = {}
+        self._unhooked: dict[nn.Module, torch.device] = {}
+
+    def _register(self) -> None:
+        for model in self.models:
+            layers = [layer for _, layer in matched_layers(model, convolutions=False)]
+            if not layers:
+                self._unhooked[model] = device_of(model)
+                continue
+            weights = [self.first_multiplier] + [1.0] * (len(layers) - 1)
+            self._layouts[model] = FusedLayout.build(layers, weights, self.num_groups)
+            self._ema_state[model] = {}
+            inputs: list[torch.Tensor | None] = [None] * len(layers)
+            self._inputs[model] = inputs
+            for position, layer in enumerate(layers):
+                self._handles.append(layer.register_forward_hook(self._keep_input(inputs, position)))
+
+    def _release(self) -> None:
+        for inputs in self._inputs.values():
+            inputs[:] = [None] * len(inputs)
+
+    @staticmethod
+    def _keep_input(inputs: list[torch.Tensor | None], position: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if inputs[position] is not None:
+                raise RuntimeError(f"BatchNorm layer {module} ran twice in one forward pass; the fused "
+                                   "statistics loss needs each layer once")  # fmt: skip
+            inputs[position] = args[0]
+
+        return hook
+
+    def pop(self, model: nn.Module) -> torch.Tensor:
+        """The weighted statistics loss of ``model``'s last forward pass, shape (num_groups,) (zeros without
+        BatchNorm layers)."""
+        if model in self._unhooked:
+            return torch.zeros(self.num_groups, device=self._unhooked[model])
+        inputs = self._inputs[model]
+        if any(x is None for x in inputs):
+            raise RuntimeError("not every BatchNorm layer ran in the last forward pass")
+        activations = list(inputs)
+        inputs[:] = [None] * len(inputs)
+        ema = self._ema_state[model] if self.ema > 0 else None
+        return FusedBatchNormLoss.apply(self._layouts[model], ema, self.ema, *activations)
+
+
 # ------------------------------------------------------------------ registry
 @dataclass(frozen=True)
 class MatchSetup:
@@ -322,6 +408,8 @@ class MatchSetup:
         labels: each image's class, (G*B,).
         generators: one random stream per group.
         targets: per teacher, its statistics targets (None where the matcher needs none).
+        fused: compute the loss with :class:`FusedBatchNormMatcher` where the matcher has such a
+            path (``--fused-statistics``).
     """
 
     teachers: Sequence[nn.Module]
@@ -330,6 +418,7 @@ class MatchSetup:
     labels: torch.Tensor
     generators: Sequence[torch.Generator]
     targets: Sequence[TeacherTargets] | None = None
+    fused: bool = False
 
 
 @dataclass(frozen=True)
@@ -339,14 +428,17 @@ class MatcherKind:
     Attributes:
         build: the matcher for one batch.
         statistics: whether it needs the teachers' statistics files (``fadrm stats``).
+        fuses: whether it has a fused path (:class:`FusedBatchNormMatcher`) for ``MatchSetup.fused``.
     """
 
-    build: Callable[[MatchSetup], StatMatcher]
+    build: Callable[[MatchSetup], StatMatcher | FusedBatchNormMatcher]
     statistics: bool = False
+    fuses: bool = False
 
 
-def _batchnorm(setup: MatchSetup) -> StatMatcher:
-    return BNStatMatcher(setup.teachers, setup.num_groups, setup.settings.first_bn_multiplier, setup.settings.stat_ema)
+def _batchnorm(setup: MatchSetup) -> StatMatcher | FusedBatchNormMatcher:
+    kind = FusedBatchNormMatcher if setup.fused else BNStatMatcher
+    return kind(setup.teachers, setup.num_groups, setup.settings.first_bn_multiplier, setup.settings.stat_ema)
 
 
 def _with_convolutions(class_share: float) -> Callable[[MatchSetup], StatMatcher]:
@@ -363,7 +455,7 @@ def _with_convolutions(class_share: float) -> Callable[[MatchSetup], StatMatcher
 
 MATCHERS: Registry[MatcherKind] = Registry("statistics matcher")
 # BatchNorm layers against their running buffers (FADRM, SRe2L, CV-DD).
-MATCHERS.add("batchnorm", MatcherKind(_batchnorm))
+MATCHERS.add("batchnorm", MatcherKind(_batchnorm, fuses=True))
 # G-VBSM: BatchNorm layers and convolution inputs against the training set's statistics.
 MATCHERS.add("batchnorm+conv", MatcherKind(_with_convolutions(0.0), statistics=True))
 # EDC: the same, each distance averaged with the distance to the group's class targets.

@@ -203,7 +203,12 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict[s
     validate(config)  # also for configs built by hand rather than resolved
     method = METHODS.get(config.method)
     spec = get_dataset_spec(config.dataset)
-    runtime = make_runtime(config.device, config.amp, compile=config.compile)
+    fused = config.fused_statistics
+    if fused and not MATCHERS.get(method.matcher).fuses:
+        log(f"--fused-statistics: {method.name}'s statistics ({method.matcher}) have no fused path; using the "
+            "per-layer one")  # fmt: skip
+        fused = False
+    runtime = make_runtime(config.device, config.amp, compile=config.compile, fused_statistics=fused)
     ranks = init_ranks(runtime.device.type)
     try:
         return _distill_ranked(config, method, spec, runtime, ranks, started, log)

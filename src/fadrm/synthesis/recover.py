@@ -107,6 +107,17 @@ def arc_merge(x: torch.Tensor, residual_source: torch.Tensor, size: int, alpha: 
     return alpha * resize(x, size) + (1 - alpha) * resize(residual_source, size)
 
 
+def draw_views(x: torch.Tensor, generators: Sequence[torch.Generator], size: int,
+               settings: SynthesisConfig) -> torch.Tensor:  # fmt: skip
+    """One iteration's views of the images: each group's crop, flip and shift drawn from its own stream."""
+    if len(generators) == 1:
+        return ViewParams.sample(generators[0], size, settings.jitter, settings.crop_scale).apply(x, size)
+    return torch.cat([
+        ViewParams.sample(gen, size, settings.jitter, settings.crop_scale).apply(chunk, size)
+        for gen, chunk in zip(generators, x.chunk(len(generators)))
+    ])  # fmt: skip
+
+
 def recover(
     init: torch.Tensor,
     labels: torch.Tensor,
@@ -156,7 +167,8 @@ def recover(
     history: list[float] = []
     plan = plan or TeacherPlan(tuple(range(len(teachers))))
     step = 0
-    with matcher(MatchSetup(teachers, num_groups, settings, labels, generators, targets)) as statistics:
+    with matcher(MatchSetup(teachers, num_groups, settings, labels, generators, targets,
+                            runtime.fused_statistics)) as statistics:
         for stage, (size, budget) in enumerate(zip(settings.sizes, settings.budgets)):
             x = x.detach().requires_grad_(True)
             scaler = runtime.grad_scaler()
@@ -169,11 +181,7 @@ def recover(
             stage_losses: list[torch.Tensor] = []
             for _ in range(budget):
                 lr = cosine_lr(settings.lr, step, total)
-                views = torch.cat([
-                    ViewParams.sample(gen, size, settings.jitter, settings.crop_scale).apply(chunk, size)
-                    for gen, chunk in zip(generators, x.chunk(num_groups))
-                ])  # fmt: skip
-                views = runtime.batch(views)
+                views = runtime.batch(draw_views(x, generators, size, settings))
                 with runtime.autocast():
                     terms = []
                     for position, weight in plan.members(step):
@@ -201,15 +209,16 @@ def recover(
                     optimizer_step(optimizer, scaler)
                 with torch.no_grad():
                     x.clamp_(low, high)
-                result_ce, result_bn, result_loss = ce.detach(), bn.detach(), group_loss.detach()
-                stage_losses.append(result_loss.mean())
+                if step + 1 == total:  # the terms the result reports
+                    result_ce, result_bn, result_loss = ce.detach(), bn.detach(), group_loss.detach()
+                stage_losses.append(loss.detach())
                 step += 1
                 if on_step is not None and len(stage_losses) < budget:
                     on_step(step, None)
             if stage_losses:
                 # A non-finite loss poisons the images for good; the stage's remaining steps cost
                 # only time, and finding it here keeps the device free of reads.
-                losses = torch.stack(stage_losses).cpu().tolist()
+                losses = torch.stack(stage_losses).div_(num_groups).cpu().tolist()  # the mean group loss
                 check_finite_values(losses, f"synthesis (stage {stage + 1} of {len(settings.sizes)}, size {size})")
                 history.extend(losses)
                 if on_step is not None:

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Every pending GPU check in one run, prepared on the CPU; under 8 minutes on an H100/H200.
+#
+#   bash benchmarks/gpu_check.sh             # on the lent GPU machine, from the repository root
+#   bash benchmarks/gpu_check.sh --dry-run   # every step at toy size on the CPU (CI runs this)
+#
+# Writes benchmarks/results/gpu/ (JSON and logs, named after the device) and prints each step's
+# wall time. A step that fails is reported and the others still run; the exit status is that of
+# the first failure. Steps:
+#   1. tests/test_cuda.py (the CUDA tests; they skip without a GPU)
+#   2. host cost on the CUDA code path (ops and scalar reads per iteration, default and fused)
+#   3. synthesis against the bare model: CIFAR-100 ResNet-18 batch 100 and ImageNet-1k ResNet-18
+#      batch 100 at 200/224, bf16 and fp16, default and --fused-statistics
+#   4. the paper's efficiency table (FADRM, FADRM+, SRe2L++, G-VBSM, EDC, CV-DD), beside the public
+#      reference's own loop at the same shape when ../shared/bench/reference_recover.py is there
+#   5. the reference's loop at the CIFAR-100 shape, for step 3's side-by-side
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+if [ "$DRY" = 1 ]; then
+    DEVICE=cpu; TAG=dry-run; OUT=${OUT_DIR:-$(mktemp -d)}
+else
+    DEVICE=cuda; TAG=$($PY -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())"); OUT=benchmarks/results/gpu
+fi
+mkdir -p "$OUT"
+REF=../shared/bench/reference_recover.py
+STATUS=0
+
+step() {  # step NAME COMMAND...: run, time, keep the log, remember the first failure
+    local name=$1; shift
+    local began=$SECONDS
+    if "$@" >"$OUT/$TAG-$name.log" 2>&1; then
+        echo "ok     $name ($((SECONDS - began)) s)"
+    else
+        local rc=$?
+        echo "FAILED $name ($((SECONDS - began)) s, exit $rc): tail of $OUT/$TAG-$name.log"
+        tail -n 15 "$OUT/$TAG-$name.log"
+        [ "$STATUS" = 0 ] && STATUS=$rc
+    fi
+}
+
+step test-cuda $PY -m pytest -q tests/test_cuda.py
+if [ "$DRY" = 1 ]; then
+    step host-cost $PY benchmarks/host_cost.py --dry-run --json "$OUT/$TAG-host-cost.json"
+    step synthesis $PY benchmarks/synthesis_speed.py --configs fashion-mnist --iters 1 --warmup 1 --rounds 1 \
+        --fused-statistics --json "$OUT/$TAG-synthesis.json"
+    step efficiency $PY benchmarks/efficiency.py --dry-run --iters 1 --warmup 1 --methods fadrm g-vbsm \
+        --json "$OUT/$TAG-efficiency.json"
+else
+    step host-cost $PY benchmarks/host_cost.py --device cuda --json "$OUT/$TAG-host-cost.json"
+    for amp in bf16 fp16; do
+        step synthesis-$amp $PY benchmarks/synthesis_speed.py --device cuda --amp $amp --configs cifar100 imagenet-b100 \
+            --iters 10 --warmup 3 --rounds 2 --json "$OUT/$TAG-synthesis-$amp.json"
+        step synthesis-$amp-fused $PY benchmarks/synthesis_speed.py --device cuda --amp $amp --configs cifar100 \
+            imagenet-b100 --iters 10 --warmup 3 --rounds 2 --fused-statistics --json "$OUT/$TAG-synthesis-$amp-fused.json"
+    done
+    step efficiency $PY benchmarks/efficiency.py --device cuda --iters 8 --warmup 3 --json "$OUT/$TAG-efficiency.json"
+    if [ -f "$REF" ]; then
+        step reference-cifar100 $PY "$REF" cifar100 --device cuda --iters 20 --warmup 5
+    fi
+fi
+echo "results in $OUT"
+exit $STATUS

@@ -1,0 +1,125 @@
+"""Synthesis keeps the host out of the loop: no scalar read per iteration, a fused statistics loss
+equal to the per-layer one, counted exactly with a dispatch mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fadrm
+from fadrm.config import SynthesisConfig
+from fadrm.errors import FadrmError
+from fadrm.hostcost import CountHostCost
+from fadrm.models import build_model
+from fadrm.runtime import make_runtime
+from fadrm.seeding import make_generator
+from fadrm.synthesis.matching import BNStatMatcher, FusedBatchNormMatcher
+from fadrm.synthesis.recover import recover
+
+
+def _teacher(seed: int = 0, width: int = 8) -> torch.nn.Module:
+    """A ConvNet whose BN running statistics are not the defaults, frozen."""
+    torch.manual_seed(seed)
+    model = build_model("convnet-small", 10, 1, 16, width=width).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(8, 1, 16, 16) * 2 - 0.5)
+    return model.eval().requires_grad_(False)
+
+
+def _cost_of_recover(budget: int, fused: bool, groups: int = 2):
+    teacher = _teacher()
+    settings = SynthesisConfig(sizes=[12, 16], budgets=[budget, budget], jitter=2)
+    generators = [make_generator(0, "test", g) for g in range(groups)]
+    bounds = (torch.full((1, 1, 1, 1), -3.0), torch.full((1, 1, 1, 1), 3.0))
+    with CountHostCost() as counted:
+        recover(torch.rand(5 * groups, 1, 16, 16), torch.arange(5 * groups) % 10, [teacher], generators, settings,
+                make_runtime("cpu", "off", fused_statistics=fused), bounds)  # fmt: skip
+    return counted.cost
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_no_scalar_is_read_inside_a_stage(fused):
+    # Twice the iterations, the same reads: every read is per stage (the loss history), none per iteration.
+    short, long = _cost_of_recover(2, fused), _cost_of_recover(4, fused)
+    assert long.scalar_reads == short.scalar_reads
+    assert long.total > short.total  # the counter does see the extra iterations
+
+
+def test_the_counter_sees_a_read_and_the_backward_pass():
+    x = torch.rand(3, requires_grad=True)
+    with CountHostCost() as counted:
+        (x * 2).sum().backward()
+        float(x.detach().sum())
+    assert counted.cost.scalar_reads == 1
+    assert counted.cost.ops["aten.mul.Tensor"] >= 2  # forward and backward
+
+
+def test_the_fused_path_dispatches_far_fewer_operators():
+    default = _cost_of_recover(4, False) - _cost_of_recover(2, False)
+    fused = _cost_of_recover(4, True) - _cost_of_recover(2, True)
+    assert fused.total < 0.7 * default.total
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("ema", [0.0, 0.8])
+def test_fused_statistics_loss_equals_the_per_layer_loss(groups, ema):
+    teacher = _teacher()
+    x = (torch.rand(4 * groups, 1, 16, 16) * 3 - 1).requires_grad_(True)
+    results = []
+    for kind in (BNStatMatcher, FusedBatchNormMatcher):
+        x.grad = None
+        with kind([teacher], groups, 10.0, ema) as statistics:
+            for _ in range(3):  # the EMA state carries across forwards
+                teacher(x)
+                loss = statistics.pop(teacher)
+        (loss * torch.arange(1.0, groups + 1)).sum().backward()
+        results.append((loss.detach(), x.grad.clone()))
+    (per_layer, per_layer_grad), (fused, fused_grad) = results
+    assert fused.shape == (groups,)
+    torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_grad, per_layer_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_matcher_removes_its_hooks_and_handles_a_model_without_batchnorm():
+    teacher, plain = _teacher(), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))
+    with FusedBatchNormMatcher([teacher, plain], 1) as statistics:
+        plain(torch.rand(2, 1, 16, 16))
+        assert torch.equal(statistics.pop(plain), torch.zeros(1))
+        with pytest.raises(RuntimeError, match="not every BatchNorm layer ran"):
+            statistics.pop(teacher)
+    assert all(not m._forward_hooks for m in teacher.modules())
+
+
+def test_non_finite_loss_is_found_at_the_end_of_its_stage_and_named():
+    teacher = _teacher()
+    [linear for linear in teacher.modules() if isinstance(linear, torch.nn.Linear)][-1].bias.fill_(float("nan"))
+    settings = SynthesisConfig(sizes=[12, 16], budgets=[3, 3])
+    bounds = (torch.full((1, 1, 1, 1), -3.0), torch.full((1, 1, 1, 1), 3.0))
+    with pytest.raises(FadrmError, match=r"^non-finite loss \(nan\) during synthesis \(stage 1 of 2, size 12\), "
+                                         r"step 1; lower the learning rate"):  # fmt: skip
+        recover(torch.rand(3, 1, 16, 16), torch.tensor([0, 1, 2]), [teacher], [make_generator(0, "t", 0)], settings,
+                make_runtime("cpu", "off"), bounds)  # fmt: skip
+
+
+def test_distill_with_fused_statistics(fmnist_root, teacher_ckpt, tmp_path):
+    common = dict(ipc=1, data_root=str(fmnist_root), sizes=[24, 28], budgets=[3, 3], mipc=16, num_crop=2,
+                  log=lambda line: None)  # fmt: skip
+    fadrm.distill("fashion-mnist", [teacher_ckpt], tmp_path / "default", method="fadrm", **common)
+    manifest = fadrm.distill("fashion-mnist", [teacher_ckpt], tmp_path / "fused", method="fadrm",
+                             fused_statistics=True, **common)  # fmt: skip
+    assert manifest["device"].endswith("fused statistics") and manifest["config"]["fused_statistics"] is True
+    default = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    for a, b in zip(default["images"], manifest["images"]):
+        assert a["ce"] == pytest.approx(b["ce"], abs=1e-3)  # the same loss, other rounding
+
+
+def test_fused_statistics_for_a_method_without_a_fused_path_says_so(fmnist_root, teacher_ckpt, tmp_path):
+    lines = []
+    manifest = fadrm.distill("fashion-mnist", [teacher_ckpt], tmp_path / "gvbsm", method="g-vbsm", ipc=1,
+                             data_root=str(fmnist_root), sizes=[24, 28], budgets=[2, 2], fused_statistics=True,
+                             log=lines.append)  # fmt: skip
+    assert any("no fused path; using the per-layer one" in line for line in lines)
+    assert "fused" not in manifest["device"]
