@@ -124,59 +124,73 @@ def device_of(model: nn.Module) -> torch.device:
 # ------------------------------------------------------------ fused loss
 @dataclass(frozen=True)
 class FusedLayout:
-    """What the fused loss of one model's hooked BatchNorm layers needs besides the activations.
+    """What the fused loss of one model's BatchNorm layers needs besides their inputs.
+
+    The statistics of all L layers live in one row per group, (G, 2 sum C): every layer's
+    channel means, then every layer's variances; ``2L`` distances are taken over its segments.
 
     Attributes:
         num_groups: groups in the batch.
-        targets: (2, 1, sum C) running means then running variances of the layers, concatenated.
-        segments: (sum C, L) one-hot: channel -> its layer; a matrix product with it sums each
-            layer's channels in one operation.
-        weights: (L,) each layer's weight (the first one's multiplier).
-        channels: (L,) channels per layer, to split the gradient again.
+        channels: channels per layer.
+        targets: (1, 2 sum C) the running means, then the running variances.
+        segments: (2 sum C, 2L) one-hot, statistic -> its distance; a matrix product with it
+            sums each segment in one operation. ``segments_t``: its transpose, contiguous.
+        weights: (2L,) each distance's weight (the first layer's multiplier on both of its own).
+        exponents: (2 sum C,) 1 for the means, -2 for the variance half: what turns one-group
+            kernel output (means and 1/sqrt(var + eps)) into the statistics in one operation.
     """
 
     num_groups: int
+    channels: tuple[int, ...]
     targets: torch.Tensor
     segments: torch.Tensor
+    segments_t: torch.Tensor
     weights: torch.Tensor
-    channels: tuple[int, ...]
-    _counts: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def counts(self, shapes: Sequence[torch.Size]) -> torch.Tensor:
-        """(sum C,) values per (group, channel) of each layer for activations of ``shapes``, made once per shapes."""
-        key = tuple(tuple(shape) for shape in shapes)
-        if key not in self._counts:
-            per_layer = [shape[0] // self.num_groups * (math.prod(shape) // shape[0] // c)
-                         for shape, c in zip(key, self.channels)]  # fmt: skip
-            values = torch.repeat_interleave(torch.tensor(per_layer, dtype=torch.float32), torch.tensor(self.channels))
-            self._counts[key] = values.to(self.targets.device)
-        return self._counts[key]
+    exponents: torch.Tensor
+    _scales: dict = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
     def build(layers: Sequence[nn.Module], weights: Sequence[float], num_groups: int) -> "FusedLayout":
         """The layout of BatchNorm ``layers`` (in the order their inputs will be given), on their device."""
         device = device_of(layers[0])
         channels = tuple(int(layer.running_mean.numel()) for layer in layers)
-        targets = torch.stack([torch.cat([layer.running_mean.float() for layer in layers]),
-                               torch.cat([layer.running_var.float() for layer in layers])])  # fmt: skip
-        owner = torch.repeat_interleave(torch.arange(len(layers)), torch.tensor(channels))
-        segments = torch.nn.functional.one_hot(owner, len(layers)).float()
-        return FusedLayout(num_groups, targets[:, None].to(device), segments.to(device),
-                           torch.tensor(list(weights), dtype=torch.float32, device=device), channels)  # fmt: skip
+        targets = torch.cat([layer.running_mean.float() for layer in layers]
+                            + [layer.running_var.float() for layer in layers])  # fmt: skip
+        owner = torch.repeat_interleave(torch.arange(2 * len(layers)), torch.tensor(channels * 2))
+        segments = torch.nn.functional.one_hot(owner, 2 * len(layers)).float()
+        exponents = torch.tensor([1.0] * sum(channels) + [-2.0] * sum(channels))
+        return FusedLayout(num_groups, channels, targets[None].to(device), segments.to(device),
+                           segments.T.contiguous().to(device),
+                           torch.tensor(list(weights) * 2, dtype=torch.float32, device=device),
+                           exponents.to(device))  # fmt: skip
+
+    def scales(self, shapes: Sequence[torch.Size]) -> torch.Tensor:
+        """(2 sum C,) d mean / d x and d var / d x factors for activations of ``shapes``: 1/n per mean, 2/n
+        per variance, n the values per (group, channel) of its layer; made once per shapes."""
+        key = tuple(tuple(shape) for shape in shapes)
+        if key not in self._scales:
+            counts = [shape[0] // self.num_groups * (math.prod(shape) // shape[0] // c)
+                      for shape, c in zip(key, self.channels)]  # fmt: skip
+            per_segment = [1.0 / n for n in counts] + [2.0 / n for n in counts]
+            values = torch.repeat_interleave(torch.tensor(per_segment, dtype=torch.float32),
+                                             torch.tensor(self.channels * 2))  # fmt: skip
+            self._scales[key] = values.to(self.targets.device)
+        return self._scales[key]
 
 
-def _group_statistics(activations: Sequence[torch.Tensor], num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group and channel, the mean and biased variance of every activation, concatenated over
-    layers: (G, sum C) each, fp32. One reduction per layer."""
-    if num_groups == 1:
+def _group_statistics(activations: Sequence[torch.Tensor], layout: FusedLayout) -> torch.Tensor:
+    """Per group and channel, the mean and biased variance of every activation: (G, 2 sum C), fp32,
+    in :class:`FusedLayout`'s order. One reduction per layer."""
+    groups = layout.num_groups
+    if groups == 1:
+        # BatchNorm's own statistics kernel; it gives 1/sqrt(var + eps), eps far below any fp32
+        # variance's rounding, so the power -2 is the variance.
         stats = [_mean_invstd(x) for x in activations]
-        mean = torch.cat([m for m, _ in stats]).float()[None]
-        # BatchNorm's kernel returns 1/sqrt(var + eps); eps is far below any fp32 variance's rounding.
-        var = torch.cat([s for _, s in stats]).float().pow_(-2)[None]
-        return mean, var
-    moments = [torch.var_mean(x.unflatten(0, (num_groups, -1)), dim=(1, *range(3, x.dim() + 1)),
-                              correction=0) for x in activations]  # fmt: skip
-    return torch.cat([m for _, m in moments], 1).float(), torch.cat([v for v, _ in moments], 1).float()
+        flat = torch.cat([m for m, _ in stats] + [s for _, s in stats]).view(1, -1)
+        return flat.float().pow(layout.exponents)
+    moments = [torch.var_mean(x.unflatten(0, (groups, -1)), dim=(1, *range(3, x.dim() + 1)), correction=0)
+               for x in activations]  # fmt: skip
+    return torch.cat([m for _, m in moments] + [v for v, _ in moments], 1).float()
 
 
 class FusedBatchNormLoss(torch.autograd.Function):
@@ -186,7 +200,7 @@ class FusedBatchNormLoss(torch.autograd.Function):
     same loss as one :class:`GroupMoments` and :func:`stat_distance` per layer, but its
     host cost hardly grows with depth: one reduction per layer forward and one fused
     multiply-add per layer backward, everything else a handful of operations on the
-    concatenated statistics of all layers. Rounding differs from the per-layer path.
+    statistics of all layers side by side. Rounding differs from the per-layer path.
 
     ``ema`` (a dict, or None) carries the EMA surrogate's state between calls: the distance
     is taken at ``s_hat <- a s_hat + (1 - a) s`` (starting at 0), with the gradient of ``s``.
@@ -196,15 +210,15 @@ class FusedBatchNormLoss(torch.autograd.Function):
     def forward(ctx, layout: FusedLayout, ema: dict | None, coefficient: float,  # type: ignore[override]
                 *activations: torch.Tensor) -> torch.Tensor:  # fmt: skip
         with torch.autocast(activations[0].device.type, enabled=False):
-            mean, var = _group_statistics(activations, layout.num_groups)
-            stats = torch.stack([mean, var])  # (2, G, sum C)
+            stats = _group_statistics(activations, layout)  # (G, 2 sum C)
+            mean = stats[:, : sum(layout.channels)]
             if ema is not None:
                 state = ema.get("state")
                 stats = stats * (1 - coefficient) if state is None else state * coefficient + stats * (1 - coefficient)
                 ema["state"] = stats
             diff = stats - layout.targets
-            norms = (diff.square() @ layout.segments).sqrt_()  # (2, G, L)
-            loss = norms.sum(0) @ layout.weights
+            norms = (diff.square() @ layout.segments).sqrt_()  # (G, 2L)
+            loss = norms @ layout.weights
         ctx.save_for_backward(mean, diff, norms, *activations)
         ctx.layout = layout
         return loss
@@ -213,24 +227,20 @@ class FusedBatchNormLoss(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
         mean, diff, norms, *activations = ctx.saved_tensors
         layout: FusedLayout = ctx.layout
-        groups = layout.num_groups
+        groups, total = layout.num_groups, sum(layout.channels)
         with torch.autocast(grad_loss.device.type, enabled=False):
             # d ||d||_2 / d d = d / ||d||_2, and 0 where the distance is 0 (as autograd's norm).
-            coefficient = torch.outer(grad_loss.float(), layout.weights) / norms.clamp_min(1e-30)
-            grad_stats = (coefficient @ layout.segments.T).mul_(diff)  # (2, G, sum C)
-            # Values per (group, channel) of each layer, for d mean / d x and d var / d x.
-            counts = layout.counts([x.shape for x in activations])
-            # The input gradient is x * a + b per (group, channel): a = 2 dvar / n, b = dmean / n - a mean.
-            scale = grad_stats[1].mul(2.0).div_(counts)
-            shift = grad_stats[0].div(counts).sub_(scale * mean)
+            coefficient = torch.outer(grad_loss.float(), layout.weights).div_(norms.clamp_min(1e-30))
+            # Per (group, channel): [d mean / n | 2 d var / n]; the input gradient is x * a + b with
+            # a = 2 d var / n and b = d mean / n - a * mean.
+            grad = (coefficient @ layout.segments_t).mul_(diff).mul_(layout.scales([x.shape for x in activations]))
+            grad[:, :total].sub_(grad[:, total:] * mean)
         spatial = (1,) * (activations[0].dim() - 2)
         if groups == 1:
-            scales = scale.view(1, -1, *spatial).split(layout.channels, 1)
-            shifts = shift.view(1, -1, *spatial).split(layout.channels, 1)
-            grads = [torch.addcmul(b, x, a).to(x.dtype) for x, a, b in zip(activations, scales, shifts)]
+            parts = grad.view(1, -1, *spatial).split(layout.channels * 2, 1)
+            grads = [torch.addcmul(b, x, a).to(x.dtype) for x, b, a in zip(activations, parts, parts[len(activations):])]
         else:
-            scales = scale.view(groups, 1, -1, *spatial).split(layout.channels, 2)
-            shifts = shift.view(groups, 1, -1, *spatial).split(layout.channels, 2)
+            parts = grad.view(groups, 1, -1, *spatial).split(layout.channels * 2, 2)
             grads = [torch.addcmul(b, x.unflatten(0, (groups, -1)), a).flatten(0, 1).to(x.dtype)
-                     for x, a, b in zip(activations, scales, shifts)]  # fmt: skip
+                     for x, b, a in zip(activations, parts, parts[len(activations):])]  # fmt: skip
         return (None, None, None, *grads)

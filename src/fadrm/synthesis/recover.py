@@ -54,9 +54,8 @@ class ImageAdam:
     """Adam on the one tensor of images, computed as ``torch.optim.Adam``'s single-tensor path does
     (the same operations in the same order: bitwise the same images on the CPU).
 
-    The step count lives on the host, so a step never reads the device (torch's keeps it in a
-    tensor and reads it back every step), and there is no optimiser machinery around the six
-    operations of an update.
+    The step count is a Python int (torch's optimiser keeps it in a tensor and reads it back
+    every step), and there is no optimiser machinery around the seven operations of an update.
     """
 
     def __init__(self, param: torch.Tensor, betas: tuple[float, float], eps: float) -> None:
