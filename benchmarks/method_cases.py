@@ -15,7 +15,7 @@ from fadrm.hostcost import CountHostCost, HostCost
 from fadrm.models import build_model
 from fadrm.runtime import Runtime
 from fadrm.seeding import make_generator
-from fadrm.synthesis.matching import MATCHERS, LayerTargets, TeacherTargets, cell_size, matched_layers
+from fadrm.synthesis.matching import MATCHERS, LayerTargets, MatcherKind, TeacherTargets, cell_size, matched_layers
 from fadrm.synthesis.methods import METHODS, TeacherPlan
 from fadrm.synthesis.recover import recover
 
@@ -74,7 +74,7 @@ class Case:
     method: str
     teachers: list[torch.nn.Module]
     settings: SynthesisConfig
-    matcher: object
+    matcher: MatcherKind
     targets: list[TeacherTargets] | None
     labels: torch.Tensor
     plan: TeacherPlan

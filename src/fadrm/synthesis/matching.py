@@ -338,7 +338,7 @@ class FusedBatchNormMatcher(HookedMatcher):
     """:class:`BNStatMatcher`'s loss, computed by :class:`~fadrm.synthesis.bn_stats.FusedBatchNormLoss`.
 
     The hooks only keep each BatchNorm layer's input; :meth:`pop` computes the loss of all of a
-    model's layers at once, with about a fifth of the host operations of the per-layer path
+    model's layers at once, with under a quarter of the host operations of the per-layer path
     (``benchmarks/host_cost.py``). The same loss; float rounding differs.
     """
 
