@@ -52,9 +52,9 @@ else
     step host-cost $PY benchmarks/host_cost.py --device cuda --json "$OUT/$TAG-host-cost.json"
     for amp in bf16 fp16; do
         step synthesis-$amp $PY benchmarks/synthesis_speed.py --device cuda --amp $amp --configs cifar100 imagenet-b100 \
-            --iters 10 --warmup 3 --rounds 2 --json "$OUT/$TAG-synthesis-$amp.json"
+            --iters 10 --warmup 3 --rounds 1 --json "$OUT/$TAG-synthesis-$amp.json"
         step synthesis-$amp-fused $PY benchmarks/synthesis_speed.py --device cuda --amp $amp --configs cifar100 \
-            imagenet-b100 --iters 10 --warmup 3 --rounds 2 --fused-statistics --json "$OUT/$TAG-synthesis-$amp-fused.json"
+            imagenet-b100 --iters 10 --warmup 3 --rounds 1 --fused-statistics --json "$OUT/$TAG-synthesis-$amp-fused.json"
     done
     step efficiency $PY benchmarks/efficiency.py --device cuda --iters 8 --warmup 3 --json "$OUT/$TAG-efficiency.json"
     if [ -f "$REF" ]; then
