@@ -7,8 +7,10 @@ The paper's setting (its efficiency table, on an RTX 4090): ImageNet-1k, ResNet-
 per batch, stages of 200/224/200/224 pixels for FADRM and FADRM+ (the single-stage methods run
 their one 224 px stage), 2000 iterations; FADRM 0.47 s per image with 2.9 GB peak, SRe2L++ 2.52 s,
 EDC 4.99 s, CV-DD 8.20 s, G-VBSM 17.28 s. Each method runs in its own process (so its peak is its
-own) in its own precision (G-VBSM, EDC and CV-DD full precision as published; the others
-``--amp``, fp16 by default on CUDA as the reference), with the default statistics path and,
+own) with the ImageNet-1k preset's settings for it (stages, EMA, term drop, crops, jitter) and
+its precision (SRe2L++, G-VBSM, EDC and CV-DD full precision as published; FADRM and FADRM+
+``--amp``, fp16 by default on CUDA as the reference), at 100 images per batch (G-VBSM and EDC:
+10 classes x 10 images), s/image = s/iteration x 2000 / 100, with the default statistics path and,
 where the method has one, ``--fused-statistics``; beside them the bare teacher's forward +
 backward and, when ``../shared/bench/reference_recover.py`` is present, the public
 reference's own loop at the same shape (``imagenet-paper``).
@@ -35,15 +37,14 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "referenc
 def worker(method: str, device: str, amp: str, fused: bool, iters: int, warmup: int, dry: bool) -> dict:
     """Time ``method`` in this process: seconds per iteration over ``iters`` per stage, and peak memory."""
     import torch
-    from method_cases import build_case
+    from method_cases import build_case, preset_settings
 
     from fadrm.runtime import make_runtime
-    from fadrm.synthesis.methods import METHODS
 
     shape = DRY_SHAPES["toy"] if dry else PAPER_SHAPE
-    own_amp = METHODS.get(method).defaults.get("distill", {}).get("amp")
-    runtime = make_runtime(device, own_amp or amp, fused_statistics=fused)
-    case = build_case(shape, method, runtime)
+    settings, preset_amp = preset_settings("fashion-mnist" if dry else "imagenet-1k", method)
+    runtime = make_runtime(device, amp if preset_amp == "auto" else preset_amp, fused_statistics=fused)
+    case = build_case(shape, method, runtime, settings)
     sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
     case.run(runtime, max(warmup, case.period))
     sync()

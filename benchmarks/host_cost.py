@@ -15,8 +15,9 @@ sizes, counted the same way) and, where ``../shared/bench/reference_recover.py``
 public reference's loop (FADRM only). Random weights; the counts do not depend on them.
 
 Configs: cifar100 (CIFAR ResNet-18, batch 100 = 100 classes x 1, 32 px) and imagenet (ResNet-18,
-batch 100 = 100 classes x 1, stages 200/224). G-VBSM and EDC take class-major groups of 10
-classes x 10 images and synthetic statistics targets of the right shapes; FADRM+ runs four
+batch 100 = 100 classes x 1, stages 200/224), each method with its own defaults (not a dataset's
+preset). G-VBSM and EDC take class-major groups of 10 classes x 10 images and synthetic
+statistics targets of the right shapes; FADRM+ runs four
 ResNet-18s round robin (counted over a multiple of four iterations); CV-DD a committee of two.
 """
 

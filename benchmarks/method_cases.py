@@ -94,17 +94,33 @@ class Case:
                 self.bounds, matcher=self.matcher.build, plan=self.plan, targets=self.targets, slots=self.slots)  # fmt: skip
 
 
-def build_case(shape: Shape, method: str, runtime: Runtime) -> Case:
-    """``method``'s synthesis at ``shape``: its teachers (:data:`METHOD_SETUPS`), stage plan, matcher, groups."""
+def preset_settings(dataset: str, method: str) -> tuple[SynthesisConfig, str]:
+    """The synthesis settings and precision ``fadrm distill`` resolves for ``method`` on ``dataset``'s
+    preset (IPC 10; nothing is read)."""
+    from fadrm.api import distill_config
+
+    teachers = [f"/benchmark/teacher{k}.pt" for k in range(METHOD_SETUPS[method][0])]
+    config = distill_config(dataset=dataset, teachers=teachers, out="/benchmark/out", method=method, ipc=10)
+    return config.synthesis, config.amp
+
+
+def build_case(shape: Shape, method: str, runtime: Runtime, settings: SynthesisConfig | None = None) -> Case:
+    """``method``'s synthesis at ``shape``: its teachers (:data:`METHOD_SETUPS`), stage plan, matcher, groups.
+
+    ``settings``: the configured synthesis settings (e.g. :func:`preset_settings`); by default
+    ``shape``'s sizes with the method's own defaults (no dataset's preset).
+    """
     num_teachers, weights, slots = METHOD_SETUPS[method]
     spec = METHODS.get(method)
     torch.manual_seed(0)
     teachers = [runtime.place(build_model(shape.model, shape.classes, shape.channels, shape.sizes[-1])
                               .eval().requires_grad_(False)) for _ in range(num_teachers)]  # fmt: skip
-    defaults = spec.defaults.get("distill", {})
-    settings = spec.stage_plan(SynthesisConfig(
-        sizes=list(shape.sizes), budgets=[1] * len(shape.sizes), jitter=4, stat_ema=defaults.get("stat_ema", 0.0),
-        conv_drop=defaults.get("conv_drop", 0.0), dd_weight=defaults.get("dd_weight", 0.0)))  # fmt: skip
+    if settings is None:
+        defaults = spec.defaults.get("distill", {})
+        settings = SynthesisConfig(
+            sizes=list(shape.sizes), budgets=[1] * len(shape.sizes), jitter=4, stat_ema=defaults.get("stat_ema", 0.0),
+            conv_drop=defaults.get("conv_drop", 0.0), dd_weight=defaults.get("dd_weight", 0.0))  # fmt: skip
+    settings = spec.stage_plan(settings)
     matcher = MATCHERS.get(spec.matcher)
     targets = [synthetic_targets(t, shape, shape.sizes[-1]) for t in teachers] if matcher.statistics else None
     size = shape.sizes[-1]
