@@ -14,6 +14,7 @@
 #   4. the paper's efficiency table (FADRM, FADRM+, SRe2L++, G-VBSM, EDC, CV-DD), beside the public
 #      reference's own loop at the same shape when ../shared/bench/reference_recover.py is there
 #   5. the reference's loop at the CIFAR-100 shape, for step 3's side-by-side
+#   6. patch selection's data path against the decode floor on all the node's cores (CPU only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -48,6 +49,7 @@ if [ "$DRY" = 1 ]; then
         --fused-statistics --json "$OUT/$TAG-synthesis.json"
     step efficiency $PY benchmarks/efficiency.py --dry-run --iters 1 --warmup 1 --methods fadrm g-vbsm \
         --json "$OUT/$TAG-efficiency.json"
+    step patches $PY benchmarks/patch_speed.py --dry-run --data "$OUT/imagenet-like" --json "$OUT/$TAG-patches.json"
 else
     step host-cost $PY benchmarks/host_cost.py --device cuda --json "$OUT/$TAG-host-cost.json"
     for amp in bf16 fp16; do
@@ -60,6 +62,8 @@ else
     if [ -f "$REF" ]; then
         step reference-cifar100 $PY "$REF" cifar100 --device cuda --iters 20 --warmup 5
     fi
+    # The data stage on the GPU node's many cores (CPU only): patch selection against the decode floor.
+    step patches $PY benchmarks/patch_speed.py --rounds 1 --data /tmp/fadrm-imagenet-like --json "$OUT/$TAG-patches.json"
 fi
 echo "results in $OUT"
 exit $STATUS

@@ -41,7 +41,7 @@ VOLATILE = {"fadrm_version", "torch_version", "python_version", "wall_seconds_th
             "synthesis_seconds_per_image", "peak_memory_bytes", "seconds", "seconds_per_image"}  # fmt: skip
 # Options added to the distill config since 0.3.0 (execution choices, recorded in the manifest's
 # config): a default run must have them at these values, and is then compared without them.
-ADDED_SINCE_0_3_0 = {"fused_statistics": False}
+ADDED_SINCE_0_3_0 = {"workers": None, "fused_statistics": False}
 
 
 def canonical(value, roles: dict[str, str]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -146,3 +147,57 @@ def test_stitch_golden():
     quadrants = [[images[i, 0, r, c].item() for r, c in ((0, 0), (0, 2), (2, 0), (2, 2))] for i in range(2)]
     assert quadrants == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert torch.equal(stitch(patches, 1), patches)
+
+
+def test_loader_workers_crop_the_same_selection_as_loading_one_by_one(tiny_imagenet_root):
+    # JPEG files (a FileImageDataset): decoding, cropping and resizing in loader processes must not
+    # change what is chosen.
+    from dataclasses import replace
+
+    from fadrm.data import get_dataset_spec, load_split
+    from fadrm.models import build_model
+    from fadrm.seeding import make_generator
+    from fadrm.synthesis.patches import (
+        cropped_in_order, decode_workers, draw_crop_boxes, image_sizes, patch_candidates, select_from_crops,
+    )  # fmt: skip
+
+    spec = replace(get_dataset_spec("tiny-imagenet"), num_classes=3)
+    train = load_split(spec, "train", tiny_imagenet_root)
+    assert train.decodes_files and decode_workers(train, 3) == 3 and decode_workers(train, 0) == 0
+    assert image_sizes(train, [0, 4], 2) == [(64, 64), (64, 64)] == [train.size_of(0), tuple(train.load(4).shape[1:])]
+    torch.manual_seed(0)
+    teacher = build_model("convnet-small", 3, 3, 64, width=4).eval()
+    settings = PatchConfig(mipc=3, num_crop=2, factor=1)
+    runtime = make_runtime("cpu", "off")
+    args = (teacher, spec.mean, spec.std, 64, settings)
+    one_by_one = [select_class_patches(train, label, 1, *args, make_generator(0, "p", label), runtime) for label in range(3)]
+    for workers in (0, 2):
+        generators = [make_generator(0, "p", label) for label in range(3)]
+        candidates = [patch_candidates(train.indices_of_class(label), label, train.classes[label], 1, settings,
+                                       generators[label]) for label in range(3)]  # fmt: skip
+        order = [i for c in candidates for i in c]
+        sizes = iter(image_sizes(train, order, workers))
+        boxes = [draw_crop_boxes(next(sizes), settings, generators[label]) for label in range(3) for _ in candidates[label]]
+        crops = cropped_in_order(train, order, boxes, 64, workers)
+        for label in range(3):
+            images, record = select_from_crops(candidates[label], itertools.islice(crops, len(candidates[label])),
+                                               label, 1, *args, runtime)  # fmt: skip
+            assert torch.equal(images, one_by_one[label][0]) and record == one_by_one[label][1], (workers, label)
+
+
+def test_distill_workers_option_is_checked(fmnist_root, teacher_ckpt, tmp_path):
+    import fadrm
+
+    with pytest.raises(FadrmError, match="workers"):
+        fadrm.distill("fashion-mnist", [teacher_ckpt], tmp_path / "x", method="rded", ipc=1, workers=-1,
+                      data_root=str(fmnist_root), log=lambda line: None)  # fmt: skip
+
+
+@pytest.mark.parametrize("cores, files, expected", [(16, True, 16), (2, True, 0), (16, False, 0)])
+def test_default_decoding_processes(monkeypatch, cores, files, expected):
+    import fadrm.synthesis.patches as patches
+
+    monkeypatch.setattr(patches, "available_cores", lambda: cores)
+    dataset = grey_dataset([10, 20])
+    monkeypatch.setattr(dataset, "decodes_files", files)
+    assert patches.decode_workers(dataset, None) == expected

@@ -422,6 +422,9 @@ class DistillConfig(StageConfig):
                                 "authors ran")  # fmt: skip
     groups_per_batch: int | None = option(None, help="groups optimised in one forward pass", defines=False,
                                           check=at_least(1))  # fmt: skip
+    workers: int | None = option(None, help="processes decoding the real images of patch selection (default: one "
+                                 "per available core for image files on more than 2 cores, else none)", defines=False,
+                                 check=at_least(0))  # fmt: skip
     device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
     amp: str = option("auto", help=f"mixed precision (auto: the preset's, else {CUDA_AUTO_AMP['synthesis']} on CUDA; "
                       "off on the CPU)", defines=False, choices=AMP_MODES, unset="auto")  # fmt: skip

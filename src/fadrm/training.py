@@ -19,9 +19,14 @@ from .runtime import Runtime
 T = TypeVar("T")
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
     """Loader processes: none on a 2-core machine (they compete with the maths), up to 8 otherwise."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     return 0 if cores <= 2 else min(8, cores - 1)
 
 

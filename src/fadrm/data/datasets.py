@@ -30,6 +30,8 @@ class ImageDataset(Dataset):
     targets: list[int]
     channels: int
     transform: Transform
+    # Whether ``load`` decodes a file (worth loader processes) rather than indexing memory.
+    decodes_files: bool = False
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -37,6 +39,10 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> torch.Tensor:
         """The image at ``index`` as a uint8 tensor of shape (C, H, W)."""
         raise NotImplementedError
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        """(H, W) of the image at ``index`` (datasets of files read only the header)."""
+        return tuple(self.load(index).shape[-2:])  # type: ignore[return-value]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.load(index)), self.targets[index]
@@ -87,6 +93,8 @@ class TensorImageDataset(ImageDataset):
 class FileImageDataset(ImageDataset):
     """Images decoded from files on demand (ImageFolder, Tiny-ImageNet)."""
 
+    decodes_files = True
+
     def __init__(
         self,
         paths: Sequence[Path],
@@ -103,6 +111,15 @@ class FileImageDataset(ImageDataset):
 
     def load(self, index: int) -> torch.Tensor:
         return read_image(self.paths[index], self.channels)
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except IMAGE_ERRORS as exc:
+            raise FadrmError(f"cannot read image {path} ({exc}); remove or replace the file") from None
+        return height, width
 
     def subset(self, indices: Sequence[int]) -> "FileImageDataset":
         return FileImageDataset(

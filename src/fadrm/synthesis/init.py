@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import functools
+import itertools
 
 import torch
 
@@ -27,11 +28,10 @@ from ..errors import FadrmError
 from ..io import save_png, write_json
 from ..registry import Registry
 from ..runtime import Runtime
-from ..seeding import make_generator
 from ..teachers import Teacher
 from ..training import progress
 from .matching import TeacherTargets
-from .patches import select_class_patches
+from .patches import class_pools, crops_of_classes, decode_workers, indices_by_class, select_from_crops
 from .units import Unit
 
 
@@ -96,12 +96,16 @@ class PatchInitialiser:
         todo = [c for c in run.ranks.shard(range(len(layout.class_names))) if not layout.init_record(c).exists()]
         if not todo:
             return
-        run.log(f"selecting realistic patches for {len(todo)} classes")
-        teacher = run.teachers[0]
+        teacher, dataset, config = run.teachers[0], run.dataset, run.config
+        workers = decode_workers(dataset, config.workers)
+        run.log(f"selecting realistic patches for {len(todo)} classes"
+                + (f" ({workers} decoding processes)" if workers else ""))  # fmt: skip
+        candidates, crops = crops_of_classes(dataset, todo, config.ipc, config.patches, config.seed,
+                                             run.spec.image_size // config.patches.factor, workers)  # fmt: skip
         for label in progress(todo, "patches"):
-            images, record = select_class_patches(
-                run.dataset, label, run.config.ipc, teacher.model, run.spec.mean, run.spec.std, run.spec.image_size,
-                run.config.patches, make_generator(run.config.seed, "patches", label), run.runtime,
+            images, record = select_from_crops(
+                candidates[label], itertools.islice(crops, len(candidates[label])), label, config.ipc, teacher.model,
+                run.spec.mean, run.spec.std, run.spec.image_size, config.patches, run.runtime,
             )  # fmt: skip
             for ipc_index, image in enumerate(images):
                 save_png(layout.image("init", label, ipc_index), image)
@@ -116,24 +120,10 @@ class PatchInitialiser:
         return run.layout.image("init", label, ipc_index)
 
 
-def _pools(targets: Sequence[int]) -> dict[int, list[int]]:
-    """Each class's indices, in order."""
-    pools: dict[int, list[int]] = {}
-    for index, label in enumerate(targets):
-        pools.setdefault(label, []).append(index)
-    return pools
-
-
-# Built once per run and reused by every batch (a set is keyed by its content's id).
-@functools.lru_cache(maxsize=2)
-def _dataset_pools(dataset: ImageDataset) -> dict[int, list[int]]:
-    return _pools(dataset.targets)
-
-
 @functools.lru_cache(maxsize=2)
 def _set_images(folder: str, set_id: str) -> tuple[torch.Tensor, dict[int, list[int]]]:
     images, labels = DistilledSet.open(folder).images()
-    return images, _pools(labels.tolist())
+    return images, indices_by_class(labels.tolist())
 
 
 class RealImageInitialiser:
@@ -163,7 +153,7 @@ class RealImageInitialiser:
     def initial_images(self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]) -> torch.Tensor:
         folder = run.config.init_from
         if folder is None:
-            images, pools = None, _dataset_pools(run.dataset)
+            images, pools = None, class_pools(run.dataset)
         else:
             images, pools = _set_images(folder, DistilledSet.open(folder).set_id())
         size = run.spec.image_size

@@ -18,18 +18,37 @@ With ``factor`` 1 the crop is already full size and both give the same input.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from ..augment import random_resized_crop_box, resize
 from ..config import PatchConfig, difficulty_band
 from ..data import ImageDataset, normalize
 from ..errors import FadrmError
 from ..registry import Registry
+from ..seeding import make_generator
 from ..runtime import Runtime
+from ..training import available_cores
+
+
+def indices_by_class(targets: Sequence[int]) -> dict[int, list[int]]:
+    """Each class's indices, in order."""
+    pools: dict[int, list[int]] = {}
+    for index, label in enumerate(targets):
+        pools.setdefault(label, []).append(index)
+    return pools
+
+
+# Built once per run and reused by every batch (a set is keyed by its content's id).
+@functools.lru_cache(maxsize=2)
+def class_pools(dataset: ImageDataset) -> dict[int, list[int]]:
+    """:func:`indices_by_class` of a dataset's targets, made once per dataset."""
+    return indices_by_class(dataset.targets)
 
 
 def pad_to_canvas(batch: torch.Tensor, size: int) -> torch.Tensor:
@@ -81,6 +100,36 @@ def stitch(patches: torch.Tensor, factor: int) -> torch.Tensor:
     return rows
 
 
+def patch_candidates(pool: Sequence[int], label: int, class_name: str, ipc: int, settings: PatchConfig,
+                     generator: torch.Generator) -> list[int]:  # fmt: skip
+    """The ``mipc`` real images of one class whose crops are scored: a seeded draw from ``pool``, the
+    class's dataset indices (the first draw from ``generator``; the crops' boxes follow)."""
+    needed = ipc * settings.factor**2
+    if len(pool) < needed:
+        raise FadrmError(
+            f"class {label} ({class_name}) has {len(pool)} training images; IPC {ipc} with "
+            f"factor {settings.factor} needs {needed}; lower --ipc"
+        )
+    order = torch.randperm(len(pool), generator=generator)[: max(settings.mipc, needed)]
+    return [pool[i] for i in order.tolist()]
+
+
+Box = tuple[int, int, int, int]
+
+
+def draw_crop_boxes(size: tuple[int, int], settings: PatchConfig, generator: torch.Generator) -> list[Box]:
+    """The ``num_crop`` square random-resized crop boxes of one candidate image of ``size`` (H, W)."""
+    return [random_resized_crop_box(generator, size[0], size[1], settings.crop_scale, (1.0, 1.0))
+            for _ in range(settings.num_crop)]  # fmt: skip
+
+
+def crop_candidate(image: torch.Tensor, boxes: Sequence[Box], crop_size: int) -> torch.Tensor:
+    """A uint8 (C, H, W) image's crops at ``boxes``, each resized to ``crop_size``: (crops, C, s, s) in [0, 1]."""
+    image = image.float().div_(255)
+    return torch.stack([resize(image[None, :, top : top + h, left : left + w], crop_size)[0]
+                        for top, left, h, w in boxes])  # fmt: skip
+
+
 @torch.no_grad()
 def select_class_patches(
     dataset: ImageDataset,
@@ -95,30 +144,40 @@ def select_class_patches(
     runtime: Runtime,
     batch_size: int = 256,
 ) -> tuple[torch.Tensor, dict]:
-    """Choose and stitch ``ipc`` initial images of class ``label``, in [0, 1], shape (ipc, C, S, S).
+    """Choose and stitch ``ipc`` initial images of class ``label``, in [0, 1], shape (ipc, C, S, S),
+    loading the candidates one by one in this process (``fadrm distill`` crops all classes'
+    candidates ahead with loader workers: :func:`cropped_in_order`).
 
     Returns the images and a record of the selection (source indices, scores).
     """
+    candidates = patch_candidates(dataset.indices_of_class(label), label, dataset.classes[label], ipc, settings,
+                                  generator)  # fmt: skip
+    boxes = [draw_crop_boxes(dataset.size_of(index), settings, generator) for index in candidates]
+    crops = cropped_in_order(dataset, candidates, boxes, image_size // settings.factor, workers=0)
+    return select_from_crops(candidates, crops, label, ipc, teacher, mean, std, image_size, settings, runtime,
+                             batch_size)  # fmt: skip
+
+
+@torch.no_grad()
+def select_from_crops(
+    candidates: Sequence[int],
+    crops: Iterable[torch.Tensor],
+    label: int,
+    ipc: int,
+    teacher: nn.Module,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    image_size: int,
+    settings: PatchConfig,
+    runtime: Runtime,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, dict]:
+    """:func:`select_class_patches` from the candidates' crops (:func:`crop_candidate`), in candidate order:
+    score every crop, keep each image's best, take the difficulty band, stitch."""
     needed = ipc * settings.factor**2
-    pool = dataset.indices_of_class(label)
-    if len(pool) < needed:
-        raise FadrmError(
-            f"class {label} ({dataset.classes[label]}) has {len(pool)} training images; IPC {ipc} with "
-            f"factor {settings.factor} needs {needed}; lower --ipc"
-        )
-    order = torch.randperm(len(pool), generator=generator)[: max(settings.mipc, needed)]
-    candidates = [pool[i] for i in order.tolist()]
     crop_size = image_size // settings.factor
     to_full_size = SCORING_INPUTS.get(settings.scoring)
-    crops = []
-    for index in candidates:
-        image = dataset.load(index).float().div_(255)
-        for _ in range(settings.num_crop):
-            top, left, h, w = random_resized_crop_box(
-                generator, image.shape[-2], image.shape[-1], settings.crop_scale, (1.0, 1.0)
-            )
-            crops.append(resize(image[None, :, top : top + h, left : left + w], crop_size)[0])
-    crops_t = torch.stack(crops)
+    crops_t = torch.cat(list(crops))
     scores = []
     target = torch.full((batch_size,), label, dtype=torch.long, device=runtime.device)
     for chunk in crops_t.split(batch_size):
@@ -145,3 +204,81 @@ def select_class_patches(
         "candidates": len(candidates),
     }
     return images.clamp_(0, 1), record
+
+
+class _Sizes(Dataset):
+    """(H, W) of the images at ``indices`` (header reads, by loader workers when there are any)."""
+
+    def __init__(self, dataset: ImageDataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, int]:
+        return self.dataset.size_of(self.indices[position])
+
+
+class _Crops(Dataset):
+    """The crops of the images at ``indices`` at their boxes: decoded, cropped and resized where loaded."""
+
+    def __init__(self, dataset: ImageDataset, indices: Sequence[int], boxes: Sequence[Sequence[Box]],
+                 crop_size: int) -> None:  # fmt: skip
+        self.dataset, self.indices, self.boxes, self.crop_size = dataset, list(indices), list(boxes), crop_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> torch.Tensor:
+        return crop_candidate(self.dataset.load(self.indices[position]), self.boxes[position], self.crop_size)
+
+
+def _in_order(items: Dataset, workers: int) -> Iterator:
+    """``items`` in order, made by ``workers`` loader processes (0: here, one by one)."""
+    if workers == 0:
+        return (items[k] for k in range(len(items)))
+    # batch_size=None: one item at a time, as made (sizes differ between images); order is kept.
+    loader = DataLoader(items, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=8)
+    return iter(loader)
+
+
+def image_sizes(dataset: ImageDataset, indices: Sequence[int], workers: int) -> list[tuple[int, int]]:
+    """(H, W) of the images at ``indices``, read by ``workers`` loader processes (file headers only)."""
+    return [tuple(size) for size in _in_order(_Sizes(dataset, indices), workers if dataset.decodes_files else 0)]
+
+
+def cropped_in_order(dataset: ImageDataset, indices: Sequence[int], boxes: Sequence[Sequence[Box]], crop_size: int,
+                     workers: int) -> Iterator[torch.Tensor]:  # fmt: skip
+    """Each image's crops (:func:`crop_candidate`), in ``indices`` order, made by ``workers`` loader
+    processes: decoding, cropping and resizing run there, so the same pixels whatever the count."""
+    return _in_order(_Crops(dataset, indices, boxes, crop_size), workers)
+
+
+def crops_of_classes(dataset: ImageDataset, labels: Sequence[int], ipc: int, settings: PatchConfig, seed: int,
+                     crop_size: int, workers: int) -> tuple[dict[int, list[int]], Iterator[torch.Tensor]]:  # fmt: skip
+    """Every class's candidates, and all their crops in class then candidate order (``workers`` loader
+    processes decode, crop and resize them ahead of the scoring).
+
+    Each class draws from its own generator in the order of one-by-one loading (its candidates,
+    then each image's boxes, which need only the image's size), so the crops are those of
+    :func:`select_class_patches` whatever the number of workers.
+    """
+    generators = {label: make_generator(seed, "patches", label) for label in labels}
+    pools = class_pools(dataset)
+    candidates = {label: patch_candidates(pools.get(label, []), label, dataset.classes[label], ipc, settings,
+                                          generators[label]) for label in labels}  # fmt: skip
+    order = [i for label in labels for i in candidates[label]]
+    sizes = iter(image_sizes(dataset, order, workers))
+    boxes = [draw_crop_boxes(next(sizes), settings, generators[label]) for label in labels for _ in candidates[label]]
+    return candidates, cropped_in_order(dataset, order, boxes, crop_size, workers)
+
+
+def decode_workers(dataset: ImageDataset, workers: int | None) -> int:
+    """Loader processes decoding the candidates: ``workers`` if given; by default, for images decoded
+    from files, one per available core where there are more than two (on a 2-core machine two
+    processes measured slower than decoding in this one: ``benchmarks/patch_speed.py``), and none
+    for images already in memory."""
+    if workers is not None:
+        return workers
+    cores = available_cores()
+    return cores if dataset.decodes_files and cores > 2 else 0
