@@ -15,7 +15,7 @@ from fadrm.augment import MIXES, ViewSampler, render
 from fadrm.runtime import make_runtime
 from fadrm.seeding import make_generator
 from fadrm.synthesis.bn_stats import group_stat_distance
-from fadrm.synthesis.matching import patch_moments
+from fadrm.synthesis.matching import BNStatMatcher, FusedBatchNormMatcher, patch_moments
 from fadrm.synthesis.recover import data_densification
 from fadrm.config import SynthesisConfig
 from fadrm.synthesis.recover import recover
@@ -53,9 +53,34 @@ def test_group_statistics_and_their_gradient_match_the_cpu():
     assert torch.allclose(cpu_grad, cuda_grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
-def test_recover_under_each_precision(amp):
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_fused_statistics_match_the_per_layer_path_on_cuda(groups, amp):
+    # The fused path replaces the BatchNorm layers (their forward, their backward and the
+    # statistics') on CUDA's kernels, channels-last, under autocast: the same loss and gradient.
     runtime = make_runtime("cuda", amp)
+    teacher = runtime.place(_teacher())
+    torch.manual_seed(1)
+    images = runtime.batch(torch.randn(4 * groups, 1, 12, 12) * 1.5)
+    results = []
+    for kind in (BNStatMatcher, FusedBatchNormMatcher):
+        x = images.clone().requires_grad_(True)
+        with kind([teacher], groups, 10.0) as statistics:
+            with runtime.autocast():
+                logits = teacher(x)
+                loss = statistics.pop(teacher)
+            (loss.sum() + logits.float().square().mean()).backward()
+        results.append((loss.detach().float().cpu(), x.grad.float().cpu()))
+    (per_layer, per_layer_grad), (fused, fused_grad) = results
+    tolerance = 1e-4 if amp == "off" else 2e-2  # bf16 gradients round at about 4e-3
+    assert torch.allclose(fused, per_layer, rtol=tolerance, atol=1e-5)
+    assert (fused_grad - per_layer_grad).norm() <= tolerance * per_layer_grad.norm()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_recover_under_each_precision(amp, fused):
+    runtime = make_runtime("cuda", amp, fused_statistics=fused)
     teacher = runtime.place(_teacher())
     settings = SynthesisConfig(sizes=[10, 12], budgets=[20, 20], lr=0.2, jitter=1)
     generators = [make_generator(0, "cuda", g) for g in range(2)]

@@ -63,34 +63,74 @@ def test_the_fused_path_dispatches_far_fewer_operators():
     assert fused.total < 0.7 * default.total
 
 
+def _mixed_ranks_teacher() -> torch.nn.Module:
+    """BatchNorm layers on 4-d and on 2-d inputs in one model, running statistics not the defaults."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(16, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 10),
+    ).train()  # fmt: skip
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(8, 1, 16, 16) * 2 - 0.5)
+    return model.eval().requires_grad_(False)
+
+
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("ema", [0.0, 0.8])
-def test_fused_statistics_loss_equals_the_per_layer_loss(groups, ema):
-    teacher = _teacher()
+@pytest.mark.parametrize("make_teacher", [_teacher, _mixed_ranks_teacher])
+def test_fused_statistics_loss_equals_the_per_layer_loss(groups, ema, make_teacher):
+    teacher = make_teacher()
     x = (torch.rand(4 * groups, 1, 16, 16) * 3 - 1).requires_grad_(True)
     results = []
     for kind in (BNStatMatcher, FusedBatchNormMatcher):
         x.grad = None
         with kind([teacher], groups, 10.0, ema) as statistics:
             for _ in range(3):  # the EMA state carries across forwards
-                teacher(x)
+                logits = teacher(x)
                 loss = statistics.pop(teacher)
-        (loss * torch.arange(1.0, groups + 1)).sum().backward()
-        results.append((loss.detach(), x.grad.clone()))
-    (per_layer, per_layer_grad), (fused, fused_grad) = results
+        # The statistics' gradient joins the classifier's through the replaced layers.
+        ((loss * torch.arange(1.0, groups + 1)).sum() + logits.square().mean()).backward()
+        results.append((loss.detach(), logits.detach(), x.grad.clone()))
+    (per_layer, per_layer_logits, per_layer_grad), (fused, fused_logits, fused_grad) = results
     assert fused.shape == (groups,)
+    torch.testing.assert_close(fused_logits, per_layer_logits, rtol=0, atol=0)  # the layers' own outputs
     torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused_grad, per_layer_grad, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_matcher_removes_its_hooks_and_handles_a_model_without_batchnorm():
+def test_fused_matcher_puts_every_layer_back_and_handles_a_model_without_batchnorm():
     teacher, plain = _teacher(), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))
-    with FusedBatchNormMatcher([teacher, plain], 1) as statistics:
-        plain(torch.rand(2, 1, 16, 16))
-        assert torch.equal(statistics.pop(plain), torch.zeros(1))
-        with pytest.raises(RuntimeError, match="not every BatchNorm layer ran"):
+    layers = dict(teacher.named_modules())
+    with pytest.raises(RuntimeError, match="not every BatchNorm layer ran"):
+        with FusedBatchNormMatcher([teacher, plain], 1) as statistics:
+            assert not any(isinstance(m, torch.nn.BatchNorm2d) for name, m in teacher.named_modules()
+                           if not name.endswith(".layer"))  # fmt: skip
+            plain(torch.rand(2, 1, 16, 16))
+            assert torch.equal(statistics.pop(plain), torch.zeros(1))
             statistics.pop(teacher)
-    assert all(not m._forward_hooks for m in teacher.modules())
+    assert dict(teacher.named_modules()) == layers  # the very same modules, where they were
+
+
+def test_fused_matcher_refuses_a_layer_run_twice_a_training_layer_and_a_compiled_teacher():
+    teacher = _teacher()
+    block = [m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    twice = torch.nn.Sequential(torch.nn.Conv2d(1, block.num_features, 1), block, block)
+    with FusedBatchNormMatcher([twice], 1):
+        with pytest.raises(RuntimeError, match="ran twice in one forward pass"):
+            twice(torch.rand(2, 1, 4, 4))
+    shared_block = torch.nn.Sequential(torch.nn.Conv2d(block.num_features, block.num_features, 1), block)
+    blocks = torch.nn.Sequential(torch.nn.Conv2d(1, block.num_features, 1), shared_block, shared_block)
+    with FusedBatchNormMatcher([blocks], 1):
+        with pytest.raises(RuntimeError, match="ran twice in one forward pass"):
+            blocks(torch.rand(2, 1, 4, 4))
+    assert blocks[1][1] is block and twice[1] is block and twice[2] is block
+    with pytest.raises(ValueError, match="eval mode with running statistics"):
+        with FusedBatchNormMatcher([_teacher().train()], 1):
+            pass
+    with pytest.raises(ValueError, match="compiled teacher"):
+        with FusedBatchNormMatcher([torch.compile(_teacher())], 1):
+            pass
 
 
 def test_non_finite_loss_is_found_at_the_end_of_its_stage_and_named():

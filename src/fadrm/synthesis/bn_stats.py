@@ -178,29 +178,115 @@ class FusedLayout:
         return self._scales[key]
 
 
-def _group_statistics(activations: Sequence[torch.Tensor], layout: FusedLayout) -> torch.Tensor:
-    """Per group and channel, the mean and biased variance of every activation: (G, 2 sum C), fp32,
-    in :class:`FusedLayout`'s order. One reduction per layer."""
+class BatchNormTap(nn.Module):
+    """Stands in for an eval-mode BatchNorm layer while the fused statistics loss is computed.
+
+    It gives the layer's own output and keeps the statistics of its input for
+    :class:`FusedBatchNormLoss`, in one autograd node whose backward is the layer's (eval mode:
+    ``grad * weight / sqrt(running_var + eps)``) plus the statistics' share, ``x * a + b``,
+    in two operations. The per-layer path's hooks cost one more per layer: autograd adding the
+    statistics' gradient of ``x`` to the layer's.
+
+    :attr:`statistics`: ``(first, second, shape)`` of the last forward, until the loss takes
+    it: for one group the kernel's per-channel mean and 1/sqrt(var + eps), (C,) each; for G
+    groups the mean and biased variance, (G, 1, C, 1, ...) each; ``shape`` the input's.
+    """
+
+    def __init__(self, layer: nn.Module, num_groups: int) -> None:
+        super().__init__()
+        if layer.training or layer.running_mean is None or layer.running_var is None:
+            raise ValueError(f"fused statistics need BatchNorm layers in eval mode with running statistics: {layer}")
+        self.layer = layer
+        self.num_groups = num_groups
+        with torch.no_grad():
+            scale = layer.running_var.float().add(layer.eps).rsqrt()
+            if layer.weight is not None:
+                scale = scale * layer.weight.float()
+        # d output / d input of the eval-mode layer, per channel; then the constants through which
+        # one eval-mode batch-norm call computes x * a + b from per-channel a and b.
+        self._scale = scale
+        self._scale_by_dims: dict[int, torch.Tensor] = {}
+        self._zeros = torch.zeros_like(scale)
+        self._ones = torch.ones_like(scale)
+        self.statistics: tuple[torch.Tensor, torch.Tensor, torch.Size] | None = None
+
+    def scale_for(self, dims: int) -> torch.Tensor:
+        """The per-channel input gradient factor, shaped to broadcast over a ``dims``-dimensional input."""
+        if dims not in self._scale_by_dims:
+            self._scale_by_dims[dims] = self._scale.view(-1, *([1] * (dims - 2)))
+        return self._scale_by_dims[dims]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.statistics is not None:
+            raise RuntimeError(f"BatchNorm layer {self.layer} ran twice in one forward pass; the fused "
+                               "statistics loss needs each layer once")  # fmt: skip
+        output, first, second = _TappedBatchNorm.apply(x, self)
+        self.statistics = (first, second, x.shape)
+        return output
+
+
+class _TappedBatchNorm(torch.autograd.Function):
+    """:class:`BatchNormTap`'s node. Its statistics outputs feed :class:`FusedBatchNormLoss` only,
+    whose backward hands them, in place of gradients, the coefficients ``b`` (for the first) and
+    ``a`` (for the second) of the statistics' gradient of the input, ``x * a + b``: the two nodes
+    are one mechanism, split where the forward pass splits them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tap: BatchNormTap):  # type: ignore[override]
+        layer = tap.layer
+        output = torch.nn.functional.batch_norm(x, layer.running_mean, layer.running_var, layer.weight,
+                                                layer.bias, False, 0.0, layer.eps)  # fmt: skip
+        if tap.num_groups == 1:
+            first, second = _mean_invstd(x)
+            saved = x
+        else:
+            saved = x.unflatten(0, (tap.num_groups, -1))
+            second, first = torch.var_mean(saved, dim=(1, *range(3, saved.dim())), keepdim=True, correction=0)
+        ctx.save_for_backward(saved)
+        ctx.tap = tap
+        ctx.shape = x.shape
+        return output, first.float(), second.float()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor | None, shift: torch.Tensor | None,  # type: ignore[override]
+                 slope: torch.Tensor | None):  # fmt: skip
+        (saved,) = ctx.saved_tensors
+        tap: BatchNormTap = ctx.tap
+        dims = len(ctx.shape)
+        if shift is None:  # the statistics were not used: the layer's own gradient
+            return grad_output * tap.scale_for(dims), None
+        if tap.num_groups == 1:
+            # x * a + b as an eval-mode batch norm with mean 0, variance 1, weight a, bias b: one
+            # operation, taking a and b as the (C,) vectors they are.
+            grad = torch.ops.aten.native_batch_norm(saved, slope, shift, tap._zeros, tap._ones, False, 0.0, 0.0)[0]
+        else:
+            grad = torch.addcmul(shift, saved, slope).view(ctx.shape)
+        if grad_output is not None:
+            grad = grad.addcmul_(grad_output, tap.scale_for(dims))
+        return grad.to(saved.dtype), None
+
+
+def _statistics_row(statistics: Sequence[torch.Tensor], layout: FusedLayout) -> torch.Tensor:
+    """The taps' statistics side by side, (G, 2 sum C), fp32, in :class:`FusedLayout`'s order."""
     groups = layout.num_groups
     if groups == 1:
-        # BatchNorm's own statistics kernel; it gives 1/sqrt(var + eps), eps far below any fp32
+        # BatchNorm's own statistics kernel gives 1/sqrt(var + eps), eps far below any fp32
         # variance's rounding, so the power -2 is the variance.
-        stats = [_mean_invstd(x) for x in activations]
-        flat = torch.cat([m for m, _ in stats] + [s for _, s in stats]).view(1, -1)
-        return flat.float().pow(layout.exponents)
-    moments = [torch.var_mean(x.unflatten(0, (groups, -1)), dim=(1, *range(3, x.dim() + 1)), correction=0)
-               for x in activations]  # fmt: skip
-    return torch.cat([m for _, m in moments] + [v for v, _ in moments], 1).float()
+        return torch.cat(statistics).view(1, -1).pow(layout.exponents)
+    if len({s.dim() for s in statistics}) == 1:
+        return torch.cat(statistics, 2).view(groups, -1)
+    return torch.cat([s.reshape(groups, -1) for s in statistics], 1)  # inputs of different ranks
 
 
 class FusedBatchNormLoss(torch.autograd.Function):
     """The statistics loss of all of a model's BatchNorm layers as one autograd node, (G,).
 
     Per group: ``sum_l w_l (||mu_l - running_mean_l||_2 + ||var_l - running_var_l||_2)``, the
-    same loss as one :class:`GroupMoments` and :func:`stat_distance` per layer, but its
-    host cost hardly grows with depth: one reduction per layer forward and one fused
-    multiply-add per layer backward, everything else a handful of operations on the
-    statistics of all layers side by side. Rounding differs from the per-layer path.
+    same loss as one :class:`GroupMoments` and :func:`stat_distance` per layer, from the
+    statistics its :class:`BatchNormTap` layers kept: a handful of operations on the
+    statistics of all layers side by side, whatever the depth. Rounding differs from the
+    per-layer path. Its backward returns, for each tap's statistics, the coefficients the tap
+    turns into its input's gradient (see :class:`_TappedBatchNorm`), not their gradient.
 
     ``ema`` (a dict, or None) carries the EMA surrogate's state between calls: the distance
     is taken at ``s_hat <- a s_hat + (1 - a) s`` (starting at 0), with the gradient of ``s``.
@@ -208,9 +294,9 @@ class FusedBatchNormLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layout: FusedLayout, ema: dict | None, coefficient: float,  # type: ignore[override]
-                *activations: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        with torch.autocast(activations[0].device.type, enabled=False):
-            stats = _group_statistics(activations, layout)  # (G, 2 sum C)
+                shapes: tuple[torch.Size, ...], *statistics: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        with torch.autocast(statistics[0].device.type, enabled=False):
+            stats = _statistics_row(statistics, layout)  # (G, 2 sum C)
             mean = stats[:, : sum(layout.channels)]
             if ema is not None:
                 state = ema.get("state")
@@ -219,28 +305,29 @@ class FusedBatchNormLoss(torch.autograd.Function):
             diff = stats - layout.targets
             norms = (diff.square() @ layout.segments).sqrt_()  # (G, 2L)
             loss = norms @ layout.weights
-        ctx.save_for_backward(mean, diff, norms, *activations)
+        ctx.save_for_backward(mean, diff, norms)
         ctx.layout = layout
+        ctx.shapes = shapes
+        ctx.statistics_shapes = [s.shape for s in statistics]
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
-        mean, diff, norms, *activations = ctx.saved_tensors
+        mean, diff, norms = ctx.saved_tensors
         layout: FusedLayout = ctx.layout
-        groups, total = layout.num_groups, sum(layout.channels)
+        total = sum(layout.channels)
         with torch.autocast(grad_loss.device.type, enabled=False):
             # d ||d||_2 / d d = d / ||d||_2, and 0 where the distance is 0 (as autograd's norm).
             coefficient = torch.outer(grad_loss.float(), layout.weights).div_(norms.clamp_min(1e-30))
             # Per (group, channel): [d mean / n | 2 d var / n]; the input gradient is x * a + b with
             # a = 2 d var / n and b = d mean / n - a * mean.
-            grad = (coefficient @ layout.segments_t).mul_(diff).mul_(layout.scales([x.shape for x in activations]))
+            grad = (coefficient @ layout.segments_t).mul_(diff).mul_(layout.scales(ctx.shapes))
             grad[:, :total].sub_(grad[:, total:] * mean)
-        spatial = (1,) * (activations[0].dim() - 2)
-        if groups == 1:
-            parts = grad.view(1, -1, *spatial).split(layout.channels * 2, 1)
-            grads = [torch.addcmul(b, x, a).to(x.dtype) for x, b, a in zip(activations, parts, parts[len(activations):])]
+        shapes = ctx.statistics_shapes
+        if layout.num_groups == 1:
+            parts = grad.view(-1).split(layout.channels * 2)
+        elif len({len(s) for s in shapes}) == 1:
+            parts = grad.view(shapes[0][:2] + (-1,) + shapes[0][3:]).split(layout.channels * 2, 2)
         else:
-            parts = grad.view(groups, 1, -1, *spatial).split(layout.channels * 2, 2)
-            grads = [torch.addcmul(b, x.unflatten(0, (groups, -1)), a).flatten(0, 1).to(x.dtype)
-                     for x, b, a in zip(activations, parts, parts[len(activations):])]  # fmt: skip
-        return (None, None, None, *grads)
+            parts = [part.view(shape) for part, shape in zip(grad.split(layout.channels * 2, 1), shapes)]
+        return (None, None, None, None, *parts)

@@ -31,7 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..config import SynthesisConfig
 from ..registry import Registry
 from ..runtime import to_device
-from .bn_stats import FusedBatchNormLoss, FusedLayout, GroupMoments, device_of, stat_distance
+from .bn_stats import BatchNormTap, FusedBatchNormLoss, FusedLayout, GroupMoments, device_of, stat_distance
 
 # EDC's soft category-aware matching: every term is (1 - share) * D(global target) + share *
 # D(class target); its code hard-codes one half, and so do we.
@@ -334,11 +334,25 @@ class BNStatMatcher(StatMatcher):
         super().__init__(models, num_groups, first_bn_multiplier, ema=ema)
 
 
+class _SwappedModule:
+    """``parent.<name>`` replaced by another module until :meth:`remove` puts the original back."""
+
+    def __init__(self, parent: nn.Module, name: str, replacement: nn.Module) -> None:
+        self.parent, self.name = parent, name
+        self.original = getattr(parent, name)
+        setattr(parent, name, replacement)
+
+    def remove(self) -> None:
+        setattr(self.parent, self.name, self.original)
+
+
 class FusedBatchNormMatcher(HookedMatcher):
     """:class:`BNStatMatcher`'s loss, computed by :class:`~fadrm.synthesis.bn_stats.FusedBatchNormLoss`.
 
-    The hooks only keep each BatchNorm layer's input; :meth:`pop` computes the loss of all of a
-    model's layers at once, with under a quarter of the host operations of the per-layer path
+    While the context is open, each BatchNorm layer of the (uncompiled) teachers is replaced
+    by a :class:`~fadrm.synthesis.bn_stats.BatchNormTap` wrapping it; the originals are put
+    back on leaving, whatever happens. :meth:`pop` computes the loss of all of a model's layers
+    at once, with a third of the host operations of the per-layer path over the bare model
     (``benchmarks/host_cost.py``). The same loss; float rounding differs.
     """
 
@@ -351,49 +365,52 @@ class FusedBatchNormMatcher(HookedMatcher):
         super().__init__()
         self._layouts: dict[nn.Module, FusedLayout] = {}
         self._ema_state: dict[nn.Module, dict] = {}
-        self._inputs: dict[nn.Module, list[torch.Tensor | None]] = {}
+        self._taps: dict[nn.Module, list[BatchNormTap]] = {}
         self._unhooked: dict[nn.Module, torch.device] = {}
 
     def _register(self) -> None:
         for model in self.models:
-            layers = [layer for _, layer in matched_layers(model, convolutions=False)]
+            if hasattr(model, "_orig_mod"):
+                raise ValueError("fused statistics cannot replace the layers of a compiled teacher")
+            layers = matched_layers(model, convolutions=False)
             if not layers:
                 self._unhooked[model] = device_of(model)
                 continue
+            taps = [BatchNormTap(layer, self.num_groups) for _, layer in layers]
             weights = [self.first_multiplier] + [1.0] * (len(layers) - 1)
-            self._layouts[model] = FusedLayout.build(layers, weights, self.num_groups)
+            self._layouts[model] = FusedLayout.build([layer for _, layer in layers], weights, self.num_groups)
             self._ema_state[model] = {}
-            inputs: list[torch.Tensor | None] = [None] * len(layers)
-            self._inputs[model] = inputs
-            for position, layer in enumerate(layers):
-                self._handles.append(layer.register_forward_hook(self._keep_input(inputs, position)))
+            self._taps[model] = taps
+            tap_of = {id(layer): tap for (_, layer), tap in zip(layers, taps)}
+            # Every place a layer sits, a layer used twice included (whose tap then refuses the second run).
+            places = [name for name, m in model.named_modules(remove_duplicate=False) if id(m) in tap_of]
+            swapped: set[tuple[int, str]] = set()  # a block used twice holds its layers once
+            for name in places:
+                parent, _, attribute = name.rpartition(".")
+                owner = model.get_submodule(parent)
+                if (id(owner), attribute) not in swapped:
+                    swapped.add((id(owner), attribute))
+                    self._handles.append(_SwappedModule(owner, attribute, tap_of[id(getattr(owner, attribute))]))
 
     def _release(self) -> None:
-        for inputs in self._inputs.values():
-            inputs[:] = [None] * len(inputs)
-
-    @staticmethod
-    def _keep_input(inputs: list[torch.Tensor | None], position: int):
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if inputs[position] is not None:
-                raise RuntimeError(f"BatchNorm layer {module} ran twice in one forward pass; the fused "
-                                   "statistics loss needs each layer once")  # fmt: skip
-            inputs[position] = args[0]
-
-        return hook
+        for taps in self._taps.values():
+            for tap in taps:
+                tap.statistics = None
 
     def pop(self, model: nn.Module) -> torch.Tensor:
         """The weighted statistics loss of ``model``'s last forward pass, shape (num_groups,) (zeros without
         BatchNorm layers)."""
         if model in self._unhooked:
             return torch.zeros(self.num_groups, device=self._unhooked[model])
-        inputs = self._inputs[model]
-        if any(x is None for x in inputs):
+        taps = self._taps[model]
+        kept = [tap.statistics for tap in taps]
+        if any(k is None for k in kept):
             raise RuntimeError("not every BatchNorm layer ran in the last forward pass")
-        activations = list(inputs)
-        inputs[:] = [None] * len(inputs)
+        for tap in taps:
+            tap.statistics = None
+        firsts, seconds, shapes = zip(*kept)
         ema = self._ema_state[model] if self.ema > 0 else None
-        return FusedBatchNormLoss.apply(self._layouts[model], ema, self.ema, *activations)
+        return FusedBatchNormLoss.apply(self._layouts[model], ema, self.ema, shapes, *firsts, *seconds)
 
 
 # ------------------------------------------------------------------ registry

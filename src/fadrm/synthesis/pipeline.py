@@ -208,6 +208,10 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict[s
         log(f"--fused-statistics: {method.name}'s statistics ({method.matcher}) have no fused path; using the "
             "per-layer one")  # fmt: skip
         fused = False
+    elif fused and config.compile:
+        log("--fused-statistics: the fused path replaces BatchNorm layers, which a compiled teacher cannot take; "
+            "using the per-layer one with --compile")  # fmt: skip
+        fused = False
     runtime = make_runtime(config.device, config.amp, compile=config.compile, fused_statistics=fused)
     ranks = init_ranks(runtime.device.type)
     try:
