@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..artifacts import Layout, open_distilled_folder, read_priors, write_manifest
-from ..config import DistillConfig, validate
+from ..config import DEFAULT_BATCH_IMAGES, DistillConfig, validate
 from ..data import DatasetSpec, get_dataset_spec, load_split, normalize
 from ..data.transforms import denormalize
 from ..distributed import Ranks, init_ranks
@@ -40,10 +40,6 @@ from .matching import MATCHERS
 from .methods import METHODS, TEACHER_POLICIES, Method, TeacherPlan
 from .recover import recover
 from .units import UNIT_PLANS, Unit
-
-# Images per forward pass when --groups-per-batch is not given.
-DEFAULT_BATCH_IMAGES = {"cpu": 100, "cuda": 1000}
-
 
 def synthesis_teachers(config: DistillConfig, spec: DatasetSpec, class_names: list[str], runtime: Runtime) -> list[Teacher]:
     """The run's teachers, loaded and placed; they must agree on the classes and, unless the method
