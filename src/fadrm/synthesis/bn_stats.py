@@ -254,7 +254,7 @@ class _TappedBatchNorm(torch.autograd.Function):
         tap: BatchNormTap = ctx.tap
         dims = len(ctx.shape)
         if shift is None:  # the statistics were not used: the layer's own gradient
-            return grad_output * tap.scale_for(dims), None
+            return (None if grad_output is None else grad_output * tap.scale_for(dims)), None
         if tap.num_groups == 1:
             # x * a + b as an eval-mode batch norm with mean 0, variance 1, weight a, bias b: one
             # operation, taking a and b as the (C,) vectors they are.

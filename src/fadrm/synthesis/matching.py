@@ -352,7 +352,7 @@ class FusedBatchNormMatcher(HookedMatcher):
     While the context is open, each BatchNorm layer of the (uncompiled) teachers is replaced
     by a :class:`~fadrm.synthesis.bn_stats.BatchNormTap` wrapping it; the originals are put
     back on leaving, whatever happens. :meth:`pop` computes the loss of all of a model's layers
-    at once, with a third of the host operations of the per-layer path over the bare model
+    at once: about a twelfth of the host operations the per-layer path adds to the bare model's
     (``benchmarks/host_cost.py``). The same loss; float rounding differs.
     """
 
