@@ -18,6 +18,7 @@ from fadrm.cli import main
 from fadrm.data.specs import FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES
 from fadrm.io import save_torch
 from fadrm.models import build_model
+from fadrm.synthesis.matching import LayerTargets, TeacherTargets, matched_layers
 from fadrm.teachers import checkpoint_dict
 
 torch.set_num_threads(2)
@@ -172,3 +173,26 @@ def run_cli(argv: list[str], capsys) -> tuple[int, list[str], list[str]]:
         code = exit_info.code
     captured = capsys.readouterr()
     return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()
+
+
+def statistics_targets(model: torch.nn.Module, size: int, cell: int, classes: int = 10,
+                       channels_in: int = 1) -> TeacherTargets:
+    """Targets of the right shapes for every BatchNorm layer and convolution input, not the statistics'."""
+    layers = matched_layers(model, convolutions=True)
+    seen = {}
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0].shape)) for n, m in layers]
+    with torch.no_grad():
+        model(torch.zeros(1, channels_in, size, size))
+    for handle in handles:
+        handle.remove()
+    generator = torch.Generator().manual_seed(3)
+
+    def pair(*dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.rand(*dims, generator=generator), torch.rand(*dims, generator=generator) + 0.5
+
+    targets = {}
+    for name, _ in layers:
+        channels, height, width = seen[name][1:]
+        cells = -(-height // cell) * -(-width // cell)
+        targets[name] = LayerTargets(pair(channels), pair(cells), pair(classes, channels), pair(classes, cells))
+    return TeacherTargets(cell, targets)

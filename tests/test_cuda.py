@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import statistics_targets
 from torch import nn
 
 import fadrm
@@ -15,7 +16,7 @@ from fadrm.augment import MIXES, ViewSampler, render
 from fadrm.runtime import make_runtime
 from fadrm.seeding import make_generator
 from fadrm.synthesis.bn_stats import group_stat_distance
-from fadrm.synthesis.matching import BNStatMatcher, FusedBatchNormMatcher, patch_moments
+from fadrm.synthesis.matching import BNStatMatcher, FusedBatchNormMatcher, FusedStatMatcher, StatMatcher, patch_moments
 from fadrm.synthesis.recover import data_densification
 from fadrm.config import SynthesisConfig
 from fadrm.synthesis.recover import recover
@@ -75,6 +76,32 @@ def test_fused_statistics_match_the_per_layer_path_on_cuda(groups, amp):
     tolerance = 1e-4 if amp == "off" else 2e-2  # bf16 gradients round at about 4e-3
     assert torch.allclose(fused, per_layer, rtol=tolerance, atol=1e-5)
     assert (fused_grad - per_layer_grad).norm() <= tolerance * per_layer_grad.norm()
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("class_share", [0.0, 0.5])  # G-VBSM's terms, EDC's
+def test_fused_convolution_statistics_match_the_per_layer_path_on_cuda(groups, class_share):
+    runtime = make_runtime("cuda", "off")
+    teacher = runtime.place(_teacher())
+    targets = [statistics_targets(teacher.cpu(), 12, 5, classes=3)]  # 12 px: resized up to 15 for the cells
+    teacher = runtime.place(teacher)
+    torch.manual_seed(1)
+    images = runtime.batch(torch.randn(4 * groups, 1, 12, 12) * 1.5)
+    labels = (torch.arange(4 * groups) % 3).cuda()
+    results = []
+    for kind in (StatMatcher, FusedStatMatcher):
+        x = images.clone().requires_grad_(True)
+        generators = [make_generator(0, "cuda", g) for g in range(groups)]
+        with kind([teacher], groups, 10.0, targets=targets, ema=0.8, conv_drop=0.3, generators=generators,
+                  labels=labels, class_share=class_share) as statistics:  # fmt: skip
+            for _ in range(3):
+                logits = teacher(x)
+                loss = statistics.pop(teacher)
+            (loss.sum() + logits.square().mean()).backward()
+        results.append((loss.detach().cpu(), x.grad.cpu()))
+    (per_layer, per_layer_grad), (fused, fused_grad) = results
+    assert torch.allclose(fused, per_layer, rtol=1e-4, atol=1e-4)
+    assert (fused_grad - per_layer_grad).norm() <= 1e-4 * per_layer_grad.norm()
 
 
 @pytest.mark.parametrize("fused", [False, True])

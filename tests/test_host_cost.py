@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import statistics_targets
 
 import fadrm
 from fadrm.config import SynthesisConfig
@@ -15,7 +16,7 @@ from fadrm.hostcost import CountHostCost
 from fadrm.models import build_model
 from fadrm.runtime import make_runtime
 from fadrm.seeding import make_generator
-from fadrm.synthesis.matching import BNStatMatcher, FusedBatchNormMatcher
+from fadrm.synthesis.matching import BNStatMatcher, FusedBatchNormMatcher, FusedStatMatcher, StatMatcher
 from fadrm.synthesis.recover import recover
 
 
@@ -99,10 +100,36 @@ def test_fused_statistics_loss_equals_the_per_layer_loss(groups, ema, make_teach
     torch.testing.assert_close(fused_grad, per_layer_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize(("ema", "conv_drop", "class_share"), [(0.0, 0.0, 0.0), (0.8, 0.4, 0.0), (0.8, 0.4, 0.5)])
+@pytest.mark.parametrize("cell", [4, 3])  # 3: the 16 px input is resized up to 18 for its cells
+def test_fused_convolution_statistics_equal_the_per_layer_loss(groups, ema, conv_drop, class_share, cell):
+    # G-VBSM's terms (EMA, convolutions dropped per group) and EDC's (class targets), over several
+    # forwards: the EMA state and the random drops carry across them.
+    teacher = _teacher()
+    targets = [statistics_targets(teacher, 16, cell)]
+    images = torch.rand(4 * groups, 1, 16, 16) * 3 - 1
+    labels = torch.arange(4 * groups) % 10
+    results = []
+    for kind in (StatMatcher, FusedStatMatcher):
+        x = images.clone().requires_grad_(True)
+        generators = [make_generator(0, "test", g) for g in range(groups)]
+        with kind([teacher], groups, 10.0, targets=targets, ema=ema, conv_drop=conv_drop, generators=generators,
+                  labels=labels, class_share=class_share) as statistics:  # fmt: skip
+            for _ in range(3):
+                logits = teacher(x)
+                loss = statistics.pop(teacher)
+        ((loss * torch.arange(1.0, groups + 1)).sum() + logits.square().mean()).backward()
+        results.append((loss.detach(), x.grad.clone()))
+    (per_layer, per_layer_grad), (fused, fused_grad) = results
+    torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fused_grad, per_layer_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_fused_matcher_puts_every_layer_back_and_handles_a_model_without_batchnorm():
     teacher, plain = _teacher(), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))
     layers = dict(teacher.named_modules())
-    with pytest.raises(RuntimeError, match="not every BatchNorm layer ran"):
+    with pytest.raises(RuntimeError, match="not every matched layer ran"):
         with FusedBatchNormMatcher([teacher, plain], 1) as statistics:
             assert not any(isinstance(m, torch.nn.BatchNorm2d) for name, m in teacher.named_modules()
                            if not name.endswith(".layer"))  # fmt: skip
@@ -156,10 +183,13 @@ def test_distill_with_fused_statistics(fmnist_root, teacher_ckpt, tmp_path):
         assert a["ce"] == pytest.approx(b["ce"], abs=1e-3)  # the same loss, other rounding
 
 
-def test_fused_statistics_for_a_method_without_a_fused_path_says_so(fmnist_root, teacher_ckpt, tmp_path):
-    lines = []
-    manifest = fadrm.distill("fashion-mnist", [teacher_ckpt], tmp_path / "gvbsm", method="g-vbsm", ipc=1,
-                             data_root=str(fmnist_root), sizes=[24, 28], budgets=[2, 2], fused_statistics=True,
-                             log=lines.append)  # fmt: skip
-    assert any("no fused path; using the per-layer one" in line for line in lines)
-    assert "fused" not in manifest["device"]
+@pytest.mark.parametrize("method", ["g-vbsm", "edc"])
+def test_distill_with_fused_convolution_statistics(method, fmnist_root, teacher_ckpt, tmp_path):
+    common = dict(ipc=2, data_root=str(fmnist_root), sizes=[28], budgets=[3], log=lambda line: None)
+    fadrm.distill("fashion-mnist", [teacher_ckpt], tmp_path / "default", method=method, **common)
+    manifest = fadrm.distill("fashion-mnist", [teacher_ckpt], tmp_path / "fused", method=method,
+                             fused_statistics=True, **common)  # fmt: skip
+    assert manifest["device"].endswith("fused statistics")
+    default = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    for a, b in zip(default["images"], manifest["images"]):
+        assert a["ce"] == pytest.approx(b["ce"], abs=1e-3)  # the same loss, other rounding

@@ -13,7 +13,6 @@ import collections
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Operators that hand a tensor's value to Python (``.item()``, ``float(t)``, ``bool(t)``,

@@ -19,19 +19,18 @@ group's class target (:data:`CATEGORY_SHARE`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..config import SynthesisConfig
 from ..registry import Registry
 from ..runtime import to_device
-from .bn_stats import BatchNormTap, FusedBatchNormLoss, FusedLayout, GroupMoments, device_of, stat_distance
+from .bn_stats import GroupMoments, device_of, stat_distance, to_cells
+from .fused import BatchNormTap, FusedLayout, FusedStatisticsLoss, FusedTerm
 
 # EDC's soft category-aware matching: every term is (1 - share) * D(global target) + share *
 # D(class target); its code hard-codes one half, and so do we.
@@ -49,20 +48,12 @@ def cell_size(image_size: int) -> int:
     return 16 if image_size > 64 else 4
 
 
-def _to_cells(x: torch.Tensor, cell: int) -> torch.Tensor:
-    """``x`` (N, C, H, W) resized up to multiples of ``cell`` and split: (N, C, H/cell, cell, W/cell, cell)."""
-    height, width = (math.ceil(side / cell) * cell for side in x.shape[-2:])
-    if (height, width) != tuple(x.shape[-2:]):
-        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
-    return x.unflatten(2, (height // cell, cell)).unflatten(4, (width // cell, cell))
-
-
 def patch_moments(x: torch.Tensor, cell: int, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group and per cell, the mean and biased variance over (B, C, cell, cell): (G, cells) each.
 
     Cells are numbered row by row.
     """
-    cells = _to_cells(x.float(), cell).unflatten(0, (num_groups, -1))  # (G, B, C, u, P, v, P)
+    cells = to_cells(x.float(), cell, num_groups)  # (G, B, C, u, P, v, P)
     var, mean = torch.var_mean(cells, dim=(1, 2, 4, 6), correction=0)
     return mean.flatten(1), var.flatten(1)
 
@@ -75,7 +66,7 @@ def image_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def image_patch_moments(x: torch.Tensor, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and cell, the mean and biased variance over (C, cell, cell): (N, cells) each."""
-    var, mean = torch.var_mean(_to_cells(x.float(), cell), dim=(1, 3, 5), correction=0)
+    var, mean = torch.var_mean(to_cells(x.float(), cell), dim=(1, 3, 5), correction=0)
     return mean.flatten(1), var.flatten(1)
 
 
@@ -346,71 +337,127 @@ class _SwappedModule:
         setattr(self.parent, self.name, self.original)
 
 
-class FusedBatchNormMatcher(HookedMatcher):
-    """:class:`BNStatMatcher`'s loss, computed by :class:`~fadrm.synthesis.bn_stats.FusedBatchNormLoss`.
+class FusedStatMatcher(StatMatcher):
+    """:class:`StatMatcher`'s loss (the same arguments), computed by
+    :class:`~fadrm.synthesis.fused.FusedStatisticsLoss`: all of a model's statistics in one node.
 
     While the context is open, each BatchNorm layer of the (uncompiled) teachers is replaced
-    by a :class:`~fadrm.synthesis.bn_stats.BatchNormTap` wrapping it; the originals are put
-    back on leaving, whatever happens. :meth:`pop` computes the loss of all of a model's layers
-    at once: about a twelfth of the host operations the per-layer path adds to the bare model's
-    (``benchmarks/host_cost.py``). The same loss; float rounding differs.
+    by a :class:`~fadrm.synthesis.fused.BatchNormTap` wrapping it (the originals are put back on
+    leaving, whatever happens) and each matched convolution's input is kept by a hook.
+    :meth:`pop` computes the loss of all of a model's layers at once; for FADRM's BatchNorm
+    layers that is about a twelfth of the host operations the per-layer path adds to the bare
+    model's (``benchmarks/host_cost.py``). The same loss; float rounding differs. Convolution
+    terms are dropped per group with the same draws as the per-layer path (one per group and
+    convolution, from each group's stream, once per forward).
     """
 
-    def __init__(self, models: Iterable[nn.Module], num_groups: int, first_bn_multiplier: float = 10.0,
-                 ema: float = 0.0) -> None:  # fmt: skip
-        self.models = list(models)
-        self.num_groups = num_groups
-        self.first_multiplier = first_bn_multiplier
-        self.ema = ema
-        super().__init__()
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self._layouts: dict[nn.Module, FusedLayout] = {}
         self._ema_state: dict[nn.Module, dict] = {}
         self._taps: dict[nn.Module, list[BatchNormTap]] = {}
-        self._unhooked: dict[nn.Module, torch.device] = {}
+        self._inputs: dict[nn.Module, list[torch.Tensor | None]] = {}  # each matched convolution's input
 
     def _register(self) -> None:
-        for model in self.models:
+        for index, model in enumerate(self.models):
             if hasattr(model, "_orig_mod"):
                 raise ValueError("fused statistics cannot replace the layers of a compiled teacher")
-            layers = matched_layers(model, convolutions=False)
+            targets = self.targets[index] if self.targets is not None else None
+            layers = matched_layers(model, convolutions=targets is not None)
             if not layers:
                 self._unhooked[model] = device_of(model)
                 continue
-            taps = [BatchNormTap(layer, self.num_groups) for _, layer in layers]
+            terms, global_targets, class_targets, taps = [], [], [], []
+            inputs: list[torch.Tensor | None] = []
+            for name, layer in layers:
+                prepared = self._prepared(targets.layers.get(name) if targets else None, layer)
+                if isinstance(layer, nn.Conv2d):
+                    terms.append(FusedTerm(prepared.channel[0].numel(), prepared.patch[0].numel(), targets.cell))
+                    global_targets.append((*prepared.channel, *prepared.patch))
+                    class_targets.append((*prepared.class_channel, *prepared.class_patch) if self.class_share else ())
+                    self._handles.append(layer.register_forward_hook(self._keep_input(inputs, len(inputs))))
+                    inputs.append(None)
+                else:
+                    terms.append(FusedTerm(layer.running_mean.numel()))
+                    global_targets.append((layer.running_mean, layer.running_var))
+                    class_targets.append(tuple(prepared.class_channel) if self.class_share else ())
+                    taps.append(BatchNormTap(layer, self.num_groups))
             weights = [self.first_multiplier] + [1.0] * (len(layers) - 1)
-            self._layouts[model] = FusedLayout.build([layer for _, layer in layers], weights, self.num_groups)
+            self._layouts[model] = FusedLayout.build(terms, weights, self.num_groups, global_targets,
+                                                     class_targets if self.class_share else None, device_of(model))  # fmt: skip
             self._ema_state[model] = {}
             self._taps[model] = taps
-            tap_of = {id(layer): tap for (_, layer), tap in zip(layers, taps)}
-            # Every place a layer sits, a layer used twice included (whose tap then refuses the second run).
-            places = [name for name, m in model.named_modules(remove_duplicate=False) if id(m) in tap_of]
-            swapped: set[tuple[int, str]] = set()  # a block used twice holds its layers once
-            for name in places:
-                parent, _, attribute = name.rpartition(".")
-                owner = model.get_submodule(parent)
-                if (id(owner), attribute) not in swapped:
-                    swapped.add((id(owner), attribute))
-                    self._handles.append(_SwappedModule(owner, attribute, tap_of[id(getattr(owner, attribute))]))
+            self._inputs[model] = inputs
+            self._swap(model, taps)
+
+    def _swap(self, model: nn.Module, taps: list[BatchNormTap]) -> None:
+        """Put each tap where its layer sits, everywhere it sits (a layer or block used twice included:
+        the tap then refuses the second run)."""
+        tap_of = {id(tap.layer): tap for tap in taps}
+        places = [name for name, m in model.named_modules(remove_duplicate=False) if id(m) in tap_of]
+        swapped: set[tuple[int, str]] = set()
+        for name in places:
+            parent, _, attribute = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            if (id(owner), attribute) not in swapped:
+                swapped.add((id(owner), attribute))
+                self._handles.append(_SwappedModule(owner, attribute, tap_of[id(getattr(owner, attribute))]))
+
+    @staticmethod
+    def _keep_input(inputs: list[torch.Tensor | None], position: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if inputs[position] is not None:
+                raise RuntimeError(f"convolution {module} ran twice in one forward pass; the fused statistics "
+                                   "loss needs each layer once")  # fmt: skip
+            inputs[position] = args[0]
+
+        return hook
 
     def _release(self) -> None:
+        super()._release()
         for taps in self._taps.values():
             for tap in taps:
                 tap.statistics = None
+        for inputs in self._inputs.values():
+            inputs[:] = [None] * len(inputs)
 
     def pop(self, model: nn.Module) -> torch.Tensor:
-        """The weighted statistics loss of ``model``'s last forward pass, shape (num_groups,) (zeros without
-        BatchNorm layers)."""
+        """The weighted statistics loss of ``model``'s last forward pass, shape (num_groups,) (zeros for a
+        model without matched layers)."""
         if model in self._unhooked:
             return torch.zeros(self.num_groups, device=self._unhooked[model])
-        taps = self._taps[model]
+        taps, inputs = self._taps[model], self._inputs[model]
         kept = [tap.statistics for tap in taps]
-        if any(k is None for k in kept):
-            raise RuntimeError("not every BatchNorm layer ran in the last forward pass")
+        if any(k is None for k in kept) or any(x is None for x in inputs):
+            raise RuntimeError("not every matched layer ran in the last forward pass")
         for tap in taps:
             tap.statistics = None
-        firsts, seconds, shapes = zip(*kept)
-        ema = self._ema_state[model] if self.ema > 0 else None
-        return FusedBatchNormLoss.apply(self._layouts[model], ema, self.ema, shapes, *firsts, *seconds)
+        convolution_inputs = list(inputs)
+        inputs[:] = [None] * len(inputs)
+        firsts, seconds, tap_shapes = zip(*kept) if kept else ((), (), ())
+        layout = self._layouts[model]
+        shapes, tap_shapes, convolution_shapes = [], iter(tap_shapes), iter(x.shape for x in convolution_inputs)
+        for term in layout.terms:
+            shapes.append(next(convolution_shapes) if term.cells else next(tap_shapes))
+        keep = None
+        if self.conv_drop > 0 and convolution_inputs:
+            # One draw per group and convolution of this forward, from each group's own stream (the
+            # per-layer path's draws), and an always-kept column for the BatchNorm terms.
+            drawn = torch.stack([torch.rand(len(convolution_inputs), generator=g) for g in self.generators])
+            keep = torch.cat([drawn >= self.conv_drop, torch.ones(self.num_groups, 1, dtype=torch.bool)], 1)
+            keep = to_device(keep, layout.targets.device)
+        ema = self._ema_state[model] if self.ema is not None else None
+        coefficient = self.ema.coefficient if self.ema is not None else 0.0
+        return FusedStatisticsLoss.apply(layout, ema, coefficient, self.class_share, keep, tuple(shapes), *firsts,
+                                         *seconds, *convolution_inputs)  # fmt: skip
+
+
+class FusedBatchNormMatcher(FusedStatMatcher):
+    """:class:`BNStatMatcher`'s loss, fused: BatchNorm layers only, matched to their running buffers."""
+
+    def __init__(self, models: Iterable[nn.Module], num_groups: int, first_bn_multiplier: float = 10.0,
+                 ema: float = 0.0) -> None:  # fmt: skip
+        super().__init__(models, num_groups, first_bn_multiplier, ema=ema)
 
 
 # ------------------------------------------------------------------ registry
@@ -425,8 +472,8 @@ class MatchSetup:
         labels: each image's class, (G*B,).
         generators: one random stream per group.
         targets: per teacher, its statistics targets (None where the matcher needs none).
-        fused: compute the loss with :class:`FusedBatchNormMatcher` where the matcher has such a
-            path (``--fused-statistics``).
+        fused: compute the loss with the matcher's fused counterpart (:class:`FusedStatMatcher`,
+            ``--fused-statistics``).
     """
 
     teachers: Sequence[nn.Module]
@@ -445,15 +492,13 @@ class MatcherKind:
     Attributes:
         build: the matcher for one batch.
         statistics: whether it needs the teachers' statistics files (``fadrm stats``).
-        fuses: whether it has a fused path (:class:`FusedBatchNormMatcher`) for ``MatchSetup.fused``.
     """
 
-    build: Callable[[MatchSetup], StatMatcher | FusedBatchNormMatcher]
+    build: Callable[[MatchSetup], StatMatcher]
     statistics: bool = False
-    fuses: bool = False
 
 
-def _batchnorm(setup: MatchSetup) -> StatMatcher | FusedBatchNormMatcher:
+def _batchnorm(setup: MatchSetup) -> StatMatcher:
     kind = FusedBatchNormMatcher if setup.fused else BNStatMatcher
     return kind(setup.teachers, setup.num_groups, setup.settings.first_bn_multiplier, setup.settings.stat_ema)
 
@@ -461,7 +506,8 @@ def _batchnorm(setup: MatchSetup) -> StatMatcher | FusedBatchNormMatcher:
 def _with_convolutions(class_share: float) -> Callable[[MatchSetup], StatMatcher]:
     def build(setup: MatchSetup) -> StatMatcher:
         settings = setup.settings
-        return StatMatcher(
+        kind = FusedStatMatcher if setup.fused else StatMatcher
+        return kind(
             setup.teachers, setup.num_groups, settings.first_bn_multiplier, targets=setup.targets,
             ema=settings.stat_ema, conv_drop=settings.conv_drop, generators=setup.generators, labels=setup.labels,
             class_share=class_share,
@@ -472,7 +518,7 @@ def _with_convolutions(class_share: float) -> Callable[[MatchSetup], StatMatcher
 
 MATCHERS: Registry[MatcherKind] = Registry("statistics matcher")
 # BatchNorm layers against their running buffers (FADRM, SRe2L, CV-DD).
-MATCHERS.add("batchnorm", MatcherKind(_batchnorm, fuses=True))
+MATCHERS.add("batchnorm", MatcherKind(_batchnorm))
 # G-VBSM: BatchNorm layers and convolution inputs against the training set's statistics.
 MATCHERS.add("batchnorm+conv", MatcherKind(_with_convolutions(0.0), statistics=True))
 # EDC: the same, each distance averaged with the distance to the group's class targets.

@@ -200,11 +200,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict[s
     method = METHODS.get(config.method)
     spec = get_dataset_spec(config.dataset)
     fused = config.fused_statistics
-    if fused and not MATCHERS.get(method.matcher).fuses:
-        log(f"--fused-statistics: {method.name}'s statistics ({method.matcher}) have no fused path; using the "
-            "per-layer one")  # fmt: skip
-        fused = False
-    elif fused and config.compile:
+    if fused and config.compile:
         log("--fused-statistics: the fused path replaces BatchNorm layers, which a compiled teacher cannot take; "
             "using the per-layer one with --compile")  # fmt: skip
         fused = False
