@@ -10,8 +10,8 @@ EDC 4.99 s, CV-DD 8.20 s, G-VBSM 17.28 s. Each method runs in its own process (s
 own) with the ImageNet-1k preset's settings for it (stages, EMA, term drop, crops, jitter) and
 its precision (SRe2L++, G-VBSM, EDC and CV-DD full precision as published; FADRM and FADRM+
 ``--amp``, fp16 by default on CUDA as the reference), at 100 images per batch (G-VBSM and EDC:
-10 classes x 10 images), s/image = s/iteration x 2000 / 100, with the default statistics path and,
-where the method has one, ``--fused-statistics``; beside them the bare teacher's forward +
+10 classes x 10 images), s/image = s/iteration x 2000 / 100, with the default statistics path and
+with ``--fused-statistics``; beside them the bare teacher's forward +
 backward and, when ``../shared/bench/reference_recover.py`` is present, the public
 reference's own loop at the same shape (``imagenet-paper``).
 """
@@ -76,12 +76,9 @@ def main() -> None:
         method, fused = args.worker[0], args.worker[1] == "1"
         print(json.dumps(worker(method, args.device, args.amp, fused, args.iters, args.warmup, args.dry_run)))
         return
-    from fadrm.synthesis.matching import MATCHERS
-    from fadrm.synthesis.methods import METHODS
-
     rows = []
     for method in args.methods:
-        for fused in (False, True) if MATCHERS.get(METHODS.get(method).matcher).fuses else (False,):
+        for fused in (False, True):
             cmd = [sys.executable, __file__, "--worker", method, str(int(fused)), "--device", args.device,
                    "--amp", args.amp, "--iters", str(args.iters), "--warmup", str(args.warmup),
                    *(["--dry-run"] if args.dry_run else [])]  # fmt: skip

@@ -437,10 +437,10 @@ class DistillConfig(StageConfig):
                            help="torch.compile the teachers: minutes of compiling per input size first; 3%% faster "
                            "per iteration for a CPU ResNet-18, no gain for small ConvNets")  # fmt: skip
     fused_statistics: bool = option(False, defines=False,
-                                    help="compute the BatchNorm-statistics loss of all layers in one step: a fifth of the "
-                                    "host operations per iteration, 1.49x the bare teacher's instead of 6.9x "
-                                    "(benchmarks/host_cost.py), other float rounding; FADRM, FADRM+, SRe2L, SRe2L++ "
-                                    "and CV-DD, not with --compile; off until timed on a GPU")  # fmt: skip
+                                    help="compute the statistics loss of all matched layers in one step: "
+                                    "FADRM's 1.49x the bare teacher's host operations per iteration instead of "
+                                    "6.9x, G-VBSM's and EDC's 3.5-3.8x instead of 17-30x (benchmarks/host_cost.py); "
+                                    "other float rounding; not with --compile; off until timed on a GPU")  # fmt: skip
     overwrite: bool = option(False, help="replace a different run already in --out", defines=False, persist=False)
 
     @classmethod

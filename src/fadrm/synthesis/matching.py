@@ -383,8 +383,9 @@ class FusedStatMatcher(StatMatcher):
                     class_targets.append(tuple(prepared.class_channel) if self.class_share else ())
                     taps.append(BatchNormTap(layer, self.num_groups))
             weights = [self.first_multiplier] + [1.0] * (len(layers) - 1)
-            self._layouts[model] = FusedLayout.build(terms, weights, self.num_groups, global_targets,
-                                                     class_targets if self.class_share else None, device_of(model))  # fmt: skip
+            class_rows = class_targets if self.class_share else None
+            self._layouts[model] = FusedLayout.build(terms, weights, self.num_groups, global_targets, class_rows,
+                                                     device_of(model))  # fmt: skip
             self._ema_state[model] = {}
             self._taps[model] = taps
             self._inputs[model] = inputs
