@@ -439,7 +439,7 @@ class DistillConfig(StageConfig):
     fused_statistics: bool = option(False, defines=False,
                                     help="compute the statistics loss of all matched layers in one step: "
                                     "FADRM's 1.49x the bare teacher's host operations per iteration instead of "
-                                    "6.9x, G-VBSM's and EDC's 3.5-3.8x instead of 17-30x (benchmarks/host_cost.py); "
+                                    "6.9x, G-VBSM's and EDC's 3.5-3.9x instead of 17-30x (benchmarks/host_cost.py); "
                                     "other float rounding; not with --compile; off until timed on a GPU")  # fmt: skip
     overwrite: bool = option(False, help="replace a different run already in --out", defines=False, persist=False)
 
