@@ -3,6 +3,7 @@ equal to the per-layer one, counted exactly with a dispatch mode."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -193,3 +194,48 @@ def test_distill_with_fused_convolution_statistics(method, fmnist_root, teacher_
     default = json.loads((tmp_path / "default" / "manifest.json").read_text())
     for a, b in zip(default["images"], manifest["images"]):
         assert a["ce"] == pytest.approx(b["ce"], abs=1e-3)  # the same loss, other rounding
+
+
+def test_frozen_weights_held_in_the_autocast_dtype_change_no_bit():
+    # Autocast would copy each frozen convolution and linear weight to bf16 at every forward.
+    runtime = make_runtime("cpu", "bf16")
+    teacher = build_model("resnet18", 10, 3, 32).eval().requires_grad_(False)
+    trainable = torch.nn.Linear(3, 3)  # a weight that trains is left alone
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+
+    def forward_backward():
+        x.grad = None
+        with CountHostCost() as counted:
+            with runtime.autocast():
+                logits = teacher(x)
+            logits.float().square().sum().backward()
+        return logits.detach(), x.grad.clone(), counted.cost.ops["aten._to_copy.default"]
+
+    logits, grad, copies = forward_backward()
+    with runtime.frozen_in_autocast([teacher, trainable]):
+        assert teacher.fc.weight.dtype == torch.bfloat16 and trainable.weight.dtype == torch.float32
+        held_logits, held_grad, held_copies = forward_backward()
+    assert torch.equal(held_logits, logits) and torch.equal(held_grad, grad)
+    assert held_copies <= copies - 21  # ResNet-18: 20 convolutions and the classifier
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())
+    with pytest.raises(RuntimeError, match="boom"), runtime.frozen_in_autocast([teacher]):
+        raise RuntimeError("boom")
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())
+    with make_runtime("cpu", "off").frozen_in_autocast([teacher]):
+        assert teacher.fc.weight.dtype == torch.float32
+
+
+def test_recover_under_autocast_gives_the_images_it_gave_with_per_forward_casts(monkeypatch):
+    teacher = _teacher()
+    settings = SynthesisConfig(sizes=[12, 16], budgets=[3, 3], jitter=2)
+    bounds = (torch.full((1, 1, 1, 1), -3.0), torch.full((1, 1, 1, 1), 3.0))
+    runtime = make_runtime("cpu", "bf16")
+
+    def images():
+        generators = [make_generator(0, "test", g) for g in range(2)]
+        return recover(torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 10,
+                       [teacher], generators, settings, runtime, bounds).images  # fmt: skip
+
+    held = images()
+    monkeypatch.setattr(type(runtime), "frozen_in_autocast", lambda self, models: contextlib.nullcontext())
+    assert torch.equal(images(), held)

@@ -7,7 +7,7 @@ import os
 import resource
 import shutil
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -65,6 +65,34 @@ class Runtime:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @contextlib.contextmanager
+    def frozen_in_autocast(self, models: list[nn.Module]) -> Iterator[None]:
+        """Within it, the frozen convolution and linear weights of ``models`` are held in the autocast dtype.
+
+        Autocast casts every such weight to its dtype at every forward: one copy per layer and
+        pass, which for a frozen teacher is the same copy each time. Cast once here instead, the
+        forward is bitwise the same (autocast casts nothing already in its dtype). The fp32
+        tensors are put back on leaving, whatever happens. A no-op in full precision and for
+        compiled models (a dtype change would make them recompile).
+        """
+        saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+        try:
+            if self.amp_dtype is not None:
+                for model in models:
+                    if hasattr(model, "_orig_mod"):
+                        continue
+                    for module in model.modules():
+                        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                            continue
+                        for parameter in module.parameters(recurse=False):
+                            if not parameter.requires_grad and parameter.dtype == torch.float32:
+                                saved.append((parameter, parameter.data))
+                                parameter.data = parameter.data.to(self.amp_dtype)
+            yield
+        finally:
+            for parameter, data in saved:
+                parameter.data = data
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """A gradient scaler, needed only for fp16 (bf16 has fp32's range)."""

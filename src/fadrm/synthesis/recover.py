@@ -166,8 +166,8 @@ def recover(
     history: list[float] = []
     plan = plan or TeacherPlan(tuple(range(len(teachers))))
     step = 0
-    with matcher(MatchSetup(teachers, num_groups, settings, labels, generators, targets,
-                            runtime.fused_statistics)) as statistics:
+    setup = MatchSetup(teachers, num_groups, settings, labels, generators, targets, runtime.fused_statistics)
+    with runtime.frozen_in_autocast(list(teachers)), matcher(setup) as statistics:
         for stage, (size, budget) in enumerate(zip(settings.sizes, settings.budgets)):
             x = x.detach().requires_grad_(True)
             scaler = runtime.grad_scaler()
