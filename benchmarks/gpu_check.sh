@@ -9,7 +9,8 @@
 # wall time. A step that fails is reported and the others still run; the exit status is that of
 # the first failure. Steps:
 #   1. tests/test_cuda.py (the CUDA tests; they skip without a GPU)
-#   2. host cost on the CUDA code path (ops and scalar reads per iteration, default and fused)
+#   2. host cost on the CUDA code path (ops and scalar reads per iteration, default and fused; fp32, and
+#      bf16 at the CIFAR-100 shape)
 #   3. synthesis against the bare model: CIFAR-100 ResNet-18 batch 100 and ImageNet-1k ResNet-18
 #      batch 100 at 200/224, bf16 and fp16, and --fused-statistics in bf16
 #   4. the paper's efficiency table (FADRM, FADRM+, SRe2L++, G-VBSM, EDC, CV-DD), beside the public
@@ -53,6 +54,9 @@ if [ "$DRY" = 1 ]; then
     step patches $PY benchmarks/patch_speed.py --dry-run --data "$OUT/imagenet-like" --json "$OUT/$TAG-patches.json"
 else
     step host-cost $PY benchmarks/host_cost.py --device cuda --json "$OUT/$TAG-host-cost.json"
+    # The same count under bf16 autocast, where the frozen weights are held in its dtype.
+    step host-cost-bf16 $PY benchmarks/host_cost.py --device cuda --amp bf16 --configs cifar100 \
+        --json "$OUT/$TAG-host-cost-bf16.json"
     for amp in bf16 fp16; do
         step synthesis-$amp $PY benchmarks/synthesis_speed.py --device cuda --amp $amp --configs cifar100 imagenet-b100 \
             --iters 10 --warmup 3 --rounds 1 --json "$OUT/$TAG-synthesis-$amp.json"

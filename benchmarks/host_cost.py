@@ -112,7 +112,7 @@ def measure(shapes: dict[str, Shape], methods: list[str], device: str, amp: str,
                 row[f"{mode}_ops"] = cost.total
                 row[f"{mode}_scalar_reads"] = cost.scalar_reads
                 row[f"{mode}_ratio"] = round(cost.total / bare.total, 3)
-            if method == "fadrm" and device == "cpu":
+            if method == "fadrm" and device == "cpu" and amp == "off":  # the reference loop runs in fp32
                 reference = count_reference(shape)
                 if reference is not None:
                     row["reference_ops"] = reference.total
