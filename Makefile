@@ -1,6 +1,7 @@
 # Two entry points, both idempotent and quick when everything is installed:
 #   make demo   set up, then run the whole pipeline on Fashion-MNIST
 #   make test   set up, then run the test suite
+#   make lint   set up, then check formatting and lint (ruff)
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
@@ -9,7 +10,7 @@ STAMP   = $(VENV)/.fadrm-installed
 FMNIST  = /usr/share/datasets/fashion-mnist
 RUNS   ?= runs
 
-.PHONY: setup demo test clean-venv
+.PHONY: setup demo test lint clean-venv
 
 setup: $(STAMP) $(FMNIST)
 
@@ -19,7 +20,7 @@ $(FMNIST):
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,plots]'
+	$(PY) -m pip install -q -e '.[test,plots,lint]'
 	touch $(STAMP)
 
 demo: setup
@@ -27,6 +28,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 clean-venv:
 	rm -rf $(VENV)

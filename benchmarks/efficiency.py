@@ -55,10 +55,16 @@ def worker(method: str, device: str, amp: str, fused: bool, iters: int, warmup: 
     case.run(runtime, iters)
     sync()
     seconds = (time.perf_counter() - started) / (iters * len(case.settings.sizes))
-    return {"method": method, "fused_statistics": fused, "amp": runtime.amp, "batch": shape.batch,
-            "sizes": case.settings.sizes, "seconds_per_iter": seconds,
-            "s_per_image_at_2000_iters": seconds * PAPER_ITERATIONS / shape.batch,
-            "peak_bytes": runtime.peak_memory()}  # fmt: skip
+    return {
+        "method": method,
+        "fused_statistics": fused,
+        "amp": runtime.amp,
+        "batch": shape.batch,
+        "sizes": case.settings.sizes,
+        "seconds_per_iter": seconds,
+        "s_per_image_at_2000_iters": seconds * PAPER_ITERATIONS / shape.batch,
+        "peak_bytes": runtime.peak_memory(),
+    }
 
 
 def main() -> None:
@@ -79,27 +85,57 @@ def main() -> None:
     rows = []
     for method in args.methods:
         for fused in (False, True):
-            cmd = [sys.executable, __file__, "--worker", method, str(int(fused)), "--device", args.device,
-                   "--amp", args.amp, "--iters", str(args.iters), "--warmup", str(args.warmup),
-                   *(["--dry-run"] if args.dry_run else [])]  # fmt: skip
-            rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]))
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                method,
+                str(int(fused)),
+                "--device",
+                args.device,
+                "--amp",
+                args.amp,
+                "--iters",
+                str(args.iters),
+                "--warmup",
+                str(args.warmup),
+                *(["--dry-run"] if args.dry_run else []),
+            ]
+            rows.append(
+                json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # partial results survive a timeout
     if REFERENCE.exists() and not args.dry_run:
-        cmd = [sys.executable, str(REFERENCE), "imagenet-paper", "--device", args.device, "--iters", str(args.iters),
-               "--warmup", str(args.warmup)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(REFERENCE),
+            "imagenet-paper",
+            "--device",
+            args.device,
+            "--iters",
+            str(args.iters),
+            "--warmup",
+            str(args.warmup),
+        ]
         reference = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         rows.append({"method": "reference FADRM loop", **reference})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"{'method':22s} {'fused':>5s} {'amp':>4s} {'s/iter':>8s} {'s/img@2000':>10s} {'peak GiB':>8s}")
     for r in rows:
-        print(f"{r['method']:22s} {str(r.get('fused_statistics', '-')):>5s} {str(r.get('amp', 'fp16')):>4s} "
-              f"{r['seconds_per_iter']:8.4f} {r['s_per_image_at_2000_iters']:10.3f} {r['peak_bytes'] / 2**30:8.2f}")  # fmt: skip
+        print(
+            f"{r['method']:22s} {str(r.get('fused_statistics', '-')):>5s} {str(r.get('amp', 'fp16')):>4s} "
+            f"{r['seconds_per_iter']:8.4f} {r['s_per_image_at_2000_iters']:10.3f} {r['peak_bytes'] / 2**30:8.2f}"
+        )
     if args.json:
         import torch
 
-        meta = {"device": args.device, "torch": torch.__version__, "machine": platform.machine(),
-                "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-                "command": " ".join(["python", *sys.argv])}  # fmt: skip
+        meta = {
+            "device": args.device,
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+            "command": " ".join(["python", *sys.argv]),
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 

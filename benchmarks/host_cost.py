@@ -45,8 +45,12 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "referenc
 def count_bare(shape: Shape, num_teachers: int, runtime: Runtime) -> HostCost:
     """The bare teachers' forward + backward (CE loss), per iteration, over the same sizes and schedule."""
     torch.manual_seed(0)
-    teachers = [runtime.place(build_model(shape.model, shape.classes, shape.channels, shape.sizes[-1])
-                              .eval().requires_grad_(False)) for _ in range(num_teachers)]  # fmt: skip
+    teachers = [
+        runtime.place(
+            build_model(shape.model, shape.classes, shape.channels, shape.sizes[-1]).eval().requires_grad_(False)
+        )
+        for _ in range(num_teachers)
+    ]
     labels = torch.arange(shape.batch) % shape.classes
     total = HostCost()
     iterations = 0
@@ -80,8 +84,16 @@ def count_reference(shape: Shape) -> HostCost | None:
 
     def run(budget: int) -> HostCost:
         with CountHostCost() as counted:
-            module.reference_loop(patch.clone().requires_grad_(True), patch, targets, model, hooks, cfg,
-                                  [budget] * stages, torch.device("cpu"))  # fmt: skip
+            module.reference_loop(
+                patch.clone().requires_grad_(True),
+                patch,
+                targets,
+                model,
+                hooks,
+                cfg,
+                [budget] * stages,
+                torch.device("cpu"),
+            )
         return counted.cost
 
     # Iterations 2 and 3 of a stage; the reference also reads its loss at every 100th iteration
@@ -91,8 +103,9 @@ def count_reference(shape: Shape) -> HostCost | None:
     return per_iteration
 
 
-def measure(shapes: dict[str, Shape], methods: list[str], device: str, amp: str,
-            log: Callable[[str], None]) -> list[dict]:  # fmt: skip
+def measure(
+    shapes: dict[str, Shape], methods: list[str], device: str, amp: str, log: Callable[[str], None]
+) -> list[dict]:
     """One row per (shape, method): per-iteration ops and scalar reads, default and fused, beside bare."""
     rows = []
     for name, shape in shapes.items():
@@ -105,8 +118,14 @@ def measure(shapes: dict[str, Shape], methods: list[str], device: str, amp: str,
                 bare = count_bare(shape, num_teachers, make_runtime(device, amp))
                 bare_by_teachers[num_teachers] = bare.scaled(num_teachers) if committee else bare
             bare = bare_by_teachers[num_teachers]
-            row = {"config": name, "method": method, "teachers": num_teachers, "batch": shape.batch,
-                   "sizes": list(shape.sizes), "bare_ops": bare.total}  # fmt: skip
+            row = {
+                "config": name,
+                "method": method,
+                "teachers": num_teachers,
+                "batch": shape.batch,
+                "sizes": list(shape.sizes),
+                "bare_ops": bare.total,
+            }
             for mode, fused in (("default", False), ("fused", True)):
                 cost = count_recover(shape, method, make_runtime(device, amp, fused_statistics=fused))
                 row[f"{mode}_ops"] = cost.total
@@ -126,8 +145,9 @@ def measure(shapes: dict[str, Shape], methods: list[str], device: str, amp: str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--methods", nargs="+", choices=list(METHOD_SETUPS),
-                        default=[m for m in METHOD_SETUPS if m != "sre2l++"])  # fmt: skip
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHOD_SETUPS), default=[m for m in METHOD_SETUPS if m != "sre2l++"]
+    )
     parser.add_argument("--device", default="cpu", help="count this device's code path (cuda: on a GPU)")
     parser.add_argument("--amp", default="off", help="precision (the CPU path: off)")
     parser.add_argument("--dry-run", action="store_true", help="toy shapes only (seconds): checks the script runs")
@@ -136,16 +156,25 @@ def main() -> None:
     torch.set_num_threads(1)  # counts do not depend on threads; one keeps the run quiet beside others
     shapes = DRY_SHAPES if args.dry_run else {name: SHAPES[name] for name in args.configs}
     rows = measure(shapes, args.methods, args.device, args.amp, lambda line: print(line, file=sys.stderr, flush=True))
-    print(f"{'config':9s} {'method':8s} {'bare':>6s} {'default':>8s} {'ratio':>6s} {'reads':>5s} "
-          f"{'fused':>6s} {'ratio':>6s} {'reads':>5s} {'reference':>9s}")  # fmt: skip
+    print(
+        f"{'config':9s} {'method':8s} {'bare':>6s} {'default':>8s} {'ratio':>6s} {'reads':>5s} "
+        f"{'fused':>6s} {'ratio':>6s} {'reads':>5s} {'reference':>9s}"
+    )
     for r in rows:
         ref = f"{r['reference_ops']:9.0f}" if "reference_ops" in r else f"{'-':>9s}"
-        print(f"{r['config']:9s} {r['method']:8s} {r['bare_ops']:6.0f} {r['default_ops']:8.0f} "
-              f"{r['default_ratio']:6.2f} {r['default_scalar_reads']:5.1f} {r['fused_ops']:6.0f} "
-              f"{r['fused_ratio']:6.2f} {r['fused_scalar_reads']:5.1f} {ref}")  # fmt: skip
+        print(
+            f"{r['config']:9s} {r['method']:8s} {r['bare_ops']:6.0f} {r['default_ops']:8.0f} "
+            f"{r['default_ratio']:6.2f} {r['default_scalar_reads']:5.1f} {r['fused_ops']:6.0f} "
+            f"{r['fused_ratio']:6.2f} {r['fused_scalar_reads']:5.1f} {ref}"
+        )
     if args.json:
-        meta = {"torch": torch.__version__, "machine": platform.machine(), "device": args.device, "amp": args.amp,
-                "command": " ".join(["python", *sys.argv])}  # fmt: skip
+        meta = {
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "device": args.device,
+            "amp": args.amp,
+            "command": " ".join(["python", *sys.argv]),
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 

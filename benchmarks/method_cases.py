@@ -39,9 +39,14 @@ SHAPES = {
 DRY_SHAPES = {"toy": Shape("convnet-small", 10, 20, (24, 28), channels=1)}
 # method -> (teachers, committee weights or None, images per class in a group)
 METHOD_SETUPS = {
-    "fadrm": (1, None, 1), "fadrm+": (4, None, 1), "sre2l": (1, None, 1), "sre2l++": (1, None, 1), "g-vbsm": (1, None, 10),
-    "edc": (1, None, 10), "cv-dd": (2, (0.5, 0.5), 1),
-}  # fmt: skip
+    "fadrm": (1, None, 1),
+    "fadrm+": (4, None, 1),
+    "sre2l": (1, None, 1),
+    "sre2l++": (1, None, 1),
+    "g-vbsm": (1, None, 10),
+    "edc": (1, None, 10),
+    "cv-dd": (2, (0.5, 0.5), 1),
+}
 
 
 def synthetic_targets(model: torch.nn.Module, shape: Shape, size: int) -> TeacherTargets:
@@ -62,8 +67,9 @@ def synthetic_targets(model: torch.nn.Module, shape: Shape, size: int) -> Teache
     for name, _ in layers:
         channels, height, width = seen[name][1:]
         cells = -(-height // cell) * -(-width // cell)
-        targets[name] = LayerTargets(pair(channels), pair(cells), pair(shape.classes, channels),
-                                     pair(shape.classes, cells))  # fmt: skip
+        targets[name] = LayerTargets(
+            pair(channels), pair(cells), pair(shape.classes, channels), pair(shape.classes, cells)
+        )
     return TeacherTargets(cell, targets)
 
 
@@ -90,8 +96,19 @@ class Case:
     def run(self, runtime: Runtime, per_stage: int) -> None:
         """``per_stage`` iterations in each of the method's stages."""
         staged = replace(self.settings, budgets=[per_stage] * len(self.settings.sizes))
-        recover(self.init, self.labels, self.teachers, [make_generator(0, "benchmark", 0)], staged, runtime,
-                self.bounds, matcher=self.matcher.build, plan=self.plan, targets=self.targets, slots=self.slots)  # fmt: skip
+        recover(
+            self.init,
+            self.labels,
+            self.teachers,
+            [make_generator(0, "benchmark", 0)],
+            staged,
+            runtime,
+            self.bounds,
+            matcher=self.matcher.build,
+            plan=self.plan,
+            targets=self.targets,
+            slots=self.slots,
+        )
 
 
 def preset_settings(dataset: str, method: str) -> tuple[SynthesisConfig, str]:
@@ -113,21 +130,39 @@ def build_case(shape: Shape, method: str, runtime: Runtime, settings: SynthesisC
     num_teachers, weights, slots = METHOD_SETUPS[method]
     spec = METHODS.get(method)
     torch.manual_seed(0)
-    teachers = [runtime.place(build_model(shape.model, shape.classes, shape.channels, shape.sizes[-1])
-                              .eval().requires_grad_(False)) for _ in range(num_teachers)]  # fmt: skip
+    teachers = [
+        runtime.place(
+            build_model(shape.model, shape.classes, shape.channels, shape.sizes[-1]).eval().requires_grad_(False)
+        )
+        for _ in range(num_teachers)
+    ]
     if settings is None:
         defaults = spec.defaults.get("distill", {})
         settings = SynthesisConfig(
-            sizes=list(shape.sizes), budgets=[1] * len(shape.sizes), jitter=4, stat_ema=defaults.get("stat_ema", 0.0),
-            conv_drop=defaults.get("conv_drop", 0.0), dd_weight=defaults.get("dd_weight", 0.0))  # fmt: skip
+            sizes=list(shape.sizes),
+            budgets=[1] * len(shape.sizes),
+            jitter=4,
+            stat_ema=defaults.get("stat_ema", 0.0),
+            conv_drop=defaults.get("conv_drop", 0.0),
+            dd_weight=defaults.get("dd_weight", 0.0),
+        )
     settings = spec.stage_plan(settings)
     matcher = MATCHERS.get(spec.matcher)
     targets = [synthetic_targets(t, shape, shape.sizes[-1]) for t in teachers] if matcher.statistics else None
     size = shape.sizes[-1]
     bounds = (torch.full((1, shape.channels, 1, 1), -3.0), torch.full((1, shape.channels, 1, 1), 3.0))
-    return Case(method, teachers, settings, matcher, targets, torch.arange(shape.batch) // slots % shape.classes,
-                TeacherPlan(tuple(range(num_teachers)), weights), torch.rand(shape.batch, shape.channels, size, size),
-                bounds, slots)  # fmt: skip
+    return Case(
+        method,
+        teachers,
+        settings,
+        matcher,
+        targets,
+        torch.arange(shape.batch) // slots % shape.classes,
+        TeacherPlan(tuple(range(num_teachers)), weights),
+        torch.rand(shape.batch, shape.channels, size, size),
+        bounds,
+        slots,
+    )
 
 
 def count_recover(shape: Shape, method: str, runtime: Runtime) -> HostCost:

@@ -13,7 +13,8 @@ this process, 1, 2, ..., all cores):
   nothing else;
 * crops: the host's part of patch selection when a GPU scores: every candidate decoded,
   cropped and resized by the same loader (:func:`fadrm.synthesis.patches.crops_of_classes`);
-* whole (CPU): patch selection as ``fadrm distill`` runs it on the CPU (:func:`fadrm.synthesis.patches.crops_of_classes`:
+* whole (CPU): patch selection as ``fadrm distill`` runs it on the CPU
+  (:func:`fadrm.synthesis.patches.crops_of_classes`:
   every class's candidates and crop boxes drawn first, the images' sizes read from their
   headers, one loader decoding, cropping (``num_crop`` random-resized crops per image) and
   resizing them all in order; then per class the crops normalised, padded to the teacher's
@@ -120,8 +121,18 @@ def time_selection(dataset: FileImageDataset, settings: PatchConfig, workers: in
     started = time.perf_counter()
     candidates, crops = crops_of_classes(dataset, labels, 1, settings, 0, 224 // settings.factor, workers)
     for label in labels:
-        select_from_crops(candidates[label], itertools.islice(crops, len(candidates[label])), label, 1, scorer,
-                          IMAGENET_MEAN, IMAGENET_STD, 224, settings, runtime)  # fmt: skip
+        select_from_crops(
+            candidates[label],
+            itertools.islice(crops, len(candidates[label])),
+            label,
+            1,
+            scorer,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            224,
+            settings,
+            runtime,
+        )
     return time.perf_counter() - started
 
 
@@ -150,18 +161,36 @@ def main() -> None:
             crops.append(time_crops(dataset, settings, workers))
             whole.append(time_selection(dataset, settings, workers))
         images = len(dataset)
-        row = {"workers": workers, "images": images, "floor_images_per_s": images / min(floor),
-               "crops_images_per_s": images / min(crops), "crops_ratio": min(floor) / min(crops),
-               "whole_on_cpu_images_per_s": images / min(whole), "whole_on_cpu_ratio": min(floor) / min(whole)}  # fmt: skip
+        row = {
+            "workers": workers,
+            "images": images,
+            "floor_images_per_s": images / min(floor),
+            "crops_images_per_s": images / min(crops),
+            "crops_ratio": min(floor) / min(crops),
+            "whole_on_cpu_images_per_s": images / min(whole),
+            "whole_on_cpu_ratio": min(floor) / min(whole),
+        }
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    print(f"{'workers':>7s} {'floor img/s':>11s} {'crops img/s':>11s} {'ratio':>6s} {'whole (CPU) img/s':>17s} {'ratio':>6s}")
+    print(
+        f"{'workers':>7s} {'floor img/s':>11s} {'crops img/s':>11s} {'ratio':>6s} "
+        f"{'whole (CPU) img/s':>17s} {'ratio':>6s}"
+    )
     for r in rows:
-        print(f"{r['workers']:7d} {r['floor_images_per_s']:11.1f} {r['crops_images_per_s']:11.1f} "
-              f"{r['crops_ratio']:6.2f} {r['whole_on_cpu_images_per_s']:17.1f} {r['whole_on_cpu_ratio']:6.2f}")  # fmt: skip
+        print(
+            f"{r['workers']:7d} {r['floor_images_per_s']:11.1f} {r['crops_images_per_s']:11.1f} "
+            f"{r['crops_ratio']:6.2f} {r['whole_on_cpu_images_per_s']:17.1f} {r['whole_on_cpu_ratio']:6.2f}"
+        )
     if args.json:
-        meta = {"cores": cores, "torch": torch.__version__, "machine": platform.machine(), "classes": args.classes,
-                "per_class": args.per_class, "rounds": args.rounds, "command": " ".join(["python", *sys.argv])}  # fmt: skip
+        meta = {
+            "cores": cores,
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "classes": args.classes,
+            "per_class": args.per_class,
+            "rounds": args.rounds,
+            "command": " ".join(["python", *sys.argv]),
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 

@@ -40,8 +40,11 @@ def epoch_seconds(config: EvalConfig, checkpoint: StudentCheckpoint | None) -> l
     spec = get_dataset_spec("fashion-mnist")
     runtime = make_runtime("cpu", "off")
     generator = torch.Generator().manual_seed(0)
-    train = TrainingSet("distilled", torch.randint(0, 256, (100, 1, 28, 28), generator=generator, dtype=torch.uint8),
-                        torch.arange(100) % 10)  # fmt: skip
+    train = TrainingSet(
+        "distilled",
+        torch.randint(0, 256, (100, 1, 28, 28), generator=generator, dtype=torch.uint8),
+        torch.arange(100) % 10,
+    )
     torch.manual_seed(0)
     teacher = build_model("convnet-small", 10, 1, 28).eval().requires_grad_(False)
     stamps: list[float] = []
@@ -52,9 +55,17 @@ def epoch_seconds(config: EvalConfig, checkpoint: StudentCheckpoint | None) -> l
 
     students.evaluate_accuracy = validation
     started = time.perf_counter()
-    students.train_student(build_model("convnet-small", 10, 1, 28), train, config, spec, runtime, None,
-                           TeacherLabeller([runtime.place(teacher)]), log=lambda line: None,
-                           checkpoint=checkpoint)  # fmt: skip
+    students.train_student(
+        build_model("convnet-small", 10, 1, 28),
+        train,
+        config,
+        spec,
+        runtime,
+        None,
+        TeacherLabeller([runtime.place(teacher)]),
+        log=lambda line: None,
+        checkpoint=checkpoint,
+    )
     return [b - a for a, b in zip([started, *stamps], stamps)][1:]
 
 
@@ -77,14 +88,19 @@ def main() -> None:
     for _ in range(50):
         started = time.perf_counter()
         StudentCheckpoint(folder / "save.partial.pt", state["identity"]).save(
-            state["epoch"], state["history"], state["seconds"],
-            {k: state[k] for k in ("model", "optimizer", "scheduler", "random")})  # fmt: skip
+            state["epoch"],
+            state["history"],
+            state["seconds"],
+            {k: state[k] for k in ("model", "optimizer", "scheduler", "random")},
+        )
         saves.append(time.perf_counter() - started)
     without, with_ = statistics.median(epochs["without"]), statistics.median(epochs["with"])
     save = statistics.median(saves)
-    print(f"{args.threads} threads: epoch {without * 1e3:.1f} ms without a checkpoint, {with_ * 1e3:.1f} ms with; "
-          f"one save {save * 1e3:.2f} ms ({(folder / 'save.partial.pt').stat().st_size} bytes), "
-          f"{100 * save / without:.1f}% of an epoch")  # fmt: skip
+    print(
+        f"{args.threads} threads: epoch {without * 1e3:.1f} ms without a checkpoint, {with_ * 1e3:.1f} ms with; "
+        f"one save {save * 1e3:.2f} ms ({(folder / 'save.partial.pt').stat().st_size} bytes), "
+        f"{100 * save / without:.1f}% of an epoch"
+    )
 
 
 if __name__ == "__main__":

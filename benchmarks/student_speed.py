@@ -115,28 +115,54 @@ def measure(args: argparse.Namespace) -> list[dict]:
             samples: dict[str, list[dict]] = {"floor": [], "fadrm": []}
             for _ in range(args.rounds):
                 for mode in ("floor", "fadrm"):
-                    cmd = [sys.executable, __file__, "--worker", name, mode, "--batch-sizes", str(batch_size),
-                           "--steps", str(steps), "--warmup", str(args.warmup), "--device", args.device,
-                           "--amp", args.amp, *(["--threads", str(args.threads)] if args.threads else [])]  # fmt: skip
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        name,
+                        mode,
+                        "--batch-sizes",
+                        str(batch_size),
+                        "--steps",
+                        str(steps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--device",
+                        args.device,
+                        "--amp",
+                        args.amp,
+                        *(["--threads", str(args.threads)] if args.threads else []),
+                    ]
                     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                     samples[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
-                    print(f"{name} {mode}: {samples[mode][-1]}", file=sys.stderr, flush=True)  # partial results survive a timeout
+                    print(
+                        f"{name} {mode}: {samples[mode][-1]}", file=sys.stderr, flush=True
+                    )  # partial results survive a timeout
             row = {"config": name, "batch": batch_size, "steps": steps}
             # Wall clock, and the process's CPU time: on an oversubscribed CPU, the work done
             # whatever else runs.
             for clock, key in (("", "seconds_per_step"), ("cpu_", "cpu_seconds_per_step")):
                 floor = [s[key] for s in samples["floor"]]
                 ours = [s[key] for s in samples["fadrm"]]
-                row.update({
-                    f"floor_{clock}s_per_step": statistics.median(floor), f"fadrm_{clock}s_per_step": statistics.median(ours),
-                    f"{clock}time_ratio": statistics.median(ours) / statistics.median(floor),
-                    f"floor_{clock}samples": floor, f"fadrm_{clock}samples": ours,
-                })  # fmt: skip
+                row.update(
+                    {
+                        f"floor_{clock}s_per_step": statistics.median(floor),
+                        f"fadrm_{clock}s_per_step": statistics.median(ours),
+                        f"{clock}time_ratio": statistics.median(ours) / statistics.median(floor),
+                        f"floor_{clock}samples": floor,
+                        f"fadrm_{clock}samples": ours,
+                    }
+                )
             floor_mem = max(s["peak_bytes"] for s in samples["floor"])
             ours_mem = max(s["peak_bytes"] for s in samples["fadrm"])
-            rows.append({
-                **row, "floor_peak_bytes": floor_mem, "fadrm_peak_bytes": ours_mem, "memory_ratio": ours_mem / floor_mem,
-            })  # fmt: skip
+            rows.append(
+                {
+                    **row,
+                    "floor_peak_bytes": floor_mem,
+                    "fadrm_peak_bytes": ours_mem,
+                    "memory_ratio": ours_mem / floor_mem,
+                }
+            )
     return rows
 
 
@@ -162,21 +188,32 @@ def main() -> None:
         return
     rows = measure(args)
     gib = 1024**3
-    print(f"{'config':14s} {'batch':>5s} {'floor s/step':>12s} {'fadrm s/step':>12s} {'ratio':>6s} "
-          f"{'floor cpu s':>11s} {'fadrm cpu s':>11s} {'ratio':>6s} {'floor GiB':>9s} {'fadrm GiB':>9s}")  # fmt: skip
+    print(
+        f"{'config':14s} {'batch':>5s} {'floor s/step':>12s} {'fadrm s/step':>12s} {'ratio':>6s} "
+        f"{'floor cpu s':>11s} {'fadrm cpu s':>11s} {'ratio':>6s} {'floor GiB':>9s} {'fadrm GiB':>9s}"
+    )
     for r in rows:
-        print(f"{r['config']:14s} {r['batch']:5d} {r['floor_s_per_step']:12.4f} {r['fadrm_s_per_step']:12.4f} "
-              f"{r['time_ratio']:6.3f} {r['floor_cpu_s_per_step']:11.4f} {r['fadrm_cpu_s_per_step']:11.4f} "
-              f"{r['cpu_time_ratio']:6.3f} {r['floor_peak_bytes'] / gib:9.2f} "
-              f"{r['fadrm_peak_bytes'] / gib:9.2f}")  # fmt: skip
+        print(
+            f"{r['config']:14s} {r['batch']:5d} {r['floor_s_per_step']:12.4f} {r['fadrm_s_per_step']:12.4f} "
+            f"{r['time_ratio']:6.3f} {r['floor_cpu_s_per_step']:11.4f} {r['fadrm_cpu_s_per_step']:11.4f} "
+            f"{r['cpu_time_ratio']:6.3f} {r['floor_peak_bytes'] / gib:9.2f} "
+            f"{r['fadrm_peak_bytes'] / gib:9.2f}"
+        )
     if args.json:
         import torch
 
         from fadrm.io import write_json
 
-        meta = {"device": args.device, "amp": args.amp, "threads": args.threads or torch.get_num_threads(),
-                "warmup": args.warmup, "rounds": args.rounds, "torch": torch.__version__,
-                "machine": platform.processor() or platform.machine(), "command": " ".join(sys.argv)}  # fmt: skip
+        meta = {
+            "device": args.device,
+            "amp": args.amp,
+            "threads": args.threads or torch.get_num_threads(),
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "command": " ".join(sys.argv),
+        }
         if args.device.startswith("cuda"):
             meta["gpu"] = torch.cuda.get_device_name()
         write_json(args.json, {"meta": meta, "rows": rows})

@@ -36,22 +36,39 @@ CONFIGS = {
     "cifar100": {"teachers": ["cifar_resnet18"], "classes": 100, "group": 100, "sizes": [32]},
     "cifar100-4t": {
         "teachers": ["cifar_resnet18", "densenet121", "shufflenet_v2_x1_0", "mobilenet_v2"],
-        "classes": 100, "group": 100, "sizes": [32],
+        "classes": 100,
+        "group": 100,
+        "sizes": [32],
     },
     "imagenet": {"teachers": ["resnet18"], "classes": 1000, "group": 10, "sizes": [200, 224]},
     # The reference's ImageNet batch: 100 classes at one IPC index (issue 25's second shape).
     "imagenet-b100": {"teachers": ["resnet18"], "classes": 1000, "group": 100, "sizes": [200, 224]},
     # The README demo's shape: ten one-image-per-class groups of the CPU teacher in one pass.
-    "fashion-mnist": {"teachers": ["convnet-small"], "classes": 10, "group": 10, "sizes": [24, 28], "channels": 1,
-                      "groups": 10},
-}  # fmt: skip
+    "fashion-mnist": {
+        "teachers": ["convnet-small"],
+        "classes": 10,
+        "group": 10,
+        "sizes": [24, 28],
+        "channels": 1,
+        "groups": 10,
+    },
+}
 DEFAULT_CONFIGS = ["cifar100", "cifar100-4t", "imagenet"]
 PAPER_BUDGET = 2000
 
 
 def worker(
-    config_name: str, mode: str, iters: int, warmup: int, device: str, amp: str, groups: int | None, memory_format: str,
-    compile: bool = False, profile: bool = False, fused_statistics: bool = False,
+    config_name: str,
+    mode: str,
+    iters: int,
+    warmup: int,
+    device: str,
+    amp: str,
+    groups: int | None,
+    memory_format: str,
+    compile: bool = False,
+    profile: bool = False,
+    fused_statistics: bool = False,
 ) -> dict:
     """One measurement in this process: seconds per iteration and peak memory.
 
@@ -73,8 +90,13 @@ def worker(
     cfg = CONFIGS[config_name]
     groups = groups or cfg.get("groups", 1)
     channels = cfg.get("channels", 3)
-    runtime = make_runtime(device, amp, channels_last=None if memory_format == "auto" else memory_format == "channels-last",
-                           compile=compile, fused_statistics=fused_statistics)  # fmt: skip
+    runtime = make_runtime(
+        device,
+        amp,
+        channels_last=None if memory_format == "auto" else memory_format == "channels-last",
+        compile=compile,
+        fused_statistics=fused_statistics,
+    )
     torch.manual_seed(0)
     size = cfg["sizes"][-1]
     teachers = []
@@ -97,8 +119,10 @@ def worker(
         with torch.profiler.profile(activities=activities) as prof:
             yield
         sort = "self_cuda_time_total" if runtime.device.type == "cuda" else "self_cpu_time_total"
-        print(f"== {config_name} {mode} ({iters} iterations)\n" + prof.key_averages().table(sort_by=sort, row_limit=15),
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"== {config_name} {mode} ({iters} iterations)\n" + prof.key_averages().table(sort_by=sort, row_limit=15),
+            file=sys.stderr,
+        )
 
     if mode == "bare":
         per_size = []
@@ -149,26 +173,52 @@ def measure(args: argparse.Namespace) -> list[dict]:
         samples: dict[str, list[dict]] = {"bare": [], "fadrm": []}
         for _ in range(args.rounds):
             for mode in ("bare", "fadrm"):
-                cmd = [sys.executable, __file__, "--worker", name, mode, "--iters", str(args.iters),
-                       "--warmup", str(args.warmup), "--device", args.device, "--amp", args.amp,
-                       "--memory-format", args.memory_format, *(["--groups", str(args.groups)] if args.groups else []),
-                       *(["--compile"] if args.compile else []), *(["--profile"] if args.profile else []),
-                       *(["--fused-statistics"] if args.fused_statistics else [])]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    name,
+                    mode,
+                    "--iters",
+                    str(args.iters),
+                    "--warmup",
+                    str(args.warmup),
+                    "--device",
+                    args.device,
+                    "--amp",
+                    args.amp,
+                    "--memory-format",
+                    args.memory_format,
+                    *(["--groups", str(args.groups)] if args.groups else []),
+                    *(["--compile"] if args.compile else []),
+                    *(["--profile"] if args.profile else []),
+                    *(["--fused-statistics"] if args.fused_statistics else []),
+                ]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 if args.profile:
                     print(done.stderr)
                 samples[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(f"{name} {mode}: {samples[mode][-1]}", file=sys.stderr, flush=True)  # partial results survive a timeout
+                print(
+                    f"{name} {mode}: {samples[mode][-1]}", file=sys.stderr, flush=True
+                )  # partial results survive a timeout
         bare = statistics.median(s["seconds_per_iter"] for s in samples["bare"])
         ours = statistics.median(s["seconds_per_iter"] for s in samples["fadrm"])
         bare_mem = max(s["peak_bytes"] for s in samples["bare"])
         ours_mem = max(s["peak_bytes"] for s in samples["fadrm"])
         batch = samples["fadrm"][0]["batch"]
-        rows.append({
-            "config": name, "batch": batch, "bare_s_per_iter": bare, "fadrm_s_per_iter": ours,
-            "time_ratio": ours / bare, "s_per_image_at_2000_iters": ours * PAPER_BUDGET / batch,
-            "bare_peak_bytes": bare_mem, "fadrm_peak_bytes": ours_mem, "memory_ratio": ours_mem / bare_mem,
-        })  # fmt: skip
+        rows.append(
+            {
+                "config": name,
+                "batch": batch,
+                "bare_s_per_iter": bare,
+                "fadrm_s_per_iter": ours,
+                "time_ratio": ours / bare,
+                "s_per_image_at_2000_iters": ours * PAPER_BUDGET / batch,
+                "bare_peak_bytes": bare_mem,
+                "fadrm_peak_bytes": ours_mem,
+                "memory_ratio": ours_mem / bare_mem,
+            }
+        )
     return rows
 
 
@@ -181,8 +231,12 @@ def main() -> None:
     parser.add_argument("--groups", type=int, help="groups optimised in one forward pass (default: the config's, 1)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="off")
-    parser.add_argument("--memory-format", default="auto", choices=["auto", "channels-last", "contiguous"],
-                        help="auto: channels-last on CPU (the library's default)")  # fmt: skip
+    parser.add_argument(
+        "--memory-format",
+        default="auto",
+        choices=["auto", "channels-last", "contiguous"],
+        help="auto: channels-last on CPU (the library's default)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the teachers (compiled in the warm-up)")
     parser.add_argument("--profile", action="store_true", help="print each measurement's profiler table")
     parser.add_argument("--fused-statistics", action="store_true", help="our loop with the fused statistics loss")
@@ -190,24 +244,51 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.iters, args.warmup, args.device, args.amp, args.groups,
-                                args.memory_format, args.compile, args.profile, args.fused_statistics)))  # fmt: skip
+        print(
+            json.dumps(
+                worker(
+                    *args.worker,
+                    args.iters,
+                    args.warmup,
+                    args.device,
+                    args.amp,
+                    args.groups,
+                    args.memory_format,
+                    args.compile,
+                    args.profile,
+                    args.fused_statistics,
+                )
+            )
+        )
         return
     rows = measure(args)
     gib = 1024**3
-    print(f"{'config':12s} {'batch':>5s} {'bare s/it':>10s} {'fadrm s/it':>11s} {'ratio':>6s} "
-          f"{'s/img@2000':>10s} {'bare GiB':>9s} {'fadrm GiB':>10s} {'mem ratio':>9s}")  # fmt: skip
+    print(
+        f"{'config':12s} {'batch':>5s} {'bare s/it':>10s} {'fadrm s/it':>11s} {'ratio':>6s} "
+        f"{'s/img@2000':>10s} {'bare GiB':>9s} {'fadrm GiB':>10s} {'mem ratio':>9s}"
+    )
     for r in rows:
-        print(f"{r['config']:12s} {r['batch']:5d} {r['bare_s_per_iter']:10.4f} {r['fadrm_s_per_iter']:11.4f} "
-              f"{r['time_ratio']:6.3f} {r['s_per_image_at_2000_iters']:10.3f} {r['bare_peak_bytes'] / gib:9.2f} "
-              f"{r['fadrm_peak_bytes'] / gib:10.2f} {r['memory_ratio']:9.3f}")  # fmt: skip
+        print(
+            f"{r['config']:12s} {r['batch']:5d} {r['bare_s_per_iter']:10.4f} {r['fadrm_s_per_iter']:11.4f} "
+            f"{r['time_ratio']:6.3f} {r['s_per_image_at_2000_iters']:10.3f} {r['bare_peak_bytes'] / gib:9.2f} "
+            f"{r['fadrm_peak_bytes'] / gib:10.2f} {r['memory_ratio']:9.3f}"
+        )
     if args.json:
         import torch
 
-        meta = {"device": args.device, "amp": args.amp, "groups": args.groups, "memory_format": args.memory_format,
-                "compile": args.compile, "fused_statistics": args.fused_statistics, "iters": args.iters,
-                "rounds": args.rounds, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-                "command": " ".join(sys.argv)}  # fmt: skip
+        meta = {
+            "device": args.device,
+            "amp": args.amp,
+            "groups": args.groups,
+            "memory_format": args.memory_format,
+            "compile": args.compile,
+            "fused_statistics": args.fused_statistics,
+            "iters": args.iters,
+            "rounds": args.rounds,
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "command": " ".join(sys.argv),
+        }
         if args.device.startswith("cuda"):
             meta["gpu"] = torch.cuda.get_device_name()
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

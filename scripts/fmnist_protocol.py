@@ -42,8 +42,14 @@ VARIANTS: dict[str, dict] = {
 def evaluate(folder: Path, variant: str, seed: int, holdout: int | None = None) -> list[dict]:
     """Students on ``folder`` (FADRM set and random real, soft and hard) under ``variant``."""
     options = {"holdout": holdout} if holdout is not None else {}
-    results = fadrm.evaluate(folder, seed=seed, baselines=["random-real"], out=str(folder / f"eval-{variant}"),
-                             **VARIANTS[variant], **options)  # fmt: skip
+    results = fadrm.evaluate(
+        folder,
+        seed=seed,
+        baselines=["random-real"],
+        out=str(folder / f"eval-{variant}"),
+        **VARIANTS[variant],
+        **options,
+    )
     return results["runs"]
 
 
@@ -96,8 +102,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--ipc", type=int, nargs="+", default=[10, 50], help="test-set IPCs")
-    parser.add_argument("--study-variants", nargs="+", default=["published"], choices=list(VARIANTS),
-                        help="protocol variants trained on the test-set cells")  # fmt: skip
+    parser.add_argument(
+        "--study-variants",
+        nargs="+",
+        default=["published"],
+        choices=list(VARIANTS),
+        help="protocol variants trained on the test-set cells",
+    )
     args = parser.parse_args()
     if args.valsearch:
         cells: dict[tuple[str, str], list[float]] = {}
@@ -122,8 +133,12 @@ def main() -> None:
                         cells.setdefault((f"{label(run)} best", f"IPC {ipc}"), []).append(run["best_top1"])
             columns = [f"IPC {ipc}" for ipc in args.ipc]
             add_margins(cells, columns)
-            table(f"Test top-1 (%), {variant} (last epoch; 'best': best of the validations); "
-                  "mean ± std over seeds (each seed)", cells, columns)  # fmt: skip
+            table(
+                f"Test top-1 (%), {variant} (last epoch; 'best': best of the validations); "
+                "mean ± std over seeds (each seed)",
+                cells,
+                columns,
+            )
 
 
 if __name__ == "__main__":

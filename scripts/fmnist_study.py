@@ -58,8 +58,13 @@ def teachers(out: Path) -> tuple[Path, Path]:
     first = out / "teacher.pt"
     fadrm.train_teacher("fashion-mnist", recipe.pop("model"), first, **recipe)
     second = out / "teacher2.pt"
-    fadrm.train_teacher("fashion-mnist", SECOND_TEACHER["model"], second, model_args=SECOND_TEACHER["model_args"],
-                        epochs=recipe["epochs"])  # fmt: skip
+    fadrm.train_teacher(
+        "fashion-mnist",
+        SECOND_TEACHER["model"],
+        second,
+        model_args=SECOND_TEACHER["model_args"],
+        epochs=recipe["epochs"],
+    )
     return first, second
 
 
@@ -73,8 +78,16 @@ def finished_results(folder: Path, eval_folder: str, protocol: str) -> dict | No
     return results if results.get("protocol") == protocol else None
 
 
-def cell(out: Path, name: str, method: str, ipc: int, seed: int, sources: list[Path], report_only: bool = False,
-         **options: Any) -> list[dict]:  # fmt: skip
+def cell(
+    out: Path,
+    name: str,
+    method: str,
+    ipc: int,
+    seed: int,
+    sources: list[Path],
+    report_only: bool = False,
+    **options: Any,
+) -> list[dict]:
     """Distill one set (in its own process, so its peak memory is its own) and evaluate it under the
     common student protocol (FADRM's, ``--protocol common``), relabelled by the first teacher; rows of
     the results table. With ``report_only`` nothing is computed: the rows of a finished cell, else none."""
@@ -83,8 +96,22 @@ def cell(out: Path, name: str, method: str, ipc: int, seed: int, sources: list[P
         results = finished_results(folder, "eval", "common")
         return [] if results is None else cell_rows(folder, name, ipc, seed, results)
     if not (folder / "manifest.json").exists():
-        command = [sys.executable, "-m", "fadrm", "distill", "--dataset", "fashion-mnist", "--method", method,
-                   "--ipc", str(ipc), "--seed", str(seed), "--out", str(folder)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "fadrm",
+            "distill",
+            "--dataset",
+            "fashion-mnist",
+            "--method",
+            method,
+            "--ipc",
+            str(ipc),
+            "--seed",
+            str(seed),
+            "--out",
+            str(folder),
+        ]
         for source in sources:
             command += ["--teacher", str(source)]
         if fadrm.METHODS.get(method).uses_priors:
@@ -105,9 +132,18 @@ def cell_rows(folder: Path, name: str, ipc: int, seed: int, results: dict) -> li
     rows = []
     for run in results["runs"]:
         label = name if run["train_set"] == "distilled" else f"random-real ({run['labels']} labels)"
-        rows.append({"name": label, "ipc": ipc, "seed": seed, "top1": run["top1"], "student_seconds": run["seconds"],
-                     "synthesis_s_per_image": manifest["synthesis_seconds_per_image"],
-                     "peak_memory_mib": manifest["peak_memory_bytes"] / 2**20, "folder": str(folder)})  # fmt: skip
+        rows.append(
+            {
+                "name": label,
+                "ipc": ipc,
+                "seed": seed,
+                "top1": run["top1"],
+                "student_seconds": run["seconds"],
+                "synthesis_s_per_image": manifest["synthesis_seconds_per_image"],
+                "peak_memory_mib": manifest["peak_memory_bytes"] / 2**20,
+                "folder": str(folder),
+            }
+        )
     return rows
 
 
@@ -131,8 +167,22 @@ def priors(out: Path, sources: list[Path], ipc: int, seed: int) -> Path:
     (one SRe2L++ set per teacher, scored by the study's student) and reused; the priors.json file."""
     folder = out / f"priors-ipc{ipc}-seed{seed}"
     if not (folder / "priors.json").exists():
-        command = [sys.executable, "-m", "fadrm", "priors", "--dataset", "fashion-mnist", "--ipc", str(ipc),
-                   "--seed", str(seed), "--student", STUDENT, "--out", str(folder)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "fadrm",
+            "priors",
+            "--dataset",
+            "fashion-mnist",
+            "--ipc",
+            str(ipc),
+            "--seed",
+            str(seed),
+            "--student",
+            STUDENT,
+            "--out",
+            str(folder),
+        ]
         for source in sources:
             command += ["--teacher", str(source)]
         subprocess.run(command, check=True)
@@ -147,13 +197,15 @@ def summarise(rows: list[dict], key: str = "top1") -> dict[tuple[str, int], tupl
     return {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in groups.items()}
 
 
-def write_page(page: Path, rows: list[dict], ablation_rows: list[dict], teacher_info: list[dict], args,
-               own_rows: list[dict] = ()) -> None:  # fmt: skip
+def write_page(
+    page: Path, rows: list[dict], ablation_rows: list[dict], teacher_info: list[dict], args, own_rows: list[dict] = ()
+) -> None:
     """Rewrite the generated block of ``page`` (text outside the markers is the author's and is kept)."""
     images = page.parent / "images"
     table = summarise(rows)
     names = ["random-real (hard labels)", "random-real (soft labels)", *METHODS]
     ipcs = sorted({r["ipc"] for r in rows})
+
     def mean_sd(summary, key) -> str:
         if key not in summary:
             return "-"
@@ -162,72 +214,117 @@ def write_page(page: Path, rows: list[dict], ablation_rows: list[dict], teacher_
 
     lines = [
         f"Generated by `python scripts/fmnist_study.py {' '.join(args.argv)}`; every number in this block "
-        "comes from that command.", "",
-        "Teachers, trained on the whole training set by `fadrm train-teacher` (test top-1):", "",
-    ]  # fmt: skip
+        "comes from that command.",
+        "",
+        "Teachers, trained on the whole training set by `fadrm train-teacher` (test top-1):",
+        "",
+    ]
     for t in teacher_info:
         seconds = f", {t['seconds'] / 60:.1f} min to train" if t["seconds"] else ""
         options = ", ".join(f"{k} {v}" for k, v in t["arch_args"].items())
         lines.append(f"- `{t['file']}`: {t['arch']}{f' ({options})' if options else ''}, {t['top1']:.2f}%{seconds}")
-    lines += ["", "The first teacher relabels every student and is also the student architecture, so its accuracy "
-              "is the whole-training-set upper bound.", "",
-              "### Test top-1 (%), ConvNet student, common protocol (FADRM's students), mean ± std over seeds", "",
-              "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |", "|---|" + "---:|" * len(ipcs)]  # fmt: skip
+    lines += [
+        "",
+        "The first teacher relabels every student and is also the student architecture, so its accuracy "
+        "is the whole-training-set upper bound.",
+        "",
+        "### Test top-1 (%), ConvNet student, common protocol (FADRM's students), mean ± std over seeds",
+        "",
+        "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+        "|---|" + "---:|" * len(ipcs),
+    ]
     lines += [f"| {name} | " + " | ".join(mean_sd(table, (name, i)) for i in ipcs) + " |" for name in names]
     synthesis = summarise([r for r in rows if r["name"] in METHODS], "synthesis_s_per_image")
     memory = summarise([r for r in rows if r["name"] in METHODS and "peak_memory_mib" in r], "peak_memory_mib")
     student = summarise(rows, "student_seconds")
-    lines += ["", "### Cost per stage (mean over seeds)", "",
-              ("Synthesis: seconds per distilled image (patch selection and recovery, from each manifest) and the "
-               "peak resident memory of the distilling process (MiB). Student: seconds to train and evaluate one "
-               "student."), "",
-              "| method | " + " | ".join(f"IPC {i} synthesis s/img | IPC {i} peak MiB | IPC {i} student s"
-                                       for i in ipcs) + " |",
-              "|---|" + "---:|---:|---:|" * len(ipcs)]  # fmt: skip
+    lines += [
+        "",
+        "### Cost per stage (mean over seeds)",
+        "",
+        (
+            "Synthesis: seconds per distilled image (patch selection and recovery, from each manifest) and the "
+            "peak resident memory of the distilling process (MiB). Student: seconds to train and evaluate one "
+            "student."
+        ),
+        "",
+        "| method | "
+        + " | ".join(f"IPC {i} synthesis s/img | IPC {i} peak MiB | IPC {i} student s" for i in ipcs)
+        + " |",
+        "|---|" + "---:|---:|---:|" * len(ipcs),
+    ]
 
     def number(summary, key, digits: int) -> str:
         return f"{summary[key][0]:.{digits}f}" if key in summary else "-"
 
     for name in names:
-        cells = [c for i in ipcs for c in (number(synthesis, (name, i), 3), number(memory, (name, i), 0),
-                                          number(student, (name, i), 0))]  # fmt: skip
+        cells = [
+            c
+            for i in ipcs
+            for c in (number(synthesis, (name, i), 3), number(memory, (name, i), 0), number(student, (name, i), 0))
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     fadrm_cost = synthesis.get(("fadrm", 10))
     if fadrm_cost:
-        lines += ["", "### Synthesis cost against the paper's efficiency table", "",
-                  ("Seconds per distilled image at IPC 10 (one thread, Fashion-MNIST, each method's own iteration "
-                   "count) and as a multiple of FADRM's, beside the paper's seconds per ImageNet-1k image and their "
-                   "multiple of FADRM's. Wall clock from each manifest: it compares methods only when their sets "
-                   "were made on an otherwise idle machine."), "",
-                  "| method | s/img here | x FADRM here | paper s/img (ImageNet-1k) | x FADRM in the paper |",
-                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            "### Synthesis cost against the paper's efficiency table",
+            "",
+            (
+                "Seconds per distilled image at IPC 10 (one thread, Fashion-MNIST, each method's own iteration "
+                "count) and as a multiple of FADRM's, beside the paper's seconds per ImageNet-1k image and their "
+                "multiple of FADRM's. Wall clock from each manifest: it compares methods only when their sets "
+                "were made on an otherwise idle machine."
+            ),
+            "",
+            "| method | s/img here | x FADRM here | paper s/img (ImageNet-1k) | x FADRM in the paper |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name in METHODS:
             if (name, 10) in synthesis:
                 ours = synthesis[(name, 10)][0]
                 paper = PAPER_SECONDS_PER_IMAGE.get(name)
-                lines.append(f"| {name} | {ours:.3f} | {ours / fadrm_cost[0]:.2f} | "
-                             + (f"{paper:.2f} | {paper / PAPER_SECONDS_PER_IMAGE['fadrm']:.2f} |" if paper else "- | - |"))
+                lines.append(
+                    f"| {name} | {ours:.3f} | {ours / fadrm_cost[0]:.2f} | "
+                    + (f"{paper:.2f} | {paper / PAPER_SECONDS_PER_IMAGE['fadrm']:.2f} |" if paper else "- | - |")
+                )
     if own_rows:
         common = {(r["name"], r["ipc"], r["seed"]): r["top1"] for r in rows}
-        lines += ["", "### Each new method under its own published student protocol", "",
-                  ("The same sets (IPC 10, one seed) trained by the method's own protocol (`fadrm evaluate SET`, its "
-                   "teachers relabelling) against the common protocol of the table above (`--protocol common`, "
-                   "the first teacher relabelling); test top-1 %."), "",
-                  "| method | seed | common protocol | own protocol | higher |", "|---|---:|---:|---:|---|"]  # fmt: skip
+        lines += [
+            "",
+            "### Each new method under its own published student protocol",
+            "",
+            (
+                "The same sets (IPC 10, one seed) trained by the method's own protocol (`fadrm evaluate SET`, its "
+                "teachers relabelling) against the common protocol of the table above (`--protocol common`, "
+                "the first teacher relabelling); test top-1 %."
+            ),
+            "",
+            "| method | seed | common protocol | own protocol | higher |",
+            "|---|---:|---:|---:|---|",
+        ]
         for r in own_rows:
             shared = common.get((r["name"], r["ipc"], r["seed"]))
-            higher = "-" if shared is None else ("own" if r["top1"] > shared else "common" if r["top1"] < shared else "tie")
+            higher = (
+                "-" if shared is None else ("own" if r["top1"] > shared else "common" if r["top1"] < shared else "tie")
+            )
             shared_text = "-" if shared is None else f"{shared:.2f}"
             lines.append(f"| {r['name']} | {r['seed']} | {shared_text} | {r['top1']:.2f} | {higher} |")
     lines += ["", "![accuracy vs IPC](images/fmnist_acc_vs_ipc.png)", ""]
     plot_accuracy(images / "fmnist_acc_vs_ipc.png", table, names, ipcs)
     if ablation_rows:
         abl = summarise(ablation_rows)
-        lines += ["### Ablations (FADRM, IPC 10, test top-1 %)", "",
-                  ("Each row changes one thing of the preset (alpha 0.5, stages 24/28/24/28 px of 250 iterations: "
-                   "three residual merges). merges=0: one 28 px stage of 1000 iterations; merges=1: 24 then 28 px, "
-                   "500 each; single-resolution: four 28 px stages of 250 with the three merges."), "",
-                  "| setting | top-1 |", "|---|---:|"]  # fmt: skip
+        lines += [
+            "### Ablations (FADRM, IPC 10, test top-1 %)",
+            "",
+            (
+                "Each row changes one thing of the preset (alpha 0.5, stages 24/28/24/28 px of 250 iterations: "
+                "three residual merges). merges=0: one 28 px stage of 1000 iterations; merges=1: 24 then 28 px, "
+                "500 each; single-resolution: four 28 px stages of 250 with the three merges."
+            ),
+            "",
+            "| setting | top-1 |",
+            "|---|---:|",
+        ]
         lines += [f"| {n} | {mean_sd(abl, (n, 10))} |" for n in ABLATIONS if (n, 10) in abl]
         lines += ["", "![ablations](images/fmnist_ablations.png)", ""]
         plot_ablations(images / "fmnist_ablations.png", abl)
@@ -276,7 +373,9 @@ def plot_ablations(path: Path, abl) -> None:
     """Left: accuracy against the merge ratio alpha. Right: stage plans (merges, multi-resolution)."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    alphas = [(float(n.split("=")[1]), *abl[(n, 10)][:2]) for n in ABLATIONS if n.startswith("alpha") and (n, 10) in abl]
+    alphas = [
+        (float(n.split("=")[1]), *abl[(n, 10)][:2]) for n in ABLATIONS if n.startswith("alpha") and (n, 10) in abl
+    ]
     if alphas:
         x, y, e = zip(*alphas)
         left.errorbar(x, y, yerr=e, marker="o", capsize=3)
@@ -313,8 +412,13 @@ def describe_teacher(path: Path) -> dict:
     teacher = fadrm.load_teacher(path)
     history = torch.load(path, weights_only=True, map_location="cpu").get("history", [])
     seconds = sum(epoch.get("seconds", 0.0) for epoch in history)
-    return {"file": path.name, "arch": teacher.arch, "arch_args": teacher.arch_args, "top1": teacher.val_top1,
-            "seconds": seconds}  # fmt: skip
+    return {
+        "file": path.name,
+        "arch": teacher.arch,
+        "arch_args": teacher.arch_args,
+        "top1": teacher.val_top1,
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -326,8 +430,9 @@ def main() -> None:
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--ablation-seeds", type=int, nargs="+", help="seeds of the ablations (default: --seeds)")
     parser.add_argument("--page", default="docs/results.md")
-    parser.add_argument("--report-only", action="store_true",
-                        help="compute nothing: rewrite the page from the cells already finished")  # fmt: skip
+    parser.add_argument(
+        "--report-only", action="store_true", help="compute nothing: rewrite the page from the cells already finished"
+    )
     args = parser.parse_args()
     args.argv = sys.argv[1:]
     out = Path(args.out)
@@ -344,12 +449,19 @@ def main() -> None:
     if not args.no_ablations:
         for seed in args.ablation_seeds or args.seeds:
             for name, options in ABLATIONS.items():
-                done = cell(out, "fadrm", "fadrm", 10, seed, [first], args.report_only) if options is None else cell(
-                    out, f"ablation-{name}", "fadrm", 10, seed, [first], args.report_only, **options)  # fmt: skip
+                done = (
+                    cell(out, "fadrm", "fadrm", 10, seed, [first], args.report_only)
+                    if options is None
+                    else cell(out, f"ablation-{name}", "fadrm", 10, seed, [first], args.report_only, **options)
+                )
                 ablation_rows += [{**r, "name": name} for r in done if not r["name"].startswith("random-real")]
                 write_page(Path(args.page), rows, ablation_rows, teacher_info, args)
-    own_rows = [row for m in NEW_METHODS if m in args.methods and 10 in args.ipc
-                for row in own_protocol(out, m, 10, args.seeds[0], args.report_only)]  # fmt: skip
+    own_rows = [
+        row
+        for m in NEW_METHODS
+        if m in args.methods and 10 in args.ipc
+        for row in own_protocol(out, m, 10, args.seeds[0], args.report_only)
+    ]
     if own_rows:
         write_page(Path(args.page), rows, ablation_rows, teacher_info, args, own_rows)
     ipc = 10 if 10 in args.ipc else args.ipc[0]

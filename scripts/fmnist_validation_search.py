@@ -59,10 +59,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
-    parser.add_argument("--accumulation", type=int, help="student micro-batches per loader batch (default: the preset's)")
-    parser.add_argument("--bssl", action="store_true", help="students with BSSL labels (the preset uses eval-mode teachers)")
-    parser.add_argument("--protocol", choices=["own", "common"], default="own",
-                        help="each method's own student protocol, or FADRM's for all (compares the data alone)")  # fmt: skip
+    parser.add_argument(
+        "--accumulation", type=int, help="student micro-batches per loader batch (default: the preset's)"
+    )
+    parser.add_argument(
+        "--bssl", action="store_true", help="students with BSSL labels (the preset uses eval-mode teachers)"
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=["own", "common"],
+        default="own",
+        help="each method's own student protocol, or FADRM's for all (compares the data alone)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     eval_options = {} if args.accumulation is None else {"accumulation": args.accumulation}
@@ -109,8 +117,9 @@ def print_summary(rows: list[dict]) -> None:
         spread = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
         margin = (
             f"{statistics.mean(margins):+.2f} (per seed: {', '.join(f'{m:+.2f}' for m in margins)})"
-            if margins else "- (the baseline trains with the preset candidate)"
-        )  # fmt: skip
+            if margins
+            else "- (the baseline trains with the preset candidate)"
+        )
         print(f"{candidate:28s} {len(own):5d}  {statistics.mean(accuracy):.2f} +- {spread:.2f}  {margin}")
 
 

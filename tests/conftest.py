@@ -24,7 +24,9 @@ from fadrm.teachers import checkpoint_dict
 torch.set_num_threads(2)
 
 
-def class_images(num_classes: int, per_class: int, channels: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def class_images(
+    num_classes: int, per_class: int, channels: int, size: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Images whose brightness pattern depends on the class, so a classifier can tell them apart."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(num_classes), per_class)
@@ -117,9 +119,17 @@ def imagenette_root(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("imagenette"), [c[0] for c in IMAGENETTE_CLASSES], 2)
 
 
-def make_teacher_checkpoint(path: Path, arch: str = "convnet-small", dataset: str = "fashion-mnist",
-                            num_classes: int = 10, channels: int = 1, size: int = 28, seed: int = 0,
-                            class_names: list[str] | None = None, **arch_args) -> Path:  # fmt: skip
+def make_teacher_checkpoint(
+    path: Path,
+    arch: str = "convnet-small",
+    dataset: str = "fashion-mnist",
+    num_classes: int = 10,
+    channels: int = 1,
+    size: int = 28,
+    seed: int = 0,
+    class_names: list[str] | None = None,
+    **arch_args,
+) -> Path:
     """A randomly initialised teacher whose BN running statistics are not the defaults."""
     torch.manual_seed(seed)
     model = build_model(arch, num_classes, channels, size, **arch_args)
@@ -128,10 +138,16 @@ def make_teacher_checkpoint(path: Path, arch: str = "convnet-small", dataset: st
         for _ in range(3):
             model(torch.rand(16, channels, size, size) * 2 - 0.5)
     meta = {
-        "arch": arch, "arch_args": arch_args, "dataset": dataset,
-        "class_names": class_names or list(FASHION_MNIST_CLASSES), "in_channels": channels, "image_size": size,
-        "mean": [0.2860] * channels, "std": [0.3530] * channels, "val_top1": 10.0,
-    }  # fmt: skip
+        "arch": arch,
+        "arch_args": arch_args,
+        "dataset": dataset,
+        "class_names": class_names or list(FASHION_MNIST_CLASSES),
+        "in_channels": channels,
+        "image_size": size,
+        "mean": [0.2860] * channels,
+        "std": [0.3530] * channels,
+        "val_top1": 10.0,
+    }
     save_torch(path, checkpoint_dict(model, meta))
     return path
 
@@ -153,16 +169,27 @@ def distilled(fmnist_root, teacher_ckpt, tmp_path_factory) -> Path:
     """A small RDED set of the Fashion-MNIST fixture (IPC 2), one per test module: evaluations
     write into it, so modules do not see each other's finished runs."""
     out = tmp_path_factory.mktemp("set") / "rded"
-    fadrm.distill("fashion-mnist", [teacher_ckpt], out, method="rded", ipc=2, data_root=str(fmnist_root),
-                  mipc=16, num_crop=2, device="cpu", log=lambda s: None)  # fmt: skip
+    fadrm.distill(
+        "fashion-mnist",
+        [teacher_ckpt],
+        out,
+        method="rded",
+        ipc=2,
+        data_root=str(fmnist_root),
+        mipc=16,
+        num_crop=2,
+        device="cpu",
+        log=lambda s: None,
+    )
     return out
 
 
 def tiny_training_set(n: int) -> TrainingSet:
     """``n`` random 8 px grey images, classes 0-9 in turn."""
     gen = torch.Generator().manual_seed(0)
-    return TrainingSet("distilled", torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8),
-                       torch.arange(n) % 10)  # fmt: skip
+    return TrainingSet(
+        "distilled", torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8), torch.arange(n) % 10
+    )
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, list[str], list[str]]:
@@ -175,8 +202,9 @@ def run_cli(argv: list[str], capsys) -> tuple[int, list[str], list[str]]:
     return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()
 
 
-def statistics_targets(model: torch.nn.Module, size: int, cell: int, classes: int = 10,
-                       channels_in: int = 1) -> TeacherTargets:
+def statistics_targets(
+    model: torch.nn.Module, size: int, cell: int, classes: int = 10, channels_in: int = 1
+) -> TeacherTargets:
     """Targets of the right shapes for every BatchNorm layer and convolution input, not the statistics'."""
     layers = matched_layers(model, convolutions=True)
     seen = {}

@@ -11,8 +11,11 @@ import yaml
 
 import fadrm
 from fadrm.artifacts import (
-    DistilledSet, LabelStore, changed_settings, require_same_settings,
-)  # fmt: skip
+    DistilledSet,
+    LabelStore,
+    changed_settings,
+    require_same_settings,
+)
 from fadrm.config import DistillConfig, key_of
 from fadrm.errors import FadrmError
 from fadrm.labels import soft_targets
@@ -27,10 +30,17 @@ def test_changed_settings_names_every_difference_one_level_down():
 
 def test_require_same_settings_is_one_line_with_the_fix_and_hints():
     with pytest.raises(FadrmError) as error:
-        require_same_settings({"patch_scoring": "resize"}, {"patch_scoring": "pad"}, "the set in o",
-                              "pass --overwrite", {"patch_scoring": "0.1 used resize"})  # fmt: skip
-    assert str(error.value) == "the set in o was made with different settings (patch_scoring); 0.1 used resize; " \
-                               "pass --overwrite"
+        require_same_settings(
+            {"patch_scoring": "resize"},
+            {"patch_scoring": "pad"},
+            "the set in o",
+            "pass --overwrite",
+            {"patch_scoring": "0.1 used resize"},
+        )
+    assert (
+        str(error.value) == "the set in o was made with different settings (patch_scoring); 0.1 used resize; "
+        "pass --overwrite"
+    )
     require_same_settings({"a": 1}, {"a": 1}, "x", "y")  # the same: no error
 
 

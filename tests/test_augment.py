@@ -41,10 +41,14 @@ def _crops_one_by_one(images: torch.Tensor, boxes: list, flips: list, size: int)
     return torch.cat(crops)
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
-                    reason="reproduces PyTorch's x86 kernels, which fuse multiply-adds")  # fmt: skip
-@pytest.mark.parametrize(("size", "channels", "threads"), [(28, 1, 2), (32, 3, 2), (64, 3, 2), (64, 1, 1), (96, 3, 1),
-                                                          (96, 3, 2), (96, 1, 2)])  # fmt: skip
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="reproduces PyTorch's x86 kernels, which fuse multiply-adds",
+)
+@pytest.mark.parametrize(
+    ("size", "channels", "threads"),
+    [(28, 1, 2), (32, 3, 2), (64, 3, 2), (64, 1, 1), (96, 3, 1), (96, 3, 2), (96, 1, 2)],
+)
 def test_batched_crops_are_bitwise_the_per_image_resize(size, channels, threads):
     # Up to 64 px (and 3 channels on one thread) PyTorch sums the four corners at once, otherwise
     # along rows first: both orders, every crop size of the random-resized-crop draws, flips.

@@ -7,9 +7,16 @@ import torch
 
 import fadrm
 from fadrm.baselines import (
-    BASELINES, REAL_SUBSETS, ROBUSTNESS_BASELINES, Arm, TrainingSet, comparison_arms, full_data_config,
-    full_data_student, random_real_subset,
-)  # fmt: skip
+    BASELINES,
+    REAL_SUBSETS,
+    ROBUSTNESS_BASELINES,
+    Arm,
+    TrainingSet,
+    comparison_arms,
+    full_data_config,
+    full_data_student,
+    random_real_subset,
+)
 from fadrm.config import EvalConfig
 from fadrm.data import get_dataset_spec, load_split
 from fadrm.errors import FadrmError
@@ -44,15 +51,25 @@ def test_random_real_subset_depends_on_the_seed_only(fmnist_root):
 def test_comparison_arms_start_with_the_distilled_set_and_keep_each_arm_once():
     arms = comparison_arms(["random-real", *ROBUSTNESS_BASELINES])
     assert arms == [
-        Arm("distilled", "soft"), Arm("random-real", "soft"), Arm("random-real", "hard"), Arm("distilled", "hard"),
-        Arm("full-data", "hard"), Arm("distilled", "soft", augment=False), Arm("random-real", "soft", augment=False),
-    ]  # fmt: skip
-    assert [arm.key("convnet") for arm in arms[-2:]] == ["distilled-convnet-soft-noaug", "random-real-convnet-soft-noaug"]
+        Arm("distilled", "soft"),
+        Arm("random-real", "soft"),
+        Arm("random-real", "hard"),
+        Arm("distilled", "hard"),
+        Arm("full-data", "hard"),
+        Arm("distilled", "soft", augment=False),
+        Arm("random-real", "soft", augment=False),
+    ]
+    assert [arm.key("convnet") for arm in arms[-2:]] == [
+        "distilled-convnet-soft-noaug",
+        "random-real-convnet-soft-noaug",
+    ]
 
 
 def test_unknown_baseline_lists_the_choices():
-    with pytest.raises(FadrmError, match="^unknown baseline 'herding'; choose one of: full-data, hard-labels, "
-                                         "no-augmentation, random-real$"):  # fmt: skip
+    with pytest.raises(
+        FadrmError,
+        match="^unknown baseline 'herding'; choose one of: full-data, hard-labels, no-augmentation, random-real$",
+    ):
         BASELINES.get("herding")
 
 

@@ -38,10 +38,17 @@ def test_bn_loss_golden_value():
 def _teacher(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(4, 3),
-    )  # fmt: skip
+    )
     model.train()
     with torch.no_grad():
         model(torch.randn(32, 1, 12, 12) * 1.5 + 0.3)
@@ -157,10 +164,17 @@ def _load_teachers(monkeypatch, tmp_path, sources):
         if source != "bn-free":
             return real_load(source, dataset_spec, arch)
         return Teacher(  # a plain state dict's teacher: it takes the dataset's class names
-            model=_bn_free_teacher(num_classes=10), arch="bn-free", dataset=spec.name,
+            model=_bn_free_teacher(num_classes=10),
+            arch="bn-free",
+            dataset=spec.name,
             class_names=[str(i) for i in range(10)],
-            in_channels=1, image_size=28, mean=spec.mean, std=spec.std, source=source, kind="state_dict",
-        )  # fmt: skip
+            in_channels=1,
+            image_size=28,
+            mean=spec.mean,
+            std=spec.std,
+            source=source,
+            kind="state_dict",
+        )
 
     monkeypatch.setattr(teachers_module, "load_teacher", load)
     config = DistillConfig(dataset=spec.name, teachers=sources, out=str(tmp_path / "out"))
@@ -222,7 +236,9 @@ def test_non_finite_loss_stops_with_clear_error():
     teacher = _teacher()
     teacher[-1].bias.fill_(float("nan"))
     with pytest.raises(FadrmError, match="non-finite loss"):
-        _run(torch.rand(3, 1, 12, 12), torch.tensor([0, 1, 2]), [0], SynthesisConfig(sizes=[12], budgets=[2]), [teacher])
+        _run(
+            torch.rand(3, 1, 12, 12), torch.tensor([0, 1, 2]), [0], SynthesisConfig(sizes=[12], budgets=[2]), [teacher]
+        )
 
 
 def test_group_moments_match_var_mean_and_gradcheck():

@@ -16,7 +16,9 @@ from fadrm.errors import FadrmError
 from conftest import class_images, run_cli, write_idx
 
 
-@pytest.mark.parametrize("command", ["train-teacher", "distill", "evaluate", "run", "stats", "priors", "download", "list"])
+@pytest.mark.parametrize(
+    "command", ["train-teacher", "distill", "evaluate", "run", "stats", "priors", "download", "list"]
+)
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -32,22 +34,92 @@ def _fails_with_one_line(args: list[str], expected: str) -> None:
 
 
 def test_user_errors_are_one_line(tmp_path, teacher_ckpt, fmnist_root):
-    _fails_with_one_line(["train-teacher", "--dataset", "mnist", "--model", "convnet", "--out", str(tmp_path / "t.pt")],
-                         "--dataset must be one of")  # fmt: skip
-    _fails_with_one_line(["train-teacher", "--dataset", "cifar10", "--model", "convnet", "--out", str(tmp_path / "t.pt"),
-                          "--data-root", str(tmp_path / "missing")], "--data-root must be an existing folder")  # fmt: skip
-    _fails_with_one_line(["train-teacher", "--dataset", "fashion-mnist", "--model", "convnet9", "--out",
-                          str(tmp_path / "t.pt"), "--data-root", str(fmnist_root)], "--model must be a registered model")  # fmt: skip
+    _fails_with_one_line(
+        ["train-teacher", "--dataset", "mnist", "--model", "convnet", "--out", str(tmp_path / "t.pt")],
+        "--dataset must be one of",
+    )
+    _fails_with_one_line(
+        [
+            "train-teacher",
+            "--dataset",
+            "cifar10",
+            "--model",
+            "convnet",
+            "--out",
+            str(tmp_path / "t.pt"),
+            "--data-root",
+            str(tmp_path / "missing"),
+        ],
+        "--data-root must be an existing folder",
+    )
+    _fails_with_one_line(
+        [
+            "train-teacher",
+            "--dataset",
+            "fashion-mnist",
+            "--model",
+            "convnet9",
+            "--out",
+            str(tmp_path / "t.pt"),
+            "--data-root",
+            str(fmnist_root),
+        ],
+        "--model must be a registered model",
+    )
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    _fails_with_one_line(["distill", "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--teacher", str(bad),
-                          "--ipc", "1", "--out", str(tmp_path / "o")], "checkpoint")  # fmt: skip
-    _fails_with_one_line(["distill", "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--teacher",
-                          str(teacher_ckpt), "--ipc", "1", "--alpha", "2", "--out", str(tmp_path / "o")], "--alpha")  # fmt: skip
+    _fails_with_one_line(
+        [
+            "distill",
+            "--dataset",
+            "fashion-mnist",
+            "--data-root",
+            str(fmnist_root),
+            "--teacher",
+            str(bad),
+            "--ipc",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        "checkpoint",
+    )
+    _fails_with_one_line(
+        [
+            "distill",
+            "--dataset",
+            "fashion-mnist",
+            "--data-root",
+            str(fmnist_root),
+            "--teacher",
+            str(teacher_ckpt),
+            "--ipc",
+            "1",
+            "--alpha",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        "--alpha",
+    )
     _fails_with_one_line(["evaluate", str(tmp_path)], "not a distilled set")
     # A bad evaluation option stops `fadrm run` before it spends minutes on the teacher.
-    _fails_with_one_line(["run", "--dataset", "fashion-mnist", "--ipc", "1", "--out", str(tmp_path / "r"),
-                          "--data-root", str(fmnist_root), "--repeats", "0"], "--repeats must be at least 1")  # fmt: skip
+    _fails_with_one_line(
+        [
+            "run",
+            "--dataset",
+            "fashion-mnist",
+            "--ipc",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+            "--data-root",
+            str(fmnist_root),
+            "--repeats",
+            "0",
+        ],
+        "--repeats must be at least 1",
+    )
     assert not (tmp_path / "r").exists()
     _fails_with_one_line(["download", "imagenet-1k", "--data-root", str(tmp_path)], "cannot be downloaded")
 
@@ -115,28 +187,72 @@ def _cases() -> list[tuple[str, str, list[str]]]:
 @pytest.fixture(scope="module")
 def a_distilled_set(fmnist_root, teacher_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-set") / "set"
-    main(["distill", "--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt), "--out", str(out), "--ipc", "1",
-          "--method", "rded", "--mipc", "16", "--num-crop", "2", "--data-root", str(fmnist_root)])  # fmt: skip
+    main(
+        [
+            "distill",
+            "--dataset",
+            "fashion-mnist",
+            "--teacher",
+            str(teacher_ckpt),
+            "--out",
+            str(out),
+            "--ipc",
+            "1",
+            "--method",
+            "rded",
+            "--mipc",
+            "16",
+            "--num-crop",
+            "2",
+            "--data-root",
+            str(fmnist_root),
+        ]
+    )
     return out
 
 
 @pytest.mark.parametrize(("stage", "flag", "value"), _cases(), ids=lambda v: v if isinstance(v, str) else " ".join(v))
-def test_every_option_refuses_invalid_values_with_one_line(stage, flag, value, tmp_path, fmnist_root, teacher_ckpt,
-                                                           a_distilled_set, capsys):  # fmt: skip
+def test_every_option_refuses_invalid_values_with_one_line(
+    stage, flag, value, tmp_path, fmnist_root, teacher_ckpt, a_distilled_set, capsys
+):
     """Generated from the option declarations: each invalid value is exit 2 and one line naming the
     option, before anything is read or written (--print-config: nothing would run even if accepted)."""
     out = tmp_path / "out"
     required = {
         "train-teacher": ["--dataset", "fashion-mnist", "--out", str(out), "--data-root", str(fmnist_root)],
-        "distill": ["--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt), "--out", str(out),
-                    "--data-root", str(fmnist_root)],
+        "distill": [
+            "--dataset",
+            "fashion-mnist",
+            "--teacher",
+            str(teacher_ckpt),
+            "--out",
+            str(out),
+            "--data-root",
+            str(fmnist_root),
+        ],
         "evaluate": [str(a_distilled_set), "--out", str(out), "--data-root", str(fmnist_root)],
         "run": ["--dataset", "fashion-mnist", "--out", str(out), "--data-root", str(fmnist_root)],
-        "stats": ["--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt), "--data-root", str(fmnist_root),
-                  "--stats-dir", str(out)],
-        "priors": ["--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt), "--out", str(out),
-                   "--data-root", str(fmnist_root)],
-    }[stage]  # fmt: skip
+        "stats": [
+            "--dataset",
+            "fashion-mnist",
+            "--teacher",
+            str(teacher_ckpt),
+            "--data-root",
+            str(fmnist_root),
+            "--stats-dir",
+            str(out),
+        ],
+        "priors": [
+            "--dataset",
+            "fashion-mnist",
+            "--teacher",
+            str(teacher_ckpt),
+            "--out",
+            str(out),
+            "--data-root",
+            str(fmnist_root),
+        ],
+    }[stage]
     if flag.startswith("--"):
         if flag in required:  # the invalid value replaces the valid one
             at = required.index(flag)
@@ -155,8 +271,17 @@ def test_the_reported_inputs_are_one_line_before_any_work(tmp_path, fmnist_root,
     notes = tmp_path / "notes.pt"
     notes.write_text("my notes\n")
     out = tmp_path / "out"
-    distill = ["distill", "--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt), "--out", str(out),
-               "--data-root", str(fmnist_root)]  # fmt: skip
+    distill = [
+        "distill",
+        "--dataset",
+        "fashion-mnist",
+        "--teacher",
+        str(teacher_ckpt),
+        "--out",
+        str(out),
+        "--data-root",
+        str(fmnist_root),
+    ]
     evaluate = ["evaluate", str(a_distilled_set), "--out", str(out), "--data-root", str(fmnist_root)]
     cases = [
         ([*distill, "--lr", "nan"], "--lr must be a finite number, got nan"),
@@ -169,9 +294,11 @@ def test_the_reported_inputs_are_one_line_before_any_work(tmp_path, fmnist_root,
         ([*evaluate, "--student-lr", "-1"], "--student-lr must be a positive number, got -1.0"),
         ([*evaluate, "--student-lr", "0"], "--student-lr must be a positive number, got 0.0"),
         ([*evaluate, "--epochs", "1", "--eval-at", "500"], "--eval-at 500 is outside the 1 training epochs"),
-        (["train-teacher", "--dataset", "fashion-mnist", "--out", str(out / "t.pt"), "--epochs", "0"],
-         "--epochs must be at least 1, got 0"),
-    ]  # fmt: skip
+        (
+            ["train-teacher", "--dataset", "fashion-mnist", "--out", str(out / "t.pt"), "--epochs", "0"],
+            "--epochs must be at least 1, got 0",
+        ),
+    ]
     for argv, message in cases:
         code, _, lines = run_cli(argv, capsys)
         assert code == 2 and len(lines) == 1 and message in lines[0], (argv, lines)
@@ -193,13 +320,15 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_as_a_teacher(kind, tmp_path
         with zipfile.ZipFile(path, "w") as archive:
             archive.writestr("readme.txt", "hello")
     else:
+
         class Payload:
             def __reduce__(self):
                 return (os.system, ("echo owned > " + str(tmp_path / "owned"),))
 
         path.write_bytes(pickle.dumps(Payload()))
-    code, _, lines = run_cli(["distill", "--dataset", "fashion-mnist", "--teacher", str(path), "--out",
-                        str(tmp_path / "o")], capsys)  # fmt: skip
+    code, _, lines = run_cli(
+        ["distill", "--dataset", "fashion-mnist", "--teacher", str(path), "--out", str(tmp_path / "o")], capsys
+    )
     assert code == 2 and len(lines) == 1 and str(path) in lines[0], lines
     expected = "it holds pickled code or objects" if kind == "pickled code" else "PyTorch checkpoint"
     assert expected in lines[0] and not (tmp_path / "owned").exists() and not (tmp_path / "o").exists()

@@ -16,10 +16,27 @@ from fadrm import api
 from fadrm.artifacts import DistilledSet
 from fadrm.cli import build_parser
 from fadrm.config import (
-    DEFAULT_STUDENT_RECIPE, STAGES, DistillConfig, EvalConfig, RunConfig, SynthesisConfig, TeacherConfig, build,
-    dump_config, flag_of, in_range, key_of, load_preset_section, option, option_fields, preset_names, resolve,
-    student_recipe, validate, write_config,
-)  # fmt: skip
+    DEFAULT_STUDENT_RECIPE,
+    STAGES,
+    DistillConfig,
+    EvalConfig,
+    RunConfig,
+    SynthesisConfig,
+    TeacherConfig,
+    build,
+    dump_config,
+    flag_of,
+    in_range,
+    key_of,
+    load_preset_section,
+    option,
+    option_fields,
+    preset_names,
+    resolve,
+    student_recipe,
+    validate,
+    write_config,
+)
 from fadrm.data import get_dataset_spec
 from fadrm.errors import FadrmError
 from fadrm.models import MODELS
@@ -61,19 +78,64 @@ def test_identity_keys_are_those_of_fadrm_0_2():
     # they must compare equal after the move to nested configs.
     distill = distill_config("fashion-mnist", factor=2)
     assert set(distill.identity()) == {
-        "dataset", "method", "ipc", "seed", "holdout", "teacher_arch", "sizes", "budgets", "lr", "r_bn",
-        "first_bn_multiplier", "jitter", "alpha", "crop_scale", "classes_per_group", "mipc", "num_crop", "factor",
-        "difficulty", "patch_crop_scale", "patch_scoring",
-    }  # fmt: skip
+        "dataset",
+        "method",
+        "ipc",
+        "seed",
+        "holdout",
+        "teacher_arch",
+        "sizes",
+        "budgets",
+        "lr",
+        "r_bn",
+        "first_bn_multiplier",
+        "jitter",
+        "alpha",
+        "crop_scale",
+        "classes_per_group",
+        "mipc",
+        "num_crop",
+        "factor",
+        "difficulty",
+        "patch_crop_scale",
+        "patch_scoring",
+    }
     assert "patch_scoring" not in distill_config("fashion-mnist").identity()  # inert at factor 1
     teacher = TeacherConfig(dataset="fashion-mnist", model="convnet-small", out="t.pt")
-    assert set(teacher.identity()) == {"dataset", "model", "model_args", "epochs", "batch_size", "lr", "momentum",
-                                       "weight_decay", "seed", "holdout"}  # fmt: skip
+    assert set(teacher.identity()) == {
+        "dataset",
+        "model",
+        "model_args",
+        "epochs",
+        "batch_size",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "seed",
+        "holdout",
+    }
     evaluation = EvalConfig(distilled="set")
     assert set(evaluation.identity()) == {
-        "distilled", "teachers", "epochs", "batch_size", "accumulation", "optimizer", "lr", "weight_decay", "eta",
-        "temperature", "mix", "mix_alpha", "crop_scale", "labels", "topk", "bssl", "teacher_weights", "seed", "holdout",
-    }  # fmt: skip
+        "distilled",
+        "teachers",
+        "epochs",
+        "batch_size",
+        "accumulation",
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "eta",
+        "temperature",
+        "mix",
+        "mix_alpha",
+        "crop_scale",
+        "labels",
+        "topk",
+        "bssl",
+        "teacher_weights",
+        "seed",
+        "holdout",
+    }
     # Options added since are in the identity only away from their former behaviour.
     assert {"schedule", "loss"} <= set(EvalConfig(distilled="set", schedule="x", loss="y").identity())
 
@@ -83,6 +145,7 @@ def test_a_flat_0_2_manifest_and_a_nested_one_have_the_same_set_id():
     nested = {"config": config.to_dict(), "images": [{"class": 0, "file": "a.png"}]}
     flat_config = {key_of(f): value for _, f, value in config.leaves()}
     flat = {"config": flat_config, "images": nested["images"]}
+
     def set_id(manifest):
         return DistilledSet(Path("set"), manifest).set_id()
 
@@ -93,8 +156,11 @@ def test_a_flat_0_2_manifest_and_a_nested_one_have_the_same_set_id():
 # ------------------------------------------------------------------ resolver
 def test_layers_in_order_defaults_method_preset_override_file_flags(tmp_path, monkeypatch):
     # A method that brings its own default, under the preset's values.
-    monkeypatch.setitem(METHODS._entries, "test-method", dataclasses.replace(
-        METHODS.get("fadrm"), name="test-method", defaults={"distill": {"jitter": 7, "r_bn": 0.5}}))  # fmt: skip
+    monkeypatch.setitem(
+        METHODS._entries,
+        "test-method",
+        dataclasses.replace(METHODS.get("fadrm"), name="test-method", defaults={"distill": {"jitter": 7, "r_bn": 0.5}}),
+    )
     assert distill_config("imagenet-1k", method="test-method").synthesis.jitter == 32  # preset over method
     assert distill_config("imagenet-1k", method="test-method").synthesis.r_bn == 0.01
     assert distill_config("fashion-mnist", method="test-method").synthesis.first_bn_multiplier == 10.0  # preset
@@ -111,8 +177,15 @@ def test_layers_in_order_defaults_method_preset_override_file_flags(tmp_path, mo
 
 
 def test_a_written_config_replays_exactly(tmp_path):
-    original = distill_config("imagenette", method="fadrm+", ipc=50, alpha=0.3, patch_crop_scale=[0.2, 0.9],
-                              groups_per_batch=3, equal_budget=False)  # fmt: skip
+    original = distill_config(
+        "imagenette",
+        method="fadrm+",
+        ipc=50,
+        alpha=0.3,
+        patch_crop_scale=[0.2, 0.9],
+        groups_per_batch=3,
+        equal_budget=False,
+    )
     path = tmp_path / "config.yaml"
     write_config(path, original)
     assert resolve(DistillConfig, {}, path) == original
@@ -129,8 +202,9 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(stage, tmp_path
     out = tmp_path / ("t.pt" if stage == "train-teacher" else "o")
     argv = ["--dataset", "fashion-mnist", "--out", str(out), "--seed", "3"]
     argv += ["--model", "convnet-small"] if stage == "train-teacher" else ["--teacher", "missing.pt", "--alpha", "0.2"]
-    shown = subprocess.run([sys.executable, "-m", "fadrm", stage, *argv, "--print-config"], capture_output=True,
-                           text=True, check=True).stdout  # fmt: skip
+    shown = subprocess.run(
+        [sys.executable, "-m", "fadrm", stage, *argv, "--print-config"], capture_output=True, text=True, check=True
+    ).stdout
     printed = yaml.safe_load(shown)
     assert printed["seed"] == 3 and printed["dataset"] == "fashion-mnist"
     if stage == "distill":
@@ -140,29 +214,57 @@ def test_print_config_shows_the_resolved_config_and_runs_nothing(stage, tmp_path
     assert not out.exists()
     # What it prints is a config file that replays the same configuration.
     (tmp_path / "shown.yaml").write_text(shown)
-    again = subprocess.run([sys.executable, "-m", "fadrm", stage, "--config", str(tmp_path / "shown.yaml"),
-                            "--print-config"], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-m", "fadrm", stage, "--config", str(tmp_path / "shown.yaml"), "--print-config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert again == shown
 
 
 def test_print_config_of_run_resolves_every_stage(tmp_path):
-    shown = subprocess.run([sys.executable, "-m", "fadrm", "run", "--dataset", "cifar100", "--method", "fadrm+",
-                            "--ipc", "10", "--out", str(tmp_path / "r"), "--print-config"],
-                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fadrm",
+            "run",
+            "--dataset",
+            "cifar100",
+            "--method",
+            "fadrm+",
+            "--ipc",
+            "10",
+            "--out",
+            str(tmp_path / "r"),
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     plan = yaml.safe_load(shown)
     assert [t["model"] for t in plan["teachers"]] == [
-        "cifar_resnet18", "cifar_densenet121", "cifar_shufflenet_v2_x0_5", "cifar_mobilenet_v2"]  # fmt: skip
+        "cifar_resnet18",
+        "cifar_densenet121",
+        "cifar_shufflenet_v2_x0_5",
+        "cifar_mobilenet_v2",
+    ]
     assert plan["distill"]["teachers"] == [t["out"] for t in plan["teachers"]]
     assert plan["evaluate"]["epochs"] == 1000 and plan["evaluate"]["baselines"] == ["random-real"]
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("contents,message", [
-    ({"nonsense": 1}, "config file .* sets unknown option 'nonsense'"),
-    ({"synthesis": {"nonsense": 1}}, "sets unknown option synthesis.nonsense"),
-    ({"alpha": 3}, r"--alpha must be in \[0, 1\], got 3"),
-    ({"sizes": "big"}, "--sizes must be a list"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "contents,message",
+    [
+        ({"nonsense": 1}, "config file .* sets unknown option 'nonsense'"),
+        ({"synthesis": {"nonsense": 1}}, "sets unknown option synthesis.nonsense"),
+        ({"alpha": 3}, r"--alpha must be in \[0, 1\], got 3"),
+        ({"sizes": "big"}, "--sizes must be a list"),
+    ],
+)
 def test_bad_config_files_are_one_line(tmp_path, contents, message):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"dataset": "fashion-mnist", "teachers": ["t"], "out": "o", **contents}))
@@ -313,8 +415,11 @@ def test_bssl_is_the_default_wherever_the_reference_uses_it(dataset, method, ipc
     # Every published FADRM-family relabel script uses BSSL but Tiny-ImageNet FADRM IPC 50's; G-VBSM's
     # and EDC's teachers relabel in eval mode. Fashion-MNIST is not in the paper: its preset chose
     # eval-mode teachers on the held-out split.
-    off = ((dataset == "tiny-imagenet" and method == "fadrm" and ipc == 50) or dataset == "fashion-mnist"
-           or method in ("g-vbsm", "edc"))  # fmt: skip
+    off = (
+        (dataset == "tiny-imagenet" and method == "fadrm" and ipc == 50)
+        or dataset == "fashion-mnist"
+        or method in ("g-vbsm", "edc")
+    )
     assert eval_config(dataset, method, ipc).bssl is not off
     assert eval_config(dataset, method, ipc, bssl=not off).bssl is not off
 
@@ -342,13 +447,18 @@ def test_baselines_run_their_authors_budgets_unless_equal_budget(dataset):
 def test_fadrm_plus_presets_name_the_published_teachers():
     teachers = {
         (dataset, ipc): load_preset_section(dataset, "run", "fadrm+", ipc).get("teacher_models")
-        for dataset in ("cifar100", "tiny-imagenet", "imagenet-1k") for ipc in (1, 10)
-    }  # fmt: skip
+        for dataset in ("cifar100", "tiny-imagenet", "imagenet-1k")
+        for ipc in (1, 10)
+    }
     cifar_four = ["cifar_resnet18", "cifar_densenet121", "cifar_shufflenet_v2_x0_5", "cifar_mobilenet_v2"]
     assert teachers[("cifar100", 1)] == teachers[("cifar100", 10)] == teachers[("tiny-imagenet", 10)] == cifar_four
     assert teachers[("tiny-imagenet", 1)] == ["cifar_resnet18", "cifar_shufflenet_v2_x0_5", "cifar_mobilenet_v2"]
     assert [t.split(":")[0] for t in teachers[("imagenet-1k", 1)]] == [
-        "resnet18", "mobilenet_v2", "shufflenet_v2_x1_0", "alexnet"]  # fmt: skip
+        "resnet18",
+        "mobilenet_v2",
+        "shufflenet_v2_x1_0",
+        "alexnet",
+    ]
     for models in teachers.values():
         for model in models:
             assert model.split(":")[0] in MODELS  # every named teacher is registered
@@ -360,13 +470,20 @@ def test_fadrm_plus_presets_name_the_published_teachers():
 
 def test_run_plans_the_presets_teachers(tmp_path):
     plan = api.plan_run(dataset="cifar100", method="fadrm+", ipc=10, out=tmp_path, seed=4)
-    assert [t.out for t in plan.teachers] == [str(tmp_path / name) for name in (
-        "teacher.pt", "teacher-cifar_densenet121.pt", "teacher-cifar_shufflenet_v2_x0_5.pt",
-        "teacher-cifar_mobilenet_v2.pt")]  # fmt: skip
+    assert [t.out for t in plan.teachers] == [
+        str(tmp_path / name)
+        for name in (
+            "teacher.pt",
+            "teacher-cifar_densenet121.pt",
+            "teacher-cifar_shufflenet_v2_x0_5.pt",
+            "teacher-cifar_mobilenet_v2.pt",
+        )
+    ]
     assert all(t.epochs == 200 and t.seed == 4 for t in plan.teachers)  # the preset's recipe, the run's seed
     assert plan.distill.teachers == [t.out for t in plan.teachers] and plan.distill.seed == 4
     assert api.plan_run(dataset="imagenet-1k", method="fadrm", ipc=10, out=tmp_path).teachers == [
-        "resnet18:IMAGENET1K_V1"]  # fmt: skip
+        "resnet18:IMAGENET1K_V1"
+    ]
     mine = tmp_path / "mine.pt"
     mine.write_bytes(b"")
     given = api.plan_run(dataset="cifar100", ipc=10, out=tmp_path, teachers=[mine])
@@ -383,8 +500,11 @@ def test_train_teacher_takes_the_presets_recipe_for_unset_options():
         api.teacher_config(dataset="imagenette", out="t.pt"),  # the preset's architecture
     ]
     assert [(c.model, c.epochs, c.batch_size, c.lr) for c in configs] == [
-        ("densenet121", 100, 128, 0.1), ("resnet18", 3, 128, 0.1), ("resnet18", 10, 256, 0.1),
-        ("resnet18", 100, 128, 0.1)]  # fmt: skip
+        ("densenet121", 100, 128, 0.1),
+        ("resnet18", 3, 128, 0.1),
+        ("resnet18", 10, 256, 0.1),
+        ("resnet18", 100, 128, 0.1),
+    ]
 
 
 def test_validation_is_shared_by_every_entry_point(tmp_path):
@@ -413,7 +533,9 @@ def fake_presets(tmp_path, monkeypatch):
 
 
 def test_each_preset_layer_is_read_on_its_own_and_mappings_are_replaced_whole(fake_presets):
-    fake_presets("fashion-mnist", """
+    fake_presets(
+        "fashion-mnist",
+        """
 distill:
   sizes: [28]
   budgets: [1]
@@ -423,19 +545,23 @@ distill:
 teacher:
   model: convnet
   model_args: {width: 32, depth: 3}
-""")
+""",
+    )
     assert distill_config("fashion-mnist").patches.crop_scale == [0.2, 1.0]  # the override wins, however spelled
     teacher = resolve(TeacherConfig, {"dataset": "fashion-mnist", "out": "t.pt", "model_args": {"width": 64}})
     assert teacher.model_args == {"width": 64}  # a key=value option is replaced, not merged
 
 
-@pytest.mark.parametrize("contents,message", [
-    ("defaults: {lr: 0.5}", r"unknown sections \['defaults'\]"),
-    ("distill: [1, 2]", r"\(distill\) is not a mapping of options"),
-    ("distill: {overrides: [1]}", r"\(distill.overrides\) is not a mapping of options"),
-    ("distill: {overrides: {fadrm: 3}}", r"\(distill.overrides.fadrm\) is not a mapping of options"),
-    ("distill: {lr: [", "is not valid YAML"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "contents,message",
+    [
+        ("defaults: {lr: 0.5}", r"unknown sections \['defaults'\]"),
+        ("distill: [1, 2]", r"\(distill\) is not a mapping of options"),
+        ("distill: {overrides: [1]}", r"\(distill.overrides\) is not a mapping of options"),
+        ("distill: {overrides: {fadrm: 3}}", r"\(distill.overrides.fadrm\) is not a mapping of options"),
+        ("distill: {lr: [", "is not valid YAML"),
+    ],
+)
 def test_a_malformed_preset_is_one_line(fake_presets, contents, message):
     fake_presets("fashion-mnist", contents.replace("distill: {", "distill: {sizes: [28], "))
     with pytest.raises(FadrmError, match=message):

@@ -29,10 +29,17 @@ BOUNDS = (torch.full((1, 1, 1, 1), -2.0), torch.full((1, 1, 1, 1), 2.0))
 def _teacher() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(8, 3),
-    )  # fmt: skip
+    )
     with torch.no_grad():
         model.train()(torch.randn(64, 1, 12, 12) * 1.5 + 0.3)
     return model.eval().requires_grad_(False)
@@ -92,8 +99,17 @@ def test_fused_convolution_statistics_match_the_per_layer_path_on_cuda(groups, c
     for kind in (StatMatcher, FusedStatMatcher):
         x = images.clone().requires_grad_(True)
         generators = [make_generator(0, "cuda", g) for g in range(groups)]
-        with kind([teacher], groups, 10.0, targets=targets, ema=0.8, conv_drop=0.3, generators=generators,
-                  labels=labels, class_share=class_share) as statistics:  # fmt: skip
+        with kind(
+            [teacher],
+            groups,
+            10.0,
+            targets=targets,
+            ema=0.8,
+            conv_drop=0.3,
+            generators=generators,
+            labels=labels,
+            class_share=class_share,
+        ) as statistics:
             for _ in range(3):
                 logits = teacher(x)
                 loss = statistics.pop(teacher)
@@ -121,13 +137,33 @@ def test_recover_under_each_precision(amp, fused):
 def test_distill_and_evaluate_on_cuda(fmnist_root, teacher_ckpt, tmp_path):
     out = tmp_path / "set"
     manifest = fadrm.distill(
-        "fashion-mnist", [teacher_ckpt], out, method="fadrm", ipc=2, data_root=str(fmnist_root), sizes=[24, 28],
-        budgets=[3, 3], mipc=16, num_crop=2, classes_per_group=5, device="cuda", amp="auto", log=lambda s: None,
-    )  # fmt: skip
+        "fashion-mnist",
+        [teacher_ckpt],
+        out,
+        method="fadrm",
+        ipc=2,
+        data_root=str(fmnist_root),
+        sizes=[24, 28],
+        budgets=[3, 3],
+        mipc=16,
+        num_crop=2,
+        classes_per_group=5,
+        device="cuda",
+        amp="auto",
+        log=lambda s: None,
+    )
     assert "cuda" in manifest["device"] and manifest["complete"] and len(manifest["images"]) == 20
     assert manifest["peak_memory_bytes"] > 0
-    results = fadrm.evaluate(out, data_root=str(fmnist_root), epochs=2, batch_size=8, device="cuda", workers=0,
-                             labels="stored", log=lambda s: None)  # fmt: skip
+    results = fadrm.evaluate(
+        out,
+        data_root=str(fmnist_root),
+        epochs=2,
+        batch_size=8,
+        device="cuda",
+        workers=0,
+        labels="stored",
+        log=lambda s: None,
+    )
     assert 0 <= results["runs"][0]["top1"] <= 100
 
 
@@ -160,32 +196,67 @@ def test_patch_statistics_and_densification_match_the_cpu():
     assert torch.allclose(cpu, data_densification(views.cuda(), slots=2, num_groups=2).cpu(), rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("method,options", [
-    ("g-vbsm", {"group_images": 10}),
-    ("edc", {}),
-    ("cv-dd", {"priors": [60.0, 65.0]}),
-])  # fmt: skip
-def test_each_new_method_distills_and_evaluates_on_cuda(method, options, fmnist_root, teacher_ckpt,
-                                                        second_teacher_ckpt, tmp_path):  # fmt: skip
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("g-vbsm", {"group_images": 10}),
+        ("edc", {}),
+        ("cv-dd", {"priors": [60.0, 65.0]}),
+    ],
+)
+def test_each_new_method_distills_and_evaluates_on_cuda(
+    method, options, fmnist_root, teacher_ckpt, second_teacher_ckpt, tmp_path
+):
     # The statistics pre-pass (G-VBSM, EDC) runs on the GPU too, computed because the file is missing.
     out = tmp_path / method
     manifest = fadrm.distill(
-        "fashion-mnist", [teacher_ckpt, second_teacher_ckpt], out, method=method, ipc=2, data_root=str(fmnist_root),
-        sizes=[28], budgets=[3], mipc=16, num_crop=2, stats_dir=str(tmp_path / "stats"), device="cuda", amp="auto",
-        log=lambda s: None, **options,
-    )  # fmt: skip
+        "fashion-mnist",
+        [teacher_ckpt, second_teacher_ckpt],
+        out,
+        method=method,
+        ipc=2,
+        data_root=str(fmnist_root),
+        sizes=[28],
+        budgets=[3],
+        mipc=16,
+        num_crop=2,
+        stats_dir=str(tmp_path / "stats"),
+        device="cuda",
+        amp="auto",
+        log=lambda s: None,
+        **options,
+    )
     assert "cuda" in manifest["device"] and manifest["complete"] and len(manifest["images"]) == 20
-    results = fadrm.evaluate(out, data_root=str(fmnist_root), epochs=2, batch_size=8, device="cuda", workers=0,
-                             log=lambda s: None)  # fmt: skip
+    results = fadrm.evaluate(
+        out, data_root=str(fmnist_root), epochs=2, batch_size=8, device="cuda", workers=0, log=lambda s: None
+    )
     assert results["protocol"] == "own" and 0 <= results["runs"][0]["top1"] <= 100
 
 
 def test_a_student_resumes_on_cuda_with_its_scaler_and_weight_average(fmnist_root, teacher_ckpt, tmp_path):
     out = tmp_path / "set"
-    fadrm.distill("fashion-mnist", [teacher_ckpt], out, method="rded", ipc=2, data_root=str(fmnist_root),
-                  mipc=16, num_crop=2, device="cuda", log=lambda s: None)  # fmt: skip
-    common = dict(data_root=str(fmnist_root), epochs=3, eval_every=1, batch_size=8, device="cuda", amp="fp16",
-                  ema_decay=0.5, workers=0)  # fmt: skip
+    fadrm.distill(
+        "fashion-mnist",
+        [teacher_ckpt],
+        out,
+        method="rded",
+        ipc=2,
+        data_root=str(fmnist_root),
+        mipc=16,
+        num_crop=2,
+        device="cuda",
+        log=lambda s: None,
+    )
+    common = dict(
+        data_root=str(fmnist_root),
+        epochs=3,
+        eval_every=1,
+        batch_size=8,
+        device="cuda",
+        amp="fp16",
+        ema_decay=0.5,
+        workers=0,
+    )
     straight = fadrm.evaluate(out, out=str(tmp_path / "straight"), log=lambda s: None, **common)["runs"][0]
 
     def stop_at_epoch_2(line: str) -> None:
@@ -202,7 +273,9 @@ def test_a_student_resumes_on_cuda_with_its_scaler_and_weight_average(fmnist_roo
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     # The RNG streams and the scaler are restored; cuDNN may still pick other kernels, so weights
     # agree within float noise rather than bit for bit.
-    a, b = (torch.load(tmp_path / d / "runs" / "distilled-convnet-small-soft.pt", weights_only=True)["state_dict"]
-            for d in ("straight", "e"))  # fmt: skip
+    a, b = (
+        torch.load(tmp_path / d / "runs" / "distilled-convnet-small-soft.pt", weights_only=True)["state_dict"]
+        for d in ("straight", "e")
+    )
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3, rtol=1e-3) for k in a)
     assert resumed["history"][0] == straight["history"][0]

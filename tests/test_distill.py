@@ -31,7 +31,9 @@ TINY = dict(sizes=[24, 28], budgets=[2, 2], mipc=16, num_crop=2, classes_per_gro
 def run(fmnist_root, teacher, out, method="fadrm", ipc=2, log=lambda s: None, **kw):
     teachers = teacher if isinstance(teacher, list) else [teacher]
     options = {**TINY, **kw}
-    return fadrm.distill("fashion-mnist", teachers, out, method=method, ipc=ipc, data_root=str(fmnist_root), log=log, **options)
+    return fadrm.distill(
+        "fashion-mnist", teachers, out, method=method, ipc=ipc, data_root=str(fmnist_root), log=log, **options
+    )
 
 
 def pngs(folder: Path) -> dict[str, bytes]:
@@ -39,16 +41,25 @@ def pngs(folder: Path) -> dict[str, bytes]:
 
 
 # The stage plan each method runs for TINY's configured stages (sizes 24, 28; budgets 2, 2).
-PLANNED_BUDGETS = {"fadrm": [2, 2], "fadrm+": [2, 2], "sre2l": [4], "sre2l++": [4], "rded": [0], "g-vbsm": [4],
-                   "edc": [4], "cv-dd": [4]}  # fmt: skip
+PLANNED_BUDGETS = {
+    "fadrm": [2, 2],
+    "fadrm+": [2, 2],
+    "sre2l": [4],
+    "sre2l++": [4],
+    "rded": [0],
+    "g-vbsm": [4],
+    "edc": [4],
+    "cv-dd": [4],
+}
 
 
 @pytest.mark.parametrize("method", METHODS.names())
 def test_each_method_end_to_end(fmnist_root, teacher_ckpt, second_teacher_ckpt, tmp_path, method):
     # A method that takes several teachers gets two (of different architectures).
     several = METHODS.get(method).max_teachers is None
-    manifest = run(fmnist_root, [teacher_ckpt, second_teacher_ckpt] if several else teacher_ckpt, tmp_path / "out",
-                   method=method)  # fmt: skip
+    manifest = run(
+        fmnist_root, [teacher_ckpt, second_teacher_ckpt] if several else teacher_ckpt, tmp_path / "out", method=method
+    )
     assert len(manifest["teachers"]) == (2 if several else 1)
     images = pngs(tmp_path / "out" / "images")
     assert len(images) == 20 and len(manifest["images"]) == 20
@@ -161,10 +172,35 @@ def test_resume_after_interruption_redoes_nothing_finished(fmnist_root, teacher_
 def test_kill_9_then_rerun_completes(fmnist_root, teacher_ckpt, tmp_path):
     out = tmp_path / "out"
     args = [
-        sys.executable, "-m", "fadrm", "distill", "--dataset", "fashion-mnist", "--data-root", str(fmnist_root),
-        "--teacher", str(teacher_ckpt), "--ipc", "4", "--out", str(out), "--sizes", "28", "--budgets", "60",
-        "--mipc", "16", "--num-crop", "2", "--classes-per-group", "5", "--groups-per-batch", "1", "--device", "cpu",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "fadrm",
+        "distill",
+        "--dataset",
+        "fashion-mnist",
+        "--data-root",
+        str(fmnist_root),
+        "--teacher",
+        str(teacher_ckpt),
+        "--ipc",
+        "4",
+        "--out",
+        str(out),
+        "--sizes",
+        "28",
+        "--budgets",
+        "60",
+        "--mipc",
+        "16",
+        "--num-crop",
+        "2",
+        "--classes-per-group",
+        "5",
+        "--groups-per-batch",
+        "1",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         units = out / "state" / "units"
@@ -190,12 +226,15 @@ def test_ipc_larger_than_class(fmnist_root, teacher_ckpt, tmp_path):
         run(fmnist_root, teacher_ckpt, tmp_path / "o", ipc=17, mipc=300)
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"sizes": [24, 28], "budgets": [1]}, "one value per stage"),
-    ({"alpha": 1.5}, r"--alpha must be in \[0, 1\]"),
-    ({"sizes": [28, 24], "budgets": [1, 1]}, "last stage must be at full resolution"),
-    ({"ipc": 0}, "at least 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"sizes": [24, 28], "budgets": [1]}, "one value per stage"),
+        ({"alpha": 1.5}, r"--alpha must be in \[0, 1\]"),
+        ({"sizes": [28, 24], "budgets": [1, 1]}, "last stage must be at full resolution"),
+        ({"ipc": 0}, "at least 1"),
+    ],
+)
 def test_bad_settings(fmnist_root, teacher_ckpt, tmp_path, options, message):
     with pytest.raises(FadrmError, match=message):
         run(fmnist_root, teacher_ckpt, tmp_path / "o", **options)

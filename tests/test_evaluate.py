@@ -35,8 +35,6 @@ SPEC = get_dataset_spec("fashion-mnist")
 QUICK = dict(epochs=2, batch_size=8, device="cpu", amp="off", workers=0)
 
 
-
-
 def test_soft_labels_equal_teacher_output_on_identical_views(teacher_ckpt, second_teacher_ckpt):
     a, b = fadrm.load_teacher(teacher_ckpt).model, fadrm.load_teacher(second_teacher_ckpt).model
     x = torch.randn(6, 1, 28, 28)
@@ -80,7 +78,6 @@ def test_live_and_stored_give_the_same_batches_and_labels(teacher_ckpt, tmp_path
     assert stored_label_bytes(100, None) == 200 and stored_label_bytes(100, 10) == 40
 
 
-
 def test_accuracy_on_a_known_answer():
     class Fixed(nn.Module):
         def forward(self, x):  # predicts class = first pixel value, second guess = class + 1
@@ -99,8 +96,15 @@ def test_accuracy_on_a_known_answer():
 
 
 def test_evaluate_with_baseline_and_stored_labels(distilled, fmnist_root, tmp_path):
-    results = fadrm.evaluate(distilled, out=str(tmp_path / "e"), data_root=str(fmnist_root), baselines=["random-real"],
-                             labels="stored", log=lambda s: None, **QUICK)  # fmt: skip
+    results = fadrm.evaluate(
+        distilled,
+        out=str(tmp_path / "e"),
+        data_root=str(fmnist_root),
+        baselines=["random-real"],
+        labels="stored",
+        log=lambda s: None,
+        **QUICK,
+    )
     kinds = [(r["train_set"], r["labels"]) for r in results["runs"]]
     assert kinds == [("distilled", "soft"), ("random-real", "soft"), ("random-real", "hard")]
     assert all(0 <= r["top1"] <= 100 and r["images"] == 20 for r in results["runs"])
@@ -115,21 +119,37 @@ def test_evaluate_with_baseline_and_stored_labels(distilled, fmnist_root, tmp_pa
     assert (tmp_path / "e" / "curves.png").exists()
     # Same command again: every run is reused.
     lines: list[str] = []
-    again = fadrm.evaluate(distilled, out=str(tmp_path / "e"), data_root=str(fmnist_root), baselines=["random-real"],
-                           labels="stored", log=lines.append, **QUICK)  # fmt: skip
+    again = fadrm.evaluate(
+        distilled,
+        out=str(tmp_path / "e"),
+        data_root=str(fmnist_root),
+        baselines=["random-real"],
+        labels="stored",
+        log=lines.append,
+        **QUICK,
+    )
     assert sum("reusing" in line for line in lines) == 3 and again["runs"] == results["runs"]
 
 
 def test_robustness_trains_every_arm_scores_them_and_reuses_them(distilled, fmnist_root, tmp_path):
-    common = dict(out=str(tmp_path / "e"), data_root=str(fmnist_root), robustness=True,
-                  full_data_dir=str(tmp_path / "cache"), **QUICK)  # fmt: skip
+    common = dict(
+        out=str(tmp_path / "e"),
+        data_root=str(fmnist_root),
+        robustness=True,
+        full_data_dir=str(tmp_path / "cache"),
+        **QUICK,
+    )
     results = fadrm.evaluate(distilled, log=lambda s: None, **common)
     arms = [(r["train_set"], r["labels"], r["augment"]) for r in results["runs"]]
     assert arms == [
-        ("full-data", "hard", True), ("distilled", "soft", True), ("random-real", "soft", True),
-        ("random-real", "hard", True), ("distilled", "hard", True), ("distilled", "soft", False),
+        ("full-data", "hard", True),
+        ("distilled", "soft", True),
+        ("random-real", "soft", True),
+        ("random-real", "hard", True),
+        ("distilled", "hard", True),
+        ("distilled", "soft", False),
         ("random-real", "soft", False),
-    ]  # fmt: skip
+    ]
     acc = {arm: run["top1"] / 100 for arm, run in zip(arms, results["runs"])}
     (row,) = results["robustness"]
     assert row["hlr"] == pytest.approx(acc["full-data", "hard", True] - acc["distilled", "hard", True])
@@ -143,7 +163,9 @@ def test_robustness_trains_every_arm_scores_them_and_reuses_them(distilled, fmni
     assert "| distilled | soft, no augmentation |" in (tmp_path / "e" / "results.md").read_text()
     lines: list[str] = []
     again = fadrm.evaluate(distilled, log=lines.append, **common)
-    assert sum("reusing finished run" in line for line in lines) == 6 and any("already trained" in l for l in lines)
+    assert sum("reusing finished run" in line for line in lines) == 6 and any(
+        "already trained" in line for line in lines
+    )
     assert again["robustness"] == results["robustness"]
 
 
@@ -169,8 +191,9 @@ def test_repeats_add_seeds_report_mean_and_std_and_keep_finished_runs(distilled,
     # fadrm.evaluate, the attribute, is the API function; the module is reached by name.
     evaluate_module = importlib.import_module("fadrm.evaluate")
 
-    common = dict(out=str(tmp_path / "e"), data_root=str(fmnist_root), baselines=["random-real"], labels="stored",
-                  **QUICK)  # fmt: skip
+    common = dict(
+        out=str(tmp_path / "e"), data_root=str(fmnist_root), baselines=["random-real"], labels="stored", **QUICK
+    )
     single = fadrm.evaluate(distilled, log=lambda s: None, **common)
     subset_seeds: list[int] = []
     real_subset = evaluate_module.REAL_SUBSETS.get("random-real")
@@ -186,9 +209,14 @@ def test_repeats_add_seeds_report_mean_and_std_and_keep_finished_runs(distilled,
     assert first.read_bytes() != second.read_bytes()
     assert results["runs"][0]["history"][0]["train_loss"] != results["runs"][3]["history"][0]["train_loss"]
     assert [(r["train_set"], r["labels"], r["repeats"]) for r in results["summary"]] == [
-        ("distilled", "soft", 2), ("random-real", "soft", 2), ("random-real", "hard", 2)]  # fmt: skip
+        ("distilled", "soft", 2),
+        ("random-real", "soft", 2),
+        ("random-real", "hard", 2),
+    ]
     for row in results["summary"]:
-        top1 = [r["top1"] for r in results["runs"] if (r["train_set"], r["labels"]) == (row["train_set"], row["labels"])]
+        top1 = [
+            r["top1"] for r in results["runs"] if (r["train_set"], r["labels"]) == (row["train_set"], row["labels"])
+        ]
         assert row["top1"] == pytest.approx(statistics.fmean(top1))
         assert row["top1_std"] == pytest.approx(statistics.stdev(top1))
     table = (tmp_path / "e" / "results.md").read_text()
@@ -231,24 +259,33 @@ def test_unknown_student(distilled, fmnist_root):
 
 
 def test_stored_labels_for_another_ipc(distilled, fmnist_root, tmp_path):
-    fadrm.evaluate(distilled, out=str(tmp_path / "e"), labels="stored", data_root=str(fmnist_root),
-                   log=lambda s: None, **QUICK)  # fmt: skip
+    fadrm.evaluate(
+        distilled, out=str(tmp_path / "e"), labels="stored", data_root=str(fmnist_root), log=lambda s: None, **QUICK
+    )
     manifest = json.loads((distilled / "manifest.json").read_text())
     smaller = tmp_path / "ipc1"
     shutil.copytree(distilled, smaller)
     manifest["ipc"], manifest["images"] = 1, [r for r in manifest["images"] if r["ipc_index"] == 0]
     (smaller / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(FadrmError, match=r"label store in .* was made with different settings \(images, ipc\); use another --labels-dir"):
-        fadrm.evaluate(smaller, labels="stored", labels_dir=str(tmp_path / "e" / "labels"),
-                       data_root=str(fmnist_root), **QUICK)  # fmt: skip
+    with pytest.raises(
+        FadrmError,
+        match=r"label store in .* was made with different settings \(images, ipc\); use another --labels-dir",
+    ):
+        fadrm.evaluate(
+            smaller, labels="stored", labels_dir=str(tmp_path / "e" / "labels"), data_root=str(fmnist_root), **QUICK
+        )
 
 
 def test_run_resumes_without_redoing_finished_stages(fmnist_root, tmp_path, monkeypatch):
     import fadrm.api as api
 
-    options = dict(data_root=str(fmnist_root), device="cpu", amp="off",
-                   distill_options={"budgets": [1, 1, 1, 1], "mipc": 16, "num_crop": 2},
-                   eval_options={"epochs": 2, "batch_size": 8, "eval_at": [], "workers": 0})  # fmt: skip
+    options = dict(
+        data_root=str(fmnist_root),
+        device="cpu",
+        amp="off",
+        distill_options={"budgets": [1, 1, 1, 1], "mipc": 16, "num_crop": 2},
+        eval_options={"epochs": 2, "batch_size": 8, "eval_at": [], "workers": 0},
+    )
     real_evaluate = api._evaluate
 
     def interrupted(*args, **kwargs):
@@ -270,9 +307,14 @@ def test_run_resumes_without_redoing_finished_stages(fmnist_root, tmp_path, monk
     assert "last-epoch top-1" in text and "best top-1 over the validations" in text
     # The robustness arms: the full-data student is the run's own teacher (the same recipe), not trained again.
     lines.clear()
-    summary = fadrm.run("fashion-mnist", 1, tmp_path / "run", log=lines.append, robustness=True,
-                        **{**options, "eval_options": {**options["eval_options"],
-                                                       "full_data_dir": str(tmp_path / "cache")}})  # fmt: skip
+    summary = fadrm.run(
+        "fashion-mnist",
+        1,
+        tmp_path / "run",
+        log=lines.append,
+        robustness=True,
+        **{**options, "eval_options": {**options["eval_options"], "full_data_dir": str(tmp_path / "cache")}},
+    )
     text = "\n".join(lines)
     assert "the teacher " + str(tmp_path / "run" / "teacher.pt") + " was trained with these settings" in text
     assert not (tmp_path / "cache").exists() and summary["robustness"][0]["repeats"] == 1
@@ -335,11 +377,23 @@ def test_a_finished_run_serves_the_validations_it_covers(distilled, fmnist_root,
     fadrm.evaluate(distilled, eval_every=0, eval_at=[2], log=lines.append, **common)
     assert any("reusing" in line for line in lines)
     # A validation the finished run never made needs the student again.
-    fadrm.evaluate(distilled, out=str(tmp_path / "f"), data_root=str(fmnist_root), eval_every=0,
-                   log=lambda s: None, **{**QUICK, "epochs": 3})  # fmt: skip
+    fadrm.evaluate(
+        distilled,
+        out=str(tmp_path / "f"),
+        data_root=str(fmnist_root),
+        eval_every=0,
+        log=lambda s: None,
+        **{**QUICK, "epochs": 3},
+    )
     lines.clear()
-    fadrm.evaluate(distilled, out=str(tmp_path / "f"), data_root=str(fmnist_root), eval_every=1,
-                   log=lines.append, **{**QUICK, "epochs": 3})  # fmt: skip
+    fadrm.evaluate(
+        distilled,
+        out=str(tmp_path / "f"),
+        data_root=str(fmnist_root),
+        eval_every=1,
+        log=lines.append,
+        **{**QUICK, "epochs": 3},
+    )
     assert not any("reusing" in line for line in lines)
 
 
@@ -352,22 +406,33 @@ def test_a_finished_run_serves_the_validations_it_covers(distilled, fmnist_root,
         ({"weight_decay": -1.0}, "--weight-decay must be a non-negative number, got -1.0"),
         ({"weight_decay": float("nan")}, "--weight-decay must be a finite number, got nan"),
         ({"mix_alpha": 0.0}, "--mix-alpha must be a positive number, got 0.0"),
-        ({"accumulation": 3}, "--accumulation 3 must divide --batch-size 8 (each loader batch is split into equal "
-                              "micro-batches)"),
+        (
+            {"accumulation": 3},
+            "--accumulation 3 must divide --batch-size 8 (each loader batch is split into equal micro-batches)",
+        ),
         ({"eval_every": -1}, "--eval-every must be at least 0, got -1"),
         ({"eval_at": [5]}, "--eval-at 5 is outside the 2 training epochs"),
-        ({"topk": 10, "labels": "stored"}, "--topk 10 keeps every one of the 10 classes; give fewer, or leave it out to store full logits"),
+        (
+            {"topk": 10, "labels": "stored"},
+            "--topk 10 keeps every one of the 10 classes; give fewer, or leave it out to store full logits",
+        ),
         ({"optimizer": "adam"}, "--optimizer must be one of adamw, sgd, got 'adam'"),
         ({"schedule": "cosine"}, "--schedule must be one of multistep, ssrs, stretched-cosine, got 'cosine'"),
         ({"loss": "ce"}, "--loss must be one of kl, mse-ce, got 'ce'"),
         ({"mix": "cutout"}, "--mix must be one of cutmix, mixup, none, got 'cutout'"),
-        ({"loss": "mse-ce", "topk": 3, "labels": "stored"}, "--loss mse-ce needs the teachers' logits; --topk 3 stores "
-                                                            "probabilities only: leave --topk out"),
+        (
+            {"loss": "mse-ce", "topk": 3, "labels": "stored"},
+            "--loss mse-ce needs the teachers' logits; --topk 3 stores probabilities only: leave --topk out",
+        ),
         ({"teacher_priors": [60.0, 50.0]}, "2 teacher priors for 1 teachers: give one --teacher-prior per teacher"),
-        ({"teacher_priors": [60.0], "teacher_weights": [1.0]}, "give --teacher-weight or --teacher-prior, not both "
-                                                               "(priors make the weights)"),
-        ({"baselines": ["herding"]}, "--baseline must be one of full-data, hard-labels, no-augmentation, random-real, got "
-                                       "['herding']"),
+        (
+            {"teacher_priors": [60.0], "teacher_weights": [1.0]},
+            "give --teacher-weight or --teacher-prior, not both (priors make the weights)",
+        ),
+        (
+            {"baselines": ["herding"]},
+            "--baseline must be one of full-data, hard-labels, no-augmentation, random-real, got ['herding']",
+        ),
     ],
 )
 def test_bad_protocol_values_are_one_clear_line(distilled, fmnist_root, tmp_path, options, message):
@@ -441,8 +506,15 @@ def test_checkpoint_every_saves_every_nth_epoch(distilled, fmnist_root, tmp_path
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fadrm.evaluate(distilled, out=str(tmp_path / "e"), data_root=str(fmnist_root), eval_every=1, checkpoint_every=2,
-                       log=stop_at_epoch_3, **{**QUICK, "epochs": 4})  # fmt: skip
+        fadrm.evaluate(
+            distilled,
+            out=str(tmp_path / "e"),
+            data_root=str(fmnist_root),
+            eval_every=1,
+            checkpoint_every=2,
+            log=stop_at_epoch_3,
+            **{**QUICK, "epochs": 4},
+        )
     partial = tmp_path / "e" / "runs" / "distilled-convnet-small-soft.partial.pt"
     assert torch.load(partial, weights_only=True)["epoch"] == 2
 
@@ -454,9 +526,27 @@ def test_evaluate_killed_with_sigkill_resumes_to_the_same_student(distilled, fmn
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def command(out: Path) -> list[str]:
-        return [sys.executable, "-m", "fadrm", "evaluate", str(distilled), "--data-root", str(fmnist_root),
-                "--epochs", "60", "--batch-size", "8", "--eval-every", "20", "--device", "cpu", "--workers", "0",
-                "--out", str(out)]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "fadrm",
+            "evaluate",
+            str(distilled),
+            "--data-root",
+            str(fmnist_root),
+            "--epochs",
+            "60",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "20",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ]
 
     subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True, env=env)
     killed = tmp_path / "killed"
@@ -475,6 +565,8 @@ def test_evaluate_killed_with_sigkill_resumes_to_the_same_student(distilled, fmn
     assert f"resuming after epoch {epochs_done}" in rerun.stdout and 0 < epochs_done < 60
     a, b = _student_weights(tmp_path / "straight"), _student_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    history = [json.loads((out / "runs" / "distilled-convnet-small-soft.json").read_text())["result"]["history"]
-               for out in (tmp_path / "straight", killed)]  # fmt: skip
+    history = [
+        json.loads((out / "runs" / "distilled-convnet-small-soft.json").read_text())["result"]["history"]
+        for out in (tmp_path / "straight", killed)
+    ]
     assert history[0] == history[1] and not partial.exists()

@@ -27,8 +27,18 @@ from conftest import run_cli
 SPEC = get_dataset_spec("fashion-mnist")
 QUICK = dict(epochs=2, batch_size=8, device="cpu", amp="off", workers=0)
 # Folder names as other tools write them: loose forms of the class names, in an order unlike the labels'.
-FOLDER_NAMES = ["t-shirt top", "TROUSER", "Pullover", "dress", "Coat", "Sandal", "Shirt", "sneaker", "Bag",
-                "Ankle_boot"]  # fmt: skip
+FOLDER_NAMES = [
+    "t-shirt top",
+    "TROUSER",
+    "Pullover",
+    "dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "sneaker",
+    "Bag",
+    "Ankle_boot",
+]
 
 
 def write_fmnist_folder(root: Path, fmnist_root: Path, per_class: int = 2) -> Path:
@@ -43,12 +53,14 @@ def write_fmnist_folder(root: Path, fmnist_root: Path, per_class: int = 2) -> Pa
 
 def png_header(path: Path, width: int, height: int) -> Path:
     """A PNG that declares ``width`` x ``height`` grey pixels but holds almost no data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))  # fmt: skip
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -58,17 +70,21 @@ def no_curves(monkeypatch):
     monkeypatch.setattr("fadrm.report.plot_curves", lambda path, runs: False)
 
 
-
-
 # ------------------------------------------------------------------ matching
 def test_class_folders_match_by_name_loosely_by_wnid_and_as_fadrm_writes_them():
     assert class_of_folders(FOLDER_NAMES, FASHION_MNIST_CLASSES) == {name: i for i, name in enumerate(FOLDER_NAMES)}
     # fadrm's own layout (index and name must agree), and names that are no class.
     assert class_of_folders(["003_Dress", "004_Dress", "boots"], FASHION_MNIST_CLASSES) == {
-        "003_Dress": 3, "004_Dress": None, "boots": None}  # fmt: skip
+        "003_Dress": 3,
+        "004_Dress": None,
+        "boots": None,
+    }
     wnids, display = [c[0] for c in IMAGENETTE_CLASSES], [c[1] for c in IMAGENETTE_CLASSES]
     assert class_of_folders(["n03888605", "tench", "english_springer"], wnids, display) == {
-        "n03888605": 9, "tench": 0, "english_springer": 1}  # fmt: skip
+        "n03888605": 9,
+        "tench": 0,
+        "english_springer": 1,
+    }
     # Loosely only where no two classes share the loose form; exactly always.
     assert class_of_folders(["CAT", "cat", "Dog"], ["Cat", "cat", "dog"]) == {"CAT": None, "cat": 1, "Dog": 2}
 
@@ -149,20 +165,27 @@ def test_our_set_as_an_image_folder_trains_the_same_students(distilled, fmnist_r
     assert all(torch.equal(a, b) for a, b in zip(ours.images(), foreign.images()))
     common = dict(data_root=str(fmnist_root), log=lambda s: None, **QUICK)
     through_manifest = fadrm.evaluate(distilled, out=str(tmp_path / "a"), **common)
-    as_folder = fadrm.evaluate(exported, out=str(tmp_path / "b"), dataset="fashion-mnist", teachers=[str(teacher_ckpt)],
-                               **common)  # fmt: skip
+    as_folder = fadrm.evaluate(
+        exported, out=str(tmp_path / "b"), dataset="fashion-mnist", teachers=[str(teacher_ckpt)], **common
+    )
     (a,), (b,) = through_manifest["runs"], as_folder["runs"]
     assert a["history"] == b["history"] and (a["top1"], a["top5"]) == (b["top1"], b["top5"])
     assert as_folder["method"] == "imagefolder" and as_folder["ipc"] == 2 and as_folder["images_per_class"] == [2, 2]
 
 
 @pytest.mark.slow
-def test_a_foreign_set_gets_baselines_stored_labels_and_resumes_by_content(fmnist_root, teacher_ckpt, tmp_path,
-                                                                          no_curves):  # fmt: skip
+def test_a_foreign_set_gets_baselines_stored_labels_and_resumes_by_content(
+    fmnist_root, teacher_ckpt, tmp_path, no_curves
+):
     root = write_fmnist_folder(tmp_path / "set", fmnist_root)
     # Results in the set's own eval/ (the default), which is no class when the set is read again.
-    options = dict(dataset="fashion-mnist", teachers=[str(teacher_ckpt)], data_root=str(fmnist_root),
-                   labels="stored", **{**QUICK, "epochs": 1})  # fmt: skip
+    options = dict(
+        dataset="fashion-mnist",
+        teachers=[str(teacher_ckpt)],
+        data_root=str(fmnist_root),
+        labels="stored",
+        **{**QUICK, "epochs": 1},
+    )
     results = fadrm.evaluate(root, baselines=["random-real"], log=lambda s: None, **options)
     kinds = [(r["train_set"], r["labels"], r["images"]) for r in results["runs"]]
     assert kinds == [("distilled", "soft", 20), ("random-real", "soft", 20), ("random-real", "hard", 20)]
@@ -237,9 +260,22 @@ def _break(case: str, root: Path, tmp_path: Path) -> str:
     raise AssertionError(case)
 
 
-BAD_SETS = ["missing class", "extra folder", "two folders, one class", "empty class folder", "wrong size",
-            "huge header, not decoded", "decompression bomb", "not an image", "truncated image", "link outside the set",
-            "folder in a class folder", "colour in a grey dataset", "transparent pixels", "16-bit"]  # fmt: skip
+BAD_SETS = [
+    "missing class",
+    "extra folder",
+    "two folders, one class",
+    "empty class folder",
+    "wrong size",
+    "huge header, not decoded",
+    "decompression bomb",
+    "not an image",
+    "truncated image",
+    "link outside the set",
+    "folder in a class folder",
+    "colour in a grey dataset",
+    "transparent pixels",
+    "16-bit",
+]
 
 
 @pytest.mark.filterwarnings("error")  # a warning would be a second line in a real process
@@ -248,8 +284,23 @@ def test_a_bad_set_is_one_line_before_any_work(case, fmnist_root, teacher_ckpt, 
     root = write_fmnist_folder(tmp_path / "set", fmnist_root, per_class=1)
     expected = _break(case, root, tmp_path)
     out = tmp_path / "eval"
-    code, _, lines = run_cli(["evaluate", str(root), "--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt),
-                        "--data-root", str(fmnist_root), "--epochs", "1", "--out", str(out)], capsys)  # fmt: skip
+    code, _, lines = run_cli(
+        [
+            "evaluate",
+            str(root),
+            "--dataset",
+            "fashion-mnist",
+            "--teacher",
+            str(teacher_ckpt),
+            "--data-root",
+            str(fmnist_root),
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 2 and len(lines) == 1 and lines[0].startswith("fadrm: error: "), lines
     assert expected in lines[0], lines
     assert not out.exists()
@@ -259,13 +310,18 @@ def test_options_a_foreign_set_needs_are_one_line(distilled, fmnist_root, teache
     root = write_fmnist_folder(tmp_path / "set", fmnist_root, per_class=1)
     evaluate = ["evaluate", str(root), "--data-root", str(fmnist_root), "--print-config"]
     cases = [
-        (evaluate, f"{root} is not a distilled set (no manifest.json); make one with fadrm distill, or evaluate an "
-                   "ImageFolder made by another tool with --dataset and --teacher"),
+        (
+            evaluate,
+            f"{root} is not a distilled set (no manifest.json); make one with fadrm distill, or evaluate an "
+            "ImageFolder made by another tool with --dataset and --teacher",
+        ),
         ([*evaluate, "--dataset", "fashion-mnist"], "so no teachers of its own to label its images: give --teacher"),
         ([*evaluate, "--dataset", "mnist", "--teacher", str(teacher_ckpt)], "--dataset must be one of"),
-        (["evaluate", str(distilled), "--dataset", "cifar10", "--print-config"],
-         f"--dataset cifar10 disagrees with {distilled}, a set of fashion-mnist"),
-    ]  # fmt: skip
+        (
+            ["evaluate", str(distilled), "--dataset", "cifar10", "--print-config"],
+            f"--dataset cifar10 disagrees with {distilled}, a set of fashion-mnist",
+        ),
+    ]
     for argv, message in cases:
         code, _, lines = run_cli(argv, capsys)
         assert code == 2 and len(lines) == 1 and message in lines[0], (argv, lines)
@@ -283,11 +339,29 @@ def test_a_decompression_bomb_warning_is_one_line_in_a_real_process(fmnist_root,
     root = write_fmnist_folder(tmp_path / "set", fmnist_root, per_class=1)
     image = png_header(root / "Coat" / "img0.png", 10000, 10000)  # over PIL's limit, under twice it: a warning
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(fadrm.__file__).parents[1]), *sys.path])}
-    result = subprocess.run([sys.executable, "-m", "fadrm", "evaluate", str(root), "--dataset", "fashion-mnist",
-                             "--teacher", str(teacher_ckpt), "--data-root", str(fmnist_root), "--out",
-                             str(tmp_path / "eval")], capture_output=True, text=True, env=env)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fadrm",
+            "evaluate",
+            str(root),
+            "--dataset",
+            "fashion-mnist",
+            "--teacher",
+            str(teacher_ckpt),
+            "--data-root",
+            str(fmnist_root),
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"fadrm: error: {image} is too large to decode safely (Image size (100000000 pixels) exceeds limit of "
-        "89478485 pixels, could be decompression bomb DOS attack.); fashion-mnist images are 28 x 28 px"]  # fmt: skip
+        "89478485 pixels, could be decompression bomb DOS attack.); fashion-mnist images are 28 x 28 px"
+    ]
     assert not (tmp_path / "eval").exists()

@@ -37,8 +37,15 @@ def _cost_of_recover(budget: int, fused: bool, groups: int = 2):
     generators = [make_generator(0, "test", g) for g in range(groups)]
     bounds = (torch.full((1, 1, 1, 1), -3.0), torch.full((1, 1, 1, 1), 3.0))
     with CountHostCost() as counted:
-        recover(torch.rand(5 * groups, 1, 16, 16), torch.arange(5 * groups) % 10, [teacher], generators, settings,
-                make_runtime("cpu", "off", fused_statistics=fused), bounds)  # fmt: skip
+        recover(
+            torch.rand(5 * groups, 1, 16, 16),
+            torch.arange(5 * groups) % 10,
+            [teacher],
+            generators,
+            settings,
+            make_runtime("cpu", "off", fused_statistics=fused),
+            bounds,
+        )
     return counted.cost
 
 
@@ -69,9 +76,15 @@ def _mixed_ranks_teacher() -> torch.nn.Module:
     """BatchNorm layers on 4-d and on 2-d inputs in one model, running statistics not the defaults."""
     torch.manual_seed(1)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(16, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 10),
-    ).train()  # fmt: skip
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 6),
+        torch.nn.BatchNorm1d(6),
+        torch.nn.Linear(6, 10),
+    ).train()
     with torch.no_grad():
         for _ in range(3):
             model(torch.rand(8, 1, 16, 16) * 2 - 0.5)
@@ -115,8 +128,17 @@ def test_fused_convolution_statistics_equal_the_per_layer_loss(groups, ema, conv
     for kind in (StatMatcher, FusedStatMatcher):
         x = images.clone().requires_grad_(True)
         generators = [make_generator(0, "test", g) for g in range(groups)]
-        with kind([teacher], groups, 10.0, targets=targets, ema=ema, conv_drop=conv_drop, generators=generators,
-                  labels=labels, class_share=class_share) as statistics:  # fmt: skip
+        with kind(
+            [teacher],
+            groups,
+            10.0,
+            targets=targets,
+            ema=ema,
+            conv_drop=conv_drop,
+            generators=generators,
+            labels=labels,
+            class_share=class_share,
+        ) as statistics:
             for _ in range(3):
                 logits = teacher(x)
                 loss = statistics.pop(teacher)
@@ -132,8 +154,11 @@ def test_fused_matcher_puts_every_layer_back_and_handles_a_model_without_batchno
     layers = dict(teacher.named_modules())
     with pytest.raises(RuntimeError, match="not every matched layer ran"):
         with FusedBatchNormMatcher([teacher, plain], 1) as statistics:
-            assert not any(isinstance(m, torch.nn.BatchNorm2d) for name, m in teacher.named_modules()
-                           if not name.endswith(".layer"))  # fmt: skip
+            assert not any(
+                isinstance(m, torch.nn.BatchNorm2d)
+                for name, m in teacher.named_modules()
+                if not name.endswith(".layer")
+            )
             plain(torch.rand(2, 1, 16, 16))
             assert torch.equal(statistics.pop(plain), torch.zeros(1))
             statistics.pop(teacher)
@@ -166,18 +191,30 @@ def test_non_finite_loss_is_found_at_the_end_of_its_stage_and_named():
     [linear for linear in teacher.modules() if isinstance(linear, torch.nn.Linear)][-1].bias.fill_(float("nan"))
     settings = SynthesisConfig(sizes=[12, 16], budgets=[3, 3])
     bounds = (torch.full((1, 1, 1, 1), -3.0), torch.full((1, 1, 1, 1), 3.0))
-    with pytest.raises(FadrmError, match=r"^non-finite loss \(nan\) during synthesis \(stage 1 of 2, size 12\), "
-                                         r"step 1; lower the learning rate"):  # fmt: skip
-        recover(torch.rand(3, 1, 16, 16), torch.tensor([0, 1, 2]), [teacher], [make_generator(0, "t", 0)], settings,
-                make_runtime("cpu", "off"), bounds)  # fmt: skip
+    with pytest.raises(
+        FadrmError,
+        match=r"^non-finite loss \(nan\) during synthesis \(stage 1 of 2, size 12\), "
+        r"step 1; lower the learning rate",
+    ):
+        recover(
+            torch.rand(3, 1, 16, 16),
+            torch.tensor([0, 1, 2]),
+            [teacher],
+            [make_generator(0, "t", 0)],
+            settings,
+            make_runtime("cpu", "off"),
+            bounds,
+        )
 
 
 def test_distill_with_fused_statistics(fmnist_root, teacher_ckpt, tmp_path):
-    common = dict(ipc=1, data_root=str(fmnist_root), sizes=[24, 28], budgets=[3, 3], mipc=16, num_crop=2,
-                  log=lambda line: None)  # fmt: skip
+    common = dict(
+        ipc=1, data_root=str(fmnist_root), sizes=[24, 28], budgets=[3, 3], mipc=16, num_crop=2, log=lambda line: None
+    )
     fadrm.distill("fashion-mnist", [teacher_ckpt], tmp_path / "default", method="fadrm", **common)
-    manifest = fadrm.distill("fashion-mnist", [teacher_ckpt], tmp_path / "fused", method="fadrm",
-                             fused_statistics=True, **common)  # fmt: skip
+    manifest = fadrm.distill(
+        "fashion-mnist", [teacher_ckpt], tmp_path / "fused", method="fadrm", fused_statistics=True, **common
+    )
     assert manifest["device"].endswith("fused statistics") and manifest["config"]["fused_statistics"] is True
     default = json.loads((tmp_path / "default" / "manifest.json").read_text())
     for a, b in zip(default["images"], manifest["images"]):
@@ -188,8 +225,9 @@ def test_distill_with_fused_statistics(fmnist_root, teacher_ckpt, tmp_path):
 def test_distill_with_fused_convolution_statistics(method, fmnist_root, teacher_ckpt, tmp_path):
     common = dict(ipc=2, data_root=str(fmnist_root), sizes=[28], budgets=[3], log=lambda line: None)
     fadrm.distill("fashion-mnist", [teacher_ckpt], tmp_path / "default", method=method, **common)
-    manifest = fadrm.distill("fashion-mnist", [teacher_ckpt], tmp_path / "fused", method=method,
-                             fused_statistics=True, **common)  # fmt: skip
+    manifest = fadrm.distill(
+        "fashion-mnist", [teacher_ckpt], tmp_path / "fused", method=method, fused_statistics=True, **common
+    )
     assert manifest["device"].endswith("fused statistics")
     default = json.loads((tmp_path / "default" / "manifest.json").read_text())
     for a, b in zip(default["images"], manifest["images"]):
@@ -233,8 +271,15 @@ def test_recover_under_autocast_gives_the_images_it_gave_with_per_forward_casts(
 
     def images():
         generators = [make_generator(0, "test", g) for g in range(2)]
-        return recover(torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 10,
-                       [teacher], generators, settings, runtime, bounds).images  # fmt: skip
+        return recover(
+            torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(0)),
+            torch.arange(10) % 10,
+            [teacher],
+            generators,
+            settings,
+            runtime,
+            bounds,
+        ).images
 
     held = images()
     monkeypatch.setattr(type(runtime), "frozen_in_autocast", lambda self, models: contextlib.nullcontext())

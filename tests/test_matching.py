@@ -18,9 +18,16 @@ from fadrm.config import DistillConfig, SynthesisConfig
 from fadrm.runtime import make_runtime
 from fadrm.seeding import make_generator
 from fadrm.synthesis.matching import (
-    MATCHERS, EmaSurrogate, LayerTargets, StatMatcher, TeacherTargets, cell_size, image_moments, image_patch_moments,
+    MATCHERS,
+    EmaSurrogate,
+    LayerTargets,
+    StatMatcher,
+    TeacherTargets,
+    cell_size,
+    image_moments,
+    image_patch_moments,
     patch_moments,
-)  # fmt: skip
+)
 from fadrm.synthesis.methods import TEACHER_POLICIES, TeacherPlan, committee_weights, committees
 from fadrm.synthesis.recover import data_densification, recover
 from fadrm.synthesis.units import UNIT_PLANS, Unit
@@ -67,8 +74,10 @@ def _conv_bn() -> nn.Module:
 
 
 def _targets(channel=(1.0, 2.0), patch=((6.0, 8.0), (5.0, 4.0))) -> TeacherTargets:
-    conv = LayerTargets(channel=(torch.tensor([channel[0]]), torch.tensor([channel[1]])),
-                        patch=(torch.tensor(patch[0]), torch.tensor(patch[1])))  # fmt: skip
+    conv = LayerTargets(
+        channel=(torch.tensor([channel[0]]), torch.tensor([channel[1]])),
+        patch=(torch.tensor(patch[0]), torch.tensor(patch[1])),
+    )
     return TeacherTargets(cell=2, layers={"0": conv, "1": LayerTargets()})
 
 
@@ -76,8 +85,12 @@ def test_convolution_input_and_batchnorm_terms_golden_value():
     model = _conv_bn()
     values = list(range(16))
     mean, var = statistics.fmean(values), statistics.pvariance(values)  # 7.5, 21.25
-    conv = (abs(mean - 1) + abs(var - 2) + math.dist([statistics.fmean(CELL0), statistics.fmean(CELL1)], [6, 8])
-            + math.dist([statistics.pvariance(CELL0), statistics.pvariance(CELL1)], [5, 4]))  # fmt: skip
+    conv = (
+        abs(mean - 1)
+        + abs(var - 2)
+        + math.dist([statistics.fmean(CELL0), statistics.fmean(CELL1)], [6, 8])
+        + math.dist([statistics.pvariance(CELL0), statistics.pvariance(CELL1)], [5, 4])
+    )
     bn = abs(mean - 0) + abs(var - 1)  # the BatchNorm layer's input is the conv's output: the same values
     with StatMatcher([model], num_groups=1, targets=[_targets()]) as matcher:
         model(X)
@@ -195,14 +208,21 @@ def test_class_major_units():
     assert units[0].key == "ipc0000-0003-group0000" and units[0].size == 8
     chunked = plan.plan(10, 4, SynthesisConfig(group_images=8, group_slots=2))  # 4 classes x 2 slots
     assert [(u.ipc_index, u.classes) for u in chunked] == [
-        (0, (0, 1, 2, 3)), (0, (4, 5, 6, 7)), (0, (8, 9)), (2, (0, 1, 2, 3)), (2, (4, 5, 6, 7)), (2, (8, 9))]  # fmt: skip
+        (0, (0, 1, 2, 3)),
+        (0, (4, 5, 6, 7)),
+        (0, (8, 9)),
+        (2, (0, 1, 2, 3)),
+        (2, (4, 5, 6, 7)),
+        (2, (8, 9)),
+    ]
     # Every image of the run exactly once.
     assert sorted(i for u in chunked for i in u.images) == sorted(itertools.product(range(10), range(4)))
     # At IPC 1 a class-major unit is an IPC-major one: same key, same stream.
     one = plan.plan(10, 1, SynthesisConfig(group_images=5))[1]
     assert one == Unit(0, 1, (5, 6, 7, 8, 9)) and one.key == "ipc0000-group0001"
     assert plan.problem(3, SynthesisConfig(group_images=100)) == (
-        "--ipc 3 does not divide the group of --group-images 100 (each group holds whole classes with 3 images each)")
+        "--ipc 3 does not divide the group of --group-images 100 (each group holds whole classes with 3 images each)"
+    )
     assert "--group-slots 3 must divide --ipc 4" in plan.problem(4, SynthesisConfig(group_images=12, group_slots=3))
     assert plan.problem(50, SynthesisConfig(group_images=100)) is None
 
@@ -231,15 +251,21 @@ def test_the_committees_beyond_the_combinations_are_seeded_per_ipc_index():
 
 def test_committee_plans_and_their_problems():
     policy = TEACHER_POLICIES.get("committee")
-    config = DistillConfig(dataset="fashion-mnist", teachers=["a", "b", "c"], out="o", ipc=2,
-                           synthesis=SynthesisConfig(committee_size=2, priors=[50.0, 60.0, 70.0]))  # fmt: skip
+    config = DistillConfig(
+        dataset="fashion-mnist",
+        teachers=["a", "b", "c"],
+        out="o",
+        ipc=2,
+        synthesis=SynthesisConfig(committee_size=2, priors=[50.0, 60.0, 70.0]),
+    )
     plans = policy.plans(config, 3)
     first, second = plans(Unit(0, 0, (0,))), plans(Unit(1, 3, (0,)))
     assert first.teachers == (0, 1) and second.teachers == (0, 2)
     assert first.weights == pytest.approx(committee_weights([50.0, 60.0]))
     assert first.members(7) == list(zip((0, 1), first.weights))  # every member at every iteration
     assert policy.problem(2, SynthesisConfig(committee_size=3)).startswith(
-        "a committee of --committee-size 3 needs at least 3 teachers, got 2")  # fmt: skip
+        "a committee of --committee-size 3 needs at least 3 teachers, got 2"
+    )
     assert "one per --teacher" in policy.problem(2, SynthesisConfig(committee_size=2, priors=[1.0]))
     assert "--fixed-committee 0 5" in policy.problem(3, SynthesisConfig(committee_size=2, fixed_committee=[0, 5]))
 
@@ -247,9 +273,16 @@ def test_committee_plans_and_their_problems():
 def _teacher(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4),
-    )  # fmt: skip
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(3, 4),
+    )
     model.train()
     with torch.no_grad():
         model(torch.randn(16, 1, 8, 8))
@@ -282,8 +315,18 @@ def test_grouped_statistics_synthesis_equals_separate_runs(matcher):
 
     def run(images, group_labels, groups):
         gens = [make_generator(3, "u", g) for g in groups]
-        return recover(images, group_labels, teachers, gens, settings, CPU, BOUNDS,
-                       matcher=MATCHERS.get(matcher).build, targets=targets, slots=2)  # fmt: skip
+        return recover(
+            images,
+            group_labels,
+            teachers,
+            gens,
+            settings,
+            CPU,
+            BOUNDS,
+            matcher=MATCHERS.get(matcher).build,
+            targets=targets,
+            slots=2,
+        )
 
     together = run(init, labels, [0, 1])
     first, second = run(init[:4], labels[:4], [0]), run(init[4:], labels[4:], [1])

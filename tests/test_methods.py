@@ -37,7 +37,10 @@ def test_stage_plans_on_known_stages():
     configured = SynthesisConfig(sizes=[24, 28, 24, 28], budgets=[5, 6, 7, 8])
     plans = {name: STAGE_PLANS.get(name).stages(configured) for name in STAGE_PLANS.names()}
     assert [STAGE_PLANS.get(name).optimises for name in ("multi-resolution", "single-stage", "none")] == [
-        True, True, False]  # fmt: skip
+        True,
+        True,
+        False,
+    ]
     assert (plans["multi-resolution"].sizes, plans["multi-resolution"].budgets) == ([24, 28, 24, 28], [5, 6, 7, 8])
     assert (plans["single-stage"].sizes, plans["single-stage"].budgets) == ([28], [26])
     assert (plans["none"].sizes, plans["none"].budgets) == ([28], [0])
@@ -56,8 +59,9 @@ def test_round_robin_cycles_through_the_teachers_in_order():
 
 @pytest.fixture(scope="module")
 def synthesis_run(fmnist_root, teacher_ckpt, tmp_path_factory):
-    config = DistillConfig(dataset="fashion-mnist", teachers=[str(teacher_ckpt)], out=str(tmp_path_factory.mktemp("init")),
-                           ipc=2)  # fmt: skip
+    config = DistillConfig(
+        dataset="fashion-mnist", teachers=[str(teacher_ckpt)], out=str(tmp_path_factory.mktemp("init")), ipc=2
+    )
     config.patches = dataclasses.replace(config.patches, mipc=16, num_crop=2)
     dataset = load_split(SPEC, "train", fmnist_root)
     layout = Layout(tmp_path_factory.mktemp("layout"), tuple(dataset.classes), config.ipc)
@@ -72,8 +76,9 @@ def test_every_initialiser_gives_normalised_images_unit_by_unit(name, synthesis_
     generators = [make_generator(0, "synth", u.ipc_index, u.group) for u in batch]
     images = initialiser.initial_images(synthesis_run, batch, generators)
     assert images.shape == (15, 1, 28, 28) and images.dtype == torch.float32
-    again = initialiser.initial_images(synthesis_run, batch, [make_generator(0, "synth", u.ipc_index, u.group)
-                                                              for u in batch])  # fmt: skip
+    again = initialiser.initial_images(
+        synthesis_run, batch, [make_generator(0, "synth", u.ipc_index, u.group) for u in batch]
+    )
     assert torch.equal(images, again)  # a function of the units' own streams
     source = initialiser.source_file(synthesis_run, batch[0].classes[0], batch[0].ipc_index)
     if source is not None:
@@ -87,10 +92,21 @@ def test_every_initialiser_gives_normalised_images_unit_by_unit(name, synthesis_
 
 def test_a_new_method_of_registered_parts_needs_no_engine_change(fmnist_root, teacher_ckpt, tmp_path, monkeypatch):
     # Noise start, SRe2L's single stage, two teachers in round-robin, and a default of its own.
-    method = dataclasses.replace(METHODS.get("sre2l"), name="noise-plus", max_teachers=None,
-                                 defaults={"distill": {"crop_scale": [0.5, 1.0]}})  # fmt: skip
+    method = dataclasses.replace(
+        METHODS.get("sre2l"), name="noise-plus", max_teachers=None, defaults={"distill": {"crop_scale": [0.5, 1.0]}}
+    )
     monkeypatch.setitem(METHODS._entries, "noise-plus", method)
-    manifest = fadrm.distill("fashion-mnist", [teacher_ckpt, teacher_ckpt], tmp_path / "o", method="noise-plus", ipc=1,
-                             data_root=str(fmnist_root), sizes=[28], budgets=[2], device="cpu", log=lambda s: None)  # fmt: skip
+    manifest = fadrm.distill(
+        "fashion-mnist",
+        [teacher_ckpt, teacher_ckpt],
+        tmp_path / "o",
+        method="noise-plus",
+        ipc=1,
+        data_root=str(fmnist_root),
+        sizes=[28],
+        budgets=[2],
+        device="cpu",
+        log=lambda s: None,
+    )
     assert manifest["method"] == "noise-plus" and len(manifest["images"]) == 10
     assert manifest["config"]["synthesis"]["crop_scale"] == [0.5, 1.0] and not (tmp_path / "o" / "init").exists()

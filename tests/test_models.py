@@ -133,9 +133,12 @@ def _reference_mobilenet_v2(in_channels: int, classes: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize(
     "name, reference",
-    [("cifar_densenet121", _reference_densenet121), ("cifar_shufflenet_v2_x0_5", _reference_shufflenet_v2_x0_5),
-     ("cifar_mobilenet_v2", _reference_mobilenet_v2)],
-)  # fmt: skip
+    [
+        ("cifar_densenet121", _reference_densenet121),
+        ("cifar_shufflenet_v2_x0_5", _reference_shufflenet_v2_x0_5),
+        ("cifar_mobilenet_v2", _reference_mobilenet_v2),
+    ],
+)
 def test_cifar_teachers_match_the_reference_sizes(name, reference):
     model = build_model(name, 100, 3, 32)
     params, bns = reference(3, 100)

@@ -37,8 +37,16 @@ PINNED = Path(__file__).parent / "data" / "outputs-0.3.0.json"
 # images per class, groups of five classes, everything else the preset's and the defaults.
 SHAPE = dict(ipc=2, sizes=[24, 28], budgets=[6, 6], mipc=16, num_crop=2, classes_per_group=5)
 # Manifest keys whose values differ between two runs of the same inputs.
-VOLATILE = {"fadrm_version", "torch_version", "python_version", "wall_seconds_this_session",
-            "synthesis_seconds_per_image", "peak_memory_bytes", "seconds", "seconds_per_image"}  # fmt: skip
+VOLATILE = {
+    "fadrm_version",
+    "torch_version",
+    "python_version",
+    "wall_seconds_this_session",
+    "synthesis_seconds_per_image",
+    "peak_memory_bytes",
+    "seconds",
+    "seconds_per_image",
+}
 # Options added to the distill config since 0.3.0 (execution choices, recorded in the manifest's
 # config): a default run must have them at these values, and is then compared without them.
 ADDED_SINCE_0_3_0 = {"workers": None, "fused_statistics": False}
@@ -63,8 +71,9 @@ def canonical(value, roles: dict[str, str]):
 
 def output_hashes(out: Path, roles: dict[str, str]) -> dict[str, str]:
     """sha256 of every PNG under ``out`` and of its canonical manifest, by relative path."""
-    hashes = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-              for p in sorted(out.rglob("*.png"))}  # fmt: skip
+    hashes = {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*.png"))
+    }
     manifest = canonical(json.loads((out / "manifest.json").read_text()), roles)
     hashes["manifest.json"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     return hashes
@@ -77,12 +86,24 @@ def distill_every_method(data_root: Path, teacher: Path, second_teacher: Path, w
         several = METHODS.get(method).max_teachers is None
         teachers = [teacher, second_teacher] if several else [teacher]
         out = work / method
-        fadrm.distill("fashion-mnist", [str(t) for t in teachers], out, method=method, data_root=str(data_root),
-                      log=lambda line: None, **SHAPE)  # fmt: skip
+        fadrm.distill(
+            "fashion-mnist",
+            [str(t) for t in teachers],
+            out,
+            method=method,
+            data_root=str(data_root),
+            log=lambda line: None,
+            **SHAPE,
+        )
         # A checkpoint's bytes name the temporary file it was written to: its hash is a role too.
-        roles = {str(out): "<out>", str(data_root): "<data>", str(teacher): "<teacher>",
-                 str(second_teacher): "<teacher2>", sha256_file(teacher): "<teacher-sha256>",
-                 sha256_file(second_teacher): "<teacher2-sha256>"}  # fmt: skip
+        roles = {
+            str(out): "<out>",
+            str(data_root): "<data>",
+            str(teacher): "<teacher>",
+            str(second_teacher): "<teacher2>",
+            sha256_file(teacher): "<teacher-sha256>",
+            sha256_file(second_teacher): "<teacher2-sha256>",
+        }
         results[method] = output_hashes(out, roles)
     return results
 

@@ -56,9 +56,17 @@ class MaskTeacher(nn.Module):
 def select(dataset, teacher, scoring: str, factor: int, ipc: int = 1, size: int = SIZE, seed: int = 0):
     settings = PatchConfig(mipc=len(dataset), num_crop=2, factor=factor, scoring=scoring)
     return select_class_patches(
-        dataset, 0, ipc, teacher, MEAN, STD, size, settings, torch.Generator().manual_seed(seed),
+        dataset,
+        0,
+        ipc,
+        teacher,
+        MEAN,
+        STD,
+        size,
+        settings,
+        torch.Generator().manual_seed(seed),
         make_runtime("cpu", "off", channels_last=False),
-    )  # fmt: skip
+    )
 
 
 LEVELS = [0, 32, 64, 96, 128, 160, 192, 224]  # image i has grey LEVELS[i]
@@ -158,8 +166,13 @@ def test_loader_workers_crop_the_same_selection_as_loading_one_by_one(tiny_image
     from fadrm.models import build_model
     from fadrm.seeding import make_generator
     from fadrm.synthesis.patches import (
-        cropped_in_order, decode_workers, draw_crop_boxes, image_sizes, patch_candidates, select_from_crops,
-    )  # fmt: skip
+        cropped_in_order,
+        decode_workers,
+        draw_crop_boxes,
+        image_sizes,
+        patch_candidates,
+        select_from_crops,
+    )
 
     spec = replace(get_dataset_spec("tiny-imagenet"), num_classes=3)
     train = load_split(spec, "train", tiny_imagenet_root)
@@ -170,18 +183,25 @@ def test_loader_workers_crop_the_same_selection_as_loading_one_by_one(tiny_image
     settings = PatchConfig(mipc=3, num_crop=2, factor=1)
     runtime = make_runtime("cpu", "off")
     args = (teacher, spec.mean, spec.std, 64, settings)
-    one_by_one = [select_class_patches(train, label, 1, *args, make_generator(0, "p", label), runtime) for label in range(3)]
+    one_by_one = [
+        select_class_patches(train, label, 1, *args, make_generator(0, "p", label), runtime) for label in range(3)
+    ]
     for workers in (0, 2):
         generators = [make_generator(0, "p", label) for label in range(3)]
-        candidates = [patch_candidates(train.indices_of_class(label), label, train.classes[label], 1, settings,
-                                       generators[label]) for label in range(3)]  # fmt: skip
+        candidates = [
+            patch_candidates(train.indices_of_class(label), label, train.classes[label], 1, settings, generators[label])
+            for label in range(3)
+        ]
         order = [i for c in candidates for i in c]
         sizes = iter(image_sizes(train, order, workers))
-        boxes = [draw_crop_boxes(next(sizes), settings, generators[label]) for label in range(3) for _ in candidates[label]]
+        boxes = [
+            draw_crop_boxes(next(sizes), settings, generators[label]) for label in range(3) for _ in candidates[label]
+        ]
         crops = cropped_in_order(train, order, boxes, 64, workers)
         for label in range(3):
-            images, record = select_from_crops(candidates[label], itertools.islice(crops, len(candidates[label])),
-                                               label, 1, *args, runtime)  # fmt: skip
+            images, record = select_from_crops(
+                candidates[label], itertools.islice(crops, len(candidates[label])), label, 1, *args, runtime
+            )
             assert torch.equal(images, one_by_one[label][0]) and record == one_by_one[label][1], (workers, label)
 
 
@@ -189,8 +209,16 @@ def test_distill_workers_option_is_checked(fmnist_root, teacher_ckpt, tmp_path):
     import fadrm
 
     with pytest.raises(FadrmError, match="workers"):
-        fadrm.distill("fashion-mnist", [teacher_ckpt], tmp_path / "x", method="rded", ipc=1, workers=-1,
-                      data_root=str(fmnist_root), log=lambda line: None)  # fmt: skip
+        fadrm.distill(
+            "fashion-mnist",
+            [teacher_ckpt],
+            tmp_path / "x",
+            method="rded",
+            ipc=1,
+            workers=-1,
+            data_root=str(fmnist_root),
+            log=lambda line: None,
+        )
 
 
 @pytest.mark.parametrize("cores, files, expected", [(16, True, 16), (2, True, 0), (16, False, 0)])

@@ -30,11 +30,19 @@ def _results(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_priors_are_each_teachers_last_epoch_top1_and_a_rerun_reuses_everything(fmnist_root, teacher_ckpt,
-                                                                                  second_teacher_ckpt, tmp_path):  # fmt: skip
+def test_priors_are_each_teachers_last_epoch_top1_and_a_rerun_reuses_everything(
+    fmnist_root, teacher_ckpt, second_teacher_ckpt, tmp_path
+):
     teachers = [teacher_ckpt, second_teacher_ckpt]
-    options = dict(ipc=1, student="convnet", data_root=str(fmnist_root), device="cpu", amp="off",
-                   distill_options=SETS, eval_options=STUDENTS)  # fmt: skip
+    options = dict(
+        ipc=1,
+        student="convnet",
+        data_root=str(fmnist_root),
+        device="cpu",
+        amp="off",
+        distill_options=SETS,
+        eval_options=STUDENTS,
+    )
     lines: list[str] = []
     record = fadrm.compute_priors("fashion-mnist", teachers, tmp_path / "p", log=lines.append, **options)
     assert json.loads((tmp_path / "p" / "priors.json").read_text()) == record
@@ -60,10 +68,37 @@ def test_priors_are_each_teachers_last_epoch_top1_and_a_rerun_reuses_everything(
     assert text.count("resuming in") == 2 and text.count("reusing finished run") == 2
     assert "groups to synthesise" not in text and "selecting realistic patches" not in text
     # fadrm distill reads them from the file, each teacher's by its hash whatever the order.
-    code = main(["distill", "--dataset", "fashion-mnist", "--teacher", str(second_teacher_ckpt), "--teacher",
-                 str(teacher_ckpt), "--method", "cv-dd", "--ipc", "1", "--priors-from", str(tmp_path / "p" / "priors.json"),
-                 "--out", str(tmp_path / "cv-dd"), "--data-root", str(fmnist_root), "--sizes", "28", "--budgets", "1",
-                 "--mipc", "16", "--num-crop", "2", "--device", "cpu"])  # fmt: skip
+    code = main(
+        [
+            "distill",
+            "--dataset",
+            "fashion-mnist",
+            "--teacher",
+            str(second_teacher_ckpt),
+            "--teacher",
+            str(teacher_ckpt),
+            "--method",
+            "cv-dd",
+            "--ipc",
+            "1",
+            "--priors-from",
+            str(tmp_path / "p" / "priors.json"),
+            "--out",
+            str(tmp_path / "cv-dd"),
+            "--data-root",
+            str(fmnist_root),
+            "--sizes",
+            "28",
+            "--budgets",
+            "1",
+            "--mipc",
+            "16",
+            "--num-crop",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     manifest = json.loads((tmp_path / "cv-dd" / "manifest.json").read_text())
     assert code == 0 and manifest["config"]["synthesis"]["priors"] == record["priors"][::-1]
 
@@ -78,15 +113,32 @@ def test_one_student_for_every_teacher(teacher_ckpt, second_teacher_ckpt):
     assert fixed_student(config(), [first]) == ("convnet-small", {"width": 8})
     assert fixed_student(config(student="convnet"), [first, second]) == ("convnet", {})
     # Both fixture teachers are convnet-small of other widths: a convnet-small student would differ per set.
-    with pytest.raises(FadrmError, match=r"convnet-small would be built with \{'width': 8\} on the set of .* but "
-                                         r"with \{'width': 6, 'depth': 2\} on that of .*; give --student"):
+    with pytest.raises(
+        FadrmError,
+        match=r"convnet-small would be built with \{'width': 8\} on the set of .* but "
+        r"with \{'width': 6, 'depth': 2\} on that of .*; give --student",
+    ):
         fixed_student(config(), [first, second])
 
 
-def test_fadrm_priors_refuses_a_student_that_differs_before_any_work(fmnist_root, teacher_ckpt, second_teacher_ckpt,
-                                                                     tmp_path, capsys):  # fmt: skip
-    argv = ["priors", "--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt), "--teacher",
-            str(second_teacher_ckpt), "--out", str(tmp_path / "p"), "--data-root", str(fmnist_root), "--ipc", "1"]  # fmt: skip
+def test_fadrm_priors_refuses_a_student_that_differs_before_any_work(
+    fmnist_root, teacher_ckpt, second_teacher_ckpt, tmp_path, capsys
+):
+    argv = [
+        "priors",
+        "--dataset",
+        "fashion-mnist",
+        "--teacher",
+        str(teacher_ckpt),
+        "--teacher",
+        str(second_teacher_ckpt),
+        "--out",
+        str(tmp_path / "p"),
+        "--data-root",
+        str(fmnist_root),
+        "--ipc",
+        "1",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "give --student another architecture" in err[0]
@@ -94,12 +146,24 @@ def test_fadrm_priors_refuses_a_student_that_differs_before_any_work(fmnist_root
 
 
 @pytest.mark.slow
-def test_run_computes_a_committees_priors_and_passes_them_to_distill(fmnist_root, teacher_ckpt, second_teacher_ckpt,
-                                                                     tmp_path):  # fmt: skip
+def test_run_computes_a_committees_priors_and_passes_them_to_distill(
+    fmnist_root, teacher_ckpt, second_teacher_ckpt, tmp_path
+):
     lines: list[str] = []
-    summary = fadrm.run("fashion-mnist", 1, tmp_path / "r", method="cv-dd", teachers=[teacher_ckpt, second_teacher_ckpt],
-                        prior_student="convnet", data_root=str(fmnist_root), device="cpu", amp="off",
-                        distill_options=SETS, eval_options={**STUDENTS, "eval_at": []}, log=lines.append)  # fmt: skip
+    summary = fadrm.run(
+        "fashion-mnist",
+        1,
+        tmp_path / "r",
+        method="cv-dd",
+        teachers=[teacher_ckpt, second_teacher_ckpt],
+        prior_student="convnet",
+        data_root=str(fmnist_root),
+        device="cpu",
+        amp="off",
+        distill_options=SETS,
+        eval_options={**STUDENTS, "eval_at": []},
+        log=lines.append,
+    )
     priors_file = tmp_path / "r" / "priors" / "ipc1" / "priors.json"
     computed = json.loads(priors_file.read_text())
     assert summary["priors"] == {"values": computed["priors"], "source": f"computed: {priors_file}"}
@@ -146,19 +210,51 @@ def test_preset_priors_are_for_the_presets_own_teachers_only(tmp_path):
     assert distill.synthesis.priors is None and distill.synthesis.fixed_committee is None
 
 
-def test_priors_from_a_file_of_other_teachers_or_other_values_are_one_line(fmnist_root, teacher_ckpt,
-                                                                         second_teacher_ckpt, tmp_path, capsys):  # fmt: skip
+def test_priors_from_a_file_of_other_teachers_or_other_values_are_one_line(
+    fmnist_root, teacher_ckpt, second_teacher_ckpt, tmp_path, capsys
+):
     path = tmp_path / "priors.json"
-    write_priors(path, {"teachers": [{"source": "t.pt", "sha256": sha256_file(teacher_ckpt), "prior": 61.5},
-                                     {"source": "other.pt", "sha256": "0" * 64, "prior": 40.0}]})  # fmt: skip
+    write_priors(
+        path,
+        {
+            "teachers": [
+                {"source": "t.pt", "sha256": sha256_file(teacher_ckpt), "prior": 61.5},
+                {"source": "other.pt", "sha256": "0" * 64, "prior": 40.0},
+            ]
+        },
+    )
     (tmp_path / "notes.json").write_text("{}")
-    argv = ["distill", "--dataset", "fashion-mnist", "--teacher", str(teacher_ckpt), "--teacher", str(second_teacher_ckpt),
-            "--method", "cv-dd", "--ipc", "1", "--out", str(tmp_path / "o"), "--data-root", str(fmnist_root), "--sizes",
-            "28", "--budgets", "1", "--mipc", "16", "--num-crop", "2", "--device", "cpu"]  # fmt: skip
+    argv = [
+        "distill",
+        "--dataset",
+        "fashion-mnist",
+        "--teacher",
+        str(teacher_ckpt),
+        "--teacher",
+        str(second_teacher_ckpt),
+        "--method",
+        "cv-dd",
+        "--ipc",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+        "--data-root",
+        str(fmnist_root),
+        "--sizes",
+        "28",
+        "--budgets",
+        "1",
+        "--mipc",
+        "16",
+        "--num-crop",
+        "2",
+        "--device",
+        "cpu",
+    ]
     for extra, message in (
         (["--priors-from", str(path)], "holds the priors of other teachers (t.pt, other.pt); compute these teachers'"),
         (["--priors-from", str(tmp_path / "notes.json")], "is not a priors.json written by fadrm priors"),
-    ):  # fmt: skip
+    ):
         assert main([*argv, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
@@ -170,8 +266,23 @@ def test_priors_from_a_file_of_other_teachers_or_other_values_are_one_line(fmnis
 
 
 def test_priors_of_the_wrong_count_for_run_are_one_line(tmp_path, teacher_ckpt, second_teacher_ckpt, capsys):
-    argv = ["run", "--dataset", "fashion-mnist", "--method", "cv-dd", "--ipc", "1", "--out", str(tmp_path / "r"),
-            "--teacher", str(teacher_ckpt), "--teacher", str(second_teacher_ckpt), "--prior", "60"]  # fmt: skip
+    argv = [
+        "run",
+        "--dataset",
+        "fashion-mnist",
+        "--method",
+        "cv-dd",
+        "--ipc",
+        "1",
+        "--out",
+        str(tmp_path / "r"),
+        "--teacher",
+        str(teacher_ckpt),
+        "--teacher",
+        str(second_teacher_ckpt),
+        "--prior",
+        "60",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "got 1 --prior values for 2 teacher(s)" in err[0]

@@ -33,14 +33,25 @@ def test_scores_need_their_arms():
 
 
 def _run(train_set, labels, top1, seed, augment=True, student="s"):
-    return {"student": student, "train_set": train_set, "labels": labels, "augment": augment, "top1": top1, "seed": seed}
+    return {
+        "student": student,
+        "train_set": train_set,
+        "labels": labels,
+        "augment": augment,
+        "top1": top1,
+        "seed": seed,
+    }
 
 
 def test_summary_is_per_seed_then_mean_and_sample_std():
     runs = [_run("full-data", "hard", 90.0, 0)]
     for seed, (soft, rand, hard) in enumerate([(80.0, 70.0, 60.0), (84.0, 70.0, 62.0)]):
-        runs += [_run("distilled", "soft", soft, seed), _run("random-real", "soft", rand, seed),
-                 _run("random-real", "hard", 50.0, seed), _run("distilled", "hard", hard, seed)]  # fmt: skip
+        runs += [
+            _run("distilled", "soft", soft, seed),
+            _run("random-real", "soft", rand, seed),
+            _run("random-real", "hard", 50.0, seed),
+            _run("distilled", "hard", hard, seed),
+        ]
     runs.append(_run("distilled", "soft", 75.0, 0, student="other"))  # no baseline: no score
     (row,) = robustness_summary(runs)
     assert row["student"] == "s" and row["repeats"] == 2 and "ars" not in row

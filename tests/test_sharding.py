@@ -22,22 +22,46 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 def _distill(fmnist_root: Path, teacher: Path, *options: str) -> list[str]:
     """A quick two-stage distillation of the fixture on the CPU, with ``options``."""
     return [
-        "distill", "--dataset", "fashion-mnist", "--data-root", str(fmnist_root), "--teacher", str(teacher),
-        "--sizes", "24", "28", "--budgets", "3", "3", "--mipc", "16", "--num-crop", "2", "--device", "cpu", *options,
-    ]  # fmt: skip
+        "distill",
+        "--dataset",
+        "fashion-mnist",
+        "--data-root",
+        str(fmnist_root),
+        "--teacher",
+        str(teacher),
+        "--sizes",
+        "24",
+        "28",
+        "--budgets",
+        "3",
+        "3",
+        "--mipc",
+        "16",
+        "--num-crop",
+        "2",
+        "--device",
+        "cpu",
+        *options,
+    ]
 
 
 def _one_and_two_processes(command: list[str], tmp_path: Path) -> dict[str, str]:
     """Run ``fadrm COMMAND`` into tmp_path/one in one process and into tmp_path/two under torchrun
     with two, one thread each; returns that environment."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "fadrm", *command, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, env=env)  # fmt: skip
+    single = subprocess.run(
+        [sys.executable, "-m", "fadrm", *command, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert single.returncode == 0, single.stderr
     sharded = subprocess.run(
         [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "fadrm", *command, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert sharded.returncode == 0, sharded.stderr[-2000:]
     return env
 
@@ -57,8 +81,12 @@ def test_two_processes_equal_one(fmnist_root, teacher_ckpt, tmp_path):
     for record in sorted((tmp_path / "two" / "state" / "units").glob("*.json"))[::2]:
         record.unlink()
     (tmp_path / "two" / "manifest.json").unlink()
-    rerun = subprocess.run([sys.executable, "-m", "fadrm", *common, "--out", str(tmp_path / "two")],
-                           capture_output=True, text=True, env=env)  # fmt: skip
+    rerun = subprocess.run(
+        [sys.executable, "-m", "fadrm", *common, "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert pngs(tmp_path / "one" / "images") == pngs(tmp_path / "two" / "images")
 
@@ -82,15 +110,29 @@ def test_two_processes_equal_one_for_class_major_units(fmnist_root, teacher_ckpt
     # G-VBSM: groups of 5 classes x 2 slots, one group per batch; its statistics computed beforehand
     # (several processes refuse to compute a missing file each).
     stats = ["--stats-dir", str(tmp_path / "stats")]
-    fadrm.compute_statistics("fashion-mnist", teacher_ckpt, data_root=str(fmnist_root), stats_dir=stats[1],
-                             device="cpu", log=lambda s: None)  # fmt: skip
-    common = _distill(fmnist_root, teacher_ckpt, "--method", "g-vbsm", "--ipc", "2", "--group-images", "10",
-                      "--groups-per-batch", "1", *stats)  # fmt: skip
+    fadrm.compute_statistics(
+        "fashion-mnist", teacher_ckpt, data_root=str(fmnist_root), stats_dir=stats[1], device="cpu", log=lambda s: None
+    )
+    common = _distill(
+        fmnist_root,
+        teacher_ckpt,
+        "--method",
+        "g-vbsm",
+        "--ipc",
+        "2",
+        "--group-images",
+        "10",
+        "--groups-per-batch",
+        "1",
+        *stats,
+    )
     _one_and_two_processes(common, tmp_path)
     assert pngs(tmp_path / "one" / "images") == pngs(tmp_path / "two" / "images")
     units = json.loads((tmp_path / "two" / "manifest.json").read_text())["units"]
     assert [u["unit"] for u in units] == ["ipc0000-0001-group0000", "ipc0000-0001-group0001"]
     assert sorted(u["rank"] for u in units) == [0, 1]
+
+
 # ------------------------------------------------ one model, several processes
 # K processes change only the order of float additions (gradients averaged over the ranks,
 # BatchNorm sums over the ranks), as another thread count does in one process; after these few
@@ -110,29 +152,65 @@ def _assert_same_weights(one: Path, two: Path) -> None:
 def test_two_processes_train_the_students_of_one(distilled, fmnist_root, tmp_path):
     # BSSL labels live under two processes (each labels one half), stored labels (rank 0 writes
     # them, the other waits) for the distilled set, and hard labels for the random real baseline.
-    command = ["evaluate", str(distilled), "--data-root", str(fmnist_root), "--epochs", "3", "--batch-size", "8",
-               "--eval-every", "1", "--bssl", "--labels", "stored", "--baseline", "random-real", "--device", "cpu",
-               "--workers", "0"]  # fmt: skip
+    command = [
+        "evaluate",
+        str(distilled),
+        "--data-root",
+        str(fmnist_root),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "1",
+        "--bssl",
+        "--labels",
+        "stored",
+        "--baseline",
+        "random-real",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+    ]
     _one_and_two_processes(command, tmp_path)
     arms = ("distilled-convnet-small-soft", "random-real-convnet-small-soft", "random-real-convnet-small-hard")
     runs = sorted(path.name for path in (tmp_path / "two" / "runs").iterdir())
     assert runs == sorted(f"{arm}.{ext}" for arm in arms for ext in ("json", "pt"))  # no checkpoint left
     for arm in arms:
         _assert_same_weights(tmp_path / "one" / "runs" / f"{arm}.pt", tmp_path / "two" / "runs" / f"{arm}.pt")
-        one, two = (json.loads((tmp_path / out / "runs" / f"{arm}.json").read_text())["result"]
-                    for out in ("one", "two"))  # fmt: skip
+        one, two = (
+            json.loads((tmp_path / out / "runs" / f"{arm}.json").read_text())["result"] for out in ("one", "two")
+        )
         # Validation is shared out by batch and added in batch order: the same model scores the same.
         assert [h["top5"] for h in one["history"]] == [h["top5"] for h in two["history"]]
         # The KL at T = 20 is about 1e-4 and a difference of near-equal distributions: 1e-3 relative.
-        assert [h["train_loss"] for h in one["history"]] == pytest.approx([h["train_loss"] for h in two["history"]],
-                                                                          rel=1e-3)  # fmt: skip
+        assert [h["train_loss"] for h in one["history"]] == pytest.approx(
+            [h["train_loss"] for h in two["history"]], rel=1e-3
+        )
 
 
 @pytest.mark.slow
 def test_two_processes_train_the_teacher_of_one(fmnist_root, tmp_path):
-    command = ["train-teacher", "--dataset", "fashion-mnist", "--model", "convnet-small", "--model-arg", "width=4",
-               "--epochs", "2", "--batch-size", "64", "--data-root", str(fmnist_root), "--device", "cpu",
-               "--workers", "0"]  # fmt: skip
+    command = [
+        "train-teacher",
+        "--dataset",
+        "fashion-mnist",
+        "--model",
+        "convnet-small",
+        "--model-arg",
+        "width=4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--data-root",
+        str(fmnist_root),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+    ]
     _one_and_two_processes(command, tmp_path)
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
     history = [torch.load(tmp_path / out, weights_only=True)["history"] for out in ("one", "two")]

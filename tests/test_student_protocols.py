@@ -35,8 +35,6 @@ ST = importlib.import_module("fadrm.students")
 SMALL = dataclasses.replace(get_dataset_spec("fashion-mnist"), image_size=8)
 
 
-
-
 class Constant(nn.Module):
     """A 'teacher' whose logits are fixed rows, whatever the input."""
 
@@ -58,8 +56,10 @@ def test_frobenius_balancing_rescales_each_teacher_to_the_mean_norm():
     labeller = TeacherLabeller([Constant(a.tolist()), Constant(b.tolist())], balance=True)
     # The mean of the balanced logits: [[2.25, 3.75], [0, 3]]; unbalanced it would be [[1.5, 5], [0, 2]].
     assert torch.allclose(labeller(torch.zeros(2, 1), CPU), torch.tensor([[2.25, 3.75], [0.0, 3.0]]))
-    assert torch.allclose(TeacherLabeller([Constant(a.tolist()), Constant(b.tolist())])(torch.zeros(2, 1), CPU),
-                          torch.tensor([[1.5, 5.0], [0.0, 2.0]]))  # fmt: skip
+    assert torch.allclose(
+        TeacherLabeller([Constant(a.tolist()), Constant(b.tolist())])(torch.zeros(2, 1), CPU),
+        torch.tensor([[1.5, 5.0], [0.0, 2.0]]),
+    )
 
 
 def test_committee_weights_are_the_softmax_of_prior_over_ten():
@@ -154,8 +154,16 @@ def test_train_student_validates_the_ema_weights(monkeypatch):
 
 def test_the_new_options_at_their_defaults_keep_the_identity_of_older_runs():
     default = EvalConfig(distilled="x").identity()
-    new = ("momentum", "ce_weight", "ema_decay", "teacher_priors", "prior_temperature", "balance_teachers",
-           "rand_augment", "protocol")  # fmt: skip
+    new = (
+        "momentum",
+        "ce_weight",
+        "ema_decay",
+        "teacher_priors",
+        "prior_temperature",
+        "balance_teachers",
+        "rand_augment",
+        "protocol",
+    )
     assert not set(new) & set(default)
     # Each enters only where it changes the training: momentum with SGD, the CE weight with mse-ce.
     assert "momentum" not in EvalConfig(distilled="x", momentum=0.5).identity()
@@ -187,8 +195,15 @@ def test_rand_augment_views_are_a_pure_function_of_seed_epoch_and_batch():
 def test_rand_augment_magnitudes_are_torchvisions_bin_9():
     # torchvision's bins at 9 of 31: shear 0.09, translate 150/331 * 0.3 * side, rotate 9 degrees, enhance 0.27,
     # posterize 7 bits, solarize at 178.5.
-    expected = {"shear-x": 0.09, "translate-x": 150 / 331 * 0.3 * 32, "rotate": 9.0, "brightness": 0.27,
-                "posterize": 7, "solarize": 178.5, "equalize": 0.0}  # fmt: skip
+    expected = {
+        "shear-x": 0.09,
+        "translate-x": 150 / 331 * 0.3 * 32,
+        "rotate": 9.0,
+        "brightness": 0.27,
+        "posterize": 7,
+        "solarize": 178.5,
+        "equalize": 0.0,
+    }
     for name, magnitude in expected.items():
         assert AUGMENT_OPS.get(name).magnitude(32) == pytest.approx(magnitude, abs=1e-9)
 
@@ -213,8 +228,12 @@ def test_stored_labels_equal_live_ones_with_rand_augment(teacher_ckpt, tmp_path)
 # ------------------------------------------------------------- protocols
 OLD_METHODS = ("fadrm", "fadrm+", "sre2l", "sre2l++", "rded")
 # What each existing method resolved to before --protocol, as settings away from the package defaults.
-BEFORE = {"cifar100": {"epochs": 1000}, "fashion-mnist": {"bssl": False, "eval_every": 100},
-          "imagenette": {"batch_size": 10}, "imagewoof": {"batch_size": 10}}  # fmt: skip
+BEFORE = {
+    "cifar100": {"epochs": 1000},
+    "fashion-mnist": {"bssl": False, "eval_every": 100},
+    "imagenette": {"batch_size": 10},
+    "imagewoof": {"batch_size": 10},
+}
 
 
 def _resolved(dataset: str, method: str | None, ipc: int, **given) -> EvalConfig:
@@ -230,8 +249,10 @@ def test_existing_methods_resolve_as_before_and_common_is_fadrms_for_every_metho
             own = _resolved(dataset, method, ipc).to_dict()
             if method in OLD_METHODS:
                 changed = {k: v for k, v in own.items() if package[k] != v}
-                before = {**BEFORE.get(dataset, {}), **({"bssl": False} if (dataset, method, ipc) ==
-                                                        ("tiny-imagenet", "fadrm", 50) else {})}  # fmt: skip
+                before = {
+                    **BEFORE.get(dataset, {}),
+                    **({"bssl": False} if (dataset, method, ipc) == ("tiny-imagenet", "fadrm", 50) else {}),
+                }
                 assert changed == before, (dataset, method, ipc)
             common = _resolved(dataset, method, ipc, protocol="common").to_dict()
             assert {**common, "protocol": "own"} == fadrm, (dataset, method, ipc)
@@ -240,26 +261,107 @@ def test_existing_methods_resolve_as_before_and_common_is_fadrms_for_every_metho
 @pytest.mark.parametrize(
     ("dataset", "method", "ipc", "published"),
     [
-        ("cifar10", "g-vbsm", 10, {"loss": "mse-ce", "ce_weight": 0.15, "optimizer": "adamw", "lr": 1e-3,
-                                   "weight_decay": 0.0, "batch_size": 100, "epochs": 1000, "eta": 1.0, "bssl": False,
-                                   "labels": "stored", "accumulation": 1}),
-        ("cifar100", "g-vbsm", 10, {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-                                    "batch_size": 64, "ce_weight": 0.15}),
+        (
+            "cifar10",
+            "g-vbsm",
+            10,
+            {
+                "loss": "mse-ce",
+                "ce_weight": 0.15,
+                "optimizer": "adamw",
+                "lr": 1e-3,
+                "weight_decay": 0.0,
+                "batch_size": 100,
+                "epochs": 1000,
+                "eta": 1.0,
+                "bssl": False,
+                "labels": "stored",
+                "accumulation": 1,
+            },
+        ),
+        (
+            "cifar100",
+            "g-vbsm",
+            10,
+            {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64, "ce_weight": 0.15},
+        ),
         ("tiny-imagenet", "g-vbsm", 50, {"epochs": 100, "batch_size": 100, "accumulation": 2, "ce_weight": 0.1}),
         ("imagenet-1k", "g-vbsm", 10, {"batch_size": 1024, "weight_decay": 0.01, "balance_teachers": True}),
-        ("cifar10", "edc", 1, {"batch_size": 10, "schedule": "multistep", "crop_scale": [0.08, 1.0],
-                               "rand_augment": True, "ema_decay": 0.99, "ce_weight": 0.025, "labels": "live"}),
-        ("cifar100", "edc", 10, {"optimizer": "sgd", "lr": 0.1, "momentum": 0.875, "weight_decay": 5e-4,
-                                 "batch_size": 50, "schedule": "ssrs", "eta": 2.0, "crop_scale": [0.5, 1.0],
-                                 "rand_augment": True, "epochs": 1000}),
-        ("tiny-imagenet", "edc", 10, {"optimizer": "sgd", "momentum": 0.875, "batch_size": 100, "epochs": 300,
-                                      "schedule": "stretched-cosine", "rand_augment": True}),
-        ("imagenet-1k", "edc", 10, {"labels": "stored", "rand_augment": False, "batch_size": 100,
-                                    "teachers": ["resnet18:IMAGENET1K_V1", "mobilenet_v2:IMAGENET1K_V1",
-                                                 "shufflenet_v2_x0_5:IMAGENET1K_V1", "alexnet:IMAGENET1K_V1"]}),
+        (
+            "cifar10",
+            "edc",
+            1,
+            {
+                "batch_size": 10,
+                "schedule": "multistep",
+                "crop_scale": [0.08, 1.0],
+                "rand_augment": True,
+                "ema_decay": 0.99,
+                "ce_weight": 0.025,
+                "labels": "live",
+            },
+        ),
+        (
+            "cifar100",
+            "edc",
+            10,
+            {
+                "optimizer": "sgd",
+                "lr": 0.1,
+                "momentum": 0.875,
+                "weight_decay": 5e-4,
+                "batch_size": 50,
+                "schedule": "ssrs",
+                "eta": 2.0,
+                "crop_scale": [0.5, 1.0],
+                "rand_augment": True,
+                "epochs": 1000,
+            },
+        ),
+        (
+            "tiny-imagenet",
+            "edc",
+            10,
+            {
+                "optimizer": "sgd",
+                "momentum": 0.875,
+                "batch_size": 100,
+                "epochs": 300,
+                "schedule": "stretched-cosine",
+                "rand_augment": True,
+            },
+        ),
+        (
+            "imagenet-1k",
+            "edc",
+            10,
+            {
+                "labels": "stored",
+                "rand_augment": False,
+                "batch_size": 100,
+                "teachers": [
+                    "resnet18:IMAGENET1K_V1",
+                    "mobilenet_v2:IMAGENET1K_V1",
+                    "shufflenet_v2_x0_5:IMAGENET1K_V1",
+                    "alexnet:IMAGENET1K_V1",
+                ],
+            },
+        ),
         # The relabelling priors are the set's own (read at evaluation), not preset data.
-        ("cifar100", "cv-dd", 10, {"teacher_priors": None, "prior_temperature": 10.0,
-                                   "epochs": 300, "eta": 2, "lr": 1e-3, "loss": "kl", "bssl": True}),
+        (
+            "cifar100",
+            "cv-dd",
+            10,
+            {
+                "teacher_priors": None,
+                "prior_temperature": 10.0,
+                "epochs": 300,
+                "eta": 2,
+                "lr": 1e-3,
+                "loss": "kl",
+                "bssl": True,
+            },
+        ),
         ("cifar100", "cv-dd", 50, {"eta": 1}),
         ("tiny-imagenet", "cv-dd", 10, {"eta": 1}),
         ("imagenet-1k", "cv-dd", 50, {"eta": 1}),
@@ -267,17 +369,34 @@ def test_existing_methods_resolve_as_before_and_common_is_fadrms_for_every_metho
 )
 def test_print_config_shows_each_methods_published_protocol(dataset, method, ipc, published, monkeypatch, capsys):
     # `fadrm run --print-config` resolves the evaluation as `fadrm evaluate` does for the set it will write.
-    assert cli.main(["run", "--dataset", dataset, "--method", method, "--ipc", str(ipc), "--out", "o",
-                     "--print-config"]) == 0  # fmt: skip
+    assert (
+        cli.main(["run", "--dataset", dataset, "--method", method, "--ipc", str(ipc), "--out", "o", "--print-config"])
+        == 0
+    )
     evaluation = yaml.safe_load(capsys.readouterr().out)["evaluate"]
     assert evaluation["protocol"] == "own"
     assert {k: evaluation[k] for k in published} == published
-    assert cli.main(["run", "--dataset", dataset, "--method", method, "--ipc", str(ipc), "--out", "o",
-                     "--protocol", "common", "--print-config"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "run",
+                "--dataset",
+                dataset,
+                "--method",
+                method,
+                "--ipc",
+                str(ipc),
+                "--out",
+                "o",
+                "--protocol",
+                "common",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     common = yaml.safe_load(capsys.readouterr().out)["evaluate"]
     assert common["loss"] == "kl" and common["ema_decay"] == 0.0 and not common["teacher_priors"]
-
-
 
 
 def _as_method(distilled, tmp_path, method: str, priors: list[float] | None = None):
@@ -293,12 +412,32 @@ def _as_method(distilled, tmp_path, method: str, priors: list[float] | None = No
 
 def test_a_committee_set_is_relabelled_with_the_priors_it_was_made_with(distilled, fmnist_root, tmp_path):
     folder = _as_method(distilled, tmp_path, "cv-dd", priors=[70.0])
-    results = fadrm.evaluate(folder, data_root=str(fmnist_root), epochs=1, batch_size=8, device="cpu", amp="off",
-                             workers=0, eval_every=0, log=lambda s: None)  # fmt: skip
+    results = fadrm.evaluate(
+        folder,
+        data_root=str(fmnist_root),
+        epochs=1,
+        batch_size=8,
+        device="cpu",
+        amp="off",
+        workers=0,
+        eval_every=0,
+        log=lambda s: None,
+    )
     assert results["config"]["teacher_priors"] == [70.0]
     # Given weights, other teachers or the common protocol: the set's priors do not apply.
-    common = fadrm.evaluate(folder, out=str(tmp_path / "common"), data_root=str(fmnist_root), epochs=1, batch_size=8,
-                            device="cpu", amp="off", workers=0, eval_every=0, protocol="common", log=lambda s: None)
+    common = fadrm.evaluate(
+        folder,
+        out=str(tmp_path / "common"),
+        data_root=str(fmnist_root),
+        epochs=1,
+        batch_size=8,
+        device="cpu",
+        amp="off",
+        workers=0,
+        eval_every=0,
+        protocol="common",
+        log=lambda s: None,
+    )
     assert common["config"]["teacher_priors"] is None
 
 
@@ -315,8 +454,9 @@ QUICK_FLAGS = ["--epochs", "2", "--batch-size", "8", "--device", "cpu", "--amp",
         ("edc", ["--protocol", "common"], {"loss": "kl", "ema_decay": 0.0, "rand_augment": False}),
     ],
 )
-def test_evaluate_trains_each_methods_protocol_end_to_end(distilled, fmnist_root, teacher_ckpt, second_teacher_ckpt,
-                                                          tmp_path, method, extra, expected):  # fmt: skip
+def test_evaluate_trains_each_methods_protocol_end_to_end(
+    distilled, fmnist_root, teacher_ckpt, second_teacher_ckpt, tmp_path, method, extra, expected
+):
     folder = _as_method(distilled, tmp_path, method)
     teachers = ["--teacher", str(teacher_ckpt)] + (["--teacher", str(second_teacher_ckpt)] if method == "cv-dd" else [])
     assert cli.main(["evaluate", str(folder), "--data-root", str(fmnist_root), *teachers, *QUICK_FLAGS, *extra]) == 0
@@ -325,26 +465,45 @@ def test_evaluate_trains_each_methods_protocol_end_to_end(distilled, fmnist_root
     assert results["protocol"] == protocol and {k: results["config"][k] for k in expected} == expected
     run = results["runs"][0]
     assert 0 <= run["top1"] <= 100 and math.isfinite(run["history"][-1]["train_loss"])
-    assert f"# {method} on fashion-mnist, IPC 2, {protocol} student protocol" in (folder / "eval" / "results.md").read_text()
+    assert (
+        f"# {method} on fashion-mnist, IPC 2, {protocol} student protocol"
+        in (folder / "eval" / "results.md").read_text()
+    )
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--loss", "mse-ce", "--labels", "stored", "--topk", "3"],
-         "--loss mse-ce needs the teachers' logits; --topk 3 stores probabilities only: leave --topk out"),
-        (["--teacher-prior", "60", "--teacher-prior", "50"],
-         "2 teacher priors for 1 teachers: give one --teacher-prior per teacher"),
-        (["--teacher-prior", "60", "--teacher-weight", "1"],
-         "give --teacher-weight or --teacher-prior, not both (priors make the weights)"),
+        (
+            ["--loss", "mse-ce", "--labels", "stored", "--topk", "3"],
+            "--loss mse-ce needs the teachers' logits; --topk 3 stores probabilities only: leave --topk out",
+        ),
+        (
+            ["--teacher-prior", "60", "--teacher-prior", "50"],
+            "2 teacher priors for 1 teachers: give one --teacher-prior per teacher",
+        ),
+        (
+            ["--teacher-prior", "60", "--teacher-weight", "1"],
+            "give --teacher-weight or --teacher-prior, not both (priors make the weights)",
+        ),
         (["--protocol", "theirs"], None),
     ],
 )
 def test_bad_relabel_and_loss_input_is_one_line_exit_2(distilled, fmnist_root, tmp_path, capsys, flags, message):
     status = None
     try:
-        status = cli.main(["evaluate", str(distilled), "--out", str(tmp_path / "e"), "--data-root", str(fmnist_root),
-                           *QUICK_FLAGS, *flags])  # fmt: skip
+        status = cli.main(
+            [
+                "evaluate",
+                str(distilled),
+                "--out",
+                str(tmp_path / "e"),
+                "--data-root",
+                str(fmnist_root),
+                *QUICK_FLAGS,
+                *flags,
+            ]
+        )
     except SystemExit as exit_:  # argparse refuses an unknown choice itself
         status = exit_.code
     err = capsys.readouterr().err

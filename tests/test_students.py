@@ -20,9 +20,16 @@ from fadrm.evaluate import EvalConfig
 from fadrm.registry import Registry
 from fadrm.runtime import make_runtime
 from fadrm.students import (
-    OPTIMIZERS, SCHEDULES, STUDENT_LOSSES, SoftLabels, micro_batches, mixed_cross_entropy, smallest_micro_batch,
-    stretched_cosine, weight_decay_groups,
-)  # fmt: skip
+    OPTIMIZERS,
+    SCHEDULES,
+    STUDENT_LOSSES,
+    SoftLabels,
+    micro_batches,
+    mixed_cross_entropy,
+    smallest_micro_batch,
+    stretched_cosine,
+    weight_decay_groups,
+)
 
 from conftest import tiny_training_set
 
@@ -30,8 +37,6 @@ CPU = make_runtime("cpu", "off")
 EV = importlib.import_module("fadrm.evaluate")  # the module; fadrm.evaluate is the API function
 ST = importlib.import_module("fadrm.students")
 SPEC = get_dataset_spec("fashion-mnist")
-
-
 
 
 def _train_recorded(monkeypatch, config, n_images, model=None, labeller=None):
@@ -63,8 +68,18 @@ def _train_recorded(monkeypatch, config, n_images, model=None, labeller=None):
 
 # -------------------------------------------------------------------- loop
 def test_accumulation_splits_each_loader_batch_and_steps_once_per_batch(monkeypatch):
-    config = EvalConfig(distilled="x", epochs=2, batch_size=16, accumulation=2, lr=0.1, eta=1.0, weight_decay=0.0,
-                        mix="none", eval_every=0, optimizer="sgd")  # fmt: skip
+    config = EvalConfig(
+        distilled="x",
+        epochs=2,
+        batch_size=16,
+        accumulation=2,
+        lr=0.1,
+        eta=1.0,
+        weight_decay=0.0,
+        mix="none",
+        eval_every=0,
+        optimizer="sgd",
+    )
     steps = _train_recorded(monkeypatch, config, 20, labeller=None)
     # 20 images in loader batches of 16 and 4: two optimiser steps per epoch; the student (and so
     # its BatchNorm) sees micro-batches of 8, 8, then the short batch's 4 in one.
@@ -77,8 +92,18 @@ def test_accumulated_gradient_is_the_loader_batch_mean_and_a_short_batch_is_halv
     # Hard labels, no mixing: each micro-batch's mean loss divided by 2. Two equal halves sum to the
     # mean over the loader batch; the short last batch (one micro-batch) gets half its mean gradient,
     # as the reference's loss / gradient_accumulation_steps does.
-    config = EvalConfig(distilled="x", epochs=1, batch_size=16, accumulation=2, lr=0.1, eta=1.0, weight_decay=0.0,
-                        mix="none", eval_every=0, optimizer="sgd")  # fmt: skip
+    config = EvalConfig(
+        distilled="x",
+        epochs=1,
+        batch_size=16,
+        accumulation=2,
+        lr=0.1,
+        eta=1.0,
+        weight_decay=0.0,
+        mix="none",
+        eval_every=0,
+        optimizer="sgd",
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     reference = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
@@ -125,7 +150,9 @@ def test_weight_decay_only_on_multi_dimensional_weights():
     assert all(p.ndim > 1 for p in decay["params"]) and decay["weight_decay"] == 0.01
     assert no_decay["weight_decay"] == 0.0
     assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
-    assert "bn1.weight" in {names[id(p)] for p in no_decay["params"]} and "fc.bias" in {names[id(p)] for p in no_decay["params"]}
+    assert "bn1.weight" in {names[id(p)] for p in no_decay["params"]} and "fc.bias" in {
+        names[id(p)] for p in no_decay["params"]
+    }
     # A multi-dimensional parameter that is not a weight (Swin's position bias table) gets none either.
     swin = fadrm.models.build_model("swin_t", 10, 3, 32)
     swin_decay, swin_no_decay = weight_decay_groups(swin, 0.01)
@@ -138,13 +165,24 @@ def test_weight_decay_only_on_multi_dimensional_weights():
 
 
 def test_best_and_final_accuracy_are_both_reported(monkeypatch):
-    assert EvalConfig(distilled="x", epochs=300).evaluation_epochs() == [*range(1, 300, 10), 300]  # 1, 11, ..., 291, 300
+    assert EvalConfig(distilled="x", epochs=300).evaluation_epochs() == [
+        *range(1, 300, 10),
+        300,
+    ]  # 1, 11, ..., 291, 300
     assert EvalConfig(distilled="x", epochs=5, eval_every=0, eval_at=[2]).evaluation_epochs() == [2, 5]
     accuracies = iter([50.0, 70.0, 60.0])
     monkeypatch.setattr(ST, "evaluate_accuracy", lambda *a, **k: {"top1": next(accuracies), "top5": 90.0, "loss": 1.0})
     config = EvalConfig(distilled="x", epochs=5, batch_size=4, lr=0.1, eta=1.0, eval_every=2, mix="none")
-    result = ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), tiny_training_set(8), config,
-                              dataclasses.replace(SPEC, image_size=8), CPU, None, None, log=lambda s: None)  # fmt: skip
+    result = ST.train_student(
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),
+        tiny_training_set(8),
+        config,
+        dataclasses.replace(SPEC, image_size=8),
+        CPU,
+        None,
+        None,
+        log=lambda s: None,
+    )
     assert result["evaluated_epochs"] == [1, 3, 5]
     assert (result["top1"], result["best_top1"], result["best_epoch"]) == (60.0, 70.0, 3)
     summary = EV.summarise_runs([{**result, "student": "s", "train_set": "d", "labels": "soft"}] * 2)
@@ -176,8 +214,9 @@ def test_mse_ce_loss_equals_a_hand_computation():
     loss = STUDENT_LOSSES.get("mse-ce")(logits, labels, config)
     assert float(loss) == pytest.approx(0.4166666666666667 + 0.025 * 0.7558682848905542, rel=1e-6)
     # The CutMix partner's class is not part of it: only the logits and own classes count.
-    assert float(STUDENT_LOSSES.get("mse-ce")(logits, labels, dataclasses.replace(config, ce_weight=0.0))) == pytest.approx(
-        0.4166666666666667, rel=1e-6)  # fmt: skip
+    assert float(
+        STUDENT_LOSSES.get("mse-ce")(logits, labels, dataclasses.replace(config, ce_weight=0.0))
+    ) == pytest.approx(0.4166666666666667, rel=1e-6)
 
 
 def test_mixed_cross_entropy_weights_the_two_classes():
@@ -193,7 +232,8 @@ def test_mixed_cross_entropy_weights_the_two_classes():
 @pytest.mark.parametrize(
     ("epoch", "epochs", "eta", "factor"),
     [
-        # 0.5 * (1 + cos(pi * e / (eta * E))) by hand: cos 0 = 1, cos(pi / 2) = 0, cos(pi / 4) = sqrt(2) / 2, cos pi = -1.
+        # 0.5 * (1 + cos(pi * e / (eta * E))) by hand: cos 0 = 1, cos(pi / 2) = 0, cos(pi / 4) = sqrt(2) / 2,
+        # cos pi = -1.
         (0, 300, 2.0, 1.0),
         (150, 300, 1.0, 0.5),
         (300, 300, 2.0, 0.5),
@@ -210,7 +250,8 @@ def test_stretched_cosine_golden_values(epoch, epochs, eta, factor):
 @pytest.mark.parametrize(
     ("epoch", "epochs", "eta", "factor"),
     [
-        # Up to 5E/6 the stretched cosine: at e = 500 of 600 with eta 2, 0.5 * (1 + cos(5 pi / 12)) = 0.6294095225512604.
+        # Up to 5E/6 the stretched cosine: at e = 500 of 600 with eta 2,
+        # 0.5 * (1 + cos(5 pi / 12)) = 0.6294095225512604.
         (0, 600, 2.0, 1.0),
         (300, 600, 2.0, 0.5 + math.sqrt(2) / 4),
         (500, 600, 2.0, 0.6294095225512604),
@@ -227,7 +268,8 @@ def test_ssrs_golden_values(epoch, epochs, eta, factor):
 
 
 @pytest.mark.parametrize(
-    ("epoch", "factor"), [(0, 1.0), (799, 1.0), (800, 0.5), (899, 0.5), (900, 0.25), (949, 0.25), (950, 0.125), (999, 0.125)]
+    ("epoch", "factor"),
+    [(0, 1.0), (799, 1.0), (800, 0.5), (899, 0.5), (900, 0.25), (949, 0.25), (950, 0.125), (999, 0.125)],
 )
 def test_multistep_halves_at_80_90_and_95_percent(epoch, factor):
     # EDC's CIFAR-10 MultiStepLR([800, 900, 950], 0.5) over 1000 epochs; eta has no effect.
@@ -285,12 +327,22 @@ def test_unknown_names_list_the_choices(registry, message):
         registry.get("nope")
 
 
-@pytest.mark.parametrize(("field", "registry"), [("optimizer", "optimizer"), ("schedule", "schedule"), ("loss", "loss")])
+@pytest.mark.parametrize(
+    ("field", "registry"), [("optimizer", "optimizer"), ("schedule", "schedule"), ("loss", "loss")]
+)
 def test_train_student_looks_its_parts_up_by_name(field, registry):
     config = EvalConfig(distilled="x", epochs=1, batch_size=4, lr=0.1, eta=1.0, **{field: "nope"})
     with pytest.raises(FadrmError, match=f"unknown {registry} 'nope'"):
-        ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), tiny_training_set(4), config,
-                         dataclasses.replace(SPEC, image_size=8), CPU, None, None, log=lambda s: None)  # fmt: skip
+        ST.train_student(
+            nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),
+            tiny_training_set(4),
+            config,
+            dataclasses.replace(SPEC, image_size=8),
+            CPU,
+            None,
+            None,
+            log=lambda s: None,
+        )
 
 
 # ------------------------------------------------------------ several processes
@@ -311,11 +363,22 @@ def test_too_many_processes_for_a_micro_batch_are_refused():
     assert smallest_micro_batch(20, 8, 2) == 4 and smallest_micro_batch(16, 16, 2) == 8
     assert smallest_micro_batch(5, 16, 2) == 5 and smallest_micro_batch(17, 16, 2) == 1
     config = EvalConfig(distilled="x", epochs=1, batch_size=8, accumulation=2, lr=0.1, eta=1.0)
-    with pytest.raises(FadrmError, match=r"^5 processes need at least 5 images in every micro-batch, and student has "
-                                         r"one of 4 \(--batch-size 8 in --accumulation 2, 20 images\); use fewer"):
-        ST.train_student(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), tiny_training_set(20), config,
-                         dataclasses.replace(SPEC, image_size=8), CPU, None, None, log=lambda s: None,
-                         ranks=Ranks(0, 5))  # fmt: skip
+    with pytest.raises(
+        FadrmError,
+        match=r"^5 processes need at least 5 images in every micro-batch, and student has "
+        r"one of 4 \(--batch-size 8 in --accumulation 2, 20 images\); use fewer",
+    ):
+        ST.train_student(
+            nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),
+            tiny_training_set(20),
+            config,
+            dataclasses.replace(SPEC, image_size=8),
+            CPU,
+            None,
+            None,
+            log=lambda s: None,
+            ranks=Ranks(0, 5),
+        )
 
 
 def test_a_non_finite_loss_stops_the_student_before_its_checkpoint(tmp_path):
@@ -327,6 +390,15 @@ def test_a_non_finite_loss_stops_the_student_before_its_checkpoint(tmp_path):
     checkpoint = StudentCheckpoint(tmp_path / "s.partial.pt", {"seed": 0})
     config = EvalConfig(distilled="x", epochs=2, batch_size=4, lr=0.1, eta=1.0, mix="none")
     with pytest.raises(FadrmError, match=r"^non-finite loss \(nan\) during training student; lower the learning rate"):
-        ST.train_student(model, tiny_training_set(8), config, dataclasses.replace(SPEC, image_size=8), CPU, None, None,
-                         log=lambda s: None, checkpoint=checkpoint)  # fmt: skip
+        ST.train_student(
+            model,
+            tiny_training_set(8),
+            config,
+            dataclasses.replace(SPEC, image_size=8),
+            CPU,
+            None,
+            None,
+            log=lambda s: None,
+            checkpoint=checkpoint,
+        )
     assert not checkpoint.path.exists()

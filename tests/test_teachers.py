@@ -90,10 +90,18 @@ def test_class_and_channel_mismatches(tmp_path, teacher_ckpt):
 
 def test_imagenet_teacher_restricted_to_imagenette(tmp_path):
     path = make_teacher_checkpoint(
-        tmp_path / "in1k.pt", arch="convnet-small", dataset="imagenet-1k", num_classes=1000, channels=3, size=32,
-        class_names=[f"in{i}" for i in range(1000)], width=4,
-    )  # fmt: skip
-    teacher = fit_teacher_to_dataset(load_teacher(path), get_dataset_spec("imagenette"), [c[0] for c in IMAGENETTE_CLASSES])
+        tmp_path / "in1k.pt",
+        arch="convnet-small",
+        dataset="imagenet-1k",
+        num_classes=1000,
+        channels=3,
+        size=32,
+        class_names=[f"in{i}" for i in range(1000)],
+        width=4,
+    )
+    teacher = fit_teacher_to_dataset(
+        load_teacher(path), get_dataset_spec("imagenette"), [c[0] for c in IMAGENETTE_CLASSES]
+    )
     x = torch.randn(2, 3, 32, 32)
     full = teacher.model.model(x)
     assert torch.equal(teacher.model(x), full[:, [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]])
@@ -111,9 +119,17 @@ def test_torchvision_weights_offline_message(monkeypatch, tmp_path):
 def test_train_teacher_resumes_after_interruption(fmnist_root, tmp_path):
     def config(out: Path, **kw) -> TeacherConfig:
         return TeacherConfig(
-            dataset="fashion-mnist", model="convnet-small", model_args={"width": 4}, out=str(out),
-            data_root=str(fmnist_root), epochs=2, batch_size=32, workers=0, device="cpu", **kw,
-        )  # fmt: skip
+            dataset="fashion-mnist",
+            model="convnet-small",
+            model_args={"width": 4},
+            out=str(out),
+            data_root=str(fmnist_root),
+            epochs=2,
+            batch_size=32,
+            workers=0,
+            device="cpu",
+            **kw,
+        )
 
     straight = train_teacher(config(tmp_path / "a.pt"), log=lambda s: None)
 
@@ -152,8 +168,24 @@ def test_train_teacher_killed_with_sigkill_resumes_to_the_same_weights(fmnist_ro
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def command(out: Path) -> list[str]:
-        return [sys.executable, "-m", "fadrm", "train-teacher", "--dataset", "fashion-mnist", "--model", "convnet-small",
-                "--model-arg", "width=4", "--epochs", "40", "--data-root", str(fmnist_root), "--out", str(out)]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "fadrm",
+            "train-teacher",
+            "--dataset",
+            "fashion-mnist",
+            "--model",
+            "convnet-small",
+            "--model-arg",
+            "width=4",
+            "--epochs",
+            "40",
+            "--data-root",
+            str(fmnist_root),
+            "--out",
+            str(out),
+        ]
 
     straight = tmp_path / "straight.pt"
     subprocess.run(command(straight), check=True, capture_output=True, env=env)

@@ -19,9 +19,18 @@ from typing import Any, Callable
 
 from .artifacts import open_evaluated_set
 from .config import (
-    PROTOCOL_WORDS, DistillConfig, EvalConfig, PriorsConfig, RunConfig, StatsConfig, TeacherConfig, check_option,
-    read_config_file, resolve, written_form,
-)  # fmt: skip
+    PROTOCOL_WORDS,
+    DistillConfig,
+    EvalConfig,
+    PriorsConfig,
+    RunConfig,
+    StatsConfig,
+    TeacherConfig,
+    check_option,
+    read_config_file,
+    resolve,
+    written_form,
+)
 from .errors import FadrmError
 from .registry import registry
 
@@ -66,8 +75,10 @@ def eval_config(config_file: str | Path | None = None, **options: Any) -> EvalCo
     """The resolved, validated config of an evaluation; the preset is that of the set's dataset,
     method and IPC (read from its manifest, or for a set made by another tool from ``dataset`` and
     the folder)."""
-    chosen = {**(read_config_file(config_file) if config_file else {}),
-              **{key: value for key, value in options.items() if value is not None}}  # fmt: skip
+    chosen = {
+        **(read_config_file(config_file) if config_file else {}),
+        **{key: value for key, value in options.items() if value is not None},
+    }
     distilled = chosen.get("distilled")
     if not distilled:
         raise FadrmError("give the distilled set's folder")
@@ -76,18 +87,24 @@ def eval_config(config_file: str | Path | None = None, **options: Any) -> EvalCo
     if chosen.get("dataset") is not None:
         check_option(EvalConfig, "dataset", chosen["dataset"])
     teachers = chosen.get("teachers")
-    distilled_set = open_evaluated_set(distilled, chosen.get("dataset"), chosen.get("data_root"),
-                                       [teachers] if isinstance(teachers, str) else teachers)  # fmt: skip
+    distilled_set = open_evaluated_set(
+        distilled, chosen.get("dataset"), chosen.get("data_root"), [teachers] if isinstance(teachers, str) else teachers
+    )
     # A set made by another tool has no registered method: no method's overrides apply.
     method = distilled_set.method if distilled_set.method in registry("method") else None
-    return resolve(EvalConfig, options, config_file, dataset=distilled_set.dataset, method=method,
-                   ipc=distilled_set.ipc)  # fmt: skip
+    return resolve(
+        EvalConfig, options, config_file, dataset=distilled_set.dataset, method=method, ipc=distilled_set.ipc
+    )
 
 
 def train_teacher(
-    dataset: str | None = None, model: str | None = None, out: str | Path | None = None,
-    log: Callable[[str], None] = print, config_file: str | Path | None = None, **options: Any,
-) -> Teacher:  # fmt: skip
+    dataset: str | None = None,
+    model: str | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    config_file: str | Path | None = None,
+    **options: Any,
+) -> Teacher:
     """Train (or resume, or reuse) a teacher; ``options`` are :class:`~fadrm.config.TeacherConfig` keys.
 
     Options not given come from the dataset preset's ``teacher`` recipe (e.g. the ImageNette
@@ -99,9 +116,13 @@ def train_teacher(
 
 
 def distill(
-    dataset: str | None = None, teachers: str | Path | list[str | Path] | None = None, out: str | Path | None = None,
-    log: Callable[[str], None] = print, config_file: str | Path | None = None, **options: Any,
-) -> dict[str, Any]:  # fmt: skip
+    dataset: str | None = None,
+    teachers: str | Path | list[str | Path] | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    config_file: str | Path | None = None,
+    **options: Any,
+) -> dict[str, Any]:
     """Distill ``dataset`` into ``out``; ``options`` are :class:`~fadrm.config.DistillConfig` keys
     overriding the preset. Returns the manifest (also written to ``out/manifest.json``)."""
 
@@ -109,9 +130,12 @@ def distill(
 
 
 def compute_statistics(
-    dataset: str | None = None, teachers: str | Path | list[str | Path] | None = None,
-    log: Callable[[str], None] = print, config_file: str | Path | None = None, **options: Any,
-) -> list[dict[str, Any]]:  # fmt: skip
+    dataset: str | None = None,
+    teachers: str | Path | list[str | Path] | None = None,
+    log: Callable[[str], None] = print,
+    config_file: str | Path | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
     """Write each teacher's statistics file for ``dataset`` (what G-VBSM and EDC match; ``fadrm distill``
     computes missing ones itself); ``options`` are :class:`~fadrm.config.StatsConfig` keys. Returns
     the files' descriptions."""
@@ -120,10 +144,15 @@ def compute_statistics(
 
 
 def compute_priors(
-    dataset: str | None = None, teachers: str | Path | list[str | Path] | None = None, out: str | Path | None = None,
-    log: Callable[[str], None] = print, config_file: str | Path | None = None,
-    distill_options: dict[str, Any] | None = None, eval_options: dict[str, Any] | None = None, **options: Any,
-) -> dict[str, Any]:  # fmt: skip
+    dataset: str | None = None,
+    teachers: str | Path | list[str | Path] | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    config_file: str | Path | None = None,
+    distill_options: dict[str, Any] | None = None,
+    eval_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
     """Each teacher's prior for a committee method (CV-DD): the last-epoch top-1 of one student trained
     on an SRe2L++ set distilled from that teacher alone (:mod:`fadrm.priors`). ``options`` are
     :class:`~fadrm.config.PriorsConfig` keys; ``distill_options`` and ``eval_options`` further options of
@@ -134,9 +163,11 @@ def compute_priors(
 
 
 def evaluate(
-    distilled: str | Path | None = None, log: Callable[[str], None] = print, config_file: str | Path | None = None,
+    distilled: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    config_file: str | Path | None = None,
     **options: Any,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Train students on a distilled set (and baselines); ``options`` are :class:`~fadrm.config.EvalConfig`
     keys overriding the dataset preset's ``evaluate`` section. Returns the results (also written to disk)."""
 
@@ -174,8 +205,13 @@ class RunPlan:
         """Every stage as its config file would hold it."""
         teachers = [t if isinstance(t, str) else written_form(t) for t in self.teachers]
         priors = {"priors": written_form(self.priors)} if self.priors is not None else {}
-        return {"run": written_form(self.run), "teachers": teachers, **priors, "distill": written_form(self.distill),
-                "evaluate": written_form(self.evaluate)}  # fmt: skip
+        return {
+            "run": written_form(self.run),
+            "teachers": teachers,
+            **priors,
+            "distill": written_form(self.distill),
+            "evaluate": written_form(self.evaluate),
+        }
 
 
 def _teacher_path(teacher: TeacherConfig | str) -> str:
@@ -189,8 +225,14 @@ def plan_run(
     keys) and extra options for distillation and evaluation; nothing is read or trained."""
     config: RunConfig = resolve(RunConfig, options)
     out = Path(config.out)
-    shared = {"dataset": config.dataset, "data_root": config.data_root, "seed": config.seed, "holdout": config.holdout,
-              "device": config.device, "amp": config.amp}  # fmt: skip
+    shared = {
+        "dataset": config.dataset,
+        "data_root": config.data_root,
+        "seed": config.seed,
+        "holdout": config.holdout,
+        "device": config.device,
+        "amp": config.amp,
+    }
     teachers: list[TeacherConfig | str]
     if config.teachers:
         teachers = list(config.teachers)
@@ -198,8 +240,9 @@ def plan_run(
         default_model = _preset_teacher_model(config.dataset)
         models = config.teacher_models or ([default_model] if default_model else [])
         if not models:
-            raise FadrmError(f"{config.dataset} has no default teacher recipe; train one with fadrm train-teacher and "
-                             "pass --teacher")  # fmt: skip
+            raise FadrmError(
+                f"{config.dataset} has no default teacher recipe; train one with fadrm train-teacher and pass --teacher"
+            )
         teachers = []
         for model in models:
             if is_torchvision_weights(model):
@@ -208,12 +251,24 @@ def plan_run(
             # The default model keeps the name every method shares; others are named by architecture.
             path = out / ("teacher.pt" if model == default_model else f"teacher-{model}.pt")
             # With the run's method and IPC, so the preset's teacher.overrides for them apply.
-            teachers.append(resolve(TeacherConfig, {**shared, "model": model, "out": str(path)},
-                                    method=config.method, ipc=config.ipc))  # fmt: skip
+            teachers.append(
+                resolve(
+                    TeacherConfig, {**shared, "model": model, "out": str(path)}, method=config.method, ipc=config.ipc
+                )
+            )
     distilled = out / f"{config.method}-ipc{config.ipc}"
-    distill = distill_config(**{**shared, "teachers": [_teacher_path(t) for t in teachers], "out": str(distilled),
-                                "method": config.method, "ipc": config.ipc, "priors": config.priors,
-                                "fixed_committee": config.fixed_committee, **(distill_options or {})})  # fmt: skip
+    distill = distill_config(
+        **{
+            **shared,
+            "teachers": [_teacher_path(t) for t in teachers],
+            "out": str(distilled),
+            "method": config.method,
+            "ipc": config.ipc,
+            "priors": config.priors,
+            "fixed_committee": config.fixed_committee,
+            **(distill_options or {}),
+        }
+    )
     priors, priors_source = None, None
     if registry("method").get(config.method).uses_priors and len(distill.teachers) > 1:
         if distill.priors_from:
@@ -223,17 +278,43 @@ def plan_run(
             priors_source = f"the {config.dataset} preset's published values for its teachers" if published else "given"
         else:
             # Under the run's folder per IPC, as its sets are: another IPC's priors are others.
-            priors = resolve(PriorsConfig, {**shared, "teachers": distill.teachers, "ipc": config.ipc,
-                                            "out": str(out / "priors" / f"ipc{config.ipc}"),
-                                            "student": config.prior_student})  # fmt: skip
+            priors = resolve(
+                PriorsConfig,
+                {
+                    **shared,
+                    "teachers": distill.teachers,
+                    "ipc": config.ipc,
+                    "out": str(out / "priors" / f"ipc{config.ipc}"),
+                    "student": config.prior_student,
+                },
+            )
             priors_source = f"computed: {Path(priors.out) / 'priors.json'}"
-    evaluation = {"baselines": ["random-real"], "repeats": config.repeats, "robustness": config.robustness,
-                  "protocol": config.protocol, **shared, **(eval_options or {})}  # fmt: skip
+    evaluation = {
+        "baselines": ["random-real"],
+        "repeats": config.repeats,
+        "robustness": config.robustness,
+        "protocol": config.protocol,
+        **shared,
+        **(eval_options or {}),
+    }
     evaluation.pop("dataset")
-    evaluate = resolve(EvalConfig, {"distilled": str(distilled), **evaluation}, dataset=config.dataset,
-                       method=config.method, ipc=config.ipc)  # fmt: skip
-    return RunPlan(config, teachers, distill, evaluate, priors, priors_source, dict(distill_options or {}),
-                   dict(eval_options or {}))  # fmt: skip
+    evaluate = resolve(
+        EvalConfig,
+        {"distilled": str(distilled), **evaluation},
+        dataset=config.dataset,
+        method=config.method,
+        ipc=config.ipc,
+    )
+    return RunPlan(
+        config,
+        teachers,
+        distill,
+        evaluate,
+        priors,
+        priors_source,
+        dict(distill_options or {}),
+        dict(eval_options or {}),
+    )
 
 
 def _preset_teacher_model(dataset: str) -> str | None:
@@ -244,10 +325,16 @@ def _preset_teacher_model(dataset: str) -> str | None:
 
 
 def run(
-    dataset: str, ipc: int, out: str | Path, method: str = "fadrm", teachers: list[str] | None = None,
-    log: Callable[[str], None] = print, distill_options: dict[str, Any] | None = None,
-    eval_options: dict[str, Any] | None = None, **options: Any,
-) -> dict[str, Any]:  # fmt: skip
+    dataset: str,
+    ipc: int,
+    out: str | Path,
+    method: str = "fadrm",
+    teachers: list[str] | None = None,
+    log: Callable[[str], None] = print,
+    distill_options: dict[str, Any] | None = None,
+    eval_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
     """The whole pipeline in ``out``: teachers (trained unless given), distillation, evaluation with
     the random-real baseline. Each stage reuses what an earlier run already finished.
 
@@ -257,8 +344,9 @@ def run(
     ``out/priors/ipc<N>/`` (:mod:`fadrm.priors`). Returns a summary with each stage's accuracy and wall
     time (and the committee's priors).
     """
-    plan = plan_run(distill_options, eval_options, dataset=dataset, ipc=ipc, out=out, method=method, teachers=teachers,
-                    **options)  # fmt: skip
+    plan = plan_run(
+        distill_options, eval_options, dataset=dataset, ipc=ipc, out=out, method=method, teachers=teachers, **options
+    )
     return execute_run(plan, log)
 
 
@@ -283,11 +371,19 @@ def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, 
     started = time.perf_counter()
     results = _evaluate(plan.evaluate, log=log)
     timings["evaluate"] = time.perf_counter() - started
-    summary = {"teacher_top1": teacher_acc, "protocol": results["protocol"], "runs": results["runs"],
-               "summary": results["summary"], "robustness": results.get("robustness", []), "seconds": timings,
-               "distilled": plan.distill.out}  # fmt: skip
-    lines = [f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}",
-             f"students: the {plan.evaluate.protocol} protocol ({PROTOCOL_WORDS[plan.evaluate.protocol]})"]
+    summary = {
+        "teacher_top1": teacher_acc,
+        "protocol": results["protocol"],
+        "runs": results["runs"],
+        "summary": results["summary"],
+        "robustness": results.get("robustness", []),
+        "seconds": timings,
+        "distilled": plan.distill.out,
+    }
+    lines = [
+        f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}",
+        f"students: the {plan.evaluate.protocol} protocol ({PROTOCOL_WORDS[plan.evaluate.protocol]})",
+    ]
     if plan.priors_source is not None:
         # As the set was made with them (--priors-from is read when the teachers are loaded).
         priors = manifest["config"]["synthesis"]["priors"] if manifest else distill.synthesis.priors
@@ -297,8 +393,10 @@ def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, 
         spread = f" ± {r['top1_std']:.2f} (mean of {r['repeats']} seeds)" if r["repeats"] > 1 else ""
         best = f"; best top-1 over the validations {r['best_top1']:.2f}%"
         plain = "" if r.get("augment", True) else ", no augmentation"
-        lines.append(f"{r['student']} on {r['train_set']} ({r['labels']} labels{plain}): last-epoch top-1 "
-                     f"{r['top1']:.2f}%{spread}{best}")  # fmt: skip
+        lines.append(
+            f"{r['student']} on {r['train_set']} ({r['labels']} labels{plain}): last-epoch top-1 "
+            f"{r['top1']:.2f}%{spread}{best}"
+        )
     for r in results.get("robustness", []):
         scores = ", ".join(f"{name.upper()} {r[name]:.4f}" for name in ("hlr", "ior", "lrs", "ars") if name in r)
         seeds = f"mean of {r['repeats']} seeds" if r["repeats"] > 1 else "one seed"

@@ -150,8 +150,9 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def save_teacher_progress(path: Path, identity: dict[str, Any], epoch: int, history: list[dict[str, float]],
-                          states: dict[str, dict[str, Any]]) -> None:  # fmt: skip
+def save_teacher_progress(
+    path: Path, identity: dict[str, Any], epoch: int, history: list[dict[str, float]], states: dict[str, dict[str, Any]]
+) -> None:
     """Atomically save an unfinished teacher run after ``epoch``: its identity, history and the
     state dicts in ``states`` (model, optimizer, scheduler)."""
     save_torch(path, {"train_config": identity, "epoch": epoch, "history": history, **states})
@@ -222,8 +223,9 @@ class Layout:
         return path.relative_to(self.root).as_posix()
 
 
-def run_identity(config: DistillConfig, teachers_sha256: list[str | None],
-                 statistics_sha256: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+def run_identity(
+    config: DistillConfig, teachers_sha256: list[str | None], statistics_sha256: list[str] | None = None
+) -> dict[str, Any]:
     """What defines a distilled set: its defining settings, its teachers' file hashes and, for a
     method that matches the teachers' statistics files, their hashes."""
     identity = {"config": config.identity(), "teachers_sha256": list(teachers_sha256)}
@@ -231,9 +233,12 @@ def run_identity(config: DistillConfig, teachers_sha256: list[str | None],
 
 
 def open_distilled_folder(
-    layout: Layout, config: DistillConfig, teachers_sha256: list[str | None], log: Callable[[str], None],
+    layout: Layout,
+    config: DistillConfig,
+    teachers_sha256: list[str | None],
+    log: Callable[[str], None],
     statistics_sha256: list[str] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Create the folder, or check that an existing one holds the same run (resume).
 
     With ``config.overwrite`` a different run's outputs are removed first; a non-empty
@@ -251,12 +256,22 @@ def open_distilled_folder(
             for path in (layout.manifest, layout.config_file):
                 path.unlink(missing_ok=True)
         else:
-            previous = {**previous.get("config", {}), "teachers": previous.get("teachers_sha256"),
-                        "statistics": previous.get("statistics_sha256")}  # fmt: skip
-            require_same_settings(previous, {**identity["config"], "teachers": identity["teachers_sha256"],
-                                             "statistics": identity.get("statistics_sha256")},
-                                  f"{layout.root} holds a run that", "pass --overwrite to replace it or choose another "
-                                  "--out", RESUME_HINTS)  # fmt: skip
+            previous = {
+                **previous.get("config", {}),
+                "teachers": previous.get("teachers_sha256"),
+                "statistics": previous.get("statistics_sha256"),
+            }
+            require_same_settings(
+                previous,
+                {
+                    **identity["config"],
+                    "teachers": identity["teachers_sha256"],
+                    "statistics": identity.get("statistics_sha256"),
+                },
+                f"{layout.root} holds a run that",
+                "pass --overwrite to replace it or choose another --out",
+                RESUME_HINTS,
+            )
     elif layout.root.exists() and any(layout.root.iterdir()) and not config.overwrite:
         raise FadrmError(f"{layout.root} is not empty and is not a fadrm run; choose another --out")
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -296,11 +311,15 @@ class DistilledSet:
         """The set in ``folder``, checked for format and completeness."""
         path = Path(folder) / "manifest.json"
         if not path.exists() and (Path(folder) / "run.json").exists():
-            raise FadrmError(f"{folder} is an unfinished fadrm distill run (no manifest.json yet); run the same fadrm "
-                             "distill command again to finish it")  # fmt: skip
+            raise FadrmError(
+                f"{folder} is an unfinished fadrm distill run (no manifest.json yet); run the same fadrm "
+                "distill command again to finish it"
+            )
         if not path.exists():
-            raise FadrmError(f"{folder} is not a distilled set (no manifest.json); make one with fadrm distill, or "
-                             "evaluate an ImageFolder made by another tool with --dataset and --teacher")  # fmt: skip
+            raise FadrmError(
+                f"{folder} is not a distilled set (no manifest.json); make one with fadrm distill, or "
+                "evaluate an ImageFolder made by another tool with --dataset and --teacher"
+            )
         manifest = read_json(path)
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise FadrmError(f"{path} is not a fadrm manifest")
@@ -443,16 +462,20 @@ def class_of_folders(
         return labels
     if any(name.isdigit() for name in class_names):
         numbers = sorted(folder for folder, match in numbered.items() if match)
-        raise FadrmError(f"class folders named by number ({_some(numbers)}) are ambiguous where class names are "
-                         "numbers too; name each folder exactly as its class")  # fmt: skip
+        raise FadrmError(
+            f"class folders named by number ({_some(numbers)}) are ambiguous where class names are "
+            "numbers too; name each folder exactly as its class"
+        )
     return {folder: int(m[1]) if m and int(m[1]) < len(class_names) else None for folder, m in numbered.items()}
 
 
 def _refuse_outside_link(path: Path, inside: Path, root: Path) -> None:
     """Refuse a symbolic link that leads out of the set: its content would not be the folder's."""
     if path.is_symlink() and not path.resolve().is_relative_to(inside):
-        raise FadrmError(f"{path} is a symbolic link to {os.readlink(path)}, outside {root}; links out of the set "
-                         "are not followed: copy what it points to into the set")  # fmt: skip
+        raise FadrmError(
+            f"{path} is a symbolic link to {os.readlink(path)}, outside {root}; links out of the set "
+            "are not followed: copy what it points to into the set"
+        )
 
 
 def _image_folder_listing(root: Path) -> dict[str, list[Path]]:
@@ -480,8 +503,9 @@ def _image_folder_listing(root: Path) -> dict[str, list[Path]]:
                 raise FadrmError(f"cannot read {path}: it is not a file (a broken link?); remove or replace it")
             files.append(path)
     if not listing:
-        raise FadrmError(f"{root} holds no class folders; a set made by another tool is an ImageFolder: "
-                         "<folder>/<class>/<images>")  # fmt: skip
+        raise FadrmError(
+            f"{root} holds no class folders; a set made by another tool is an ImageFolder: <folder>/<class>/<images>"
+        )
     return listing
 
 
@@ -506,24 +530,30 @@ def read_set_image(path: Path, spec: DatasetSpec) -> torch.Tensor:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.size != (size, size):
-                    raise FadrmError(f"{path} is {img.width} x {img.height} px; {spec.name} images are {size} x "
-                                     f"{size} and nothing is resized: save the set at {size} px")  # fmt: skip
+                    raise FadrmError(
+                        f"{path} is {img.width} x {img.height} px; {spec.name} images are {size} x "
+                        f"{size} and nothing is resized: save the set at {size} px"
+                    )
                 if img.mode not in EXACT_IMAGE_MODES:
                     raise FadrmError(f"{path} has image mode {img.mode}; give 8-bit grey or RGB images")
                 if ("A" in img.getbands() or "transparency" in img.info) and min(
-                        img.convert("RGBA").getchannel("A").getextrema()) < 255:  # fmt: skip
+                    img.convert("RGBA").getchannel("A").getextrema()
+                ) < 255:
                     raise FadrmError(f"{path} has transparent pixels; give opaque images")
                 pixels = image_tensor(img, 3)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise FadrmError(f"{path} is too large to decode safely ({exc}); {spec.name} images are {size} x "
-                         f"{size} px") from None  # fmt: skip
+        raise FadrmError(
+            f"{path} is too large to decode safely ({exc}); {spec.name} images are {size} x {size} px"
+        ) from None
     except IMAGE_ERRORS as exc:
         raise FadrmError(f"cannot read {path} as an image ({exc}); remove or replace the file") from None
     if spec.channels == 3:
         return pixels
     if not torch.equal(pixels, pixels[:1].expand_as(pixels)):
-        raise FadrmError(f"{path} is a colour image; {spec.name} is greyscale (an RGB image is read only when its "
-                         "three channels are equal)")  # fmt: skip
+        raise FadrmError(
+            f"{path} is a colour image; {spec.name} is greyscale (an RGB image is read only when its "
+            "three channels are equal)"
+        )
     return pixels[:1].clone()
 
 
@@ -564,18 +594,24 @@ class ImageFolderSet:
         missing = [name for label, name in enumerate(class_names) if label not in labels.values()]
         if unknown:
             also = f"; {len(missing)} of its {len(class_names)} classes have no folder" if missing else ""
-            raise FadrmError(f"{root} holds folders that are no {spec.name} class: {_some(unknown)}{also}; name each "
-                             "class folder by its class's name, WordNet id or index (00000 or new000)")  # fmt: skip
+            raise FadrmError(
+                f"{root} holds folders that are no {spec.name} class: {_some(unknown)}{also}; name each "
+                "class folder by its class's name, WordNet id or index (00000 or new000)"
+            )
         by_class: dict[int, list[str]] = {}
         for name, label in labels.items():
             by_class.setdefault(label, []).append(name)
         shared = next((names for names in by_class.values() if len(names) > 1), None)
         if shared:
-            raise FadrmError(f"{root}: folders {_some(shared)} hold the same {spec.name} class "
-                             f"{class_names[labels[shared[0]]]!r}; keep one")  # fmt: skip
+            raise FadrmError(
+                f"{root}: folders {_some(shared)} hold the same {spec.name} class "
+                f"{class_names[labels[shared[0]]]!r}; keep one"
+            )
         if missing:
-            raise FadrmError(f"{root} has no folder for {len(missing)} of the {len(class_names)} {spec.name} classes: "
-                             f"{_some(missing)}")  # fmt: skip
+            raise FadrmError(
+                f"{root} has no folder for {len(missing)} of the {len(class_names)} {spec.name} classes: "
+                f"{_some(missing)}"
+            )
         empty = [name for name, files in listing.items() if not files]
         if empty:
             raise FadrmError(f"class folders of {root} hold no images: {_some(empty)}")
@@ -649,12 +685,15 @@ def open_evaluated_set(
     if dataset is None or (folder / "manifest.json").exists() or (folder / "run.json").exists():
         distilled_set = DistilledSet.open(folder)
         if dataset is not None and dataset != distilled_set.dataset:
-            raise FadrmError(f"--dataset {dataset} disagrees with {folder}, a set of {distilled_set.dataset} (its "
-                             "manifest.json); leave --dataset out")  # fmt: skip
+            raise FadrmError(
+                f"--dataset {dataset} disagrees with {folder}, a set of {distilled_set.dataset} (its "
+                "manifest.json); leave --dataset out"
+            )
         return distilled_set
     if not teachers:
-        raise FadrmError(f"{folder} has no manifest.json, so no teachers of its own to label its images: "
-                         "give --teacher")  # fmt: skip
+        raise FadrmError(
+            f"{folder} has no manifest.json, so no teachers of its own to label its images: give --teacher"
+        )
     from .data import get_dataset_spec, load_split
 
     spec = get_dataset_spec(dataset)
@@ -693,8 +732,9 @@ class LabelStore:
         meta = self.folder / "labels.json"
         expected = {"format_version": STORED_FORMAT_VERSION, **self.identity, "topk": self.topk}
         if meta.exists():
-            require_same_settings(read_json(meta), expected, f"the label store in {self.folder}",
-                                  "use another --labels-dir")  # fmt: skip
+            require_same_settings(
+                read_json(meta), expected, f"the label store in {self.folder}", "use another --labels-dir"
+            )
         else:
             write_json(meta, expected)
 
@@ -756,8 +796,13 @@ def write_statistics(path: Path, tensors: dict[str, torch.Tensor], description: 
     tensors' hash); returns the description."""
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    description = {"format": STATISTICS_FORMAT, "format_version": STATISTICS_VERSION, "fadrm_version": __version__,
-                   **description, "sha256": sha256_file(path)}  # fmt: skip
+    description = {
+        "format": STATISTICS_FORMAT,
+        "format_version": STATISTICS_VERSION,
+        "fadrm_version": __version__,
+        **description,
+        "sha256": sha256_file(path),
+    }
     write_json(statistics_description(path), description)
     return description
 
@@ -827,8 +872,17 @@ class StudentCheckpoint:
 
     def save(self, epoch: int, history: list[dict[str, Any]], seconds: float, states: dict[str, Any]) -> None:
         """Atomically replace the checkpoint with the state after ``epoch`` (1-based) finished epochs."""
-        save_torch(self.path, {"format_version": self.VERSION, "identity": self.identity, "epoch": epoch,
-                               "history": history, "seconds": seconds, **states})  # fmt: skip
+        save_torch(
+            self.path,
+            {
+                "format_version": self.VERSION,
+                "identity": self.identity,
+                "epoch": epoch,
+                "history": history,
+                "seconds": seconds,
+                **states,
+            },
+        )
 
     def remove(self) -> None:
         """Delete the checkpoint (once the finished run is written: it is fadrm's, not the user's)."""
@@ -864,16 +918,21 @@ def read_priors(path: str | Path, teachers_sha256: Sequence[str | None], given: 
     except (OSError, ValueError):
         record = None
     entries = record.get("teachers") if isinstance(record, dict) and record.get("format") == PRIORS_FORMAT else None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"source", "sha256", "prior"} <= set(e)
-                                                for e in entries):  # fmt: skip
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and {"source", "sha256", "prior"} <= set(e) for e in entries
+    ):
         raise FadrmError(f"--priors-from {path} is not a priors.json written by fadrm priors")
     by_hash = {entry["sha256"]: entry["prior"] for entry in entries}
     if any(sha not in by_hash for sha in teachers_sha256):
         sources = ", ".join(str(entry["source"]) for entry in entries)
-        raise FadrmError(f"--priors-from {path} holds the priors of other teachers ({sources}); compute these "
-                         "teachers' with fadrm priors")  # fmt: skip
+        raise FadrmError(
+            f"--priors-from {path} holds the priors of other teachers ({sources}); compute these "
+            "teachers' with fadrm priors"
+        )
     priors = [float(by_hash[sha]) for sha in teachers_sha256]
     if given is not None and list(given) != priors:
-        raise FadrmError(f"--prior {' '.join(f'{p:g}' for p in given)} and --priors-from {path} "
-                         f"({' '.join(f'{p:g}' for p in priors)}) disagree; give one of them")  # fmt: skip
+        raise FadrmError(
+            f"--prior {' '.join(f'{p:g}' for p in given)} and --priors-from {path} "
+            f"({' '.join(f'{p:g}' for p in priors)}) disagree; give one of them"
+        )
     return priors

@@ -128,10 +128,21 @@ class AugmentOp:
     apply: Callable[[torch.Tensor, float], torch.Tensor]
 
 
-def _affine(image: torch.Tensor, translate: tuple[float, float] = (0, 0), shear: tuple[float, float] = (0.0, 0.0),
-            centre: list[int] | None = None) -> torch.Tensor:  # fmt: skip
-    return v2.functional.affine(image, angle=0.0, translate=[int(translate[0]), int(translate[1])], scale=1.0,
-                                shear=list(shear), interpolation=v2.InterpolationMode.NEAREST, center=centre)  # fmt: skip
+def _affine(
+    image: torch.Tensor,
+    translate: tuple[float, float] = (0, 0),
+    shear: tuple[float, float] = (0.0, 0.0),
+    centre: list[int] | None = None,
+) -> torch.Tensor:
+    return v2.functional.affine(
+        image,
+        angle=0.0,
+        translate=[int(translate[0]), int(translate[1])],
+        scale=1.0,
+        shear=list(shear),
+        interpolation=v2.InterpolationMode.NEAREST,
+        center=centre,
+    )
 
 
 def _shear_degrees(magnitude: float) -> float:
@@ -140,29 +151,81 @@ def _shear_degrees(magnitude: float) -> float:
 
 AUGMENT_OPS: Registry[AugmentOp] = Registry("augmentation")
 AUGMENT_OPS.add("identity", AugmentOp(lambda size: 0.0, False, lambda image, m: image))
-AUGMENT_OPS.add("shear-x", AugmentOp(lambda size: 0.3 * RAND_AUGMENT_MAGNITUDE, True,
-                                     lambda image, m: _affine(image, shear=(_shear_degrees(m), 0.0), centre=[0, 0])))
-AUGMENT_OPS.add("shear-y", AugmentOp(lambda size: 0.3 * RAND_AUGMENT_MAGNITUDE, True,
-                                     lambda image, m: _affine(image, shear=(0.0, _shear_degrees(m)), centre=[0, 0])))
-AUGMENT_OPS.add("translate-x", AugmentOp(lambda size: 150 / 331 * size * RAND_AUGMENT_MAGNITUDE, True,
-                                         lambda image, m: _affine(image, translate=(m, 0))))
-AUGMENT_OPS.add("translate-y", AugmentOp(lambda size: 150 / 331 * size * RAND_AUGMENT_MAGNITUDE, True,
-                                         lambda image, m: _affine(image, translate=(0, m))))
-AUGMENT_OPS.add("rotate", AugmentOp(lambda size: 30.0 * RAND_AUGMENT_MAGNITUDE, True,
-                                    lambda image, m: v2.functional.rotate(image, m, v2.InterpolationMode.NEAREST)))
-AUGMENT_OPS.add("brightness", AugmentOp(lambda size: 0.9 * RAND_AUGMENT_MAGNITUDE, True,
-                                        lambda image, m: v2.functional.adjust_brightness(image, 1 + m)))
-AUGMENT_OPS.add("color", AugmentOp(lambda size: 0.9 * RAND_AUGMENT_MAGNITUDE, True,
-                                   lambda image, m: v2.functional.adjust_saturation(image, 1 + m)))
-AUGMENT_OPS.add("contrast", AugmentOp(lambda size: 0.9 * RAND_AUGMENT_MAGNITUDE, True,
-                                      lambda image, m: v2.functional.adjust_contrast(image, 1 + m)))
-AUGMENT_OPS.add("sharpness", AugmentOp(lambda size: 0.9 * RAND_AUGMENT_MAGNITUDE, True,
-                                       lambda image, m: v2.functional.adjust_sharpness(image, 1 + m)))
+AUGMENT_OPS.add(
+    "shear-x",
+    AugmentOp(
+        lambda size: 0.3 * RAND_AUGMENT_MAGNITUDE,
+        True,
+        lambda image, m: _affine(image, shear=(_shear_degrees(m), 0.0), centre=[0, 0]),
+    ),
+)
+AUGMENT_OPS.add(
+    "shear-y",
+    AugmentOp(
+        lambda size: 0.3 * RAND_AUGMENT_MAGNITUDE,
+        True,
+        lambda image, m: _affine(image, shear=(0.0, _shear_degrees(m)), centre=[0, 0]),
+    ),
+)
+AUGMENT_OPS.add(
+    "translate-x",
+    AugmentOp(
+        lambda size: 150 / 331 * size * RAND_AUGMENT_MAGNITUDE, True, lambda image, m: _affine(image, translate=(m, 0))
+    ),
+)
+AUGMENT_OPS.add(
+    "translate-y",
+    AugmentOp(
+        lambda size: 150 / 331 * size * RAND_AUGMENT_MAGNITUDE, True, lambda image, m: _affine(image, translate=(0, m))
+    ),
+)
+AUGMENT_OPS.add(
+    "rotate",
+    AugmentOp(
+        lambda size: 30.0 * RAND_AUGMENT_MAGNITUDE,
+        True,
+        lambda image, m: v2.functional.rotate(image, m, v2.InterpolationMode.NEAREST),
+    ),
+)
+AUGMENT_OPS.add(
+    "brightness",
+    AugmentOp(
+        lambda size: 0.9 * RAND_AUGMENT_MAGNITUDE, True, lambda image, m: v2.functional.adjust_brightness(image, 1 + m)
+    ),
+)
+AUGMENT_OPS.add(
+    "color",
+    AugmentOp(
+        lambda size: 0.9 * RAND_AUGMENT_MAGNITUDE, True, lambda image, m: v2.functional.adjust_saturation(image, 1 + m)
+    ),
+)
+AUGMENT_OPS.add(
+    "contrast",
+    AugmentOp(
+        lambda size: 0.9 * RAND_AUGMENT_MAGNITUDE, True, lambda image, m: v2.functional.adjust_contrast(image, 1 + m)
+    ),
+)
+AUGMENT_OPS.add(
+    "sharpness",
+    AugmentOp(
+        lambda size: 0.9 * RAND_AUGMENT_MAGNITUDE, True, lambda image, m: v2.functional.adjust_sharpness(image, 1 + m)
+    ),
+)
 # torchvision's bins: 8 - round(bin / 7.5) bits, 7 at bin 9.
-AUGMENT_OPS.add("posterize", AugmentOp(lambda size: 8 - round(RAND_AUGMENT_MAGNITUDE * 30 / 7.5), False,
-                                       lambda image, m: v2.functional.posterize(image, int(m))))
-AUGMENT_OPS.add("solarize", AugmentOp(lambda size: 255.0 * (1 - RAND_AUGMENT_MAGNITUDE), False,
-                                      lambda image, m: v2.functional.solarize(image, m)))
+AUGMENT_OPS.add(
+    "posterize",
+    AugmentOp(
+        lambda size: 8 - round(RAND_AUGMENT_MAGNITUDE * 30 / 7.5),
+        False,
+        lambda image, m: v2.functional.posterize(image, int(m)),
+    ),
+)
+AUGMENT_OPS.add(
+    "solarize",
+    AugmentOp(
+        lambda size: 255.0 * (1 - RAND_AUGMENT_MAGNITUDE), False, lambda image, m: v2.functional.solarize(image, m)
+    ),
+)
 AUGMENT_OPS.add("autocontrast", AugmentOp(lambda size: 0.0, False, lambda image, m: v2.functional.autocontrast(image)))
 AUGMENT_OPS.add("equalize", AugmentOp(lambda size: 0.0, False, lambda image, m: v2.functional.equalize(image)))
 
@@ -276,8 +339,14 @@ class ViewSampler:
     def view(self, epoch: int, batch_index: int, indices: torch.Tensor, height: int, width: int) -> BatchView:
         """The random views of one batch."""
         if not self.augment:
-            return BatchView(indices, [(0, 0, height, width)] * len(indices), [False] * len(indices), 1.0,
-                             torch.arange(len(indices)), None)  # fmt: skip
+            return BatchView(
+                indices,
+                [(0, 0, height, width)] * len(indices),
+                [False] * len(indices),
+                1.0,
+                torch.arange(len(indices)),
+                None,
+            )
         gen = make_generator(self.seed, "view", epoch, batch_index)
         boxes, flips = [], []
         for _ in range(len(indices)):
@@ -414,9 +483,7 @@ def _resized_crop(images: torch.Tensor, index: int, box: Box, flip: bool, size: 
     return crop.flip(-1) if flip else crop
 
 
-def render(
-    images: torch.Tensor, view: BatchView, size: int, device: torch.device | str | None = None
-) -> torch.Tensor:
+def render(images: torch.Tensor, view: BatchView, size: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The batch's pixels in [0, 1] on ``device`` (default: the images'): RandAugment (if drawn), crops, flips,
     then CutMix or MixUp.
 

@@ -97,17 +97,32 @@ class Baseline:
 
 
 BASELINES: Registry[Baseline] = Registry("baseline")
-BASELINES.add("random-real", Baseline("a random real subset of the same IPC, with soft and with hard labels",
-                                      (Arm("random-real", "soft"), Arm("random-real", "hard"))))  # fmt: skip
-BASELINES.add("hard-labels", Baseline("the distilled set with hard labels (cross-entropy on each image's class)",
-                                      (Arm(DISTILLED, "hard"),)))  # fmt: skip
-BASELINES.add("full-data", Baseline("the whole training split with hard labels, by the dataset's teacher recipe "
-                                    "(trained once per dataset, student and seed, then reused)",
-                                    (Arm(FULL_DATA, "hard"),)))  # fmt: skip
-BASELINES.add("no-augmentation", Baseline("the distilled set and the random real subset with soft labels and "
-                                          "without the student's augmentation",
-                                          (Arm(DISTILLED, "soft", augment=False),
-                                           Arm("random-real", "soft", augment=False))))  # fmt: skip
+BASELINES.add(
+    "random-real",
+    Baseline(
+        "a random real subset of the same IPC, with soft and with hard labels",
+        (Arm("random-real", "soft"), Arm("random-real", "hard")),
+    ),
+)
+BASELINES.add(
+    "hard-labels",
+    Baseline("the distilled set with hard labels (cross-entropy on each image's class)", (Arm(DISTILLED, "hard"),)),
+)
+BASELINES.add(
+    "full-data",
+    Baseline(
+        "the whole training split with hard labels, by the dataset's teacher recipe "
+        "(trained once per dataset, student and seed, then reused)",
+        (Arm(FULL_DATA, "hard"),),
+    ),
+)
+BASELINES.add(
+    "no-augmentation",
+    Baseline(
+        "the distilled set and the random real subset with soft labels and without the student's augmentation",
+        (Arm(DISTILLED, "soft", augment=False), Arm("random-real", "soft", augment=False)),
+    ),
+)
 
 # What --robustness adds: every arm HLR, IOR, LRS and ARS need.
 ROBUSTNESS_BASELINES = ("random-real", "hard-labels", "full-data", "no-augmentation")
@@ -133,10 +148,17 @@ def full_data_config(config: EvalConfig, dataset: str, student: str, model_args:
     """How the full-data arm trains ``student``: the dataset's teacher recipe at the evaluation's seed and
     held-out split, written under ``--full-data-dir`` in a file named by what defines it."""
     given = {
-        "dataset": dataset, "model": student, "model_args": model_args, "holdout": config.holdout,
-        "seed": config.seed, "data_root": config.data_root, "device": config.device, "amp": config.amp,
-        "workers": config.workers, "out": "full-data.pt",
-    }  # fmt: skip
+        "dataset": dataset,
+        "model": student,
+        "model_args": model_args,
+        "holdout": config.holdout,
+        "seed": config.seed,
+        "data_root": config.data_root,
+        "device": config.device,
+        "amp": config.amp,
+        "workers": config.workers,
+        "out": "full-data.pt",
+    }
     teacher_config = resolve(TeacherConfig, given)
     digest = hashlib.sha256(json.dumps(teacher_config.identity(), sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(config.full_data_dir) if config.full_data_dir else default_cache() / "full-data"
@@ -144,9 +166,13 @@ def full_data_config(config: EvalConfig, dataset: str, student: str, model_args:
 
 
 def full_data_student(
-    config: EvalConfig, dataset: str, student: str, model_args: dict, known: Sequence[Teacher],
+    config: EvalConfig,
+    dataset: str,
+    student: str,
+    model_args: dict,
+    known: Sequence[Teacher],
     log: Callable[[str], None] = print,
-) -> tuple[Teacher, TeacherConfig]:  # fmt: skip
+) -> tuple[Teacher, TeacherConfig]:
     """The full-data student: one of ``known`` (e.g. the set's own teacher) when it was trained with
     exactly these settings, else the cached model, trained first (resumably) when missing."""
     teacher_config = full_data_config(config, dataset, student, model_args)

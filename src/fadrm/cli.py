@@ -13,8 +13,16 @@ import yaml
 
 from ._version import __version__
 from .config import (
-    STAGES, StageConfig, choices_of, dump_config, dump_yaml, flag_of, key_of, option_fields, option_type,
-)  # fmt: skip
+    STAGES,
+    StageConfig,
+    choices_of,
+    dump_config,
+    dump_yaml,
+    flag_of,
+    key_of,
+    option_fields,
+    option_type,
+)
 from .errors import FadrmError
 
 
@@ -81,15 +89,23 @@ def _given(args: argparse.Namespace, cls: type[StageConfig]) -> dict[str, Any]:
 
 def _add_config_flags(parser: argparse.ArgumentParser, replay: bool = True) -> None:
     if replay:
-        parser.add_argument("--config", metavar="FILE",
-                            help="options from a YAML file, e.g. the config.yaml a run wrote (replays it exactly); "
-                            "flags given as well override it")  # fmt: skip
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration (package defaults < the method's < the preset's "
-                        "section and its overrides for the method and IPC < --config < flags) and exit")  # fmt: skip
+        parser.add_argument(
+            "--config",
+            metavar="FILE",
+            help="options from a YAML file, e.g. the config.yaml a run wrote (replays it exactly); "
+            "flags given as well override it",
+        )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration (package defaults < the method's < the preset's "
+        "section and its overrides for the method and IPC < --config < flags) and exit",
+    )
 
 
-def _stage_parser(sub: argparse._SubParsersAction, command: str, help: str, description: str) -> argparse.ArgumentParser:
+def _stage_parser(
+    sub: argparse._SubParsersAction, command: str, help: str, description: str
+) -> argparse.ArgumentParser:
     parser = sub.add_parser(command, help=help, description=description)
     _add_options(parser, STAGES[command])
     _add_config_flags(parser, replay=command != "run")
@@ -122,28 +138,52 @@ def _stage_parsers(sub: argparse._SubParsersAction) -> None:
     from .synthesis.methods import METHODS
 
     methods = ", ".join(f"{m} ({METHODS.get(m).summary})" for m in METHODS.names())
-    _stage_parser(sub, "train-teacher", "train a teacher on a full dataset (resumable)",
-                  "Train a teacher; rerun the same command to resume after an interruption. Unset options come from "
-                  "the dataset preset's teacher recipe.")  # fmt: skip
-    _stage_parser(sub, "distill", "build a distilled dataset (resumable)",
-                  f"Distill a dataset. Methods: {methods}. Unset options come from the dataset's preset (fadrm list "
-                  "presets); the resolved config is saved in --out as config.yaml.")  # fmt: skip
-    _stage_parser(sub, "evaluate", "train students on a distilled set, report validation accuracy",
-                  "Train fresh students only on a distilled set (soft labels from its teachers) and report top-1/top-5 "
-                  "on the real validation set. Finished runs are reused. A set made by another tool (an ImageFolder "
-                  "without manifest.json) needs --dataset and --teacher.")  # fmt: skip
-    _stage_parser(sub, "stats", "compute the teachers' training-set statistics (G-VBSM, EDC; resumable)",
-                  "One pass over the training split per teacher, recording the statistics at every convolution and "
-                  "BatchNorm input that G-VBSM and EDC match, globally and per class, into a file beside the teacher "
-                  "(fadrm distill computes a missing one itself). Rerun the same command to resume.")  # fmt: skip
-    _stage_parser(sub, "priors", "compute each teacher's prior for a committee method (CV-DD; resumable)",
-                  "For each teacher, distill an SRe2L++ set from it alone and train one fixed student on it; the "
-                  "student's last-epoch top-1 is the teacher's prior. Writes --out/priors.json and prints the --prior "
-                  "flags to pass to fadrm distill. Rerun the same command to resume.")  # fmt: skip
-    _stage_parser(sub, "run", "the whole pipeline: teacher, distill, evaluate with a baseline",
-                  "Train (or load) the teachers, distill, evaluate against the random-real baseline, each stage with "
-                  "its preset's options; a committee method without priors computes them first, as fadrm priors. "
-                  "Rerunning reuses every finished stage.")  # fmt: skip
+    _stage_parser(
+        sub,
+        "train-teacher",
+        "train a teacher on a full dataset (resumable)",
+        "Train a teacher; rerun the same command to resume after an interruption. Unset options come from "
+        "the dataset preset's teacher recipe.",
+    )
+    _stage_parser(
+        sub,
+        "distill",
+        "build a distilled dataset (resumable)",
+        f"Distill a dataset. Methods: {methods}. Unset options come from the dataset's preset (fadrm list "
+        "presets); the resolved config is saved in --out as config.yaml.",
+    )
+    _stage_parser(
+        sub,
+        "evaluate",
+        "train students on a distilled set, report validation accuracy",
+        "Train fresh students only on a distilled set (soft labels from its teachers) and report top-1/top-5 "
+        "on the real validation set. Finished runs are reused. A set made by another tool (an ImageFolder "
+        "without manifest.json) needs --dataset and --teacher.",
+    )
+    _stage_parser(
+        sub,
+        "stats",
+        "compute the teachers' training-set statistics (G-VBSM, EDC; resumable)",
+        "One pass over the training split per teacher, recording the statistics at every convolution and "
+        "BatchNorm input that G-VBSM and EDC match, globally and per class, into a file beside the teacher "
+        "(fadrm distill computes a missing one itself). Rerun the same command to resume.",
+    )
+    _stage_parser(
+        sub,
+        "priors",
+        "compute each teacher's prior for a committee method (CV-DD; resumable)",
+        "For each teacher, distill an SRe2L++ set from it alone and train one fixed student on it; the "
+        "student's last-epoch top-1 is the teacher's prior. Writes --out/priors.json and prints the --prior "
+        "flags to pass to fadrm distill. Rerun the same command to resume.",
+    )
+    _stage_parser(
+        sub,
+        "run",
+        "the whole pipeline: teacher, distill, evaluate with a baseline",
+        "Train (or load) the teachers, distill, evaluate against the random-real baseline, each stage with "
+        "its preset's options; a committee method without priors computes them first, as fadrm priors. "
+        "Rerunning reuses every finished stage.",
+    )
 
 
 # ----------------------------------------------------------------- download
@@ -204,11 +244,13 @@ DEBUG_VARIABLE = "FADRM_DEBUG"
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render the docs)."""
-    parser = _Parser(prog="fadrm", description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED, G-VBSM, "
-                     "EDC, CV-DD.")  # fmt: skip
+    parser = _Parser(
+        prog="fadrm", description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED, G-VBSM, EDC, CV-DD."
+    )
     parser.add_argument("--version", action="version", version=f"fadrm {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help=f"show the traceback of an unexpected error (or set {DEBUG_VARIABLE}=1)")  # fmt: skip
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the traceback of an unexpected error (or set {DEBUG_VARIABLE}=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_stage_parsers, _download_parser, _list_parser):
         add(sub)
@@ -233,7 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise
         detail = " ".join(str(exc).split())[:200]
-        print(f"fadrm: internal error, a bug in fadrm {__version__} ({type(exc).__name__}: {detail}); please report "
-              f"it with the command you ran and the traceback that `fadrm --debug {args.command} ...` (or "
-              f"{DEBUG_VARIABLE}=1) prints", file=sys.stderr)  # fmt: skip
+        print(
+            f"fadrm: internal error, a bug in fadrm {__version__} ({type(exc).__name__}: {detail}); please report "
+            f"it with the command you ran and the traceback that `fadrm --debug {args.command} ...` (or "
+            f"{DEBUG_VARIABLE}=1) prints",
+            file=sys.stderr,
+        )
         return 1

@@ -87,10 +87,19 @@ def option(
             its default, so replaying the file never repeats it.
     """
     metadata = {
-        "help": help, "defines": defines, "key": key, "flag": flag, "inert": inert, "repeat": repeat, "nargs": nargs,
-        "check": tuple(check) if isinstance(check, (list, tuple)) else (check,), "choices": choices,
-        "positional": positional, "unset": unset, "persist": persist,
-    }  # fmt: skip
+        "help": help,
+        "defines": defines,
+        "key": key,
+        "flag": flag,
+        "inert": inert,
+        "repeat": repeat,
+        "nargs": nargs,
+        "check": tuple(check) if isinstance(check, (list, tuple)) else (check,),
+        "choices": choices,
+        "positional": positional,
+        "unset": unset,
+        "persist": persist,
+    }
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -132,8 +141,9 @@ def in_range(low: float, high: float) -> Check:
 
 def each(rule: Check) -> Check:
     """Rule: ``rule`` holds for every element of a list."""
-    return _rule(lambda values: next((rule(v) for v in values if rule(v)), None),
-                 *([v] for v in getattr(rule, "invalid", ())))  # fmt: skip
+    return _rule(
+        lambda values: next((rule(v) for v in values if rule(v)), None), *([v] for v in getattr(rule, "invalid", ()))
+    )
 
 
 def scale_pair(value: Sequence[float]) -> str | None:
@@ -292,11 +302,13 @@ class TeacherConfig(StageConfig):
     SECTION: ClassVar[str] = "teacher"
 
     dataset: str = option(help="registered dataset name (fadrm list datasets)", choices=registered("dataset"))
-    model: str = option(help="registered model name (fadrm list models) or timm:<name>; default: the preset's",
-                        check=model_name)  # fmt: skip
+    model: str = option(
+        help="registered model name (fadrm list models) or timm:<name>; default: the preset's", check=model_name
+    )
     out: str = option(help="checkpoint file to write", defines=False, check=not_a_folder)
-    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False,
-                                  check=existing_folder)  # fmt: skip
+    data_root: str | None = option(
+        None, help="dataset folder (default: the dataset's usual place)", defines=False, check=existing_folder
+    )
     model_args: dict[str, Any] = option({}, help="architecture option, e.g. width=64", flag="--model-arg", repeat=True)
     epochs: int = option(10, help="training epochs", check=at_least(1))
     batch_size: int = option(256, help="images per optimiser step", check=at_least(1))
@@ -304,14 +316,24 @@ class TeacherConfig(StageConfig):
     momentum: float = option(0.9, help="SGD (Nesterov) momentum", check=in_range(0.0, 1.0))
     weight_decay: float = option(5e-4, help="SGD weight decay", check=non_negative)
     seed: int = option(0, help="random seed (initialisation, batches, augmentation)")
-    holdout: int = option(0, help="hold out the last N training images per class as the validation set", check=at_least(0))
-    workers: int | None = option(None, help="data-loading processes (default: 0 on <= 2 cores)", defines=False,
-                                 check=at_least(0))  # fmt: skip
+    holdout: int = option(
+        0, help="hold out the last N training images per class as the validation set", check=at_least(0)
+    )
+    workers: int | None = option(
+        None, help="data-loading processes (default: 0 on <= 2 cores)", defines=False, check=at_least(0)
+    )
     device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
-    amp: str = option("auto", help=f"mixed precision (auto: {CUDA_AUTO_AMP['teacher']} on CUDA, fp16 where bf16 is "
-                      "unsupported; off on the CPU)", defines=False, choices=AMP_MODES, unset="auto")  # fmt: skip
-    overwrite: bool = option(False, help="discard an existing checkpoint or unfinished run", defines=False,
-                             persist=False)  # fmt: skip
+    amp: str = option(
+        "auto",
+        help=f"mixed precision (auto: {CUDA_AUTO_AMP['teacher']} on CUDA, fp16 where bf16 is "
+        "unsupported; off on the CPU)",
+        defines=False,
+        choices=AMP_MODES,
+        unset="auto",
+    )
+    overwrite: bool = option(
+        False, help="discard an existing checkpoint or unfinished run", defines=False, persist=False
+    )
 
 
 def _inert_at(key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
@@ -330,38 +352,72 @@ class SynthesisConfig(Options):
     first_bn_multiplier: float = option(10.0, help="extra weight of the first BatchNorm layer", check=non_negative)
     jitter: int = option(4, help="largest random shift in pixels", check=at_least(0))
     alpha: float = option(0.5, help="ARC merge ratio in [0, 1] (1: no residual)", check=in_range(0.0, 1.0))
-    crop_scale: list[float] = option([0.08, 1.0], help="area range of the random-resized crops", nargs=2,
-                                     check=scale_pair)  # fmt: skip
-    classes_per_group: int = option(100, check=at_least(1),
-                                    help="classes sharing BN statistics in one group (more than the dataset has: "
-                                    "one group of all its classes)")  # fmt: skip
+    crop_scale: list[float] = option(
+        [0.08, 1.0], help="area range of the random-resized crops", nargs=2, check=scale_pair
+    )
+    classes_per_group: int = option(
+        100,
+        check=at_least(1),
+        help="classes sharing BN statistics in one group (more than the dataset has: one group of all its classes)",
+    )
     # Added in fadrm 0.3 for G-VBSM, EDC and CV-DD; each is out of the identity at the value that
     # leaves every earlier method's maths as it was.
-    stat_ema: float = option(0.0, check=in_range(0.0, 1.0), inert=_inert_at("stat_ema", 0.0),
-                             help="EMA coefficient a of each matched statistic: the distance is taken at "
-                             "a * previous + (1 - a) * current, the gradient goes to the current one (G-VBSM, "
-                             "EDC); 0: the current statistic")  # fmt: skip
-    conv_drop: float = option(0.0, check=in_range(0.0, 1.0), inert=_inert_at("conv_drop", 0.0),
-                              help="probability that a convolution's statistics term is left out of an "
-                              "iteration, drawn per group (G-VBSM's beta_dr)")  # fmt: skip
-    dd_weight: float = option(0.0, check=non_negative, inert=_inert_at("dd_weight", 0.0),
-                              help="weight of G-VBSM's data-densification term on the eigenvalue spectrum of each "
-                              "class's images in a group (needs several images of a class per group)")  # fmt: skip
-    group_images: int | None = option(None, check=at_least(1), inert=_inert_at("group_images", None),
-                                      help="images per group of a class-major method: whole classes with their "
-                                      "IPC slots (or --group-slots) each, which must divide it")  # fmt: skip
-    group_slots: int | None = option(None, check=at_least(1), inert=_inert_at("group_slots", None),
-                                     help="IPC slots of each class in a class-major group (default: all; must "
-                                     "divide --ipc)")  # fmt: skip
-    committee_size: int = option(1, check=at_least(1), inert=_inert_at("committee_size", 1),
-                                 help="teachers in the committee of a committee method (CV-DD: 2)")
-    fixed_committee: list[int] | None = option(None, check=each(at_least(0)),
-                                               inert=_inert_at("fixed_committee", None),
-                                               help="positions (0: the first --teacher) of one committee used at "
-                                               "every IPC index (default: a committee per IPC index)")  # fmt: skip
-    priors: list[float] | None = option(None, flag="--prior", repeat=True, inert=_inert_at("priors", None),
-                                        help="a committee method's prior per teacher, in --teacher order; member "
-                                        "k is weighted softmax(prior / 5)_k (default: equal weights)")  # fmt: skip
+    stat_ema: float = option(
+        0.0,
+        check=in_range(0.0, 1.0),
+        inert=_inert_at("stat_ema", 0.0),
+        help="EMA coefficient a of each matched statistic: the distance is taken at "
+        "a * previous + (1 - a) * current, the gradient goes to the current one (G-VBSM, "
+        "EDC); 0: the current statistic",
+    )
+    conv_drop: float = option(
+        0.0,
+        check=in_range(0.0, 1.0),
+        inert=_inert_at("conv_drop", 0.0),
+        help="probability that a convolution's statistics term is left out of an "
+        "iteration, drawn per group (G-VBSM's beta_dr)",
+    )
+    dd_weight: float = option(
+        0.0,
+        check=non_negative,
+        inert=_inert_at("dd_weight", 0.0),
+        help="weight of G-VBSM's data-densification term on the eigenvalue spectrum of each "
+        "class's images in a group (needs several images of a class per group)",
+    )
+    group_images: int | None = option(
+        None,
+        check=at_least(1),
+        inert=_inert_at("group_images", None),
+        help="images per group of a class-major method: whole classes with their "
+        "IPC slots (or --group-slots) each, which must divide it",
+    )
+    group_slots: int | None = option(
+        None,
+        check=at_least(1),
+        inert=_inert_at("group_slots", None),
+        help="IPC slots of each class in a class-major group (default: all; must divide --ipc)",
+    )
+    committee_size: int = option(
+        1,
+        check=at_least(1),
+        inert=_inert_at("committee_size", 1),
+        help="teachers in the committee of a committee method (CV-DD: 2)",
+    )
+    fixed_committee: list[int] | None = option(
+        None,
+        check=each(at_least(0)),
+        inert=_inert_at("fixed_committee", None),
+        help="positions (0: the first --teacher) of one committee used at "
+        "every IPC index (default: a committee per IPC index)",
+    )
+    priors: list[float] | None = option(
+        None,
+        flag="--prior",
+        repeat=True,
+        inert=_inert_at("priors", None),
+        help="a committee method's prior per teacher, in --teacher order; member "
+        "k is weighted softmax(prior / 5)_k (default: equal weights)",
+    )
 
     @property
     def total_budget(self) -> int:
@@ -376,14 +432,19 @@ class PatchConfig(Options):
     num_crop: int = option(5, help="crops scored per candidate image", check=at_least(1))
     factor: int = option(1, help="patches per side of a stitched image", check=at_least(1))
     difficulty: str | float = option("easy", help="easy, medium, hard, or a quantile in [0, 1]", check=difficulty_band)
-    crop_scale: list[float] = option([0.08, 1.0], help="area range of the patch crops", key="patch_crop_scale",
-                                     nargs=2, check=scale_pair)  # fmt: skip
+    crop_scale: list[float] = option(
+        [0.08, 1.0], help="area range of the patch crops", key="patch_crop_scale", nargs=2, check=scale_pair
+    )
     # Identical at factor 1 (patches fill the image), where it stays out of the identity so
     # sets made before it existed resume.
-    scoring: str = option("pad", key="patch_scoring", choices=registered("patch scoring"),
-                          inert=lambda flat: flat.get("factor", 1) == 1,
-                          help="score a patch smaller than the image (factor > 1) zero-padded into the full "
-                          "canvas (pad, RDED's) or upsampled to it (resize)")  # fmt: skip
+    scoring: str = option(
+        "pad",
+        key="patch_scoring",
+        choices=registered("patch scoring"),
+        inert=lambda flat: flat.get("factor", 1) == 1,
+        help="score a patch smaller than the image (factor > 1) zero-padded into the full "
+        "canvas (pad, RDED's) or upsampled to it (resize)",
+    )
 
 
 @dataclass
@@ -395,52 +456,88 @@ class DistillConfig(StageConfig):
     dataset: str = option(help="registered dataset name (fadrm list datasets)", choices=registered("dataset"))
     # Teachers are identified by their files' hashes, not their paths. Their files are checked
     # when loaded, not here: `fadrm run` resolves this config before it trains them.
-    teachers: list[str] = option(help="teacher checkpoint, .safetensors, or torchvision weights arch:WEIGHTS; "
-                                 "repeat for several", flag="--teacher", repeat=True, defines=False)  # fmt: skip
+    teachers: list[str] = option(
+        help="teacher checkpoint, .safetensors, or torchvision weights arch:WEIGHTS; repeat for several",
+        flag="--teacher",
+        repeat=True,
+        defines=False,
+    )
     out: str = option(help="output folder", defines=False, check=not_a_file)
     method: str = option("fadrm", help="the method (fadrm list methods)", choices=registered("method"))
     ipc: int = option(10, help="images per class", check=at_least(1))
     seed: int = option(0, help="random seed")
-    holdout: int = option(0, help="validate on the last N training images per class, not the test set",
-                          check=at_least(0))  # fmt: skip
-    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False,
-                                  check=existing_folder)  # fmt: skip
+    holdout: int = option(
+        0, help="validate on the last N training images per class, not the test set", check=at_least(0)
+    )
+    data_root: str | None = option(
+        None, help="dataset folder (default: the dataset's usual place)", defines=False, check=existing_folder
+    )
     teacher_arch: str | None = option(None, help="architecture of a plain state-dict teacher", check=model_name)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     patches: PatchConfig = field(default_factory=PatchConfig)
-    init_from: str | None = option(None, check=existing_folder, inert=_inert_at("init_from", None),
-                                   help="a finished distilled set of the same dataset and IPC whose images a "
-                                   "real-image initialiser draws from instead of the training set (EDC on "
-                                   "ImageNet-1k: an RDED set)")  # fmt: skip
-    stats_dir: str | None = option(None, defines=False, check=not_a_file,
-                                   help="where the teachers' statistics files are kept (default: beside each "
-                                   "teacher); computed there when a method needs them")  # fmt: skip
+    init_from: str | None = option(
+        None,
+        check=existing_folder,
+        inert=_inert_at("init_from", None),
+        help="a finished distilled set of the same dataset and IPC whose images a "
+        "real-image initialiser draws from instead of the training set (EDC on "
+        "ImageNet-1k: an RDED set)",
+    )
+    stats_dir: str | None = option(
+        None,
+        defines=False,
+        check=not_a_file,
+        help="where the teachers' statistics files are kept (default: beside each "
+        "teacher); computed there when a method needs them",
+    )
     # Not defining: the priors it gives are (written into the config as --prior values).
-    priors_from: str | None = option(None, defines=False, check=existing_file,
-                                     help="a committee method's priors from the priors.json of fadrm priors, "
-                                     "matched to each --teacher by its file's hash")  # fmt: skip
+    priors_from: str | None = option(
+        None,
+        defines=False,
+        check=existing_file,
+        help="a committee method's priors from the priors.json of fadrm priors, "
+        "matched to each --teacher by its file's hash",
+    )
     # Acts through the synthesis sizes and budgets it resolves to.
-    equal_budget: bool = option(False, defines=False,
-                                help="give SRe2L / SRe2L++ FADRM's iteration budget instead of the one their "
-                                "authors ran")  # fmt: skip
+    equal_budget: bool = option(
+        False, defines=False, help="give SRe2L / SRe2L++ FADRM's iteration budget instead of the one their authors ran"
+    )
     groups_per_batch: int | None = option(
-        None, defines=False, check=at_least(1),
+        None,
+        defines=False,
+        check=at_least(1),
         help=f"groups optimised in one forward pass (default: as many as hold {DEFAULT_BATCH_IMAGES['cuda']} images "
-        f"on CUDA, {DEFAULT_BATCH_IMAGES['cpu']} on the CPU; at least one)")  # fmt: skip
-    workers: int | None = option(None, help="processes decoding the real images of patch selection (default: one "
-                                 "per available core for image files on more than 2 cores, else none)", defines=False,
-                                 check=at_least(0))  # fmt: skip
+        f"on CUDA, {DEFAULT_BATCH_IMAGES['cpu']} on the CPU; at least one)",
+    )
+    workers: int | None = option(
+        None,
+        help="processes decoding the real images of patch selection (default: one "
+        "per available core for image files on more than 2 cores, else none)",
+        defines=False,
+        check=at_least(0),
+    )
     device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
-    amp: str = option("auto", help=f"mixed precision (auto: the preset's, else {CUDA_AUTO_AMP['synthesis']} on CUDA; "
-                      "off on the CPU)", defines=False, choices=AMP_MODES, unset="auto")  # fmt: skip
-    compile: bool = option(False, defines=False,
-                           help="torch.compile the teachers: minutes of compiling per input size first; 3%% faster "
-                           "per iteration for a CPU ResNet-18, no gain for small ConvNets")  # fmt: skip
-    fused_statistics: bool = option(False, defines=False,
-                                    help="compute the statistics loss of all matched layers in one step: "
-                                    "FADRM's 1.49x the bare teacher's host operations per iteration instead of "
-                                    "6.9x, G-VBSM's and EDC's 3.5-3.9x instead of 17-30x (benchmarks/host_cost.py); "
-                                    "other float rounding; not with --compile; off until timed on a GPU")  # fmt: skip
+    amp: str = option(
+        "auto",
+        help=f"mixed precision (auto: the preset's, else {CUDA_AUTO_AMP['synthesis']} on CUDA; off on the CPU)",
+        defines=False,
+        choices=AMP_MODES,
+        unset="auto",
+    )
+    compile: bool = option(
+        False,
+        defines=False,
+        help="torch.compile the teachers: minutes of compiling per input size first; 3%% faster "
+        "per iteration for a CPU ResNet-18, no gain for small ConvNets",
+    )
+    fused_statistics: bool = option(
+        False,
+        defines=False,
+        help="compute the statistics loss of all matched layers in one step: "
+        "FADRM's 1.49x the bare teacher's host operations per iteration instead of "
+        "6.9x, G-VBSM's and EDC's 3.5-3.9x instead of 17-30x (benchmarks/host_cost.py); "
+        "other float rounding; not with --compile; off until timed on a GPU",
+    )
     overwrite: bool = option(False, help="replace a different run already in --out", defines=False, persist=False)
 
     @classmethod
@@ -452,7 +549,9 @@ class DistillConfig(StageConfig):
         layers = super().preset_layers(dataset, method, ipc, chosen)
         if _merged(cls, *layers, chosen).get("equal_budget"):
             fadrm = _merged(cls, *super().preset_layers(dataset, "fadrm", ipc, chosen))
-            layers.append({"synthesis": {k: v for k, v in fadrm.get("synthesis", {}).items() if k in ("sizes", "budgets")}})
+            layers.append(
+                {"synthesis": {k: v for k, v in fadrm.get("synthesis", {}).items() if k in ("sizes", "budgets")}}
+            )
         return layers
 
     def check(self) -> None:
@@ -474,11 +573,15 @@ class DistillConfig(StageConfig):
             raise FadrmError("give at least one --teacher")
         method = registry("method").get(self.method)
         if method.max_teachers is not None and len(self.teachers) > method.max_teachers:
-            raise FadrmError(f"method {method.name} uses at most {method.max_teachers} teacher(s), got "
-                             f"{len(self.teachers)}; use fadrm+ for several")  # fmt: skip
-        problem = (registry("unit plan").get(method.units).problem(self.ipc, self.synthesis)
-                   or registry("teacher policy").get(method.teacher_policy).problem(len(self.teachers), self.synthesis)
-                   or registry("initialiser").get(method.initialiser).problem(self))  # fmt: skip
+            raise FadrmError(
+                f"method {method.name} uses at most {method.max_teachers} teacher(s), got "
+                f"{len(self.teachers)}; use fadrm+ for several"
+            )
+        problem = (
+            registry("unit plan").get(method.units).problem(self.ipc, self.synthesis)
+            or registry("teacher policy").get(method.teacher_policy).problem(len(self.teachers), self.synthesis)
+            or registry("initialiser").get(method.initialiser).problem(self)
+        )
         if problem:
             raise FadrmError(f"{method.name}: {problem}")
 
@@ -495,9 +598,13 @@ COMMON_PROTOCOL_METHOD = "fadrm"
 def protocol_option() -> Any:
     """``--protocol``, shared by ``fadrm evaluate`` and ``fadrm run``. Not defining: it acts through the
     settings it resolves, which are the identity."""
-    return option("own", defines=False, choices=tuple(PROTOCOL_WORDS),
-                  help="how students train: own (the method's published relabelling and student protocol) or common "
-                  "(FADRM's reference protocol for every method, so that a table compares the data alone)")  # fmt: skip
+    return option(
+        "own",
+        defines=False,
+        choices=tuple(PROTOCOL_WORDS),
+        help="how students train: own (the method's published relabelling and student protocol) or common "
+        "(FADRM's reference protocol for every method, so that a table compares the data alone)",
+    )
 
 
 @dataclass
@@ -506,116 +613,212 @@ class EvalConfig(StageConfig):
 
     SECTION: ClassVar[str] = "evaluate"
 
-    distilled: str = option(help="folder written by fadrm distill, or an ImageFolder made by another tool (with "
-                            "--dataset and --teacher)", positional=True)  # fmt: skip
+    distilled: str = option(
+        help="folder written by fadrm distill, or an ImageFolder made by another tool (with --dataset and --teacher)",
+        positional=True,
+    )
     # Not defining: a set's id pins its dataset (our manifest names it; a foreign set's id includes it).
-    dataset: str | None = option(None, defines=False, choices=registered("dataset"),
-                                 help="the set's dataset: required for a folder without manifest.json (an ImageFolder "
-                                 "made by another tool); with a manifest it must agree")  # fmt: skip
+    dataset: str | None = option(
+        None,
+        defines=False,
+        choices=registered("dataset"),
+        help="the set's dataset: required for a folder without manifest.json (an ImageFolder "
+        "made by another tool); with a manifest it must agree",
+    )
     out: str | None = option(None, help="results folder (default: <distilled>/eval)", defines=False, check=not_a_file)
-    teachers: list[str] | None = option(None, help="relabelling teacher (default: the set's own); repeat for several",
-                                        flag="--teacher", repeat=True, check=each(teacher_source))  # fmt: skip
-    students: list[str] | None = option(None, defines=False, flag="--student", repeat=True, check=each(model_name),
-                                        help="student model (default: the teacher's architecture); repeat for a "
-                                        "cross-architecture table")  # fmt: skip
+    teachers: list[str] | None = option(
+        None,
+        help="relabelling teacher (default: the set's own); repeat for several",
+        flag="--teacher",
+        repeat=True,
+        check=each(teacher_source),
+    )
+    students: list[str] | None = option(
+        None,
+        defines=False,
+        flag="--student",
+        repeat=True,
+        check=each(model_name),
+        help="student model (default: the teacher's architecture); repeat for a cross-architecture table",
+    )
     protocol: str = protocol_option()
     epochs: int = option(300, help="training epochs", check=at_least(1))
     batch_size: int = option(16, help="loader batch: one view draw and one optimiser step each", check=at_least(1))
-    accumulation: int = option(2, check=at_least(1),
-                               help="micro-batches each loader batch is forwarded in, gradients summed (2: the "
-                               "student's BatchNorm sees 8 of 16)")  # fmt: skip
+    accumulation: int = option(
+        2,
+        check=at_least(1),
+        help="micro-batches each loader batch is forwarded in, gradients summed (2: the "
+        "student's BatchNorm sees 8 of 16)",
+    )
     optimizer: str = option("adamw", help="student optimiser", choices=registered("optimizer"))
     # Both new in fadrm 0.3: out of the identity at their only former behaviour.
-    schedule: str = option("stretched-cosine", help="learning-rate schedule over the epochs",
-                           choices=registered("schedule"),
-                           inert=lambda flat: flat.get("schedule") == "stretched-cosine")  # fmt: skip
-    loss: str = option("kl", help="the student's loss on soft labels: kl (the distributions at --temperature) or "
-                       "mse-ce (raw logits' MSE + --ce-weight x cross-entropy, G-VBSM and EDC)",
-                       choices=registered("loss"),
-                       inert=lambda flat: flat.get("loss") == "kl")  # fmt: skip
+    schedule: str = option(
+        "stretched-cosine",
+        help="learning-rate schedule over the epochs",
+        choices=registered("schedule"),
+        inert=lambda flat: flat.get("schedule") == "stretched-cosine",
+    )
+    loss: str = option(
+        "kl",
+        help="the student's loss on soft labels: kl (the distributions at --temperature) or "
+        "mse-ce (raw logits' MSE + --ce-weight x cross-entropy, G-VBSM and EDC)",
+        choices=registered("loss"),
+        inert=lambda flat: flat.get("loss") == "kl",
+    )
     # New for the students of G-VBSM, EDC and CV-DD: out of the identity at its former value, and wherever
     # the optimiser has no momentum.
-    momentum: float = option(0.9, help="SGD's momentum (--optimizer sgd only; EDC's CIFAR-100 student: 0.875)",
-                             check=in_range(0.0, 1.0),
-                             inert=lambda flat: flat.get("momentum") == 0.9 or flat.get("optimizer") != "sgd")  # fmt: skip
-    ce_weight: float = option(0.1, check=non_negative, inert=lambda flat: flat.get("loss") != "mse-ce",
-                              help="weight of the cross-entropy with each image's own class in --loss mse-ce "
-                              "(G-VBSM: 0.15 on CIFAR, 0.1 on Tiny-ImageNet and ImageNet; EDC: 0.025)")  # fmt: skip
-    lr: float | None = option(None, flag="--student-lr", check=positive,
-                              help="default: the published value for the dataset, student and IPC (the preset's "
-                              "students table)")  # fmt: skip
+    momentum: float = option(
+        0.9,
+        help="SGD's momentum (--optimizer sgd only; EDC's CIFAR-100 student: 0.875)",
+        check=in_range(0.0, 1.0),
+        inert=lambda flat: flat.get("momentum") == 0.9 or flat.get("optimizer") != "sgd",
+    )
+    ce_weight: float = option(
+        0.1,
+        check=non_negative,
+        inert=lambda flat: flat.get("loss") != "mse-ce",
+        help="weight of the cross-entropy with each image's own class in --loss mse-ce "
+        "(G-VBSM: 0.15 on CIFAR, 0.1 on Tiny-ImageNet and ImageNet; EDC: 0.025)",
+    )
+    lr: float | None = option(
+        None,
+        flag="--student-lr",
+        check=positive,
+        help="default: the published value for the dataset, student and IPC (the preset's students table)",
+    )
     weight_decay: float = option(0.01, help="on multi-dimensional weights only", check=non_negative)
-    eta: float | None = option(None, check=positive,
-                               help="cosine stretch: lr factor 0.5(1 + cos(pi e / (eta E))); default as --student-lr")  # fmt: skip
+    eta: float | None = option(
+        None, check=positive, help="cosine stretch: lr factor 0.5(1 + cos(pi e / (eta E))); default as --student-lr"
+    )
     temperature: float = option(20.0, help="softmax temperature of the soft labels and the student", check=positive)
-    ema_decay: float = option(0.0, check=in_range(0.0, 1.0), inert=lambda flat: not flat.get("ema_decay"),
-                              help="validate an exponential moving average of the student's parameters, updated "
-                              "after every optimiser step with this decay (0: off; EDC: 0.99)")  # fmt: skip
+    ema_decay: float = option(
+        0.0,
+        check=in_range(0.0, 1.0),
+        inert=lambda flat: not flat.get("ema_decay"),
+        help="validate an exponential moving average of the student's parameters, updated "
+        "after every optimiser step with this decay (0: off; EDC: 0.99)",
+    )
     mix: str = option("cutmix", help="mixing of each loader batch", choices=registered("mix"))
-    mix_alpha: float = option(1.0, check=positive,
-                              help="mixing weight ~ Beta(a, a): 1 as published for CutMix; the reference's MixUp "
-                              "uses 0.8")  # fmt: skip
-    crop_scale: list[float] = option([0.08, 1.0], help="area range of the students' random-resized crops", nargs=2,
-                                     check=scale_pair)  # fmt: skip
+    mix_alpha: float = option(
+        1.0,
+        check=positive,
+        help="mixing weight ~ Beta(a, a): 1 as published for CutMix; the reference's MixUp uses 0.8",
+    )
+    crop_scale: list[float] = option(
+        [0.08, 1.0], help="area range of the students' random-resized crops", nargs=2, check=scale_pair
+    )
     # New in fadrm 0.4: out of the identity at its only former behaviour.
-    augment: bool = option(True, inert=lambda flat: flat.get("augment") is True,
-                           help="the students' augmentation: random-resized crops, flips and mixing (--no-augment: "
-                           "whole images, as they are)")  # fmt: skip
-    rand_augment: bool = option(False, inert=lambda flat: not flat.get("rand_augment"),
-                                help="RandAugment (two operations at magnitude 9, as torchvision's) on each image "
-                                "before its crop, drawn from the batch's seed (EDC's CIFAR and Tiny students)")  # fmt: skip
-    labels: str = option("live", help="teacher in the loop, or labels stored once and reused", choices=("live", "stored"))
-    labels_dir: str | None = option(None, defines=False,
-                                    help="where stored labels live (default: <out>/labels; repeat r > 0 uses "
-                                    "<dir>-repeat<r>)")  # fmt: skip
+    augment: bool = option(
+        True,
+        inert=lambda flat: flat.get("augment") is True,
+        help="the students' augmentation: random-resized crops, flips and mixing (--no-augment: "
+        "whole images, as they are)",
+    )
+    rand_augment: bool = option(
+        False,
+        inert=lambda flat: not flat.get("rand_augment"),
+        help="RandAugment (two operations at magnitude 9, as torchvision's) on each image "
+        "before its crop, drawn from the batch's seed (EDC's CIFAR and Tiny students)",
+    )
+    labels: str = option(
+        "live", help="teacher in the loop, or labels stored once and reused", choices=("live", "stored")
+    )
+    labels_dir: str | None = option(
+        None, defines=False, help="where stored labels live (default: <out>/labels; repeat r > 0 uses <dir>-repeat<r>)"
+    )
     topk: int | None = option(None, help="store only the top-k probabilities per view", check=at_least(1))
-    bssl: bool = option(True, help="batch-specific soft labels: teachers' BatchNorm on each half of the loader "
-                        "batch (the published default; --no-bssl: eval-mode teachers)")  # fmt: skip
-    teacher_weights: list[float] | None = option(None, help="weight of each relabelling teacher", flag="--teacher-weight",
-                                                 repeat=True, check=each(non_negative))  # fmt: skip
+    bssl: bool = option(
+        True,
+        help="batch-specific soft labels: teachers' BatchNorm on each half of the loader "
+        "batch (the published default; --no-bssl: eval-mode teachers)",
+    )
+    teacher_weights: list[float] | None = option(
+        None, help="weight of each relabelling teacher", flag="--teacher-weight", repeat=True, check=each(non_negative)
+    )
     # The relabelling of G-VBSM and CV-DD; out of the identity when off, as every run before them.
-    teacher_priors: list[float] | None = option(None, flag="--teacher-prior", repeat=True,
-                                                inert=lambda flat: not flat.get("teacher_priors"),
-                                                help="CV-DD's committee relabelling: one score per relabelling teacher "
-                                                "(its prior); the teachers' logits are weighted by softmax(prior / "
-                                                "--prior-temperature)")  # fmt: skip
-    prior_temperature: float = option(10.0, check=positive, inert=lambda flat: not flat.get("teacher_priors"),
-                                      help="temperature of the priors' softmax (CV-DD relabels at 10)")  # fmt: skip
-    balance_teachers: bool = option(False, inert=lambda flat: not flat.get("balance_teachers"),
-                                    help="rescale each teacher's logits for a batch to the teachers' mean Frobenius "
-                                    "norm before averaging (G-VBSM on ImageNet)")  # fmt: skip
-    eval_every: int = option(10, defines=False, check=at_least(0),
-                             help="validate after epochs 1, 1+k, 1+2k, ... and the last (published: 10; 0: the last "
-                             "only); the best of these is reported beside the last epoch's")  # fmt: skip
+    teacher_priors: list[float] | None = option(
+        None,
+        flag="--teacher-prior",
+        repeat=True,
+        inert=lambda flat: not flat.get("teacher_priors"),
+        help="CV-DD's committee relabelling: one score per relabelling teacher "
+        "(its prior); the teachers' logits are weighted by softmax(prior / "
+        "--prior-temperature)",
+    )
+    prior_temperature: float = option(
+        10.0,
+        check=positive,
+        inert=lambda flat: not flat.get("teacher_priors"),
+        help="temperature of the priors' softmax (CV-DD relabels at 10)",
+    )
+    balance_teachers: bool = option(
+        False,
+        inert=lambda flat: not flat.get("balance_teachers"),
+        help="rescale each teacher's logits for a batch to the teachers' mean Frobenius "
+        "norm before averaging (G-VBSM on ImageNet)",
+    )
+    eval_every: int = option(
+        10,
+        defines=False,
+        check=at_least(0),
+        help="validate after epochs 1, 1+k, 1+2k, ... and the last (published: 10; 0: the last "
+        "only); the best of these is reported beside the last epoch's",
+    )
     eval_at: list[int] = option([], help="also validate after these epochs", defines=False, check=each(at_least(1)))
-    baselines: list[str] = option([], defines=False, flag="--baseline", repeat=True,
-                                  choices=registered("baseline"),
-                                  help="also train these arms: random-real (a random real subset of the same "
-                                  "IPC, soft and hard labels), hard-labels (the set with hard labels), full-data (the "
-                                  "whole training split, hard labels, by the teacher recipe; cached), "
-                                  "no-augmentation (set and subset, soft labels, no augmentation)")  # fmt: skip
-    robustness: bool = option(False, defines=False,
-                              help="add every baseline the robustness scores need and report HLR, IOR, LRS and ARS "
-                              "(DD-Ranking's scores, on accuracies as fractions)")  # fmt: skip
-    full_data_dir: str | None = option(None, defines=False, check=not_a_file,
-                                       help="where full-data students are kept and reused (default: "
-                                       "$FADRM_CACHE/full-data, else ~/.cache/fadrm/full-data)")  # fmt: skip
+    baselines: list[str] = option(
+        [],
+        defines=False,
+        flag="--baseline",
+        repeat=True,
+        choices=registered("baseline"),
+        help="also train these arms: random-real (a random real subset of the same "
+        "IPC, soft and hard labels), hard-labels (the set with hard labels), full-data (the "
+        "whole training split, hard labels, by the teacher recipe; cached), "
+        "no-augmentation (set and subset, soft labels, no augmentation)",
+    )
+    robustness: bool = option(
+        False,
+        defines=False,
+        help="add every baseline the robustness scores need and report HLR, IOR, LRS and ARS "
+        "(DD-Ranking's scores, on accuracies as fractions)",
+    )
+    full_data_dir: str | None = option(
+        None,
+        defines=False,
+        check=not_a_file,
+        help="where full-data students are kept and reused (default: "
+        "$FADRM_CACHE/full-data, else ~/.cache/fadrm/full-data)",
+    )
     seed: int = option(0, help="random seed (student initialisation, views, random real subset)")
     # Each run's identity holds its own seed, so finished runs survive a larger --repeats.
-    repeats: int = option(1, defines=False, check=at_least(1),
-                          help="repeat each comparison with seeds seed, seed+1, ... and report mean ± std")  # fmt: skip
-    holdout: int | None = option(None, help="validate on the last N training images per class (default: the set's)",
-                                 check=at_least(0))  # fmt: skip
-    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False,
-                                  check=existing_folder)  # fmt: skip
+    repeats: int = option(
+        1,
+        defines=False,
+        check=at_least(1),
+        help="repeat each comparison with seeds seed, seed+1, ... and report mean ± std",
+    )
+    holdout: int | None = option(
+        None, help="validate on the last N training images per class (default: the set's)", check=at_least(0)
+    )
+    data_root: str | None = option(
+        None, help="dataset folder (default: the dataset's usual place)", defines=False, check=existing_folder
+    )
     device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
-    amp: str = option("auto", help=f"mixed precision (auto: {CUDA_AUTO_AMP['evaluate']} on CUDA, as published; off "
-                      "on the CPU)", defines=False, choices=AMP_MODES, unset="auto")  # fmt: skip
+    amp: str = option(
+        "auto",
+        help=f"mixed precision (auto: {CUDA_AUTO_AMP['evaluate']} on CUDA, as published; off on the CPU)",
+        defines=False,
+        choices=AMP_MODES,
+        unset="auto",
+    )
     workers: int | None = option(None, help="data-loading processes", defines=False, check=at_least(0))
     # One save measured 8 ms for the demo's ConvNet student, 4% of its epoch (benchmarks/student_checkpoint.py).
-    checkpoint_every: int = option(1, defines=False, check=at_least(1),
-                                   help="save each student's state every N epochs, to resume from after a crash "
-                                   "(<out>/runs/<run>.partial.pt)")  # fmt: skip
+    checkpoint_every: int = option(
+        1,
+        defines=False,
+        check=at_least(1),
+        help="save each student's state every N epochs, to resume from after a crash (<out>/runs/<run>.partial.pt)",
+    )
 
     @classmethod
     def protocol_method(cls, method: str | None, chosen: dict[str, Any]) -> str | None:
@@ -629,13 +832,17 @@ class EvalConfig(StageConfig):
                 "(each loader batch is split into equal micro-batches)"
             )
         if self.labels == "stored" and self.topk is not None and registry("loss").get(self.loss).needs_logits:
-            raise FadrmError(f"--loss {self.loss} needs the teachers' logits; --topk {self.topk} stores probabilities "
-                             "only: leave --topk out")  # fmt: skip
+            raise FadrmError(
+                f"--loss {self.loss} needs the teachers' logits; --topk {self.topk} stores probabilities "
+                "only: leave --topk out"
+            )
         if self.teacher_priors and self.teacher_weights:
             raise FadrmError("give --teacher-weight or --teacher-prior, not both (priors make the weights)")
         if self.teacher_priors and self.teachers and len(self.teacher_priors) != len(self.teachers):
-            raise FadrmError(f"{len(self.teacher_priors)} teacher priors for {len(self.teachers)} teachers: give one "
-                             "--teacher-prior per --teacher")  # fmt: skip
+            raise FadrmError(
+                f"{len(self.teacher_priors)} teacher priors for {len(self.teachers)} teachers: give one "
+                "--teacher-prior per --teacher"
+            )
         late = [e for e in self.eval_at if not 1 <= e <= self.epochs]
         if late:
             raise FadrmError(f"--eval-at {late[0]} is outside the {self.epochs} training epochs")
@@ -644,8 +851,15 @@ class EvalConfig(StageConfig):
         """The views of this run's students at ``size`` px (the same for live and stored labels)."""
         from .augment import ViewSampler
 
-        return ViewSampler(self.seed, size, (self.crop_scale[0], self.crop_scale[1]), self.mix, self.mix_alpha,
-                           self.augment, self.rand_augment)  # fmt: skip
+        return ViewSampler(
+            self.seed,
+            size,
+            (self.crop_scale[0], self.crop_scale[1]),
+            self.mix,
+            self.mix_alpha,
+            self.augment,
+            self.rand_augment,
+        )
 
     def evaluation_epochs(self) -> list[int]:
         """The epochs (1-based) after which the student is validated; always ends with the last."""
@@ -665,40 +879,71 @@ class RunConfig(StageConfig):
     SECTION: ClassVar[str] = "run"
 
     dataset: str = option(help="registered dataset name (fadrm list datasets)", choices=registered("dataset"))
-    out: str = option(help="folder for the teachers, the distilled set and its evaluation", defines=False,
-                      check=not_a_file)  # fmt: skip
+    out: str = option(
+        help="folder for the teachers, the distilled set and its evaluation", defines=False, check=not_a_file
+    )
     method: str = option("fadrm", help="the method (fadrm list methods)", choices=registered("method"))
     ipc: int = option(10, help="images per class", check=at_least(1))
     protocol: str = protocol_option()
-    teachers: list[str] | None = option(None, help="use these teachers instead of training the preset's",
-                                        flag="--teacher", repeat=True, check=each(teacher_source))  # fmt: skip
-    teacher_models: list[str] | None = option(None, flag="--teacher-model", repeat=True, check=each(model_or_weights),
-                                              help="architectures (or torchvision arch:WEIGHTS) of the teachers to "
-                                              "train when none is given (default: the preset's)")  # fmt: skip
-    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False,
-                                  check=existing_folder)  # fmt: skip
+    teachers: list[str] | None = option(
+        None,
+        help="use these teachers instead of training the preset's",
+        flag="--teacher",
+        repeat=True,
+        check=each(teacher_source),
+    )
+    teacher_models: list[str] | None = option(
+        None,
+        flag="--teacher-model",
+        repeat=True,
+        check=each(model_or_weights),
+        help="architectures (or torchvision arch:WEIGHTS) of the teachers to "
+        "train when none is given (default: the preset's)",
+    )
+    data_root: str | None = option(
+        None, help="dataset folder (default: the dataset's usual place)", defines=False, check=existing_folder
+    )
     seed: int = option(0, help="random seed of every stage")
     holdout: int = option(0, help="validate on the last N training images per class", check=at_least(0))
-    repeats: int | None = option(None, help="repeat the evaluation with seeds seed, seed+1, ... (mean ± std)",
-                                 defines=False, check=at_least(1))  # fmt: skip
-    robustness: bool = option(False, defines=False,
-                              help="also train every baseline the robustness scores need and report HLR, IOR, LRS "
-                              "and ARS")  # fmt: skip
-    priors: list[float] | None = option(None, flag="--prior", repeat=True,
-                                        help="a committee method's prior per teacher, in teacher order (default: "
-                                        "the preset's published ones when the run uses the preset's own "
-                                        "teachers, else computed first as fadrm priors does)")  # fmt: skip
-    fixed_committee: list[int] | None = option(None, check=each(at_least(0)),
-                                               help="positions (0: the first teacher) of one committee used at every "
-                                               "IPC index (default: the preset's published pair when the run uses "
-                                               "the preset's own teachers)")  # fmt: skip
-    prior_student: str | None = option(None, check=model_name,
-                                       help="the student that scores every teacher's SRe2L++ set when the priors "
-                                       "are computed (default: the first teacher's architecture)")  # fmt: skip
+    repeats: int | None = option(
+        None, help="repeat the evaluation with seeds seed, seed+1, ... (mean ± std)", defines=False, check=at_least(1)
+    )
+    robustness: bool = option(
+        False,
+        defines=False,
+        help="also train every baseline the robustness scores need and report HLR, IOR, LRS and ARS",
+    )
+    priors: list[float] | None = option(
+        None,
+        flag="--prior",
+        repeat=True,
+        help="a committee method's prior per teacher, in teacher order (default: "
+        "the preset's published ones when the run uses the preset's own "
+        "teachers, else computed first as fadrm priors does)",
+    )
+    fixed_committee: list[int] | None = option(
+        None,
+        check=each(at_least(0)),
+        help="positions (0: the first teacher) of one committee used at every "
+        "IPC index (default: the preset's published pair when the run uses "
+        "the preset's own teachers)",
+    )
+    prior_student: str | None = option(
+        None,
+        check=model_name,
+        help="the student that scores every teacher's SRe2L++ set when the priors "
+        "are computed (default: the first teacher's architecture)",
+    )
     device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
-    amp: str = option("auto", defines=False, choices=AMP_MODES, unset="auto",
-                      help="mixed precision (auto: each stage's published precision on CUDA: "
-                      + ", ".join(f"{stage} {amp}" for stage, amp in CUDA_AUTO_AMP.items()) + "; off on the CPU)")  # fmt: skip
+    amp: str = option(
+        "auto",
+        defines=False,
+        choices=AMP_MODES,
+        unset="auto",
+        help="mixed precision (auto: each stage's published precision on CUDA: "
+        + ", ".join(f"{stage} {amp}" for stage, amp in CUDA_AUTO_AMP.items())
+        + "; off on the CPU)",
+    )
 
     # Options that name or weigh the preset's teachers by their position in its teacher_models:
     # published for those teachers, so they never reach a run with other teachers.
@@ -727,22 +972,34 @@ class PriorsConfig(StageConfig):
     dataset: str = option(help="registered dataset name (fadrm list datasets)", choices=registered("dataset"))
     # Identified by their files' hashes, as for distill; checked when loaded, not here: `fadrm run`
     # resolves this config before it trains them.
-    teachers: list[str] = option(help="teacher checkpoint, .safetensors, or torchvision weights arch:WEIGHTS; "
-                                 "repeat for several", flag="--teacher", repeat=True, defines=False)  # fmt: skip
+    teachers: list[str] = option(
+        help="teacher checkpoint, .safetensors, or torchvision weights arch:WEIGHTS; repeat for several",
+        flag="--teacher",
+        repeat=True,
+        defines=False,
+    )
     out: str = option(help="folder for each teacher's SRe2L++ set and priors.json", defines=False, check=not_a_file)
-    ipc: int = option(10, help="images per class of each teacher's set (the IPC the priors are for)",
-                      check=at_least(1))  # fmt: skip
-    student: str | None = option(None, check=model_name,
-                                 help="the one student trained on every teacher's set (default: the first "
-                                 "teacher's architecture)")  # fmt: skip
+    ipc: int = option(10, help="images per class of each teacher's set (the IPC the priors are for)", check=at_least(1))
+    student: str | None = option(
+        None,
+        check=model_name,
+        help="the one student trained on every teacher's set (default: the first teacher's architecture)",
+    )
     seed: int = option(0, help="random seed of the sets and the students")
-    holdout: int = option(0, help="validate on the last N training images per class, not the test set",
-                          check=at_least(0))  # fmt: skip
-    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False,
-                                  check=existing_folder)  # fmt: skip
+    holdout: int = option(
+        0, help="validate on the last N training images per class, not the test set", check=at_least(0)
+    )
+    data_root: str | None = option(
+        None, help="dataset folder (default: the dataset's usual place)", defines=False, check=existing_folder
+    )
     device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
-    amp: str = option("auto", defines=False, choices=AMP_MODES, unset="auto",
-                      help="mixed precision (auto: the presets' precision of SRe2L++ and of the students)")
+    amp: str = option(
+        "auto",
+        defines=False,
+        choices=AMP_MODES,
+        unset="auto",
+        help="mixed precision (auto: the presets' precision of SRe2L++ and of the students)",
+    )
 
     def check(self) -> None:
         if not self.teachers:
@@ -758,24 +1015,32 @@ class StatsConfig(StageConfig):
 
     dataset: str = option(help="registered dataset name (fadrm list datasets)", choices=registered("dataset"))
     # Identified by their files' hashes, as for distill.
-    teachers: list[str] = option(help="teacher checkpoint, .safetensors, or torchvision weights arch:WEIGHTS; "
-                                 "repeat for several", flag="--teacher", repeat=True, defines=False,
-                                 check=each(teacher_source))  # fmt: skip
-    holdout: int = option(0, help="leave out the last N training images per class, as the distillation does",
-                          check=at_least(0))  # fmt: skip
-    data_root: str | None = option(None, help="dataset folder (default: the dataset's usual place)", defines=False,
-                                  check=existing_folder)  # fmt: skip
+    teachers: list[str] = option(
+        help="teacher checkpoint, .safetensors, or torchvision weights arch:WEIGHTS; repeat for several",
+        flag="--teacher",
+        repeat=True,
+        defines=False,
+        check=each(teacher_source),
+    )
+    holdout: int = option(
+        0, help="leave out the last N training images per class, as the distillation does", check=at_least(0)
+    )
+    data_root: str | None = option(
+        None, help="dataset folder (default: the dataset's usual place)", defines=False, check=existing_folder
+    )
     teacher_arch: str | None = option(None, help="architecture of a plain state-dict teacher", check=model_name)
-    batch_size: int = option(64, help="images per forward pass; the targets are the mean of per-batch statistics",
-                             check=at_least(1))  # fmt: skip
+    batch_size: int = option(
+        64, help="images per forward pass; the targets are the mean of per-batch statistics", check=at_least(1)
+    )
     seed: int = option(0, help="random seed of the image order and the augmentation")
-    stats_dir: str | None = option(None, defines=False, check=not_a_file,
-                                   help="where to write the statistics files (default: beside each teacher)")  # fmt: skip
-    workers: int | None = option(None, help="data-loading processes (default: 0 on <= 2 cores)", defines=False,
-                                 check=at_least(0))  # fmt: skip
+    stats_dir: str | None = option(
+        None, defines=False, check=not_a_file, help="where to write the statistics files (default: beside each teacher)"
+    )
+    workers: int | None = option(
+        None, help="data-loading processes (default: 0 on <= 2 cores)", defines=False, check=at_least(0)
+    )
     device: str = option("auto", help=_DEVICE_HELP, defines=False, check=device_name)
-    overwrite: bool = option(False, help="compute again a file made with other settings", defines=False,
-                             persist=False)  # fmt: skip
+    overwrite: bool = option(False, help="compute again a file made with other settings", defines=False, persist=False)
 
     def check(self) -> None:
         if not self.teachers:
@@ -783,9 +1048,13 @@ class StatsConfig(StageConfig):
 
 
 STAGES: dict[str, type[StageConfig]] = {
-    "train-teacher": TeacherConfig, "distill": DistillConfig, "evaluate": EvalConfig, "run": RunConfig,
-    "stats": StatsConfig, "priors": PriorsConfig,
-}  # fmt: skip
+    "train-teacher": TeacherConfig,
+    "distill": DistillConfig,
+    "evaluate": EvalConfig,
+    "run": RunConfig,
+    "stats": StatsConfig,
+    "priors": PriorsConfig,
+}
 
 
 # ------------------------------------------------------------ declarations
@@ -838,8 +1107,11 @@ def defining_settings(cls: type[StageConfig], values: Mapping[str, Any]) -> dict
     """
     declared = {key_of(f): f for _, f in option_fields(cls)}
     kept = {k: v for k, v in flatten(cls, values).items() if k not in declared or declared[k].metadata["defines"]}
-    return {k: v for k, v in kept.items() if not (k in declared and declared[k].metadata["inert"]
-                                                  and declared[k].metadata["inert"](kept))}  # fmt: skip
+    return {
+        k: v
+        for k, v in kept.items()
+        if not (k in declared and declared[k].metadata["inert"] and declared[k].metadata["inert"](kept))
+    }
 
 
 @functools.cache
@@ -968,8 +1240,10 @@ def _read_preset(dataset: str) -> dict[str, Any]:
         raise FadrmError(f"preset {dataset}.yaml is not valid YAML ({str(exc).splitlines()[0]})") from None
     unknown = set(preset) - set(PRESET_SECTIONS) if isinstance(preset, dict) else {"(not a mapping)"}
     if unknown:
-        raise FadrmError(f"preset {dataset}.yaml has unknown sections {sorted(unknown)}; "
-                         f"its sections are {', '.join(PRESET_SECTIONS)}")  # fmt: skip
+        raise FadrmError(
+            f"preset {dataset}.yaml has unknown sections {sorted(unknown)}; "
+            f"its sections are {', '.join(PRESET_SECTIONS)}"
+        )
     return preset
 
 
@@ -981,7 +1255,9 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return dict(value)
 
 
-def preset_parts(dataset: str, section: str, method: str | None = None, ipc: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+def preset_parts(
+    dataset: str, section: str, method: str | None = None, ipc: int | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     """(where, values) of one preset section, then of its ``overrides.<method>`` and
     ``overrides.<method>@<ipc>`` (when a method, and an IPC, are given), in that order."""
     where = f"preset {dataset}.yaml ({section}"
@@ -993,7 +1269,9 @@ def preset_parts(dataset: str, section: str, method: str | None = None, ipc: int
     ]
 
 
-def load_preset_section(dataset: str, section: str, method: str | None = None, ipc: int | None = None) -> dict[str, Any]:
+def load_preset_section(
+    dataset: str, section: str, method: str | None = None, ipc: int | None = None
+) -> dict[str, Any]:
     """One section of a dataset's preset ("distill", "teacher", "evaluate", "run", "students") as
     written, with ``overrides.<method>`` and ``overrides.<method>@<ipc>`` applied; {} if absent."""
     values: dict[str, Any] = {}
@@ -1131,7 +1409,9 @@ def resolve(
             (evaluation takes them from the distilled set); otherwise read from the options.
     """
     given_values = nest(cls, given or {}, "the options given", drop_unset=True)
-    file_values = nest(cls, read_config_file(config_file), f"config file {config_file}", drop_unset=True) if config_file else {}
+    file_values = (
+        nest(cls, read_config_file(config_file), f"config file {config_file}", drop_unset=True) if config_file else {}
+    )
     chosen = _merged(cls, file_values, given_values)
     # Which preset applies: the stage's own options where it has them and they are set (checked
     # before the preset is read), else what the caller says (evaluation: the set's dataset).
@@ -1177,8 +1457,12 @@ class _ConfigDumper(yaml.SafeDumper):
     """Mappings as blocks, lists of plain values on one line (``sizes: [24, 28]``)."""
 
 
-_ConfigDumper.add_representer(list, lambda dumper, values: dumper.represent_sequence(
-    "tag:yaml.org,2002:seq", values, flow_style=not any(isinstance(v, (list, dict)) for v in values)))  # fmt: skip
+_ConfigDumper.add_representer(
+    list,
+    lambda dumper, values: dumper.represent_sequence(
+        "tag:yaml.org,2002:seq", values, flow_style=not any(isinstance(v, (list, dict)) for v in values)
+    ),
+)
 
 
 def dump_yaml(values: Any) -> str:

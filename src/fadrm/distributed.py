@@ -212,5 +212,7 @@ def synchronise_batchnorm(model: nn.Module) -> None:
             if type(child) in plain:
                 setattr(parent, name, SyncedBatchNorm.like(child))
             elif isinstance(child, _BatchNorm) and not isinstance(child, SyncedBatchNorm):
-                raise FadrmError(f"{type(child).__name__} layers cannot be synchronised over processes; train "
-                                 "this model in one process")  # fmt: skip
+                raise FadrmError(
+                    f"{type(child).__name__} layers cannot be synchronised over processes; train "
+                    "this model in one process"
+                )

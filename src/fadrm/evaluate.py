@@ -19,12 +19,26 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .artifacts import (
-    EVAL_FOLDER, DistilledSet, ImageFolderSet, LabelStore, StudentCheckpoint, checkpoint_dict, open_evaluated_set,
-    read_finished_run, stored_label_bytes, write_finished_run,
-)  # fmt: skip
+    EVAL_FOLDER,
+    DistilledSet,
+    ImageFolderSet,
+    LabelStore,
+    StudentCheckpoint,
+    checkpoint_dict,
+    open_evaluated_set,
+    read_finished_run,
+    stored_label_bytes,
+    write_finished_run,
+)
 from .baselines import (
-    DISTILLED, FULL_DATA, REAL_SUBSETS, ROBUSTNESS_BASELINES, TrainingSet, comparison_arms, full_data_student,
-)  # fmt: skip
+    DISTILLED,
+    FULL_DATA,
+    REAL_SUBSETS,
+    ROBUSTNESS_BASELINES,
+    TrainingSet,
+    comparison_arms,
+    full_data_student,
+)
 from .config import EvalConfig, student_recipe, validate, write_config
 from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split
 from .distributed import Ranks, init_ranks
@@ -61,15 +75,25 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     spec = get_dataset_spec(distilled_set.dataset)
     class_names = distilled_set.class_names
     if config.labels == "stored" and config.topk is not None and config.topk >= len(class_names):
-        raise FadrmError(f"--topk {config.topk} keeps every one of the {len(class_names)} classes; give fewer, or "
-                         "leave it out to store full logits")  # fmt: skip
+        raise FadrmError(
+            f"--topk {config.topk} keeps every one of the {len(class_names)} classes; give fewer, or "
+            "leave it out to store full logits"
+        )
     relabelling = config.teachers or distilled_set.teachers
-    if config.teacher_priors is None and config.teacher_weights is None and not config.teachers and \
-            config.protocol == "own" and distilled_set.priors:  # fmt: skip
+    if (
+        config.teacher_priors is None
+        and config.teacher_weights is None
+        and not config.teachers
+        and config.protocol == "own"
+        and distilled_set.priors
+    ):
         # A committee's own relabelling (CV-DD) weighs the set's teachers by the priors it was made with.
         config.teacher_priors = distilled_set.priors
-    weights = (prior_weights(config.teacher_priors, config.prior_temperature, len(relabelling)) if config.teacher_priors
-               else config.teacher_weights)  # fmt: skip
+    weights = (
+        prior_weights(config.teacher_priors, config.prior_temperature, len(relabelling))
+        if config.teacher_priors
+        else config.teacher_weights
+    )
     runtime = make_runtime(config.device, config.amp, stage="evaluate")
     ranks = init_ranks(runtime.device.type)
     runtime, log = ranks.own_device(runtime), ranks.main_only(log)
@@ -83,8 +107,13 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     val_set = load_split(spec, "val", config.data_root, config.holdout)
     val_set.transform = eval_transform(spec)
     val_loader = make_loader(val_set, 256, shuffle=False, workers=config.workers)
-    teachers = load_teachers(config.teachers or [t["source"] for t in distilled_set.teachers], spec, val_set.classes,
-                             runtime, holdout=config.holdout)  # fmt: skip
+    teachers = load_teachers(
+        config.teachers or [t["source"] for t in distilled_set.teachers],
+        spec,
+        val_set.classes,
+        runtime,
+        holdout=config.holdout,
+    )
     labeller = TeacherLabeller([t.model for t in teachers], weights, config.bssl, config.balance_teachers)
     students = config.students or [teachers[0].arch]
     for name in students:
@@ -93,15 +122,23 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     subsets = list(dict.fromkeys(arm.train_set for arm in arms if arm.train_set in REAL_SUBSETS))
     train_set = load_split(spec, "train", config.data_root, config.holdout) if subsets else None
     results: dict[str, Any] = {
-        "distilled": str(config.distilled), "dataset": spec.name, "method": distilled_set.method, "ipc": distilled_set.ipc,
+        "distilled": str(config.distilled),
+        "dataset": spec.name,
+        "method": distilled_set.method,
+        "ipc": distilled_set.ipc,
         "protocol": config.protocol,
-        "images_per_class": list(distilled_set.images_per_class), "teachers": [t.describe() for t in teachers],
-        "config": config.to_dict(), "runs": [],
-    }  # fmt: skip
+        "images_per_class": list(distilled_set.images_per_class),
+        "teachers": [t.describe() for t in teachers],
+        "config": config.to_dict(),
+        "runs": [],
+    }
     if any(arm.train_set == FULL_DATA for arm in arms):
         for student in students:
-            results["runs"].append(full_data_run(config, spec, student, student_args(student, teachers), teachers,
-                                                 val_loader, runtime, log))  # fmt: skip
+            results["runs"].append(
+                full_data_run(
+                    config, spec, student, student_args(student, teachers), teachers, val_loader, runtime, log
+                )
+            )
     # A finished run is reused only for the same settings and the same images: re-distilling
     # into the folder (new pixels, new per-image losses) invalidates it.
     set_id = distilled_set.set_id()
@@ -142,26 +179,53 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
                 own_views = arm.train_set == DISTILLED and arm.labels == "soft" and run_config.augment == trial.augment
                 checkpoint = StudentCheckpoint(run_file.with_suffix(".partial.pt"), identity)
                 run = train_student(
-                    model, training_set, run_config, spec, runtime, val_loader,
-                    labeller if arm.labels == "soft" else None, store if own_views else None, desc=key, log=log,
-                    checkpoint=checkpoint, ranks=ranks,
-                )  # fmt: skip
-                run.update({"student": student, "train_set": training_set.name, "labels": arm.labels,
-                            "augment": run_config.augment, "images": len(training_set.images),
-                            "recipe": recipe})  # fmt: skip
+                    model,
+                    training_set,
+                    run_config,
+                    spec,
+                    runtime,
+                    val_loader,
+                    labeller if arm.labels == "soft" else None,
+                    store if own_views else None,
+                    desc=key,
+                    log=log,
+                    checkpoint=checkpoint,
+                    ranks=ranks,
+                )
+                run.update(
+                    {
+                        "student": student,
+                        "train_set": training_set.name,
+                        "labels": arm.labels,
+                        "augment": run_config.augment,
+                        "images": len(training_set.images),
+                        "recipe": recipe,
+                    }
+                )
                 if ranks.is_main:
                     # The trained student as a teacher checkpoint: every command takes it as a teacher.
-                    meta = {"arch": student, "arch_args": args, "dataset": spec.name,
-                            "class_names": list(val_set.classes), "in_channels": spec.channels,
-                            "image_size": spec.image_size, "mean": list(spec.mean), "std": list(spec.std),
-                            "val_top1": run["top1"], "val_top5": run["top5"], "train_config": identity}  # fmt: skip
+                    meta = {
+                        "arch": student,
+                        "arch_args": args,
+                        "dataset": spec.name,
+                        "class_names": list(val_set.classes),
+                        "in_channels": spec.channels,
+                        "image_size": spec.image_size,
+                        "mean": list(spec.mean),
+                        "std": list(spec.std),
+                        "val_top1": run["top1"],
+                        "val_top5": run["top5"],
+                        "train_config": identity,
+                    }
                     weights = model.to(memory_format=torch.contiguous_format)
                     save_torch(run_file.with_suffix(".pt"), checkpoint_dict(weights, meta))
                     write_finished_run(run_file, identity, run)
                     checkpoint.remove()
                 ranks.barrier()  # every rank sees the finished run before the next one
-                log(f"{key}: top-1 {run['top1']:.2f}% at the last epoch (best {run['best_top1']:.2f}% at epoch "
-                    f"{run['best_epoch']}), top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)")  # fmt: skip
+                log(
+                    f"{key}: top-1 {run['top1']:.2f}% at the last epoch (best {run['best_top1']:.2f}% at epoch "
+                    f"{run['best_epoch']}), top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)"
+                )
             # Runs finished before repeats (or --no-augment) existed lack the field; the identity fixes it.
             results["runs"].append({"augment": True, **run, "seed": trial.seed})
     results["summary"] = summarise_runs(results["runs"])
@@ -170,9 +234,10 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
         results["robustness"] = robustness
     if stores:
         results["stored_labels"] = {
-            "dirs": [str(store.folder) for store in stores], "bytes": sum(store.bytes_on_disk() for store in stores),
+            "dirs": [str(store.folder) for store in stores],
+            "bytes": sum(store.bytes_on_disk() for store in stores),
             "bytes_per_image_per_epoch": stored_label_bytes(len(class_names), config.topk),
-        }  # fmt: skip
+        }
     if ranks.is_main:
         write_report(out, results)
     ranks.close()
@@ -187,8 +252,13 @@ def summarise_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((run["student"], run["train_set"], run["labels"], run.get("augment", True)), []).append(run)
     summary = []
     for (student, train_set, labels, augment), members in groups.items():
-        row: dict[str, Any] = {"student": student, "train_set": train_set, "labels": labels, "augment": augment,
-                               "repeats": len(members)}  # fmt: skip
+        row: dict[str, Any] = {
+            "student": student,
+            "train_set": train_set,
+            "labels": labels,
+            "augment": augment,
+            "repeats": len(members),
+        }
         for metric in ("top1", "top5", "best_top1"):
             values = [m[metric] for m in members]
             row[metric] = statistics.fmean(values)
@@ -203,9 +273,15 @@ def student_args(student: str, teachers: Sequence[Teacher]) -> dict[str, Any]:
 
 
 def full_data_run(
-    config: EvalConfig, spec: DatasetSpec, student: str, model_args: dict[str, Any], teachers: Sequence[Teacher],
-    val_loader: torch.utils.data.DataLoader, runtime: Runtime, log: Callable[[str], None],
-) -> dict[str, Any]:  # fmt: skip
+    config: EvalConfig,
+    spec: DatasetSpec,
+    student: str,
+    model_args: dict[str, Any],
+    teachers: Sequence[Teacher],
+    val_loader: torch.utils.data.DataLoader,
+    runtime: Runtime,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     """The full-data arm of ``student`` as a run record: trained (or reused) by
     :func:`fadrm.baselines.full_data_student`, validated on the evaluation's own split."""
     model, teacher_config = full_data_student(config, spec.name, student, model_args, teachers, log)
@@ -214,13 +290,23 @@ def full_data_run(
     epochs = teacher_config.epochs
     log(f"full-data-{student}-hard: top-1 {metrics['top1']:.2f}% (the teacher recipe, {epochs} epochs)")
     return {
-        "student": student, "train_set": FULL_DATA, "labels": "hard", "augment": True, "top1": metrics["top1"],
-        "top5": metrics["top5"], "best_top1": metrics["top1"], "best_epoch": epochs, "evaluated_epochs": [epochs],
-        "epochs": epochs, "seconds": round(time.perf_counter() - started, 2), "history": [],
-        "images": len(load_split(spec, "train", config.data_root, config.holdout)), "checkpoint": model.source,
+        "student": student,
+        "train_set": FULL_DATA,
+        "labels": "hard",
+        "augment": True,
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "best_top1": metrics["top1"],
+        "best_epoch": epochs,
+        "evaluated_epochs": [epochs],
+        "epochs": epochs,
+        "seconds": round(time.perf_counter() - started, 2),
+        "history": [],
+        "images": len(load_split(spec, "train", config.data_root, config.holdout)),
+        "checkpoint": model.source,
         "recipe": {"source": "the dataset's teacher recipe", **teacher_config.identity()},
         "seed": config.seed,
-    }  # fmt: skip
+    }
 
 
 def resolve_recipe(config: EvalConfig, dataset: str, student: str, ipc: int) -> dict[str, Any]:
@@ -233,25 +319,42 @@ def resolve_recipe(config: EvalConfig, dataset: str, student: str, ipc: int) -> 
 
 
 def prepare_store(
-    config: EvalConfig, distilled_set: DistilledSet | ImageFolderSet, distilled: TrainingSet, spec: DatasetSpec,
-    labeller: TeacherLabeller, runtime: Runtime, folder: Path, log: Callable[[str], None], ranks: Ranks = Ranks(),
-) -> LabelStore:  # fmt: skip
+    config: EvalConfig,
+    distilled_set: DistilledSet | ImageFolderSet,
+    distilled: TrainingSet,
+    spec: DatasetSpec,
+    labeller: TeacherLabeller,
+    runtime: Runtime,
+    folder: Path,
+    log: Callable[[str], None],
+    ranks: Ranks = Ranks(),
+) -> LabelStore:
     """Open (or create) the label store in ``folder`` and compute the epochs it lacks (rank 0; the others wait)."""
     identity = {
-        "images": len(distilled.images), "ipc": distilled_set.ipc, "seed": config.seed, "epochs": config.epochs,
-        "batch_size": config.batch_size, "mix": config.mix, "mix_alpha": config.mix_alpha,
-        "crop_scale": list(config.crop_scale), "temperature": config.temperature, "bssl": config.bssl,
+        "images": len(distilled.images),
+        "ipc": distilled_set.ipc,
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "mix": config.mix,
+        "mix_alpha": config.mix_alpha,
+        "crop_scale": list(config.crop_scale),
+        "temperature": config.temperature,
+        "bssl": config.bssl,
         "teachers": [t["sha256"] for t in distilled_set.teachers] if not config.teachers else list(config.teachers),
-        "teacher_weights": config.teacher_weights, **distilled_set.labels_identity(),
+        "teacher_weights": config.teacher_weights,
+        **distilled_set.labels_identity(),
         # Stores made before these options keep their identity.
         **({} if config.augment else {"augment": False}),
-        **({"teacher_priors": config.teacher_priors, "prior_temperature": config.prior_temperature}
-           if config.teacher_priors else {}),
+        **(
+            {"teacher_priors": config.teacher_priors, "prior_temperature": config.prior_temperature}
+            if config.teacher_priors
+            else {}
+        ),
         **({"balance_teachers": True} if config.balance_teachers else {}),
         **({"rand_augment": True} if config.rand_augment else {}),
-    }  # fmt: skip
-    store = LabelStore(folder, identity, len(distilled_set.class_names),
-                       config.topk, config.temperature)  # fmt: skip
+    }
+    store = LabelStore(folder, identity, len(distilled_set.class_names), config.topk, config.temperature)
     if ranks.is_main:
         store.open()
         sampler = config.view_sampler(spec.image_size)
@@ -259,8 +362,9 @@ def prepare_store(
         if missing:
             log(f"storing soft labels for {len(missing)} epochs in {store.folder}")
         for epoch in progress(missing, "labels"):
-            logits = label_epoch(distilled.images, sampler, epoch, config.batch_size, labeller, spec.mean, spec.std,
-                                 runtime)  # fmt: skip
+            logits = label_epoch(
+                distilled.images, sampler, epoch, config.batch_size, labeller, spec.mean, spec.std, runtime
+            )
             store.write(epoch, logits)
     ranks.barrier()
     return store

@@ -84,9 +84,12 @@ class TeacherLabeller:
     """
 
     def __init__(
-        self, models: Sequence[nn.Module], weights: Sequence[float] | None = None, bssl: bool = False,
+        self,
+        models: Sequence[nn.Module],
+        weights: Sequence[float] | None = None,
+        bssl: bool = False,
         balance: bool = False,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if weights is not None and len(weights) != len(models):
             raise FadrmError(f"{len(weights)} teacher weights for {len(models)} teachers")
         self.models = list(models)
@@ -116,9 +119,12 @@ class TeacherLabeller:
         else:
             chunks, owned = (positions[ranks.share(positions)],), True
         with context, runtime.autocast():
-            logits = torch.stack([
-                torch.cat([model(inputs[chunk.start : chunk.stop]) for chunk in chunks]).float() for model in self.models
-            ])  # fmt: skip
+            logits = torch.stack(
+                [
+                    torch.cat([model(inputs[chunk.start : chunk.stop]) for chunk in chunks]).float()
+                    for model in self.models
+                ]
+            )
         if ranks.world > 1:
             # Every rank gets every teacher's logits for the whole batch before they are balanced
             # (a norm over the batch) and weighted: one rank's rows and zeros elsewhere, summed, exact.
@@ -139,9 +145,15 @@ def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def label_epoch(
-    images: torch.Tensor, sampler: ViewSampler, epoch: int, batch_size: int, labeller: TeacherLabeller,
-    mean: tuple[float, ...], std: tuple[float, ...], runtime: Runtime,
-) -> torch.Tensor:  # fmt: skip
+    images: torch.Tensor,
+    sampler: ViewSampler,
+    epoch: int,
+    batch_size: int,
+    labeller: TeacherLabeller,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    runtime: Runtime,
+) -> torch.Tensor:
     """Teacher logits for every view of one epoch, in batch order (what a store keeps)."""
     outputs = []
     for b, indices in enumerate(sampler.batches(epoch, len(images), batch_size)):

@@ -27,8 +27,12 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .artifacts import (
-    read_statistics, read_statistics_description, require_same_settings, safe_torch_load, write_statistics,
-)  # fmt: skip
+    read_statistics,
+    read_statistics_description,
+    require_same_settings,
+    safe_torch_load,
+    write_statistics,
+)
 from .augment import train_transform
 from .config import DistillConfig, StatsConfig, resolve, validate
 from .data import DatasetSpec, ImageDataset, get_dataset_spec, load_split, normalize
@@ -37,8 +41,14 @@ from .io import safe_name, save_torch
 from .runtime import Runtime, make_runtime
 from .seeding import derive_seed, make_generator
 from .synthesis.matching import (
-    LayerTargets, TeacherTargets, cell_size, image_moments, image_patch_moments, matched_layers, patch_moments,
-)  # fmt: skip
+    LayerTargets,
+    TeacherTargets,
+    cell_size,
+    image_moments,
+    image_patch_moments,
+    matched_layers,
+    patch_moments,
+)
 from .teachers import Teacher, is_torchvision_weights, load_teachers
 from .training import make_loader, progress
 
@@ -58,8 +68,14 @@ def statistics_file(teacher: Teacher, stats_dir: str | Path | None = None) -> Pa
 
 def _identity(teacher: Teacher, spec: DatasetSpec, config: StatsConfig) -> dict[str, Any]:
     """What a statistics file's numbers depend on."""
-    return {"teacher_sha256": teacher.sha256, "dataset": spec.name, "holdout": config.holdout,
-            "batch_size": config.batch_size, "seed": config.seed, "cell": cell_size(spec.image_size)}  # fmt: skip
+    return {
+        "teacher_sha256": teacher.sha256,
+        "dataset": spec.name,
+        "holdout": config.holdout,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "cell": cell_size(spec.image_size),
+    }
 
 
 class _SeededViews(Dataset):
@@ -114,8 +130,12 @@ def _hooks(teacher: Teacher, cell: int, sums: _Sums, labels: list[torch.Tensor])
             if convolution:
                 var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
                 patch_mean, patch_var = patch_moments(x, cell, 1)
-                for stat, value in (("channel_mean", mean), ("channel_var", var), ("patch_mean", patch_mean[0]),
-                                    ("patch_var", patch_var[0])):  # fmt: skip
+                for stat, value in (
+                    ("channel_mean", mean),
+                    ("channel_var", var),
+                    ("patch_mean", patch_mean[0]),
+                    ("patch_var", patch_var[0]),
+                ):
                     sums.add(f"{name}:{stat}", value * len(x))
                 per_image = [("channel", image_moments(x)), ("patch", image_patch_moments(x, cell))]
             else:
@@ -126,8 +146,10 @@ def _hooks(teacher: Teacher, cell: int, sums: _Sums, labels: list[torch.Tensor])
 
         return hook
 
-    return [layer.register_forward_hook(hook_for(name, isinstance(layer, torch.nn.Conv2d)))
-            for name, layer in matched_layers(teacher.model, convolutions=True)]  # fmt: skip
+    return [
+        layer.register_forward_hook(hook_for(name, isinstance(layer, torch.nn.Conv2d)))
+        for name, layer in matched_layers(teacher.model, convolutions=True)
+    ]
 
 
 def _eager(model: torch.nn.Module) -> torch.nn.Module:
@@ -148,9 +170,14 @@ def _targets_of(sums: _Sums, images: int) -> dict[str, torch.Tensor]:
 
 
 def compute_teacher_statistics(
-    teacher: Teacher, dataset: ImageDataset, spec: DatasetSpec, config: StatsConfig, runtime: Runtime, path: Path,
+    teacher: Teacher,
+    dataset: ImageDataset,
+    spec: DatasetSpec,
+    config: StatsConfig,
+    runtime: Runtime,
+    path: Path,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """One teacher's statistics pass into ``path`` (resuming an unfinished one); returns the file's description."""
     identity = _identity(teacher, spec, config)
     partial = path.with_name(path.name + ".partial")
@@ -158,13 +185,17 @@ def compute_teacher_statistics(
     done = 0
     if partial.exists() and not config.overwrite:
         state = safe_torch_load(partial)
-        require_same_settings(state.get("identity", {}), identity, f"the unfinished statistics pass {partial}",
-                              "pass --overwrite to start again")  # fmt: skip
+        require_same_settings(
+            state.get("identity", {}),
+            identity,
+            f"the unfinished statistics pass {partial}",
+            "pass --overwrite to start again",
+        )
         sums.load(state["sums"])
         done = int(state["batches_done"])
         log(f"resuming the statistics of {teacher.source} after {done} batches")
     order = torch.randperm(len(dataset), generator=make_generator(config.seed, "stats-order"))
-    remaining = Subset(_SeededViews(dataset, spec, config.seed), order[done * config.batch_size:].tolist())
+    remaining = Subset(_SeededViews(dataset, spec, config.seed), order[done * config.batch_size :].tolist())
     loader = make_loader(remaining, config.batch_size, shuffle=False, workers=config.workers)
     labels: list[torch.Tensor] = []
     handles = _hooks(teacher, identity["cell"], sums, labels)
@@ -182,9 +213,15 @@ def compute_teacher_statistics(
     finally:
         for handle in handles:
             handle.remove()
-    description = {**identity, "teacher": teacher.source, "arch": teacher.arch, "num_classes": len(dataset.classes),
-                   "image_size": spec.image_size, "images": len(dataset),
-                   "layers": [name for name, _ in matched_layers(teacher.model, convolutions=True)]}  # fmt: skip
+    description = {
+        **identity,
+        "teacher": teacher.source,
+        "arch": teacher.arch,
+        "num_classes": len(dataset.classes),
+        "image_size": spec.image_size,
+        "images": len(dataset),
+        "layers": [name for name, _ in matched_layers(teacher.model, convolutions=True)],
+    }
     description = write_statistics(path, _targets_of(sums, len(dataset)), description)
     partial.unlink(missing_ok=True)
     log(f"wrote the statistics of {teacher.source} to {path}")
@@ -192,14 +229,17 @@ def compute_teacher_statistics(
 
 
 def _fix(path: Path) -> str:
-    return (f"give --stats-dir another folder for this run's statistics, or remove {path.name} there to compute it "
-            "again")  # fmt: skip
+    return f"give --stats-dir another folder for this run's statistics, or remove {path.name} there to compute it again"
 
 
 def teacher_statistics(
-    config: StatsConfig, teachers: Sequence[Teacher], dataset: ImageDataset, runtime: Runtime, compute: bool = True,
+    config: StatsConfig,
+    teachers: Sequence[Teacher],
+    dataset: ImageDataset,
+    runtime: Runtime,
+    compute: bool = True,
     log: Callable[[str], None] = print,
-) -> list[tuple[TeacherTargets, dict[str, Any]]]:  # fmt: skip
+) -> list[tuple[TeacherTargets, dict[str, Any]]]:
     """Each teacher's statistics targets and file description, computed first where missing.
 
     A file made for another teacher, dataset or holdout is refused (one line); one made with
@@ -212,12 +252,16 @@ def teacher_statistics(
     out = []
     for teacher in teachers:
         path = statistics_file(teacher, config.stats_dir)
-        expected = {k: v for k, v in _identity(teacher, spec, config).items() if k in ("teacher_sha256", "dataset", "holdout")}
+        expected = {
+            k: v for k, v in _identity(teacher, spec, config).items() if k in ("teacher_sha256", "dataset", "holdout")
+        }
         description = read_statistics_description(path, expected, _fix(path))
         if description is None:
             if not compute:
-                raise FadrmError(f"the statistics of {teacher.source} are missing ({path}); compute them first in one "
-                                 "process with fadrm stats")  # fmt: skip
+                raise FadrmError(
+                    f"the statistics of {teacher.source} are missing ({path}); compute them first in one "
+                    "process with fadrm stats"
+                )
             log(f"computing the statistics of {teacher.source} (one pass over {len(dataset)} training images)")
             description = compute_teacher_statistics(teacher, dataset, spec, config, runtime, path, log)
         out.append((load_targets(path, teacher, description["cell"]), description))
@@ -232,18 +276,24 @@ def load_targets(path: Path, teacher: Teacher, cell: int) -> TeacherTargets:
         keys = (f"{name}:{stat}_mean", f"{name}:{stat}_var")
         return (tensors[keys[0]], tensors[keys[1]]) if keys[0] in tensors else None
 
-    return TeacherTargets(cell, {
-        name: LayerTargets(pair(name, "channel"), pair(name, "patch"), pair(name, "class_channel"),
-                           pair(name, "class_patch"))
-        for name, _ in matched_layers(teacher.model, convolutions=True)
-    })  # fmt: skip
+    return TeacherTargets(
+        cell,
+        {
+            name: LayerTargets(
+                pair(name, "channel"), pair(name, "patch"), pair(name, "class_channel"), pair(name, "class_patch")
+            )
+            for name, _ in matched_layers(teacher.model, convolutions=True)
+        },
+    )
 
 
 def distill_statistics_config(distill: DistillConfig) -> StatsConfig:
     """The statistics settings a distillation uses: its dataset, teachers, data and holdout, the
     preset's batch size."""
-    options = {k: getattr(distill, k) for k in ("dataset", "teachers", "data_root", "holdout", "teacher_arch",
-                                                 "stats_dir", "device")}  # fmt: skip
+    options = {
+        k: getattr(distill, k)
+        for k in ("dataset", "teachers", "data_root", "holdout", "teacher_arch", "stats_dir", "device")
+    }
     return resolve(StatsConfig, options)
 
 
@@ -259,7 +309,9 @@ def compute_statistics(config: StatsConfig, log: Callable[[str], None] = print) 
     for teacher in teachers:
         path = statistics_file(teacher, config.stats_dir)
         fix = "pass --overwrite to compute it again"
-        description = None if config.overwrite else read_statistics_description(path, _identity(teacher, spec, config), fix)
+        description = (
+            None if config.overwrite else read_statistics_description(path, _identity(teacher, spec, config), fix)
+        )
         if description is None:
             description = compute_teacher_statistics(teacher, dataset, spec, config, runtime, path, log)
         else:

@@ -57,10 +57,12 @@ def fixed_student(config: PriorsConfig, teachers: list[Teacher]) -> tuple[str, d
     options = [student_args(student, [teacher]) for teacher in teachers]
     for teacher, args in zip(teachers[1:], options[1:]):
         if args != options[0]:
-            raise FadrmError(f"the student {student} would be built with {options[0] or 'its defaults'} on the set of "
-                             f"{teachers[0].source} but with {args or 'its defaults'} on that of {teacher.source} (a "
-                             "student of a teacher's architecture takes its options); give --student another "
-                             "architecture")  # fmt: skip
+            raise FadrmError(
+                f"the student {student} would be built with {options[0] or 'its defaults'} on the set of "
+                f"{teachers[0].source} but with {args or 'its defaults'} on that of {teacher.source} (a "
+                "student of a teacher's architecture takes its options); give --student another "
+                "architecture"
+            )
     return student, options[0]
 
 
@@ -74,9 +76,11 @@ def _teachers_and_student(config: PriorsConfig) -> tuple[list[dict[str, Any]], s
 
 
 def compute_priors(
-    config: PriorsConfig, log: Callable[[str], None] = print, distill_options: Mapping[str, Any] | None = None,
+    config: PriorsConfig,
+    log: Callable[[str], None] = print,
+    distill_options: Mapping[str, Any] | None = None,
     eval_options: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Distill an SRe2L++ set per teacher, train the fixed student on each, write ``priors.json``.
 
     Args:
@@ -90,42 +94,89 @@ def compute_priors(
     """
     validate(config)
     described, student, student_options = _teachers_and_student(config)
-    shared = {"dataset": config.dataset, "seed": config.seed, "holdout": config.holdout, "data_root": config.data_root,
-              "device": config.device, "amp": config.amp}  # fmt: skip
+    shared = {
+        "dataset": config.dataset,
+        "seed": config.seed,
+        "holdout": config.holdout,
+        "data_root": config.data_root,
+        "device": config.device,
+        "amp": config.amp,
+    }
     entries: list[dict[str, Any]] = []
     protocol: dict[str, Any] = {}
     for teacher in described:
         folder = prior_set_folder(config.out, teacher["source"], teacher["sha256"])
         log(f"prior of {teacher['source']}: its {PRIOR_METHOD} set in {folder}")
-        own_set = {**(distill_options or {}), **shared, "teachers": [teacher["source"]], "out": str(folder),
-                   "method": PRIOR_METHOD, "ipc": config.ipc}  # fmt: skip
+        own_set = {
+            **(distill_options or {}),
+            **shared,
+            "teachers": [teacher["source"]],
+            "out": str(folder),
+            "method": PRIOR_METHOD,
+            "ipc": config.ipc,
+        }
         distill(resolve(DistillConfig, own_set), log=log)
         # Only the last epoch counts, so the student validates only then (no choice on the validation set).
-        students = {"eval_every": 0, **(eval_options or {}), **shared, "distilled": str(folder), "students": [student],
-                    "baselines": [], "robustness": False, "repeats": 1}  # fmt: skip
+        students = {
+            "eval_every": 0,
+            **(eval_options or {}),
+            **shared,
+            "distilled": str(folder),
+            "students": [student],
+            "baselines": [],
+            "robustness": False,
+            "repeats": 1,
+        }
         students.pop("dataset")
-        evaluation: EvalConfig = resolve(EvalConfig, students, dataset=config.dataset, method=PRIOR_METHOD,
-                                         ipc=config.ipc)  # fmt: skip
+        evaluation: EvalConfig = resolve(
+            EvalConfig, students, dataset=config.dataset, method=PRIOR_METHOD, ipc=config.ipc
+        )
         (run,) = evaluate(evaluation, log=log)["runs"]
         # The same for every teacher: everything but the set is the config's.
-        protocol = {**{k: v for k, v in evaluation.identity().items() if k != "distilled"},
-                    "student_protocol": STUDENT_PROTOCOL, "recipe": run["recipe"]}  # fmt: skip
+        protocol = {
+            **{k: v for k, v in evaluation.identity().items() if k != "distilled"},
+            "student_protocol": STUDENT_PROTOCOL,
+            "recipe": run["recipe"],
+        }
         # Rounded as fadrm reports accuracies, so the printed flags and this file give the same synthesis.
-        entries.append({"source": teacher["source"], "sha256": teacher["sha256"], "arch": teacher["arch"],
-                        "prior": round(run["top1"], 2), "top1": run["top1"], "set": str(folder),
-                        "results": str(folder / "eval" / "results.json")})  # fmt: skip
+        entries.append(
+            {
+                "source": teacher["source"],
+                "sha256": teacher["sha256"],
+                "arch": teacher["arch"],
+                "prior": round(run["top1"], 2),
+                "top1": run["top1"],
+                "set": str(folder),
+                "results": str(folder / "eval" / "results.json"),
+            }
+        )
     priors = [entry["prior"] for entry in entries]
     record = {
-        "fadrm_version": __version__, "dataset": config.dataset, "ipc": config.ipc, "seed": config.seed,
-        "holdout": config.holdout, "method": PRIOR_METHOD, "student": student, "student_options": student_options,
+        "fadrm_version": __version__,
+        "dataset": config.dataset,
+        "ipc": config.ipc,
+        "seed": config.seed,
+        "holdout": config.holdout,
+        "method": PRIOR_METHOD,
+        "student": student,
+        "student_options": student_options,
         "prior": "last-epoch top-1 (%) of the student on the teacher's own set, rounded to 2 decimals",
-        "protocol": protocol, "teachers": entries, "priors": priors, "flags": prior_flags(priors),
-    }  # fmt: skip
+        "protocol": protocol,
+        "teachers": entries,
+        "priors": priors,
+        "flags": prior_flags(priors),
+    }
     path = Path(config.out) / PRIORS_FILE
     record = write_priors(path, record)
-    log("\n".join([f"priors (last-epoch top-1 of {student} on each teacher's {PRIOR_METHOD} set, IPC {config.ipc}):",
-                   *(f"  {entry['source']}: {entry['prior']:.2f}" for entry in entries),
-                   f"wrote {path}; pass them to fadrm distill as {record['flags']} (or --priors-from {path})"]))
+    log(
+        "\n".join(
+            [
+                f"priors (last-epoch top-1 of {student} on each teacher's {PRIOR_METHOD} set, IPC {config.ipc}):",
+                *(f"  {entry['source']}: {entry['prior']:.2f}" for entry in entries),
+                f"wrote {path}; pass them to fadrm distill as {record['flags']} (or --priors-from {path})",
+            ]
+        )
+    )
     return record
 
 

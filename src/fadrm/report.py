@@ -22,8 +22,12 @@ def results_table(results: dict[str, Any]) -> str:
     """Markdown table: each student's distilled accuracy next to its baselines (and their means over repeats)."""
     # Results written before --protocol existed were all under the method's own protocol.
     protocol = results.get("protocol", "own")
-    lines = [f"# {results['method']} on {results['dataset']}, IPC {results['ipc']}, {protocol} student protocol", "",
-             f"Students: the {protocol} protocol ({PROTOCOL_WORDS[protocol]}).", ""]
+    lines = [
+        f"# {results['method']} on {results['dataset']}, IPC {results['ipc']}, {protocol} student protocol",
+        "",
+        f"Students: the {protocol} protocol ({PROTOCOL_WORDS[protocol]}).",
+        "",
+    ]
     if any(row["repeats"] > 1 for row in results["summary"]):
         lines += [
             "| student | training set | labels | repeats | top-1 (%) | top-5 (%) | best top-1 (%) |",
@@ -37,7 +41,8 @@ def results_table(results: dict[str, Any]) -> str:
             )
         lines += ["", "Mean ± sample standard deviation over the repeats; each run:", ""]
     lines += [
-        "| student | training set | labels | seed | images | epochs | top-1 (%) | top-5 (%) | best top-1 (%) | seconds |",
+        "| student | training set | labels | seed | images | epochs | top-1 (%) | top-5 (%) | best top-1 (%) "
+        "| seconds |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in results["runs"]:
@@ -56,13 +61,21 @@ def results_table(results: dict[str, Any]) -> str:
         lines += ["", robustness_table(results["robustness"])]
     if "stored_labels" in results:
         stored = results["stored_labels"]
-        lines += ["", f"Stored soft labels: {stored['bytes']} bytes ({stored['bytes_per_image_per_epoch']} per image per epoch)."]
+        lines += [
+            "",
+            f"Stored soft labels: {stored['bytes']} bytes ({stored['bytes_per_image_per_epoch']} per image per epoch).",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def robustness_table(rows: Sequence[dict[str, Any]]) -> str:
     """The robustness scores per student (mean ± sample std over the seeds), with what they mean."""
-    lines = ["## Robustness scores", "", "| student | seeds | HLR | IOR | LRS | ARS |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## Robustness scores",
+        "",
+        "| student | seeds | HLR | IOR | LRS | ARS |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for row in rows:
         cells = [f"{row[k]:.4f} ± {row[k + '_std']:.4f}" if k in row else "-" for k in ("hlr", "ior", "lrs", "ars")]
         lines.append(f"| {row['student']} | {row['repeats']} | " + " | ".join(cells) + " |")
@@ -79,7 +92,11 @@ def _epochs_text(runs: Sequence[dict[str, Any]]) -> str:
     """The validation epochs of the runs, shortened ("1, 11, 21, ..., 291, 300")."""
     # Student runs only: the full-data arm is validated once, after the teacher recipe's epochs.
     epochs = sorted({e for run in runs if run.get("history", True) for e in run.get("evaluated_epochs", [])})
-    return ", ".join(map(str, epochs)) if len(epochs) <= 6 else f"{epochs[0]}, {epochs[1]}, {epochs[2]}, ..., {epochs[-2]}, {epochs[-1]}"
+    return (
+        ", ".join(map(str, epochs))
+        if len(epochs) <= 6
+        else f"{epochs[0]}, {epochs[1]}, {epochs[2]}, ..., {epochs[-2]}, {epochs[-1]}"
+    )
 
 
 def plot_curves(path: Path, runs: Sequence[dict[str, Any]]) -> bool:

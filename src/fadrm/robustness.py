@@ -73,12 +73,21 @@ def robustness_summary(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     rows = []
     for student in dict.fromkeys(run["student"] for run in runs):
         mine = [run for run in runs if run["student"] == student]
-        shared = {(r["train_set"], r["labels"], r.get("augment", True)): r["top1"] / 100
-                  for r in mine if r["train_set"] == FULL_DATA}  # fmt: skip
+        shared = {
+            (r["train_set"], r["labels"], r.get("augment", True)): r["top1"] / 100
+            for r in mine
+            if r["train_set"] == FULL_DATA
+        }
         per_seed = []
         for seed in dict.fromkeys(r["seed"] for r in mine if r["train_set"] == DISTILLED):
-            accuracy = {**shared, **{(r["train_set"], r["labels"], r.get("augment", True)): r["top1"] / 100
-                                     for r in mine if r["seed"] == seed and r["train_set"] != FULL_DATA}}  # fmt: skip
+            accuracy = {
+                **shared,
+                **{
+                    (r["train_set"], r["labels"], r.get("augment", True)): r["top1"] / 100
+                    for r in mine
+                    if r["seed"] == seed and r["train_set"] != FULL_DATA
+                },
+            }
             per_seed.append(scores(accuracy))
         row: dict[str, Any] = {"student": student, "repeats": len(per_seed)}
         for name in SCORES:

@@ -124,8 +124,11 @@ class Runtime:
 
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return (f"{name} ({self.device}), amp={self.amp}" + (", compiled" if self.compile else "")
-                + (", fused statistics" if self.fused_statistics else ""))  # fmt: skip
+        return (
+            f"{name} ({self.device}), amp={self.amp}"
+            + (", compiled" if self.compile else "")
+            + (", fused statistics" if self.fused_statistics else "")
+        )
 
 
 def make_runtime(
@@ -174,6 +177,12 @@ def make_runtime(
     if channels_last is None:
         channels_last = dev.type == "cpu"
     # Inductor builds C++ kernels for the CPU; without a compiler it fails deep inside the first forward.
-    if compile and dev.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
-        raise FadrmError("--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
+    if (
+        compile
+        and dev.type == "cpu"
+        and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c)
+    ):
+        raise FadrmError(
+            "--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile"
+        )
     return Runtime(dev, amp, channels_last, compile, fused_statistics)

@@ -250,9 +250,11 @@ def train_student(
     soft_loss = STUDENT_LOSSES.get(config.loss)
     smallest = smallest_micro_batch(len(train.images), config.batch_size, config.accumulation)
     if smallest < ranks.world:
-        raise FadrmError(f"{ranks.world} processes need at least {ranks.world} images in every micro-batch, and "
-                         f"{desc} has one of {smallest} (--batch-size {config.batch_size} in --accumulation "
-                         f"{config.accumulation}, {len(train.images)} images); use fewer processes")  # fmt: skip
+        raise FadrmError(
+            f"{ranks.world} processes need at least {ranks.world} images in every micro-batch, and "
+            f"{desc} has one of {smallest} (--batch-size {config.batch_size} in --accumulation "
+            f"{config.accumulation}, {len(train.images)} images); use fewer processes"
+        )
     sampler = config.view_sampler(spec.image_size)
     runtime.place(model)
     network = ranks.parallel(model)
@@ -294,7 +296,7 @@ def train_student(
             if stored is not None:
                 probabilities, teacher_logits = (
                     None if t is None else to_device(t[offset : offset + len(indices)], runtime.device) for t in stored
-                )  # fmt: skip
+                )
                 labels = SoftLabels(probabilities, teacher_logits, hard)
             elif labeller is not None:
                 teacher_logits = labeller(pixels, runtime, ranks)
@@ -331,15 +333,24 @@ def train_student(
                 log(f"{desc}: epoch {epoch + 1}: top-1 {record['top1']:.2f}%")
         history.append(record)
         if checkpoint is not None and ranks.is_main and (epoch + 1) % config.checkpoint_every == 0:
-            states = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "random": global_random_state(runtime.device)}  # fmt: skip
+            states = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "random": global_random_state(runtime.device),
+            }
             if scaler is not None:
                 states["scaler"] = scaler.state_dict()
             if ema is not None:
                 states["ema"] = ema.state_dict()
             checkpoint.save(epoch + 1, history, time.perf_counter() - started, states)
-    result = {"top1": history[-1]["top1"], "top5": history[-1]["top5"], "epochs": config.epochs,
-              "seconds": round(time.perf_counter() - started, 2), "history": history}  # fmt: skip
+    result = {
+        "top1": history[-1]["top1"],
+        "top5": history[-1]["top5"],
+        "epochs": config.epochs,
+        "seconds": round(time.perf_counter() - started, 2),
+        "history": history,
+    }
     # The validations made: a run resumed under another --eval-every claims only those it has.
     validated = [h["epoch"] for h in history if "top1" in h and h["epoch"] in evaluate_after]
     return with_best_of(result, validated)

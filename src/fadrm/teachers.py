@@ -21,9 +21,15 @@ import torch
 from torch import nn
 
 from .artifacts import (
-    checkpoint_dict, is_checkpoint, load_teacher_progress, partial_path, require_same_settings, safe_torch_load,
-    save_teacher_progress, teacher_config_path,
-)  # fmt: skip
+    checkpoint_dict,
+    is_checkpoint,
+    load_teacher_progress,
+    partial_path,
+    require_same_settings,
+    safe_torch_load,
+    save_teacher_progress,
+    teacher_config_path,
+)
 from .augment import train_transform
 from .config import TeacherConfig, validate, write_config
 from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split
@@ -74,10 +80,16 @@ class Teacher:
     def describe(self) -> dict[str, Any]:
         """JSON summary for manifests and result files."""
         return {
-            "source": self.source, "sha256": self.sha256, "arch": self.arch, "arch_args": self.arch_args,
-            "dataset": self.dataset, "num_classes": self.num_classes, "in_channels": self.in_channels,
-            "val_top1": self.val_top1, "kind": self.kind,
-        }  # fmt: skip
+            "source": self.source,
+            "sha256": self.sha256,
+            "arch": self.arch,
+            "arch_args": self.arch_args,
+            "dataset": self.dataset,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "val_top1": self.val_top1,
+            "kind": self.kind,
+        }
 
 
 class LogitSubset(nn.Module):
@@ -132,11 +144,19 @@ def _torchvision_teacher(arch: str, weights_name: str) -> Teacher:
     model = build_model(arch, num_classes=1000, in_channels=3)
     _load_state_into(model, safe_torch_load(cache), str(cache), arch)
     return Teacher(
-        model=model.eval(), arch=arch, dataset="imagenet-1k", class_names=list(weights.meta["categories"]),
-        in_channels=3, image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        source=f"{arch}:{weights_name}", sha256=sha256_file(cache),
-        val_top1=weights.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1"), kind="torchvision",
-    )  # fmt: skip
+        model=model.eval(),
+        arch=arch,
+        dataset="imagenet-1k",
+        class_names=list(weights.meta["categories"]),
+        in_channels=3,
+        image_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        source=f"{arch}:{weights_name}",
+        sha256=sha256_file(cache),
+        val_top1=weights.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1"),
+        kind="torchvision",
+    )
 
 
 def is_torchvision_weights(source: str | Path) -> bool:
@@ -182,10 +202,18 @@ def load_teacher(source: str | Path, spec: DatasetSpec | None = None, arch: str 
             model = build_model(arch, spec.num_classes, spec.channels, spec.image_size)
             _load_state_into(model, state, str(path), arch)
             teacher = Teacher(
-                model=model, arch=arch, dataset=spec.name, class_names=[str(i) for i in range(spec.num_classes)],
-                in_channels=spec.channels, image_size=spec.image_size, mean=spec.mean, std=spec.std,
-                source=str(path), sha256=sha256_file(path), kind="state_dict",
-            )  # fmt: skip
+                model=model,
+                arch=arch,
+                dataset=spec.name,
+                class_names=[str(i) for i in range(spec.num_classes)],
+                in_channels=spec.channels,
+                image_size=spec.image_size,
+                mean=spec.mean,
+                std=spec.std,
+                source=str(path),
+                sha256=sha256_file(path),
+                kind="state_dict",
+            )
     teacher.model.eval().requires_grad_(False)
     return teacher
 
@@ -195,12 +223,21 @@ def _teacher_from_checkpoint(ckpt: dict[str, Any], path: Path) -> Teacher:
     model = build_model(arch, len(ckpt["class_names"]), ckpt["in_channels"], ckpt["image_size"], **args)
     _load_state_into(model, ckpt["state_dict"], str(path), arch)
     return Teacher(
-        model=model, arch=arch, dataset=ckpt["dataset"], class_names=list(ckpt["class_names"]),
-        in_channels=ckpt["in_channels"], image_size=ckpt["image_size"], mean=tuple(ckpt["mean"]),
-        std=tuple(ckpt["std"]), source=str(path), sha256=sha256_file(path), val_top1=ckpt.get("val_top1"),
-        arch_args=args, holdout=int(ckpt.get("train_config", {}).get("holdout", 0)),
+        model=model,
+        arch=arch,
+        dataset=ckpt["dataset"],
+        class_names=list(ckpt["class_names"]),
+        in_channels=ckpt["in_channels"],
+        image_size=ckpt["image_size"],
+        mean=tuple(ckpt["mean"]),
+        std=tuple(ckpt["std"]),
+        source=str(path),
+        sha256=sha256_file(path),
+        val_top1=ckpt.get("val_top1"),
+        arch_args=args,
+        holdout=int(ckpt.get("train_config", {}).get("holdout", 0)),
         train_config=dict(ckpt.get("train_config", {})),
-    )  # fmt: skip
+    )
 
 
 def check_holdout(teacher: Teacher, holdout: int) -> None:
@@ -236,7 +273,8 @@ def fit_teacher_to_dataset(teacher: Teacher, spec: DatasetSpec, class_names: lis
     fix = f"train a teacher on {spec.name} with: fadrm train-teacher --dataset {spec.name}"
     if teacher.num_classes != len(class_names):
         raise FadrmError(
-            f"teacher {teacher.source} predicts {teacher.num_classes} classes, {spec.name} has {len(class_names)}; {fix}"
+            f"teacher {teacher.source} predicts {teacher.num_classes} classes, {spec.name} has "
+            f"{len(class_names)}; {fix}"
         )
     if teacher.kind == "state_dict":
         return replace(teacher, class_names=list(class_names))
@@ -248,9 +286,14 @@ def fit_teacher_to_dataset(teacher: Teacher, spec: DatasetSpec, class_names: lis
 
 
 def load_teachers(
-    sources: Sequence[str], spec: DatasetSpec, class_names: list[str], runtime: Runtime, arch: str | None = None,
-    holdout: int = 0, compile: bool = False,
-) -> list[Teacher]:  # fmt: skip
+    sources: Sequence[str],
+    spec: DatasetSpec,
+    class_names: list[str],
+    runtime: Runtime,
+    arch: str | None = None,
+    holdout: int = 0,
+    compile: bool = False,
+) -> list[Teacher]:
     """Load every teacher, check it suits the dataset and the held-out split, and place it on the device.
 
     Args:
@@ -284,8 +327,12 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
     out = Path(config.out)
     if out.exists() and not config.overwrite:
         ckpt = safe_torch_load(out)
-        require_same_settings(ckpt.get("train_config", {}) if isinstance(ckpt, dict) else {}, config.identity(),
-                              f"the teacher {out}", "pass --overwrite or another --out")  # fmt: skip
+        require_same_settings(
+            ckpt.get("train_config", {}) if isinstance(ckpt, dict) else {},
+            config.identity(),
+            f"the teacher {out}",
+            "pass --overwrite or another --out",
+        )
         log(f"teacher {out} already trained with these settings (val top-1 {ckpt.get('val_top1'):.2f}%)")
         return load_teacher(out)
     runtime = make_runtime(config.device, config.amp, stage="teacher")
@@ -319,9 +366,14 @@ def _train_teacher_ranked(config: TeacherConfig, runtime: Runtime, ranks: Ranks,
         raise FadrmError(f"{ranks.world} processes need batches of at least {ranks.world} images; use fewer processes")
     steps_per_epoch = len(make_loader(train_set, config.batch_size, shuffle=True, workers=0, drop_last=drop_last))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15,
-        anneal_strategy="cos", div_factor=25.0, final_div_factor=1e3,
-    )  # fmt: skip
+        optimizer,
+        max_lr=config.lr,
+        total_steps=config.epochs * steps_per_epoch,
+        pct_start=0.15,
+        anneal_strategy="cos",
+        div_factor=25.0,
+        final_div_factor=1e3,
+    )
     history: list[dict[str, float]] = []
     start_epoch = 0
     partial = partial_path(out)
@@ -343,20 +395,39 @@ def _train_teacher_ranked(config: TeacherConfig, runtime: Runtime, ranks: Ranks,
         # rank the same batches, of which it keeps its share).
         torch.manual_seed(epoch_seed(config.seed, epoch))
         loader = make_loader(
-            train_set, config.batch_size, shuffle=True, seed=epoch_seed(config.seed, epoch),
-            workers=config.workers, drop_last=drop_last,
-        )  # fmt: skip
+            train_set,
+            config.batch_size,
+            shuffle=True,
+            seed=epoch_seed(config.seed, epoch),
+            workers=config.workers,
+            drop_last=drop_last,
+        )
         loss = train_one_epoch(
-            network, loader, optimizer, scheduler, runtime, spec.mean, spec.std,
-            desc=f"epoch {epoch + 1}/{config.epochs}", ranks=ranks,
-        )  # fmt: skip
+            network,
+            loader,
+            optimizer,
+            scheduler,
+            runtime,
+            spec.mean,
+            spec.std,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            ranks=ranks,
+        )
         metrics = evaluate_accuracy(model, val_loader, runtime, spec.mean, spec.std, ranks=ranks)
         seconds = round(time.perf_counter() - epoch_started, 2)
         history.append({"epoch": epoch + 1, "train_loss": loss, **metrics, "seconds": seconds})
         if ranks.is_main:
-            save_teacher_progress(partial, config.identity(), epoch + 1, history, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            })  # fmt: skip
+            save_teacher_progress(
+                partial,
+                config.identity(),
+                epoch + 1,
+                history,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                },
+            )
         log(
             f"epoch {epoch + 1}/{config.epochs}: train loss {loss:.4f}, val top-1 {metrics['top1']:.2f}%, "
             f"top-5 {metrics['top5']:.2f}% ({time.perf_counter() - started:.0f}s)"
@@ -364,11 +435,20 @@ def _train_teacher_ranked(config: TeacherConfig, runtime: Runtime, ranks: Ranks,
     if not ranks.is_main:
         return
     meta = {
-        "arch": config.model, "arch_args": config.model_args, "dataset": spec.name,
-        "class_names": list(train_set.classes), "in_channels": spec.channels, "image_size": spec.image_size,
-        "mean": list(spec.mean), "std": list(spec.std), "val_top1": metrics["top1"], "val_top5": metrics["top5"],
-        "history": history, "train_config": config.identity(), "trained_on": runtime.describe(),
-    }  # fmt: skip
+        "arch": config.model,
+        "arch_args": config.model_args,
+        "dataset": spec.name,
+        "class_names": list(train_set.classes),
+        "in_channels": spec.channels,
+        "image_size": spec.image_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "val_top1": metrics["top1"],
+        "val_top5": metrics["top5"],
+        "history": history,
+        "train_config": config.identity(),
+        "trained_on": runtime.describe(),
+    }
     save_torch(out, checkpoint_dict(model.to(memory_format=torch.contiguous_format), meta))
     partial.unlink(missing_ok=True)
     log(f"saved teacher to {out} (val top-1 {metrics['top1']:.2f}%)")

@@ -37,9 +37,15 @@ def make_loader(
     workers = default_workers() if workers is None else workers
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator,
-        drop_last=drop_last, persistent_workers=workers > 0, pin_memory=False,
-    )  # fmt: skip
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        generator=generator,
+        drop_last=drop_last,
+        persistent_workers=workers > 0,
+        pin_memory=False,
+    )
 
 
 def progress(iterable: Iterable[T], desc: str, **kwargs: Any) -> Iterable[T]:
@@ -150,8 +156,9 @@ def evaluate_accuracy(
         loss_sum = float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(labels[:, None])
-        per_batch[index] = torch.tensor([loss_sum, int(hits[:, 0].sum()), int(hits.any(dim=1).sum()), len(labels)],
-                                        dtype=torch.float64)  # fmt: skip
+        per_batch[index] = torch.tensor(
+            [loss_sum, int(hits[:, 0].sum()), int(hits.any(dim=1).sum()), len(labels)], dtype=torch.float64
+        )
     loss_sum = correct1 = correct5 = count = 0.0
     for row in ranks.sum(per_batch).tolist():  # added in batch order, as one process adds them
         loss_sum += row[0]

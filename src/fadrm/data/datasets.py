@@ -123,9 +123,12 @@ class FileImageDataset(ImageDataset):
 
     def subset(self, indices: Sequence[int]) -> "FileImageDataset":
         return FileImageDataset(
-            [self.paths[i] for i in indices], [self.targets[i] for i in indices], self.classes, self.channels,
+            [self.paths[i] for i in indices],
+            [self.targets[i] for i in indices],
+            self.classes,
+            self.channels,
             self.transform,
-        )  # fmt: skip
+        )
 
 
 # What PIL raises for a file it cannot decode as an image.

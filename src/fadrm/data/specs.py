@@ -16,9 +16,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 # ImageNette / ImageWoof: class order is the sorted WordNet ids (the order of
 # their train/ folders), each paired with its ImageNet-1k class index so a
@@ -112,47 +120,79 @@ def _idx_reader(root: Path, split: str) -> ImageDataset:
     return read_idx_split(root, split, FASHION_MNIST_CLASSES, hint)
 
 
-_add(DatasetSpec(
-    name="fashion-mnist", num_classes=10, channels=1, image_size=28,
-    mean=(0.2860,), std=(0.3530,), reader=_idx_reader,
-    default_root=Path("/usr/share/datasets/fashion-mnist"),
-    layout="the four IDX files", augment="pad-crop",
-))  # fmt: skip
+_add(
+    DatasetSpec(
+        name="fashion-mnist",
+        num_classes=10,
+        channels=1,
+        image_size=28,
+        mean=(0.2860,),
+        std=(0.3530,),
+        reader=_idx_reader,
+        default_root=Path("/usr/share/datasets/fashion-mnist"),
+        layout="the four IDX files",
+        augment="pad-crop",
+    )
+)
 
 for _variant, _mean, _std in (
     (10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     (100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 ):
     _layout = "cifar-10-batches-py/" if _variant == 10 else "cifar-100-python/"
-    _add(DatasetSpec(
-        name=f"cifar{_variant}", num_classes=_variant, channels=3, image_size=32,
-        mean=_mean, std=_std, default_root=None, layout=_layout, augment="pad-crop",
-        reader=lambda root, split, v=_variant, lay=_layout: read_cifar_split(
-            root, split, v, _hint(f"cifar{v}", lay)),
-    ))  # fmt: skip
+    _add(
+        DatasetSpec(
+            name=f"cifar{_variant}",
+            num_classes=_variant,
+            channels=3,
+            image_size=32,
+            mean=_mean,
+            std=_std,
+            default_root=None,
+            layout=_layout,
+            augment="pad-crop",
+            reader=lambda root, split, v=_variant, lay=_layout: read_cifar_split(
+                root, split, v, _hint(f"cifar{v}", lay)
+            ),
+        )
+    )
 
 _TINY_LAYOUT = "tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/, val/val_annotations.txt"
-_add(DatasetSpec(
-    name="tiny-imagenet", num_classes=200, channels=3, image_size=64,
-    mean=IMAGENET_MEAN, std=IMAGENET_STD, default_root=None, layout=_TINY_LAYOUT, augment="pad-crop",
-    reader=lambda root, split: read_tiny_imagenet_split(root, split, _hint("tiny-imagenet", _TINY_LAYOUT)),
-))  # fmt: skip
+_add(
+    DatasetSpec(
+        name="tiny-imagenet",
+        num_classes=200,
+        channels=3,
+        image_size=64,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        default_root=None,
+        layout=_TINY_LAYOUT,
+        augment="pad-crop",
+        reader=lambda root, split: read_tiny_imagenet_split(root, split, _hint("tiny-imagenet", _TINY_LAYOUT)),
+    )
+)
 
 
 def _folder_spec(
     name: str, num_classes: int | None, classes: tuple[tuple[str, str, int], ...] | None = None
 ) -> DatasetSpec:
-    layout = "train/ and val/ with one sub-folder per class" + (
-        " named by WordNet id" if num_classes else ""
-    )
+    layout = "train/ and val/ with one sub-folder per class" + (" named by WordNet id" if num_classes else "")
     wnids = [c[0] for c in classes] if classes else None
     return DatasetSpec(
-        name=name, num_classes=num_classes, channels=3, image_size=224,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_root=None, layout=layout, augment="resized-crop",
+        name=name,
+        num_classes=num_classes,
+        channels=3,
+        image_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        default_root=None,
+        layout=layout,
+        augment="resized-crop",
         reader=partial(_read_folder, name=name, layout=layout, wnids=wnids, num_classes=num_classes),
         imagenet_indices=tuple(c[2] for c in classes) if classes else None,
         display_names=tuple(c[1] for c in classes) if classes else None,
-    )  # fmt: skip
+    )
 
 
 def _read_folder(

@@ -12,9 +12,7 @@ def eval_transform(spec: DatasetSpec, image_size: int | None = None) -> v2.Compo
     """Validation preprocessing: resize (with the usual 0.875 crop ratio for ImageNet) and centre crop."""
     size = image_size or spec.image_size
     resize = round(size / 0.875) if spec.augment == "resized-crop" else size
-    return v2.Compose([
-        v2.Resize(resize, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)
-    ])  # fmt: skip
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)])
 
 
 def _stats(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:

@@ -65,10 +65,12 @@ class CifarInvertedResidual(nn.Module):
         super().__init__()
         hidden = expansion * in_planes
         self.body = nn.Sequential(
-            *_conv_bn(in_planes, hidden, 1), nn.ReLU(inplace=True),
-            *_conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU(inplace=True),
+            *_conv_bn(in_planes, hidden, 1),
+            nn.ReLU(inplace=True),
+            *_conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            nn.ReLU(inplace=True),
             *_conv_bn(hidden, out_planes, 1),
-        )  # fmt: skip
+        )
         # As in the reference, every stride-1 block is residual; a width change gets a projection.
         self.shortcut: nn.Module | None = None
         if stride == 1 and in_planes == out_planes:

@@ -46,9 +46,7 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 
-def build_model(
-    name: str, num_classes: int, in_channels: int = 3, image_size: int = 224, **kwargs: Any
-) -> nn.Module:
+def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 224, **kwargs: Any) -> nn.Module:
     """Build an untrained model adapted to the class count, channels and image size.
 
     Args:

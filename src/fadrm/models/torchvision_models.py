@@ -35,10 +35,20 @@ def replace_first_conv(model: nn.Module, in_channels: int) -> None:
         if isinstance(conv, nn.Conv2d):
             if conv.in_channels != in_channels:
                 parent_name, _, child_name = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child_name, nn.Conv2d(
-                    in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                ))  # fmt: skip
+                setattr(
+                    model.get_submodule(parent_name),
+                    child_name,
+                    nn.Conv2d(
+                        in_channels,
+                        conv.out_channels,
+                        conv.kernel_size,
+                        conv.stride,
+                        conv.padding,
+                        conv.dilation,
+                        conv.groups,
+                        conv.bias is not None,
+                    ),
+                )
             return
 
 

@@ -84,9 +84,14 @@ class FusedLayout:
         return sum(self.sizes) // 2
 
     @staticmethod
-    def build(terms: Sequence[FusedTerm], weights: Sequence[float], num_groups: int,
-              targets: Sequence[tuple[torch.Tensor, ...]], class_targets: Sequence[tuple[torch.Tensor, ...]] | None,
-              device: torch.device) -> "FusedLayout":  # fmt: skip
+    def build(
+        terms: Sequence[FusedTerm],
+        weights: Sequence[float],
+        num_groups: int,
+        targets: Sequence[tuple[torch.Tensor, ...]],
+        class_targets: Sequence[tuple[torch.Tensor, ...]] | None,
+        device: torch.device,
+    ) -> "FusedLayout":
         """The layout of ``terms`` weighted ``weights``; per term its global targets and, for EDC, its
         per-group class targets: (mean, var) for a BatchNorm layer, (mean, var, patch mean, patch
         var) for a convolution, (C,) / (cells,) each, (G, ...) for class targets."""
@@ -115,15 +120,23 @@ class FusedLayout:
             class_row = torch.cat([t.float().reshape(num_groups, -1) for t in halves(class_targets)], 1)
         exponents = None
         if num_groups == 1 and any(not t.cells for t in terms):
-            marks = [[1.0] * n for n in half] + [[-2.0 if not terms[i].cells else 1.0] * n
-                                                 for i, pieces in enumerate(term_pieces) for n in pieces]  # fmt: skip
+            marks = [[1.0] * n for n in half] + [
+                [-2.0 if not terms[i].cells else 1.0] * n for i, pieces in enumerate(term_pieces) for n in pieces
+            ]
             exponents = torch.tensor([e for piece in marks for e in piece], device=device)
         return FusedLayout(
-            num_groups, tuple(terms), sizes, global_row.to(device),
-            None if class_row is None else class_row.to(device), segments.to(device),
-            segments.T.contiguous().to(device), torch.tensor(piece_weight, dtype=torch.float32, device=device),
-            exponents, torch.tensor(piece_term, device=device), owner.new_tensor(piece_term)[owner].to(device),
-        )  # fmt: skip
+            num_groups,
+            tuple(terms),
+            sizes,
+            global_row.to(device),
+            None if class_row is None else class_row.to(device),
+            segments.to(device),
+            segments.T.contiguous().to(device),
+            torch.tensor(piece_weight, dtype=torch.float32, device=device),
+            exponents,
+            torch.tensor(piece_term, device=device),
+            owner.new_tensor(piece_term)[owner].to(device),
+        )
 
     def scales(self, shapes: Sequence[torch.Size]) -> torch.Tensor:
         """(S,) d mean / d x and d var / d x factors for inputs of ``shapes`` (one per term): 1/n per
@@ -183,8 +196,10 @@ class BatchNormTap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.statistics is not None:
-            raise RuntimeError(f"BatchNorm layer {self.layer} ran twice in one forward pass; the fused "
-                               "statistics loss needs each layer once")  # fmt: skip
+            raise RuntimeError(
+                f"BatchNorm layer {self.layer} ran twice in one forward pass; the fused "
+                "statistics loss needs each layer once"
+            )
         output, first, second = _TappedBatchNorm.apply(x, self)
         self.statistics = (first, second, x.shape)
         return output
@@ -199,8 +214,9 @@ class _TappedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, tap: BatchNormTap):  # type: ignore[override]
         layer = tap.layer
-        output = torch.nn.functional.batch_norm(x, layer.running_mean, layer.running_var, layer.weight,
-                                                layer.bias, False, 0.0, layer.eps)  # fmt: skip
+        output = torch.nn.functional.batch_norm(
+            x, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps
+        )
         if tap.num_groups == 1:
             first, second = mean_invstd(x)
             saved = x
@@ -213,8 +229,12 @@ class _TappedBatchNorm(torch.autograd.Function):
         return output, first.float(), second.float()
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor | None, shift: torch.Tensor | None,  # type: ignore[override]
-                 slope: torch.Tensor | None):  # fmt: skip
+    def backward(
+        ctx,
+        grad_output: torch.Tensor | None,
+        shift: torch.Tensor | None,  # type: ignore[override]
+        slope: torch.Tensor | None,
+    ):
         (saved,) = ctx.saved_tensors
         tap: BatchNormTap = ctx.tap
         dims = len(ctx.shape)
@@ -243,9 +263,13 @@ def _convolution_statistics(x: torch.Tensor, term: FusedTerm, groups: int):
     return (channel_mean, patch_mean.flatten(1), channel_var, patch_var.flatten(1)), (grouped, cells)
 
 
-def _convolution_gradient(x: torch.Tensor, views: tuple[torch.Tensor, torch.Tensor], term: FusedTerm,
-                          channel: tuple[torch.Tensor, torch.Tensor],
-                          patch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+def _convolution_gradient(
+    x: torch.Tensor,
+    views: tuple[torch.Tensor, torch.Tensor],
+    term: FusedTerm,
+    channel: tuple[torch.Tensor, torch.Tensor],
+    patch: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
     """The statistics' gradient of a convolution input ``x``: ``x * a + b`` per (group, channel), plus
     the same per (group, cell) on the resized input, taken back through the resize. ``channel``
     and ``patch``: their (b, a) coefficients, (G, C) and (G, cells)."""
@@ -278,9 +302,16 @@ class FusedStatisticsLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, layout: FusedLayout, ema: dict | None, coefficient: float,  # type: ignore[override]
-                class_share: float, keep: torch.Tensor | None, shapes: tuple[torch.Size, ...],
-                *inputs: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def forward(
+        ctx,
+        layout: FusedLayout,
+        ema: dict | None,
+        coefficient: float,  # type: ignore[override]
+        class_share: float,
+        keep: torch.Tensor | None,
+        shapes: tuple[torch.Size, ...],
+        *inputs: torch.Tensor,
+    ) -> torch.Tensor:
         groups = layout.num_groups
         taps = sum(1 for t in layout.terms if not t.cells)
         firsts, seconds, convolution_inputs = inputs[:taps], inputs[taps : 2 * taps], inputs[2 * taps :]
@@ -297,8 +328,9 @@ class FusedStatisticsLoss(torch.autograd.Function):
                 convolutions = iter(convolution_inputs)
                 for term in layout.terms:
                     if term.cells:
-                        (mean, patch_mean, var, patch_var), views = _convolution_statistics(next(convolutions), term,
-                                                                                            groups)  # fmt: skip
+                        (mean, patch_mean, var, patch_var), views = _convolution_statistics(
+                            next(convolutions), term, groups
+                        )
                         convolution_views.append(views)
                         means += [mean, patch_mean]
                         variances += [var, patch_var]

@@ -61,7 +61,9 @@ class Initialiser(Protocol):
     def prepare(self, run: SynthesisRun) -> None:
         """Work done once per run before synthesis (this rank's share; finished parts are skipped)."""
 
-    def initial_images(self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    def initial_images(
+        self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]
+    ) -> torch.Tensor:
         """The batch's initial images, normalised, (G*B, C, H, W), unit by unit in each unit's image order."""
 
     def source_file(self, run: SynthesisRun, label: int, ipc_index: int) -> Path | None:
@@ -77,7 +79,9 @@ class NoiseInitialiser:
     def prepare(self, run: SynthesisRun) -> None:
         return None
 
-    def initial_images(self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    def initial_images(
+        self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]
+    ) -> torch.Tensor:
         shape = (batch[0].size, run.spec.channels, run.spec.image_size, run.spec.image_size)
         return torch.cat([torch.randn(shape, generator=g) for g in generators])
 
@@ -98,20 +102,39 @@ class PatchInitialiser:
             return
         teacher, dataset, config = run.teachers[0], run.dataset, run.config
         workers = decode_workers(dataset, config.workers)
-        run.log(f"selecting realistic patches for {len(todo)} classes"
-                + (f" ({workers} decoding processes)" if workers else ""))  # fmt: skip
-        candidates, crops = crops_of_classes(dataset, todo, config.ipc, config.patches, config.seed,
-                                             run.spec.image_size // config.patches.factor, workers)  # fmt: skip
+        run.log(
+            f"selecting realistic patches for {len(todo)} classes"
+            + (f" ({workers} decoding processes)" if workers else "")
+        )
+        candidates, crops = crops_of_classes(
+            dataset,
+            todo,
+            config.ipc,
+            config.patches,
+            config.seed,
+            run.spec.image_size // config.patches.factor,
+            workers,
+        )
         for label in progress(todo, "patches"):
             images, record = select_from_crops(
-                candidates[label], itertools.islice(crops, len(candidates[label])), label, config.ipc, teacher.model,
-                run.spec.mean, run.spec.std, run.spec.image_size, config.patches, run.runtime,
-            )  # fmt: skip
+                candidates[label],
+                itertools.islice(crops, len(candidates[label])),
+                label,
+                config.ipc,
+                teacher.model,
+                run.spec.mean,
+                run.spec.std,
+                run.spec.image_size,
+                config.patches,
+                run.runtime,
+            )
             for ipc_index, image in enumerate(images):
                 save_png(layout.image("init", label, ipc_index), image)
             write_json(layout.init_record(label), record)
 
-    def initial_images(self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    def initial_images(
+        self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]
+    ) -> torch.Tensor:
         files = [self.source_file(run, c, i) for u in batch for c, i in u.images]
         images = torch.stack([read_image(path, run.spec.channels) for path in files])
         return normalize(images.float().div_(255), run.spec.mean, run.spec.std)
@@ -141,8 +164,10 @@ class RealImageInitialiser:
             return None
         source = DistilledSet.open(config.init_from)
         if (source.dataset, source.ipc) != (config.dataset, config.ipc):
-            return (f"--init-from {config.init_from} holds a {source.dataset} set at IPC {source.ipc}; it must be "
-                    f"{config.dataset} at IPC {config.ipc}")  # fmt: skip
+            return (
+                f"--init-from {config.init_from} holds a {source.dataset} set at IPC {source.ipc}; it must be "
+                f"{config.dataset} at IPC {config.ipc}"
+            )
         return None
 
     def prepare(self, run: SynthesisRun) -> None:
@@ -150,7 +175,9 @@ class RealImageInitialiser:
         if folder is not None and tuple(DistilledSet.open(folder).class_names) != run.layout.class_names:
             raise FadrmError(f"--init-from {folder} was made for other classes than this run's")
 
-    def initial_images(self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    def initial_images(
+        self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]
+    ) -> torch.Tensor:
         folder = run.config.init_from
         if folder is None:
             images, pools = None, class_pools(run.dataset)

@@ -95,6 +95,7 @@ class LayerTargets:
 
     def to(self, device: torch.device) -> "LayerTargets":
         """The same targets on ``device``."""
+
         def move(pair):
             return None if pair is None else (pair[0].to(device), pair[1].to(device))
 
@@ -109,8 +110,9 @@ class TeacherTargets:
     layers: dict[str, LayerTargets]
 
 
-def group_class_targets(pair: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
-                        num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def group_class_targets(
+    pair: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A group's class target: the mean over its images of their class's target, (G, ...) each."""
     return tuple(t[labels].unflatten(0, (num_groups, -1)).mean(1) for t in pair)  # type: ignore[return-value]
 
@@ -195,10 +197,18 @@ class StatMatcher(HookedMatcher):
     """
 
     def __init__(
-        self, models: Iterable[nn.Module], num_groups: int, first_multiplier: float = 10.0, *,
-        targets: Sequence[TeacherTargets] | None = None, ema: float = 0.0, conv_drop: float = 0.0,
-        generators: Sequence[torch.Generator] = (), labels: torch.Tensor | None = None, class_share: float = 0.0,
-    ) -> None:  # fmt: skip
+        self,
+        models: Iterable[nn.Module],
+        num_groups: int,
+        first_multiplier: float = 10.0,
+        *,
+        targets: Sequence[TeacherTargets] | None = None,
+        ema: float = 0.0,
+        conv_drop: float = 0.0,
+        generators: Sequence[torch.Generator] = (),
+        labels: torch.Tensor | None = None,
+        class_share: float = 0.0,
+    ) -> None:
         self.models = list(models)
         self.num_groups = num_groups
         self.first_multiplier = first_multiplier
@@ -227,8 +237,7 @@ class StatMatcher(HookedMatcher):
                 weight = self.first_multiplier if position == 0 else 1.0
                 layer_targets = self._prepared(targets.layers.get(name) if targets else None, layer)
                 if isinstance(layer, nn.Conv2d):
-                    hook = self._conv_hook((index, name), weight, layer_targets, targets.cell, conv_index,
-                                           convolutions)  # fmt: skip
+                    hook = self._conv_hook((index, name), weight, layer_targets, targets.cell, conv_index, convolutions)
                     conv_index += 1
                 else:
                     hook = self._bn_hook((index, name), weight, layer_targets)
@@ -255,8 +264,14 @@ class StatMatcher(HookedMatcher):
                 targets.class_patch = group_class_targets(targets.class_patch, labels, self.num_groups)
         return targets
 
-    def _distance(self, key: tuple[int, str], stats: list[torch.Tensor], global_targets: list[torch.Tensor],
-                  class_targets: list[torch.Tensor], keep: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def _distance(
+        self,
+        key: tuple[int, str],
+        stats: list[torch.Tensor],
+        global_targets: list[torch.Tensor],
+        class_targets: list[torch.Tensor],
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """D at the (surrogate) statistics: to the global targets, mixed with the class ones when asked."""
         if self.ema is not None:
             stats = [self.ema((*key, i), s, keep) for i, s in enumerate(stats)]
@@ -274,8 +289,9 @@ class StatMatcher(HookedMatcher):
 
         return hook
 
-    def _conv_hook(self, key: tuple[int, str], weight: float, targets: LayerTargets, cell: int, conv_index: int,
-                   convolutions: int):  # fmt: skip
+    def _conv_hook(
+        self, key: tuple[int, str], weight: float, targets: LayerTargets, cell: int, conv_index: int, convolutions: int
+    ):
         def hook(module: nn.Conv2d, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0]
             keep = None
@@ -320,8 +336,9 @@ class StatMatcher(HookedMatcher):
 class BNStatMatcher(StatMatcher):
     """BatchNorm layers only, matched to their running buffers (FADRM, SRe2L, RDED, CV-DD)."""
 
-    def __init__(self, models: Iterable[nn.Module], num_groups: int, first_bn_multiplier: float = 10.0,
-                 ema: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self, models: Iterable[nn.Module], num_groups: int, first_bn_multiplier: float = 10.0, ema: float = 0.0
+    ) -> None:
         super().__init__(models, num_groups, first_bn_multiplier, ema=ema)
 
 
@@ -384,8 +401,9 @@ class FusedStatMatcher(StatMatcher):
                     taps.append(BatchNormTap(layer, self.num_groups))
             weights = [self.first_multiplier] + [1.0] * (len(layers) - 1)
             class_rows = class_targets if self.class_share else None
-            self._layouts[model] = FusedLayout.build(terms, weights, self.num_groups, global_targets, class_rows,
-                                                     device_of(model))  # fmt: skip
+            self._layouts[model] = FusedLayout.build(
+                terms, weights, self.num_groups, global_targets, class_rows, device_of(model)
+            )
             self._ema_state[model] = {}
             self._taps[model] = taps
             self._inputs[model] = inputs
@@ -408,8 +426,10 @@ class FusedStatMatcher(StatMatcher):
     def _keep_input(inputs: list[torch.Tensor | None], position: int):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if inputs[position] is not None:
-                raise RuntimeError(f"convolution {module} ran twice in one forward pass; the fused statistics "
-                                   "loss needs each layer once")  # fmt: skip
+                raise RuntimeError(
+                    f"convolution {module} ran twice in one forward pass; the fused statistics "
+                    "loss needs each layer once"
+                )
             inputs[position] = args[0]
 
         return hook
@@ -449,15 +469,17 @@ class FusedStatMatcher(StatMatcher):
             keep = to_device(keep, layout.targets.device)
         ema = self._ema_state[model] if self.ema is not None else None
         coefficient = self.ema.coefficient if self.ema is not None else 0.0
-        return FusedStatisticsLoss.apply(layout, ema, coefficient, self.class_share, keep, tuple(shapes), *firsts,
-                                         *seconds, *convolution_inputs)  # fmt: skip
+        return FusedStatisticsLoss.apply(
+            layout, ema, coefficient, self.class_share, keep, tuple(shapes), *firsts, *seconds, *convolution_inputs
+        )
 
 
 class FusedBatchNormMatcher(FusedStatMatcher):
     """:class:`BNStatMatcher`'s loss, fused: BatchNorm layers only, matched to their running buffers."""
 
-    def __init__(self, models: Iterable[nn.Module], num_groups: int, first_bn_multiplier: float = 10.0,
-                 ema: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self, models: Iterable[nn.Module], num_groups: int, first_bn_multiplier: float = 10.0, ema: float = 0.0
+    ) -> None:
         super().__init__(models, num_groups, first_bn_multiplier, ema=ema)
 
 
@@ -509,10 +531,16 @@ def _with_convolutions(class_share: float) -> Callable[[MatchSetup], StatMatcher
         settings = setup.settings
         kind = FusedStatMatcher if setup.fused else StatMatcher
         return kind(
-            setup.teachers, setup.num_groups, settings.first_bn_multiplier, targets=setup.targets,
-            ema=settings.stat_ema, conv_drop=settings.conv_drop, generators=setup.generators, labels=setup.labels,
+            setup.teachers,
+            setup.num_groups,
+            settings.first_bn_multiplier,
+            targets=setup.targets,
+            ema=settings.stat_ema,
+            conv_drop=settings.conv_drop,
+            generators=setup.generators,
+            labels=setup.labels,
             class_share=class_share,
-        )  # fmt: skip
+        )
 
     return build
 

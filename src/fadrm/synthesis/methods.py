@@ -133,8 +133,10 @@ def committee_plans(config: DistillConfig, num_teachers: int) -> Callable[[Unit]
     """Every unit: its IPC index's committee, each member weighted by softmax(prior / 5)."""
     synthesis = config.synthesis
     priors = synthesis.priors or [0.0] * num_teachers
-    plans = [TeacherPlan(c, committee_weights([priors[k] for k in c]))
-             for c in committees(num_teachers, config.ipc, synthesis, config.seed)]  # fmt: skip
+    plans = [
+        TeacherPlan(c, committee_weights([priors[k] for k in c]))
+        for c in committees(num_teachers, config.ipc, synthesis, config.seed)
+    ]
     return lambda unit: plans[unit.ipc_index]
 
 
@@ -144,11 +146,15 @@ def committee_problem(num_teachers: int, synthesis: SynthesisConfig) -> str | No
     if size > num_teachers:
         return f"a committee of --committee-size {size} needs at least {size} teachers, got {num_teachers}"
     if fixed is not None and (len(fixed) != size or len(set(fixed)) != size or max(fixed) >= num_teachers):
-        return (f"--fixed-committee {' '.join(map(str, fixed))} must name {size} different teacher positions "
-                f"(0 to {num_teachers - 1}, in --teacher order)")  # fmt: skip
+        return (
+            f"--fixed-committee {' '.join(map(str, fixed))} must name {size} different teacher positions "
+            f"(0 to {num_teachers - 1}, in --teacher order)"
+        )
     if priors is not None and len(priors) != num_teachers:
-        return (f"got {len(priors)} --prior values for {num_teachers} teacher(s); give one per --teacher, in the same "
-                "order (fadrm priors computes them)")  # fmt: skip
+        return (
+            f"got {len(priors)} --prior values for {num_teachers} teacher(s); give one per --teacher, in the same "
+            "order (fadrm priors computes them)"
+        )
     return None
 
 
@@ -214,26 +220,66 @@ _EDC = {"stat_ema": 0.8, "group_images": 100, "crop_scale": [0.5, 1.0], "amp": "
 _CV_DD = {"committee_size": 2, "amp": "off"}
 # Their students on every dataset (docs/method.md; the presets' evaluate overrides add optimiser, rates, batches).
 # G-VBSM: MSE + CE on raw logits, eval-mode teachers, stored labels, plain cosine.
-_G_VBSM_STUDENTS = {"loss": "mse-ce", "ce_weight": 0.1, "bssl": False, "labels": "stored", "accumulation": 1,
-                    "eta": 1.0}  # fmt: skip
+_G_VBSM_STUDENTS = {
+    "loss": "mse-ce",
+    "ce_weight": 0.1,
+    "bssl": False,
+    "labels": "stored",
+    "accumulation": 1,
+    "eta": 1.0,
+}
 # EDC: MSE + 0.025 CE, an EMA of the weights validated, eval-mode teachers, crops of 50-100%, cosine stretched by 2.
-_EDC_STUDENTS = {"loss": "mse-ce", "ce_weight": 0.025, "ema_decay": 0.99, "bssl": False, "accumulation": 1,
-                 "crop_scale": [0.5, 1.0], "eta": 2.0}  # fmt: skip
+_EDC_STUDENTS = {
+    "loss": "mse-ce",
+    "ce_weight": 0.025,
+    "ema_decay": 0.99,
+    "bssl": False,
+    "accumulation": 1,
+    "crop_scale": [0.5, 1.0],
+    "eta": 2.0,
+}
 
 for _method in (
     Method("fadrm", "patch init, multi-resolution stages with ARC, one teacher", "patches", "multi-resolution"),
-    Method("fadrm+", "FADRM with several teachers, round-robin per iteration", "patches", "multi-resolution",
-           max_teachers=None),  # fmt: skip
+    Method(
+        "fadrm+",
+        "FADRM with several teachers, round-robin per iteration",
+        "patches",
+        "multi-resolution",
+        max_teachers=None,
+    ),
     Method("sre2l", "Gaussian init, one full-size stage, no ARC", "noise", "single-stage"),
     Method("sre2l++", "patch init, one full-size stage, no ARC (CV-DD's SRe2L++)", "patches", "single-stage"),
     Method("rded", "the selected real patches, no optimisation", "patches", "none"),
-    Method("g-vbsm", "Gaussian init, BN and convolution-input statistics with EMA, data densification, "
-           "class-major groups, teachers round-robin", "noise", "single-stage", matcher="batchnorm+conv",
-           units="class-major", max_teachers=None, defaults={"distill": _G_VBSM, "evaluate": _G_VBSM_STUDENTS}),  # fmt: skip
-    Method("edc", "real-image init, G-VBSM's statistics mixed with class targets, class-major groups, teachers "
-           "round-robin", "real-images", "single-stage", matcher="category-aware", units="class-major",
-           max_teachers=None, defaults={"distill": _EDC, "evaluate": _EDC_STUDENTS}),  # fmt: skip
-    Method("cv-dd", "SRe2L++ with a committee of teachers per IPC index, weighted by their priors", "patches",
-           "single-stage", teacher_policy="committee", max_teachers=None, defaults={"distill": _CV_DD}),  # fmt: skip
+    Method(
+        "g-vbsm",
+        "Gaussian init, BN and convolution-input statistics with EMA, data densification, "
+        "class-major groups, teachers round-robin",
+        "noise",
+        "single-stage",
+        matcher="batchnorm+conv",
+        units="class-major",
+        max_teachers=None,
+        defaults={"distill": _G_VBSM, "evaluate": _G_VBSM_STUDENTS},
+    ),
+    Method(
+        "edc",
+        "real-image init, G-VBSM's statistics mixed with class targets, class-major groups, teachers round-robin",
+        "real-images",
+        "single-stage",
+        matcher="category-aware",
+        units="class-major",
+        max_teachers=None,
+        defaults={"distill": _EDC, "evaluate": _EDC_STUDENTS},
+    ),
+    Method(
+        "cv-dd",
+        "SRe2L++ with a committee of teachers per IPC index, weighted by their priors",
+        "patches",
+        "single-stage",
+        teacher_policy="committee",
+        max_teachers=None,
+        defaults={"distill": _CV_DD},
+    ),
 ):
     METHODS.add(_method.name, _method)

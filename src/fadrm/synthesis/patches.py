@@ -100,8 +100,9 @@ def stitch(patches: torch.Tensor, factor: int) -> torch.Tensor:
     return rows
 
 
-def patch_candidates(pool: Sequence[int], label: int, class_name: str, ipc: int, settings: PatchConfig,
-                     generator: torch.Generator) -> list[int]:  # fmt: skip
+def patch_candidates(
+    pool: Sequence[int], label: int, class_name: str, ipc: int, settings: PatchConfig, generator: torch.Generator
+) -> list[int]:
     """The ``mipc`` real images of one class whose crops are scored: a seeded draw from ``pool``, the
     class's dataset indices (the first draw from ``generator``; the crops' boxes follow)."""
     needed = ipc * settings.factor**2
@@ -119,15 +120,18 @@ Box = tuple[int, int, int, int]
 
 def draw_crop_boxes(size: tuple[int, int], settings: PatchConfig, generator: torch.Generator) -> list[Box]:
     """The ``num_crop`` square random-resized crop boxes of one candidate image of ``size`` (H, W)."""
-    return [random_resized_crop_box(generator, size[0], size[1], settings.crop_scale, (1.0, 1.0))
-            for _ in range(settings.num_crop)]  # fmt: skip
+    return [
+        random_resized_crop_box(generator, size[0], size[1], settings.crop_scale, (1.0, 1.0))
+        for _ in range(settings.num_crop)
+    ]
 
 
 def crop_candidate(image: torch.Tensor, boxes: Sequence[Box], crop_size: int) -> torch.Tensor:
     """A uint8 (C, H, W) image's crops at ``boxes``, each resized to ``crop_size``: (crops, C, s, s) in [0, 1]."""
     image = image.float().div_(255)
-    return torch.stack([resize(image[None, :, top : top + h, left : left + w], crop_size)[0]
-                        for top, left, h, w in boxes])  # fmt: skip
+    return torch.stack(
+        [resize(image[None, :, top : top + h, left : left + w], crop_size)[0] for top, left, h, w in boxes]
+    )
 
 
 @torch.no_grad()
@@ -150,12 +154,14 @@ def select_class_patches(
 
     Returns the images and a record of the selection (source indices, scores).
     """
-    candidates = patch_candidates(dataset.indices_of_class(label), label, dataset.classes[label], ipc, settings,
-                                  generator)  # fmt: skip
+    candidates = patch_candidates(
+        dataset.indices_of_class(label), label, dataset.classes[label], ipc, settings, generator
+    )
     boxes = [draw_crop_boxes(dataset.size_of(index), settings, generator) for index in candidates]
     crops = cropped_in_order(dataset, candidates, boxes, image_size // settings.factor, workers=0)
-    return select_from_crops(candidates, crops, label, ipc, teacher, mean, std, image_size, settings, runtime,
-                             batch_size)  # fmt: skip
+    return select_from_crops(
+        candidates, crops, label, ipc, teacher, mean, std, image_size, settings, runtime, batch_size
+    )
 
 
 @torch.no_grad()
@@ -222,8 +228,9 @@ class _Sizes(Dataset):
 class _Crops(Dataset):
     """The crops of the images at ``indices`` at their boxes: decoded, cropped and resized where loaded."""
 
-    def __init__(self, dataset: ImageDataset, indices: Sequence[int], boxes: Sequence[Sequence[Box]],
-                 crop_size: int) -> None:  # fmt: skip
+    def __init__(
+        self, dataset: ImageDataset, indices: Sequence[int], boxes: Sequence[Sequence[Box]], crop_size: int
+    ) -> None:
         self.dataset, self.indices, self.boxes, self.crop_size = dataset, list(indices), list(boxes), crop_size
 
     def __len__(self) -> int:
@@ -247,15 +254,23 @@ def image_sizes(dataset: ImageDataset, indices: Sequence[int], workers: int) -> 
     return [tuple(size) for size in _in_order(_Sizes(dataset, indices), workers if dataset.decodes_files else 0)]
 
 
-def cropped_in_order(dataset: ImageDataset, indices: Sequence[int], boxes: Sequence[Sequence[Box]], crop_size: int,
-                     workers: int) -> Iterator[torch.Tensor]:  # fmt: skip
+def cropped_in_order(
+    dataset: ImageDataset, indices: Sequence[int], boxes: Sequence[Sequence[Box]], crop_size: int, workers: int
+) -> Iterator[torch.Tensor]:
     """Each image's crops (:func:`crop_candidate`), in ``indices`` order, made by ``workers`` loader
     processes: decoding, cropping and resizing run there, so the same pixels whatever the count."""
     return _in_order(_Crops(dataset, indices, boxes, crop_size), workers)
 
 
-def crops_of_classes(dataset: ImageDataset, labels: Sequence[int], ipc: int, settings: PatchConfig, seed: int,
-                     crop_size: int, workers: int) -> tuple[dict[int, list[int]], Iterator[torch.Tensor]]:  # fmt: skip
+def crops_of_classes(
+    dataset: ImageDataset,
+    labels: Sequence[int],
+    ipc: int,
+    settings: PatchConfig,
+    seed: int,
+    crop_size: int,
+    workers: int,
+) -> tuple[dict[int, list[int]], Iterator[torch.Tensor]]:
     """Every class's candidates, and all their crops in class then candidate order (``workers`` loader
     processes decode, crop and resize them ahead of the scoring).
 
@@ -265,8 +280,10 @@ def crops_of_classes(dataset: ImageDataset, labels: Sequence[int], ipc: int, set
     """
     generators = {label: make_generator(seed, "patches", label) for label in labels}
     pools = class_pools(dataset)
-    candidates = {label: patch_candidates(pools.get(label, []), label, dataset.classes[label], ipc, settings,
-                                          generators[label]) for label in labels}  # fmt: skip
+    candidates = {
+        label: patch_candidates(pools.get(label, []), label, dataset.classes[label], ipc, settings, generators[label])
+        for label in labels
+    }
     order = [i for label in labels for i in candidates[label]]
     sizes = iter(image_sizes(dataset, order, workers))
     boxes = [draw_crop_boxes(next(sizes), settings, generators[label]) for label in labels for _ in candidates[label]]

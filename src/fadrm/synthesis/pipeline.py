@@ -41,7 +41,10 @@ from .methods import METHODS, TEACHER_POLICIES, Method, TeacherPlan
 from .recover import recover
 from .units import UNIT_PLANS, Unit
 
-def synthesis_teachers(config: DistillConfig, spec: DatasetSpec, class_names: list[str], runtime: Runtime) -> list[Teacher]:
+
+def synthesis_teachers(
+    config: DistillConfig, spec: DatasetSpec, class_names: list[str], runtime: Runtime
+) -> list[Teacher]:
     """The run's teachers, loaded and placed; they must agree on the classes and, unless the method
     also matches convolutions, at least one have BatchNorm.
 
@@ -49,8 +52,9 @@ def synthesis_teachers(config: DistillConfig, spec: DatasetSpec, class_names: li
     contributes only the cross-entropy term on its iterations (and its convolutions'
     statistics where the method matches them).
     """
-    teachers = load_teachers(config.teachers, spec, class_names, runtime, config.teacher_arch, config.holdout,
-                             compile=True)  # fmt: skip
+    teachers = load_teachers(
+        config.teachers, spec, class_names, runtime, config.teacher_arch, config.holdout, compile=True
+    )
     if not METHODS.get(config.method).needs_statistics and not any(teacher.has_batchnorm() for teacher in teachers):
         raise FadrmError(
             f"none of the teachers ({', '.join(t.arch for t in teachers)}) has BatchNorm layers, "
@@ -107,8 +111,10 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
     bounds = _bounds(run.spec, runtime.device)
     models = [t.model for t in run.teachers]
     targets = [t for t, _ in run.statistics] if run.statistics is not None else None
-    run.log(f"{method.name}: {sum(map(len, todo))} groups to synthesise, {per_batch} per batch, "
-            f"{settings.total_budget} iterations each")  # fmt: skip
+    run.log(
+        f"{method.name}: {sum(map(len, todo))} groups to synthesise, {per_batch} per batch, "
+        f"{settings.total_budget} iterations each"
+    )
     for batch in todo:
         started = time.perf_counter()
         generators = [u.generator(config.seed) for u in batch]
@@ -125,10 +131,19 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
 
         try:
             result = recover(
-                init, labels, models, generators, settings, runtime, bounds, on_step,
-                matcher=MATCHERS.get(method.matcher).build, plan=plans(batch[0]), targets=targets,
+                init,
+                labels,
+                models,
+                generators,
+                settings,
+                runtime,
+                bounds,
+                on_step,
+                matcher=MATCHERS.get(method.matcher).build,
+                plan=plans(batch[0]),
+                targets=targets,
                 slots=batch[0].slots,
-            )  # fmt: skip
+            )
         finally:
             bar.close()
         images = denormalize(result.images, run.spec.mean, run.spec.std).cpu()
@@ -146,18 +161,34 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
                         shutil.copyfile(source, tmp)
                 else:
                     save_png(path, images[k])
-                records.append({
-                    "class": label, "class_name": layout.class_names[label], "ipc_index": ipc_index,
-                    "file": layout.relative(path), "ce": round(float(result.ce[k]), 6),
-                })  # fmt: skip
-            write_json(layout.unit_record(unit.key), {
-                "unit": unit.key, "ipc_index": unit.ipc_index, "group": unit.group, "classes": list(unit.classes),
-                "bn_loss": round(float(result.bn[g]), 6), "loss": round(float(result.loss[g]), 6),
-                "iterations": result.iterations, "seconds": elapsed / len(batch),
-                "seconds_per_image": elapsed / len(batch) / per_group, "batched_groups": len(batch),
-                "peak_memory_bytes": runtime.peak_memory(), "rank": run.ranks.rank, **plans(unit).describe(),
-                "images": records,
-            })  # fmt: skip
+                records.append(
+                    {
+                        "class": label,
+                        "class_name": layout.class_names[label],
+                        "ipc_index": ipc_index,
+                        "file": layout.relative(path),
+                        "ce": round(float(result.ce[k]), 6),
+                    }
+                )
+            write_json(
+                layout.unit_record(unit.key),
+                {
+                    "unit": unit.key,
+                    "ipc_index": unit.ipc_index,
+                    "group": unit.group,
+                    "classes": list(unit.classes),
+                    "bn_loss": round(float(result.bn[g]), 6),
+                    "loss": round(float(result.loss[g]), 6),
+                    "iterations": result.iterations,
+                    "seconds": elapsed / len(batch),
+                    "seconds_per_image": elapsed / len(batch) / per_group,
+                    "batched_groups": len(batch),
+                    "peak_memory_bytes": runtime.peak_memory(),
+                    "rank": run.ranks.rank,
+                    **plans(unit).describe(),
+                    "images": records,
+                },
+            )
 
 
 def gather_manifest(run: SynthesisRun, method: Method, wall_seconds: float) -> dict[str, Any]:
@@ -169,22 +200,25 @@ def gather_manifest(run: SynthesisRun, method: Method, wall_seconds: float) -> d
         raise FadrmError(f"{len(missing)} units are unfinished (e.g. {missing[0]}); run the same command again")
     records = [read_json(layout.unit_record(u.key)) for u in units]
     images = sorted((img for r in records for img in r["images"]), key=lambda r: (r["class"], r["ipc_index"]))
-    return write_manifest(layout, {
-        "device": run.runtime.describe(),
-        "dataset": {**run.spec.to_dict(), "class_names": list(layout.class_names)},
-        "method": method.name,
-        "ipc": config.ipc,
-        "seed": config.seed,
-        "config": config.to_dict(),
-        "stage_plan": asdict(method.stage_plan(config.synthesis)),
-        "teachers": [t.describe() for t in run.teachers],
-        **({"statistics": [d for _, d in run.statistics]} if run.statistics is not None else {}),
-        "images": images,
-        "units": [{k: v for k, v in r.items() if k != "images"} for r in records],
-        "wall_seconds_this_session": round(wall_seconds, 3),
-        "synthesis_seconds_per_image": round(sum(r["seconds"] for r in records) / max(len(images), 1), 6),
-        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in records),
-    })  # fmt: skip
+    return write_manifest(
+        layout,
+        {
+            "device": run.runtime.describe(),
+            "dataset": {**run.spec.to_dict(), "class_names": list(layout.class_names)},
+            "method": method.name,
+            "ipc": config.ipc,
+            "seed": config.seed,
+            "config": config.to_dict(),
+            "stage_plan": asdict(method.stage_plan(config.synthesis)),
+            "teachers": [t.describe() for t in run.teachers],
+            **({"statistics": [d for _, d in run.statistics]} if run.statistics is not None else {}),
+            "images": images,
+            "units": [{k: v for k, v in r.items() if k != "images"} for r in records],
+            "wall_seconds_this_session": round(wall_seconds, 3),
+            "synthesis_seconds_per_image": round(sum(r["seconds"] for r in records) / max(len(images), 1), 6),
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in records),
+        },
+    )
 
 
 # --------------------------------------------------------------------- API
@@ -201,8 +235,10 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict[s
     spec = get_dataset_spec(config.dataset)
     fused = config.fused_statistics
     if fused and config.compile:
-        log("--fused-statistics: the fused path replaces BatchNorm layers, which a compiled teacher cannot take; "
-            "using the per-layer one with --compile")  # fmt: skip
+        log(
+            "--fused-statistics: the fused path replaces BatchNorm layers, which a compiled teacher cannot take; "
+            "using the per-layer one with --compile"
+        )
         fused = False
     runtime = make_runtime(config.device, config.amp, compile=config.compile, fused_statistics=fused)
     ranks = init_ranks(runtime.device.type)
@@ -213,9 +249,14 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict[s
 
 
 def _distill_ranked(
-    config: DistillConfig, method: Method, spec: DatasetSpec, runtime: Runtime, ranks: Ranks, started: float,
+    config: DistillConfig,
+    method: Method,
+    spec: DatasetSpec,
+    runtime: Runtime,
+    ranks: Ranks,
+    started: float,
     log: Callable[[str], None],
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     if ranks.world > 1 and runtime.device.type == "cuda":
         runtime = replace(runtime, device=torch.device("cuda", ranks.local_rank))
     dataset = load_split(spec, "train", config.data_root, config.holdout)
@@ -231,12 +272,18 @@ def _distill_ranked(
     statistics = None
     if method.needs_statistics:
         # Several processes would each compute a missing file: they ask for it to be made first.
-        statistics = teacher_statistics(distill_statistics_config(config), teachers, dataset, runtime,
-                                        compute=ranks.world == 1, log=log)  # fmt: skip
+        statistics = teacher_statistics(
+            distill_statistics_config(config), teachers, dataset, runtime, compute=ranks.world == 1, log=log
+        )
     run = SynthesisRun(config, spec, dataset, teachers, layout, runtime, ranks, log, statistics)
     if ranks.is_main:
-        open_distilled_folder(layout, config, [t.sha256 for t in teachers], log,
-                              [d["sha256"] for _, d in statistics] if statistics is not None else None)  # fmt: skip
+        open_distilled_folder(
+            layout,
+            config,
+            [t.sha256 for t in teachers],
+            log,
+            [d["sha256"] for _, d in statistics] if statistics is not None else None,
+        )
     ranks.barrier()
     INITIALISERS.get(method.initialiser).prepare(run)
     ranks.barrier()

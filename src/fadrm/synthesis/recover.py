@@ -106,15 +106,18 @@ def arc_merge(x: torch.Tensor, residual_source: torch.Tensor, size: int, alpha: 
     return alpha * resize(x, size) + (1 - alpha) * resize(residual_source, size)
 
 
-def draw_views(x: torch.Tensor, generators: Sequence[torch.Generator], size: int,
-               settings: SynthesisConfig) -> torch.Tensor:  # fmt: skip
+def draw_views(
+    x: torch.Tensor, generators: Sequence[torch.Generator], size: int, settings: SynthesisConfig
+) -> torch.Tensor:
     """One iteration's views of the images: each group's crop, flip and shift drawn from its own stream."""
     if len(generators) == 1:
         return ViewParams.sample(generators[0], size, settings.jitter, settings.crop_scale).apply(x, size)
-    return torch.cat([
-        ViewParams.sample(gen, size, settings.jitter, settings.crop_scale).apply(chunk, size)
-        for gen, chunk in zip(generators, x.chunk(len(generators)))
-    ])  # fmt: skip
+    return torch.cat(
+        [
+            ViewParams.sample(gen, size, settings.jitter, settings.crop_scale).apply(chunk, size)
+            for gen, chunk in zip(generators, x.chunk(len(generators)))
+        ]
+    )
 
 
 def recover(

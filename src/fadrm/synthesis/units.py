@@ -85,8 +85,10 @@ def class_major_problem(ipc: int, synthesis: SynthesisConfig) -> str | None:
         return f"--group-slots {slots} must divide --ipc {ipc}"
     if images % slots:
         what = "--ipc" if slots == ipc else "--group-slots"
-        return (f"{what} {slots} does not divide the group of --group-images {images} (each group holds whole "
-                f"classes with {slots} images each)")  # fmt: skip
+        return (
+            f"{what} {slots} does not divide the group of --group-images {images} (each group holds whole "
+            f"classes with {slots} images each)"
+        )
     return None
 
 
