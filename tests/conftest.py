@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 import fadrm
+from fadrm.artifacts import checkpoint_dict, checkpoint_meta
 from fadrm.baselines import TrainingSet
 from fadrm.cli import main
 from fadrm.data.specs import FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES
 from fadrm.io import save_torch
 from fadrm.models import build_model
 from fadrm.synthesis.matching import LayerTargets, TeacherTargets, matched_layers
-from fadrm.teachers import checkpoint_dict
 
 torch.set_num_threads(2)
 
@@ -137,17 +137,10 @@ def make_teacher_checkpoint(
     with torch.no_grad():
         for _ in range(3):
             model(torch.rand(16, channels, size, size) * 2 - 0.5)
-    meta = {
-        "arch": arch,
-        "arch_args": arch_args,
-        "dataset": dataset,
-        "class_names": class_names or list(FASHION_MNIST_CLASSES),
-        "in_channels": channels,
-        "image_size": size,
-        "mean": [0.2860] * channels,
-        "std": [0.3530] * channels,
-        "val_top1": 10.0,
-    }
+    names = class_names or list(FASHION_MNIST_CLASSES)
+    meta = checkpoint_meta(
+        arch, arch_args, dataset, names, channels, size, [0.2860] * channels, [0.3530] * channels, 10.0
+    )
     save_torch(path, checkpoint_dict(model, meta))
     return path
 

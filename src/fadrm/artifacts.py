@@ -93,6 +93,38 @@ CHECKPOINT_FORMAT = "fadrm-teacher"
 CHECKPOINT_VERSION = 1
 
 
+def checkpoint_meta(
+    arch: str,
+    arch_args: dict[str, Any],
+    dataset: str,
+    class_names: Sequence[str],
+    channels: int,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    top1: float,
+    top5: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What every teacher checkpoint says of itself (beside its weights, see :func:`checkpoint_dict`), in one
+    order: the architecture and its arguments, the dataset, its classes and input, the validation accuracy,
+    then ``extra`` (e.g. the training history and the settings' identity)."""
+    meta = {
+        "arch": arch,
+        "arch_args": arch_args,
+        "dataset": dataset,
+        "class_names": list(class_names),
+        "in_channels": channels,
+        "image_size": image_size,
+        "mean": list(mean),
+        "std": list(std),
+        "val_top1": top1,
+    }
+    if top5 is not None:
+        meta["val_top5"] = top5
+    return {**meta, **extra}
+
+
 def checkpoint_dict(model: torch.nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     """Our checkpoint: the state dict plus self-describing metadata (all weights_only-safe types)."""
     return {

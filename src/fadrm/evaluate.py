@@ -25,6 +25,7 @@ from .artifacts import (
     LabelStore,
     StudentCheckpoint,
     checkpoint_dict,
+    checkpoint_meta,
     open_evaluated_set,
     read_finished_run,
     stored_label_bytes,
@@ -204,19 +205,19 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
                 )
                 if ranks.is_main:
                     # The trained student as a teacher checkpoint: every command takes it as a teacher.
-                    meta = {
-                        "arch": student,
-                        "arch_args": args,
-                        "dataset": spec.name,
-                        "class_names": list(val_set.classes),
-                        "in_channels": spec.channels,
-                        "image_size": spec.image_size,
-                        "mean": list(spec.mean),
-                        "std": list(spec.std),
-                        "val_top1": run["top1"],
-                        "val_top5": run["top5"],
-                        "train_config": identity,
-                    }
+                    meta = checkpoint_meta(
+                        student,
+                        args,
+                        spec.name,
+                        val_set.classes,
+                        spec.channels,
+                        spec.image_size,
+                        spec.mean,
+                        spec.std,
+                        run["top1"],
+                        run["top5"],
+                        train_config=identity,
+                    )
                     weights = model.to(memory_format=torch.contiguous_format)
                     save_torch(run_file.with_suffix(".pt"), checkpoint_dict(weights, meta))
                     write_finished_run(run_file, identity, run)

@@ -22,6 +22,7 @@ from torch import nn
 
 from .artifacts import (
     checkpoint_dict,
+    checkpoint_meta,
     is_checkpoint,
     load_teacher_progress,
     partial_path,
@@ -434,21 +435,21 @@ def _train_teacher_ranked(config: TeacherConfig, runtime: Runtime, ranks: Ranks,
         )
     if not ranks.is_main:
         return
-    meta = {
-        "arch": config.model,
-        "arch_args": config.model_args,
-        "dataset": spec.name,
-        "class_names": list(train_set.classes),
-        "in_channels": spec.channels,
-        "image_size": spec.image_size,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "val_top1": metrics["top1"],
-        "val_top5": metrics["top5"],
-        "history": history,
-        "train_config": config.identity(),
-        "trained_on": runtime.describe(),
-    }
+    meta = checkpoint_meta(
+        config.model,
+        config.model_args,
+        spec.name,
+        train_set.classes,
+        spec.channels,
+        spec.image_size,
+        spec.mean,
+        spec.std,
+        metrics["top1"],
+        metrics["top5"],
+        history=history,
+        train_config=config.identity(),
+        trained_on=runtime.describe(),
+    )
     save_torch(out, checkpoint_dict(model.to(memory_format=torch.contiguous_format), meta))
     partial.unlink(missing_ok=True)
     log(f"saved teacher to {out} (val top-1 {metrics['top1']:.2f}%)")
