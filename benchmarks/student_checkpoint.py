@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fadrm.artifacts import StudentCheckpoint
-from fadrm.baselines import TrainingSet
+from fadrm.data.datasets import TrainingSet
 from fadrm.config import EvalConfig
 from fadrm.data import get_dataset_spec
 from fadrm.labels import TeacherLabeller

@@ -46,7 +46,7 @@ def worker(config_name: str, mode: str, batch_size: int, steps: int, warmup: int
     """One measurement in this process: seconds per loader batch and peak memory."""
     import torch
 
-    from fadrm.baselines import TrainingSet
+    from fadrm.data.datasets import TrainingSet
     from fadrm.config import EvalConfig
     from fadrm.data import get_dataset_spec
     from fadrm.labels import TeacherLabeller, halves

@@ -19,7 +19,8 @@ import torch
 
 import fadrm
 from fadrm.artifacts import DistilledSet
-from fadrm.baselines import TrainingSet, random_real_subset
+from fadrm.baselines import random_real_subset
+from fadrm.data.datasets import TrainingSet
 from fadrm.data import get_dataset_spec, load_split, normalize
 from fmnist_study import METHODS  # the study's methods, in its order (this script's folder is on sys.path)
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import fadrm
 from fadrm.artifacts import checkpoint_dict, checkpoint_meta
-from fadrm.baselines import TrainingSet
+from fadrm.data.datasets import TrainingSet
 from fadrm.cli import main
 from fadrm.data.specs import FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES
 from fadrm.io import save_torch

@@ -21,20 +21,11 @@ import torch
 
 from .config import EvalConfig, TeacherConfig, resolve
 from .data import DatasetSpec, eval_transform
-from .data.datasets import ImageDataset
+from .data.datasets import ImageDataset, TrainingSet
 from .errors import FadrmError
 from .registry import Registry
 from .seeding import make_generator
 from .teachers import Teacher, train_teacher
-
-
-@dataclass
-class TrainingSet:
-    """Images (uint8, N x C x H x W) and their classes: a distilled set or a baseline subset."""
-
-    name: str
-    images: torch.Tensor
-    labels: torch.Tensor
 
 
 # ------------------------------------------------------------- real subsets

@@ -23,9 +23,9 @@ from torch import nn
 
 from .artifacts import LabelStore, StudentCheckpoint
 from .augment import render
-from .baselines import TrainingSet
 from .config import EvalConfig
 from .data import DatasetSpec, normalize
+from .data.datasets import TrainingSet
 from .distributed import Ranks, gradient_sync
 from .errors import FadrmError
 from .labels import TeacherLabeller, soft_targets

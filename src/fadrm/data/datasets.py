@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,6 +18,15 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 def _to_float(image: torch.Tensor) -> torch.Tensor:
     return image.float().div_(255)
+
+
+@dataclass
+class TrainingSet:
+    """Images (uint8, N x C x H x W) and their classes, for a student: a distilled set or a baseline subset."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
 
 
 class ImageDataset(Dataset):
