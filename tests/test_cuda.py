@@ -207,7 +207,7 @@ def test_patch_statistics_and_densification_match_the_cpu():
 def test_each_new_method_distills_and_evaluates_on_cuda(
     method, options, fmnist_root, teacher_ckpt, second_teacher_ckpt, tmp_path
 ):
-    # The statistics pre-pass (G-VBSM, EDC) runs on the GPU too, computed because the file is missing.
+    # The statistics pass (G-VBSM, EDC) runs on the GPU too, computed because the file is missing.
     out = tmp_path / method
     manifest = fadrm.distill(
         "fashion-mnist",

@@ -37,7 +37,7 @@ from .registry import registry
 # Imported here, not lazily: importing the module fadrm.evaluate later would rebind the name
 # fadrm.evaluate (this API function) to the module.
 from .evaluate import evaluate as _evaluate
-from .prepass import compute_statistics as _compute_statistics
+from .synthesis.statistics import compute_statistics as _compute_statistics
 from .priors import compute_priors as _compute_priors
 from .priors import with_priors
 from .synthesis.pipeline import distill as _distill
@@ -62,7 +62,7 @@ def distill_config(config_file: str | Path | None = None, **options: Any) -> Dis
 
 
 def stats_config(config_file: str | Path | None = None, **options: Any) -> StatsConfig:
-    """The resolved, validated config of a statistics pre-pass (nothing is read or computed)."""
+    """The resolved, validated config of a statistics pass (nothing is read or computed)."""
     return resolve(StatsConfig, _one_teacher_as_a_list(options), config_file)
 
 

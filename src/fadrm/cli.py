@@ -163,8 +163,8 @@ def _stage_parsers(sub: argparse._SubParsersAction) -> None:
     _stage_parser(
         sub,
         "stats",
-        "compute the teachers' training-set statistics (G-VBSM, EDC; resumable)",
-        "One pass over the training split per teacher, recording the statistics at every convolution and "
+        "the statistics pass: the teachers' training-set statistics (G-VBSM, EDC; resumable)",
+        "The statistics pass: one pass over the training split per teacher, recording the statistics at every convolution and "
         "BatchNorm input that G-VBSM and EDC match, globally and per class, into a file beside the teacher "
         "(fadrm distill computes a missing one itself). Rerun the same command to resume.",
     )

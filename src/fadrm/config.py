@@ -1008,7 +1008,7 @@ class PriorsConfig(StageConfig):
 
 @dataclass
 class StatsConfig(StageConfig):
-    """The statistics pre-pass (``fadrm stats``) of G-VBSM and EDC: per teacher, the training set's
+    """The statistics pass (``fadrm stats``) of G-VBSM and EDC: per teacher, the training set's
     statistics at the input of every convolution and BatchNorm layer, globally and per class."""
 
     SECTION: ClassVar[str] = "stats"

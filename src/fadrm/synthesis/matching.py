@@ -81,7 +81,7 @@ def matched_layers(model: nn.Module, convolutions: bool) -> list[tuple[str, nn.M
 # ------------------------------------------------------------------- targets
 @dataclass
 class LayerTargets:
-    """What one hooked layer's statistics are matched to, from the statistics pre-pass.
+    """What one hooked layer's statistics are matched to, from the statistics pass.
 
     Each is a (mean, variance) pair or None. ``channel``: (C,) each, over the training set (a
     BatchNorm layer uses its running buffers instead); ``patch``: (cells,) each;
@@ -187,7 +187,7 @@ class StatMatcher(HookedMatcher):
         models: the teachers (only those that run contribute to a pass).
         num_groups: groups in each batch; statistics never mix groups.
         first_multiplier: weight of each model's first hooked layer (10 in every paper).
-        targets: per model, its :data:`TeacherTargets` from the statistics pre-pass; a model
+        targets: per model, its :data:`TeacherTargets` from the statistics pass; a model
             with targets also has its convolutions hooked. None: BatchNorm layers only.
         ema: the :class:`EmaSurrogate` coefficient (0: the current statistics).
         conv_drop: probability that a convolution term is left out of a forward, per group.

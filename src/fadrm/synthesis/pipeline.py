@@ -32,7 +32,7 @@ from ..data.transforms import denormalize
 from ..distributed import Ranks, init_ranks
 from ..errors import FadrmError
 from ..io import atomic_path, read_json, save_png, write_json
-from ..prepass import distill_statistics_config, teacher_statistics
+from .statistics import distill_statistics_config, teacher_statistics
 from ..runtime import Runtime, make_runtime
 from ..teachers import Teacher, load_teachers
 from .init import INITIALISERS, SynthesisRun

@@ -1,4 +1,4 @@
-"""``fadrm stats``: the statistics pre-pass of G-VBSM and EDC, one file per teacher.
+"""The statistics pass of G-VBSM and EDC (``fadrm stats``, :func:`fadrm.compute_statistics`), one file per teacher.
 
 For each teacher, in eval mode and without gradients, one pass over the training split (without
 the images a run holds out) with the teacher's training augmentation, in batches of
@@ -26,21 +26,21 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .artifacts import (
+from ..artifacts import (
     read_statistics,
     read_statistics_description,
     require_same_settings,
     safe_torch_load,
     write_statistics,
 )
-from .augment import train_transform
-from .config import DistillConfig, StatsConfig, resolve, validate
-from .data import DatasetSpec, ImageDataset, get_dataset_spec, load_split, normalize
-from .errors import FadrmError
-from .io import safe_name, save_torch
-from .runtime import Runtime, make_runtime
-from .seeding import derive_seed, make_generator
-from .synthesis.matching import (
+from ..augment import train_transform
+from ..config import DistillConfig, StatsConfig, resolve, validate
+from ..data import DatasetSpec, ImageDataset, get_dataset_spec, load_split, normalize
+from ..errors import FadrmError
+from ..io import safe_name, save_torch
+from ..runtime import Runtime, make_runtime
+from ..seeding import derive_seed, make_generator
+from .matching import (
     LayerTargets,
     TeacherTargets,
     cell_size,
@@ -49,8 +49,8 @@ from .synthesis.matching import (
     matched_layers,
     patch_moments,
 )
-from .teachers import Teacher, is_torchvision_weights, load_teachers
-from .training import make_loader, progress
+from ..teachers import Teacher, is_torchvision_weights, load_teachers
+from ..training import make_loader, progress
 
 # How often an unfinished pass saves its sums (a save costs about one batch for ImageNet-1k).
 SAVE_EVERY_SECONDS = 60.0

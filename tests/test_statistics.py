@@ -1,4 +1,4 @@
-"""The statistics pre-pass (``fadrm stats``) against an independent computation, its resume and
+"""The statistics pass (``fadrm stats``) against an independent computation, its resume and
 checks, and G-VBSM, EDC and CV-DD through the command line: their bad inputs, their records,
 real-image initialisation from the training set or from another set."""
 
@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import fadrm
-from fadrm import prepass
+from fadrm.synthesis import statistics
 from fadrm.artifacts import statistics_description
 from fadrm.config import StatsConfig, resolve
 from fadrm.data import get_dataset_spec, load_split
@@ -50,7 +50,7 @@ def test_statistics_against_an_independent_computation(fmnist_root, teacher_ckpt
         "fashion-mnist", teacher_ckpt, data_root=str(fmnist_root), batch_size=48, stats_dir=str(tmp_path), **QUIET
     )
     teacher = load_teacher(teacher_ckpt)
-    path = prepass.statistics_file(teacher, tmp_path)
+    path = statistics.statistics_file(teacher, tmp_path)
     assert path.name == f"teacher.pt.stats-{teacher.sha256[:12]}.safetensors"
     assert description == json.loads(statistics_description(path).read_text())
     assert (description["images"], description["cell"], description["batch_size"], description["holdout"]) == (
@@ -64,7 +64,7 @@ def test_statistics_against_an_independent_computation(fmnist_root, teacher_ckpt
     # The first convolution's input is the normalised augmented image: recompute its targets
     # with numpy from the same views, in the same seeded order and batches (48, 48, 48, 16).
     dataset = load_split(SPEC, "train", fmnist_root)
-    views = prepass._SeededViews(dataset, SPEC, seed=0)
+    views = statistics._SeededViews(dataset, SPEC, seed=0)
     order = torch.randperm(160, generator=make_generator(0, "stats-order")).tolist()
     x = np.stack([(views[i][0].numpy().astype(np.float64) - SPEC.mean[0]) / SPEC.std[0] for i in order])
     labels = np.array([dataset.targets[i] for i in order])
@@ -94,8 +94,8 @@ def test_statistics_against_an_independent_computation(fmnist_root, teacher_ckpt
 def test_an_interrupted_pass_resumes_to_the_same_file(fmnist_root, teacher_ckpt, tmp_path, monkeypatch):
     options = {"data_root": str(fmnist_root), "batch_size": 40, **QUIET}
     fadrm.compute_statistics("fashion-mnist", teacher_ckpt, stats_dir=str(tmp_path / "straight"), **options)
-    monkeypatch.setattr(prepass, "SAVE_EVERY_SECONDS", 0.0)  # save after every batch
-    real_normalize, calls = prepass.normalize, {"n": 0}
+    monkeypatch.setattr(statistics, "SAVE_EVERY_SECONDS", 0.0)  # save after every batch
+    real_normalize, calls = statistics.normalize, {"n": 0}
 
     def dies_in_the_third_batch(*args):
         calls["n"] += 1
@@ -103,17 +103,17 @@ def test_an_interrupted_pass_resumes_to_the_same_file(fmnist_root, teacher_ckpt,
             raise KeyboardInterrupt
         return real_normalize(*args)
 
-    monkeypatch.setattr(prepass, "normalize", dies_in_the_third_batch)
+    monkeypatch.setattr(statistics, "normalize", dies_in_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         fadrm.compute_statistics("fashion-mnist", teacher_ckpt, stats_dir=str(tmp_path / "resumed"), **options)
     assert [p.name.split(".")[-1] for p in (tmp_path / "resumed").iterdir()] == ["partial"]
-    monkeypatch.setattr(prepass, "normalize", real_normalize)
+    monkeypatch.setattr(statistics, "normalize", real_normalize)
     lines: list[str] = []
     fadrm.compute_statistics(
         "fashion-mnist", teacher_ckpt, stats_dir=str(tmp_path / "resumed"), **{**options, "log": lines.append}
     )
     assert any("after 2 batches" in line for line in lines)
-    name = prepass.statistics_file(load_teacher(teacher_ckpt)).name
+    name = statistics.statistics_file(load_teacher(teacher_ckpt)).name
     assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
     assert not list((tmp_path / "resumed").glob("*.partial"))
 
@@ -143,7 +143,7 @@ def test_stats_command_then_distill_uses_the_file(fmnist_root, teacher_ckpt, tmp
     assert code == 0 and not any("computing the statistics" in line for line in out)
     manifest = json.loads((out_dir / "manifest.json").read_text())
     (used,) = manifest["statistics"]
-    path = prepass.statistics_file(load_teacher(teacher_ckpt), tmp_path / "s")
+    path = statistics.statistics_file(load_teacher(teacher_ckpt), tmp_path / "s")
     assert used["sha256"] == json.loads(statistics_description(path).read_text())["sha256"]
     assert json.loads((out_dir / "run.json").read_text())["statistics_sha256"] == [used["sha256"]]
     # Class-major units: one group of the ten classes with both IPC slots each.
@@ -158,8 +158,8 @@ def test_statistics_of_another_teacher_or_holdout_are_refused(
     fadrm.compute_statistics(
         "fashion-mnist", teacher_ckpt, data_root=str(fmnist_root), stats_dir=str(stats_dir), **QUIET
     )
-    mine = prepass.statistics_file(load_teacher(teacher_ckpt), stats_dir)
-    other = prepass.statistics_file(load_teacher(second_teacher_ckpt), stats_dir)
+    mine = statistics.statistics_file(load_teacher(teacher_ckpt), stats_dir)
+    other = statistics.statistics_file(load_teacher(second_teacher_ckpt), stats_dir)
     for source, target in ((mine, other), (statistics_description(mine), statistics_description(other))):
         shutil.copy(source, target)  # the first teacher's numbers under the second one's name
     argv = [
@@ -189,7 +189,7 @@ def test_statistics_of_another_teacher_or_holdout_are_refused(
     )
     dataset = load_split(SPEC, "train", fmnist_root, holdout=2)
     with pytest.raises(FadrmError, match=r"different settings \(holdout\); give --stats-dir another folder"):
-        prepass.teacher_statistics(config, [load_teacher(teacher_ckpt)], dataset, CPU)
+        statistics.teacher_statistics(config, [load_teacher(teacher_ckpt)], dataset, CPU)
 
 
 @pytest.mark.parametrize(
