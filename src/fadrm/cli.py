@@ -164,8 +164,9 @@ def _stage_parsers(sub: argparse._SubParsersAction) -> None:
         sub,
         "stats",
         "the statistics pass: the teachers' training-set statistics (G-VBSM, EDC; resumable)",
-        "The statistics pass: one pass over the training split per teacher, recording the statistics at every convolution and "
-        "BatchNorm input that G-VBSM and EDC match, globally and per class, into a file beside the teacher "
+        "The statistics pass: one pass over the training split per teacher, recording the statistics at "
+        "every convolution and BatchNorm input that G-VBSM and EDC match, globally and per class, into a file "
+        "beside the teacher "
         "(fadrm distill computes a missing one itself). Rerun the same command to resume.",
     )
     _stage_parser(
