@@ -15,7 +15,7 @@ from fadrm.hostcost import CountHostCost, HostCost
 from fadrm.models import build_model
 from fadrm.runtime import Runtime
 from fadrm.seeding import make_generator
-from fadrm.synthesis.matching import MATCHERS, LayerTargets, MatcherKind, TeacherTargets, cell_size, matched_layers
+from fadrm.synthesis.matching import MATCHERS, MatcherKind, TeacherTargets, cell_size, random_targets
 from fadrm.synthesis.methods import METHODS, TeacherPlan
 from fadrm.synthesis.recover import recover
 
@@ -51,26 +51,7 @@ METHOD_SETUPS = {
 
 def synthetic_targets(model: torch.nn.Module, shape: Shape, size: int) -> TeacherTargets:
     """Statistics targets of the right shapes for every hooked layer of ``model`` (G-VBSM, EDC)."""
-    cell = cell_size(shape.sizes[-1])
-    layers = matched_layers(model, convolutions=True)
-    seen: dict[str, torch.Size] = {}
-    handles = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0].shape)) for n, m in layers]
-    with torch.no_grad():
-        model(torch.zeros(1, shape.channels, size, size))
-    for h in handles:
-        h.remove()
-
-    def pair(*dims: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.rand(*dims), torch.rand(*dims) + 0.5
-
-    targets = {}
-    for name, _ in layers:
-        channels, height, width = seen[name][1:]
-        cells = -(-height // cell) * -(-width // cell)
-        targets[name] = LayerTargets(
-            pair(channels), pair(cells), pair(shape.classes, channels), pair(shape.classes, cells)
-        )
-    return TeacherTargets(cell, targets)
+    return random_targets(model, shape.channels, size, cell_size(shape.sizes[-1]), shape.classes)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from fadrm.cli import main
 from fadrm.data.specs import FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES
 from fadrm.io import save_torch
 from fadrm.models import build_model
-from fadrm.synthesis.matching import LayerTargets, TeacherTargets, matched_layers
+from fadrm.synthesis.matching import TeacherTargets, random_targets
 
 torch.set_num_threads(2)
 
@@ -199,21 +199,4 @@ def statistics_targets(
     model: torch.nn.Module, size: int, cell: int, classes: int = 10, channels_in: int = 1
 ) -> TeacherTargets:
     """Targets of the right shapes for every BatchNorm layer and convolution input, not the statistics'."""
-    layers = matched_layers(model, convolutions=True)
-    seen = {}
-    handles = [m.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0].shape)) for n, m in layers]
-    with torch.no_grad():
-        model(torch.zeros(1, channels_in, size, size))
-    for handle in handles:
-        handle.remove()
-    generator = torch.Generator().manual_seed(3)
-
-    def pair(*dims: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.rand(*dims, generator=generator), torch.rand(*dims, generator=generator) + 0.5
-
-    targets = {}
-    for name, _ in layers:
-        channels, height, width = seen[name][1:]
-        cells = -(-height // cell) * -(-width // cell)
-        targets[name] = LayerTargets(pair(channels), pair(cells), pair(classes, channels), pair(classes, cells))
-    return TeacherTargets(cell, targets)
+    return random_targets(model, channels_in, size, cell, classes, torch.Generator().manual_seed(3))

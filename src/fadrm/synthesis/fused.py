@@ -342,14 +342,13 @@ class FusedStatisticsLoss(torch.autograd.Function):
                 if layout.exponents is not None:
                     stats = stats.pow(layout.exponents)
             mean = stats[:, : layout.means]
-            kept_columns = None if keep is None else keep[:, layout.column_term]
             if ema is not None:
                 state = ema.get("state")
                 surrogate = stats * (1 - coefficient)
                 if state is not None:
                     surrogate = state * coefficient + surrogate
-                if kept_columns is not None:  # a dropped term keeps its state (0 before its first use)
-                    surrogate = torch.where(kept_columns, surrogate, 0.0 if state is None else state)
+                if keep is not None:  # a dropped term keeps its state (0 before its first use)
+                    surrogate = torch.where(keep[:, layout.column_term], surrogate, 0.0 if state is None else state)
                 ema["state"] = surrogate
                 stats = surrogate
             diff = stats - layout.targets

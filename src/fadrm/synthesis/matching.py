@@ -110,6 +110,35 @@ class TeacherTargets:
     layers: dict[str, LayerTargets]
 
 
+def random_targets(
+    model: nn.Module, channels: int, size: int, cell: int, classes: int, generator: torch.Generator | None = None
+) -> TeacherTargets:
+    """Targets of the right shapes, with random values, for every BatchNorm layer and convolution input of
+    ``model`` on ``size`` px images of ``channels`` channels: what the benchmarks and tests of G-VBSM's and
+    EDC's matching run on without a statistics pass (means uniform in [0, 1), variances in [0.5, 1.5))."""
+    layers = matched_layers(model, convolutions=True)
+    shapes: dict[str, torch.Size] = {}
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: shapes.__setitem__(n, a[0].shape)) for n, m in layers]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, size, size, device=device_of(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def pair(*dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.rand(*dims, generator=generator), torch.rand(*dims, generator=generator) + 0.5
+
+    targets = {}
+    for name, _ in layers:
+        layer_channels, height, width = shapes[name][1:]
+        cells = -(-height // cell) * -(-width // cell)
+        targets[name] = LayerTargets(
+            pair(layer_channels), pair(cells), pair(classes, layer_channels), pair(classes, cells)
+        )
+    return TeacherTargets(cell, targets)
+
+
 def group_class_targets(
     pair: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, num_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,6 +403,8 @@ class FusedStatMatcher(StatMatcher):
         self._ema_state: dict[nn.Module, dict] = {}
         self._taps: dict[nn.Module, list[BatchNormTap]] = {}
         self._inputs: dict[nn.Module, list[torch.Tensor | None]] = {}  # each matched convolution's input
+        # The keep matrix's last column: BatchNorm terms are never dropped.
+        self._bn_kept = torch.ones(self.num_groups, 1, dtype=torch.bool)
 
     def _register(self) -> None:
         for index, model in enumerate(self.models):
@@ -465,7 +496,7 @@ class FusedStatMatcher(StatMatcher):
             # One draw per group and convolution of this forward, from each group's own stream (the
             # per-layer path's draws), and an always-kept column for the BatchNorm terms.
             drawn = torch.stack([torch.rand(len(convolution_inputs), generator=g) for g in self.generators])
-            keep = torch.cat([drawn >= self.conv_drop, torch.ones(self.num_groups, 1, dtype=torch.bool)], 1)
+            keep = torch.cat([drawn >= self.conv_drop, self._bn_kept], 1)
             keep = to_device(keep, layout.targets.device)
         ema = self._ema_state[model] if self.ema is not None else None
         coefficient = self.ema.coefficient if self.ema is not None else 0.0
