@@ -4,6 +4,7 @@ equal to the per-layer one, counted exactly with a dispatch mode."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import json
 
 import pytest
@@ -284,3 +285,39 @@ def test_recover_under_autocast_gives_the_images_it_gave_with_per_forward_casts(
     held = images()
     monkeypatch.setattr(type(runtime), "frozen_in_autocast", lambda self, models: contextlib.nullcontext())
     assert torch.equal(images(), held)
+
+
+class _Compiled(torch.nn.Module):
+    """What torch.compile returns, as far as the pipeline sees it: a wrapper with ``_orig_mod``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._orig_mod(x)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="--compile needs a C++ compiler")
+def test_fused_statistics_with_compile_take_the_per_layer_path_and_say_so(
+    fmnist_root, teacher_ckpt, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(torch, "compile", _Compiled)  # the decision, without minutes of compiling
+    lines = []
+    manifest = fadrm.distill(
+        "fashion-mnist",
+        [teacher_ckpt],
+        tmp_path / "set",
+        method="fadrm",
+        ipc=1,
+        data_root=str(fmnist_root),
+        sizes=[28],
+        budgets=[2],
+        mipc=8,
+        num_crop=2,
+        fused_statistics=True,
+        compile=True,
+        log=lines.append,
+    )
+    assert any("a compiled teacher cannot take; using the per-layer one" in line for line in lines)
+    assert "fused" not in manifest["device"] and manifest["config"]["fused_statistics"] is True
