@@ -15,7 +15,8 @@ from fadrm.hostcost import CountHostCost, HostCost
 from fadrm.models import build_model
 from fadrm.runtime import Runtime
 from fadrm.seeding import make_generator
-from fadrm.synthesis.matching import MATCHERS, MatcherKind, TeacherTargets, cell_size, random_targets
+from fadrm.synthesis.matching import MATCHERS, MatcherKind
+from fadrm.synthesis.targets import TeacherTargets, cell_size, random_targets
 from fadrm.synthesis.methods import METHODS, TeacherPlan
 from fadrm.synthesis.recover import recover
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import fadrm
-from fadrm.artifacts import DistilledSet
+from fadrm.distilled import DistilledSet
 from fadrm.baselines import random_real_subset
 from fadrm.data.datasets import TrainingSet
 from fadrm.data import get_dataset_spec, load_split, normalize

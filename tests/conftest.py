@@ -19,7 +19,7 @@ from fadrm.cli import main
 from fadrm.data.specs import FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES
 from fadrm.io import save_torch
 from fadrm.models import build_model
-from fadrm.synthesis.matching import TeacherTargets, random_targets
+from fadrm.synthesis.targets import TeacherTargets, random_targets
 
 torch.set_num_threads(2)
 

@@ -10,14 +10,11 @@ import torch
 import yaml
 
 import fadrm
-from fadrm.artifacts import (
-    DistilledSet,
-    LabelStore,
-    changed_settings,
-    require_same_settings,
-)
+from fadrm.artifacts import changed_settings, require_same_settings
+from fadrm.distilled import DistilledSet
 from fadrm.config import DistillConfig, key_of
 from fadrm.errors import FadrmError
+from fadrm.evaluation.store import LabelStore
 from fadrm.labels import soft_targets
 
 

@@ -176,3 +176,10 @@ def test_pad_crop_flip_batch_matches_shapes_and_range():
     out = transform.batch(batch)
     for image, aug in zip(batch.float() / 255, out):
         assert torch.equal(aug, image) or torch.equal(aug, image.flip(-1))
+
+
+def test_a_view_sampler_from_an_evaluation_config_takes_its_view_settings():
+    from fadrm.config import EvalConfig
+
+    config = EvalConfig(distilled="d", seed=4, crop_scale=[0.5, 1.0], mix="mixup", mix_alpha=0.8, rand_augment=True)
+    assert ViewSampler.from_config(config, 32) == ViewSampler(4, 32, (0.5, 1.0), "mixup", 0.8, True, True)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from fadrm import api
-from fadrm.artifacts import DistilledSet
+from fadrm.distilled import DistilledSet
 from fadrm.cli import build_parser
 from fadrm.config import (
     DEFAULT_STUDENT_RECIPE,
@@ -284,12 +284,12 @@ def test_required_options_name_their_flag():
         resolve(TeacherConfig, {"model": "convnet", "out": "t.pt"})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SynthesisWithBeta(SynthesisConfig):
     beta: float = option(0.5, help="a new synthesis hyperparameter", check=in_range(0.0, 1.0))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DistillWithBeta(DistillConfig):
     synthesis: SynthesisWithBeta = dataclasses.field(default_factory=SynthesisWithBeta)
 
@@ -521,10 +521,10 @@ def test_validation_is_shared_by_every_entry_point(tmp_path):
 @pytest.fixture()
 def fake_presets(tmp_path, monkeypatch):
     """Write presets into a folder the resolver reads instead of the package's."""
-    import fadrm.config as config_module
+    import fadrm.config.presets as presets_module
 
     (tmp_path / "presets").mkdir()
-    monkeypatch.setattr(config_module.resources, "files", lambda package: tmp_path)
+    monkeypatch.setattr(presets_module.resources, "files", lambda package: tmp_path)
 
     def write(dataset: str, contents: str) -> None:
         (tmp_path / "presets" / f"{dataset}.yaml").write_text(contents)
@@ -592,3 +592,34 @@ def test_config_file_shapes(tmp_path):
     path.write_text(yaml.safe_dump({"distilled": 5}))
     with pytest.raises(FadrmError, match="folder must be a path, got 5"):
         api.eval_config(path)
+
+
+def test_every_option_kept_out_of_older_identities_is_a_defining_option_of_its_stage():
+    """The table of options added later (fadrm.config.identity) names real, defining options: a
+    misspelt key would silently put the option into every identity and retrain finished runs."""
+    from fadrm.config import UNCHANGED_SINCE
+
+    sections = {stage.SECTION: stage for stage in STAGES.values()}
+    for section, rules in UNCHANGED_SINCE.items():
+        declared = {key_of(f): f for _, f in option_fields(sections[section])}
+        for key in rules:
+            assert key in declared and declared[key].metadata["defines"], (section, key)
+    # At their former behaviour they are out of the identity, otherwise in.
+    distill = api.distill_config(dataset="fashion-mnist", teachers=["t.pt"], out="o")
+    assert "stat_ema" not in distill.identity()
+    assert (
+        dataclasses.replace(distill, synthesis=dataclasses.replace(distill.synthesis, stat_ema=0.5)).identity()[
+            "stat_ema"
+        ]
+        == 0.5
+    )
+    evaluation = EvalConfig(distilled="d")
+    assert "momentum" not in evaluation.identity()  # AdamW: no momentum
+    assert dataclasses.replace(evaluation, optimizer="sgd", momentum=0.8).identity()["momentum"] == 0.8
+
+
+def test_stage_configs_are_frozen():
+    config = TeacherConfig(dataset="fashion-mnist", model="convnet", out="t.pt")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 3  # type: ignore[misc]
+    assert dataclasses.replace(config, seed=3).seed == 3 and config.seed == 0

@@ -16,7 +16,8 @@ from fadrm.augment import MIXES, ViewSampler, render
 from fadrm.runtime import make_runtime
 from fadrm.seeding import make_generator
 from fadrm.synthesis.bn_stats import group_stat_distance
-from fadrm.synthesis.matching import BNStatMatcher, FusedBatchNormMatcher, FusedStatMatcher, StatMatcher, patch_moments
+from fadrm.synthesis.matching import BNStatMatcher, FusedBatchNormMatcher, FusedStatMatcher, StatMatcher
+from fadrm.synthesis.targets import patch_moments
 from fadrm.synthesis.recover import data_densification
 from fadrm.config import SynthesisConfig
 from fadrm.synthesis.recover import recover

@@ -5,7 +5,6 @@ Views and mixing are tested in test_augment.py, the student loop in test_student
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from torch import nn
 
 import fadrm
 from fadrm.data import get_dataset_spec, normalize
-from fadrm.artifacts import LabelStore, stored_label_bytes
+from fadrm.evaluation.store import LabelStore, stored_label_bytes
 from fadrm.augment import ViewSampler, render
 from fadrm.config import EvalConfig
 from fadrm.errors import FadrmError
@@ -30,7 +29,6 @@ from fadrm.runtime import make_runtime
 from fadrm.training import evaluate_accuracy
 
 CPU = make_runtime("cpu", "off")
-EV = importlib.import_module("fadrm.evaluate")  # the module; fadrm.evaluate is the API function
 SPEC = get_dataset_spec("fashion-mnist")
 QUICK = dict(epochs=2, batch_size=8, device="cpu", amp="off", workers=0)
 
@@ -185,11 +183,9 @@ def test_live_and_stored_students_match(distilled, fmnist_root, tmp_path):
 
 
 def test_repeats_add_seeds_report_mean_and_std_and_keep_finished_runs(distilled, fmnist_root, tmp_path, monkeypatch):
-    import importlib
     import statistics
 
-    # fadrm.evaluate, the attribute, is the API function; the module is reached by name.
-    evaluate_module = importlib.import_module("fadrm.evaluate")
+    import fadrm.evaluation.run as evaluate_module
 
     common = dict(
         out=str(tmp_path / "e"), data_root=str(fmnist_root), baselines=["random-real"], labels="stored", **QUICK
@@ -277,7 +273,7 @@ def test_stored_labels_for_another_ipc(distilled, fmnist_root, tmp_path):
 
 
 def test_run_resumes_without_redoing_finished_stages(fmnist_root, tmp_path, monkeypatch):
-    import fadrm.api as api
+    import fadrm.workflow as workflow
 
     options = dict(
         data_root=str(fmnist_root),
@@ -286,17 +282,17 @@ def test_run_resumes_without_redoing_finished_stages(fmnist_root, tmp_path, monk
         distill_options={"budgets": [1, 1, 1, 1], "mipc": 16, "num_crop": 2},
         eval_options={"epochs": 2, "batch_size": 8, "eval_at": [], "workers": 0},
     )
-    real_evaluate = api._evaluate
+    real_evaluate = workflow.evaluate
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "_evaluate", interrupted)
+    monkeypatch.setattr(workflow, "evaluate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fadrm.run("fashion-mnist", 1, tmp_path / "run", log=lambda s: None, **options)
     teacher_stamp = (tmp_path / "run" / "teacher.pt").stat().st_mtime_ns
     assert (tmp_path / "run" / "fadrm-ipc1" / "manifest.json").exists()
-    monkeypatch.setattr(api, "_evaluate", real_evaluate)
+    monkeypatch.setattr(workflow, "evaluate", real_evaluate)
     lines: list[str] = []
     summary = fadrm.run("fashion-mnist", 1, tmp_path / "run", log=lines.append, **options)
     text = "\n".join(lines)
@@ -570,3 +566,69 @@ def test_evaluate_killed_with_sigkill_resumes_to_the_same_student(distilled, fmn
         for out in (tmp_path / "straight", killed)
     ]
     assert history[0] == history[1] and not partial.exists()
+
+
+# ----------------------------------------------------------------- the plan
+def test_the_plan_names_every_job_its_identity_and_files_and_the_run_keeps_to_it(distilled, fmnist_root, tmp_path):
+    """plan_evaluation decides what an evaluation trains without training anything; the run then
+    trains exactly those jobs and records each under the identity the plan gave it."""
+    from fadrm import api
+    from fadrm.distilled import DistilledSet
+    from fadrm.evaluation import STUDENT_PROTOCOL, plan_evaluation
+
+    options = dict(data_root=str(fmnist_root), baselines=["random-real"], labels="stored", repeats=2, **QUICK)
+    config = api.eval_config(distilled=str(distilled), out=str(tmp_path / "e"), **options)
+    distilled_set = DistilledSet.open(distilled)
+    plan = plan_evaluation(config, distilled_set, "convnet-small")
+    # The set settles what the config leaves to it, in a new config: the caller's is not changed.
+    assert config.holdout is None and plan.config.holdout == distilled_set.holdout
+    assert plan.out == tmp_path / "e" and plan.students == ("convnet-small",) and plan.full_data == ()
+    assert plan.subsets == ("random-real",)
+    keys = [[job.key for job in repeat.jobs] for repeat in plan.repeats]
+    assert keys == [
+        ["distilled-convnet-small-soft", "random-real-convnet-small-soft", "random-real-convnet-small-hard"],
+        [
+            "distilled-convnet-small-soft-repeat1",
+            "random-real-convnet-small-soft-repeat1",
+            "random-real-convnet-small-hard-repeat1",
+        ],
+    ]
+    assert [repeat.config.seed for repeat in plan.repeats] == [0, 1]
+    assert [repeat.store_folder for repeat in plan.repeats] == [
+        tmp_path / "e" / "labels",
+        tmp_path / "e" / "labels-repeat1",
+    ]
+    assert [repeat.store_identity["seed"] for repeat in plan.repeats] == [0, 1]
+    # Only the set's soft-label student trains on the views the label store holds.
+    assert [[job.uses_store for job in repeat.jobs] for repeat in plan.repeats] == [[True, False, False]] * 2
+    job = plan.repeats[1].jobs[0]
+    assert job.run_file == tmp_path / "e" / "runs" / "distilled-convnet-small-soft-repeat1.json"
+    assert job.weights_file.name == "distilled-convnet-small-soft-repeat1.pt"
+    assert job.identity["seed"] == 1 and job.identity["protocol"] == STUDENT_PROTOCOL
+    assert job.identity["distilled_set"] == distilled_set.set_id()
+    assert job.recipe["lr"] == job.config.lr and job.recipe["source"].startswith("default")
+
+    results = fadrm.evaluate(distilled, out=str(tmp_path / "e"), log=lambda s: None, **options)
+    assert [r["seed"] for r in results["runs"]] == [0, 0, 0, 1, 1, 1]
+    for repeat in plan.repeats:
+        for job in repeat.jobs:
+            assert json.loads(job.run_file.read_text())["identity"] == json.loads(json.dumps(job.identity))
+            assert job.weights_file.exists() and not job.checkpoint_file.exists()
+    store = json.loads((tmp_path / "e" / "labels-repeat1" / "labels.json").read_text())
+    assert {k: v for k, v in store.items() if k not in ("format_version", "topk")} == plan.repeats[1].store_identity
+
+
+def test_the_plan_settles_a_committees_priors_under_its_own_protocol_only(distilled, fmnist_root):
+    from dataclasses import replace
+
+    from fadrm.distilled import DistilledSet
+    from fadrm.evaluation import settle
+
+    committee = DistilledSet.open(distilled)
+    manifest = {**committee.manifest, "config": {**committee.manifest["config"], "synthesis": {"priors": [1.0, 2.0]}}}
+    committee = replace(committee, manifest=manifest)
+    config = EvalConfig(distilled=str(distilled), data_root=str(fmnist_root))
+    assert settle(config, committee).teacher_priors == [1.0, 2.0]
+    assert settle(replace(config, protocol="common"), committee).teacher_priors is None
+    assert settle(replace(config, teacher_weights=[1.0, 1.0]), committee).teacher_priors is None
+    assert config.teacher_priors is None  # a new config each time; the given one is frozen

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 import fadrm
-from fadrm.artifacts import DistilledSet, ImageFolderSet, class_of_folders, open_evaluated_set
+from fadrm.distilled import DistilledSet, open_evaluated_set
+from fadrm.data.foreign import ImageFolderSet, class_of_folders
 from fadrm.data import get_dataset_spec, load_split
 from fadrm.data.specs import FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES
 from fadrm.errors import FadrmError
@@ -143,7 +144,7 @@ def test_channels_grey_rgb_with_equal_channels_and_grey_in_an_rgb_dataset(imagen
     grey = tmp_path / "grey.png"  # RGB with three equal channels reads as grey, exactly
     value = rng.integers(0, 256, (28, 28), dtype=np.uint8)
     Image.fromarray(np.repeat(value[..., None], 3, axis=2)).save(grey)
-    from fadrm.artifacts import read_set_image
+    from fadrm.data.foreign import read_set_image
 
     assert torch.equal(read_set_image(grey, SPEC), torch.from_numpy(value)[None])
 

@@ -17,11 +17,9 @@ from torch import nn
 from fadrm.config import DistillConfig, SynthesisConfig
 from fadrm.runtime import make_runtime
 from fadrm.seeding import make_generator
-from fadrm.synthesis.matching import (
-    MATCHERS,
-    EmaSurrogate,
+from fadrm.synthesis.matching import MATCHERS, EmaSurrogate, StatMatcher
+from fadrm.synthesis.targets import (
     LayerTargets,
-    StatMatcher,
     TeacherTargets,
     cell_size,
     image_moments,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fadrm
-from fadrm.artifacts import Layout
-from fadrm.config import DistillConfig, SynthesisConfig
+from fadrm.distilled import Layout
+from fadrm.config import DistillConfig, PatchConfig, SynthesisConfig
 from fadrm.data import get_dataset_spec, load_split, normalize
 from fadrm.distributed import Ranks
 from fadrm.runtime import make_runtime
@@ -60,9 +60,12 @@ def test_round_robin_cycles_through_the_teachers_in_order():
 @pytest.fixture(scope="module")
 def synthesis_run(fmnist_root, teacher_ckpt, tmp_path_factory):
     config = DistillConfig(
-        dataset="fashion-mnist", teachers=[str(teacher_ckpt)], out=str(tmp_path_factory.mktemp("init")), ipc=2
+        dataset="fashion-mnist",
+        teachers=[str(teacher_ckpt)],
+        out=str(tmp_path_factory.mktemp("init")),
+        ipc=2,
+        patches=PatchConfig(mipc=16, num_crop=2),
     )
-    config.patches = dataclasses.replace(config.patches, mipc=16, num_crop=2)
     dataset = load_split(SPEC, "train", fmnist_root)
     layout = Layout(tmp_path_factory.mktemp("layout"), tuple(dataset.classes), config.ipc)
     return SynthesisRun(config, SPEC, dataset, [load_teacher(teacher_ckpt)], layout, CPU, Ranks(), lambda s: None)
@@ -110,3 +113,24 @@ def test_a_new_method_of_registered_parts_needs_no_engine_change(fmnist_root, te
     )
     assert manifest["method"] == "noise-plus" and len(manifest["images"]) == 10
     assert manifest["config"]["synthesis"]["crop_scale"] == [0.5, 1.0] and not (tmp_path / "o" / "init").exists()
+
+
+def test_a_methods_own_checks_are_its_problem_not_the_configs():
+    """Resolving a distillation needs no method's strategies; the method refuses what it cannot run,
+    before anything is read (fadrm distill, fadrm run's plan, --print-config)."""
+    from fadrm import api
+    from fadrm.config import resolve
+    from fadrm.errors import FadrmError
+    from fadrm.synthesis.methods import method_for
+
+    two = {"dataset": "fashion-mnist", "teachers": ["a.pt", "b.pt"], "out": "o", "method": "sre2l"}
+    config = resolve(DistillConfig, two)
+    assert METHODS.get("sre2l").problem(config) == "uses at most 1 teacher(s), got 2; use fadrm+ for several"
+    assert METHODS.get("fadrm+").problem(dataclasses.replace(config, method="fadrm+")) is None
+    with pytest.raises(FadrmError, match=r"^sre2l: uses at most 1 teacher\(s\), got 2"):
+        method_for(config)
+    with pytest.raises(FadrmError, match=r"^sre2l: uses at most 1 teacher"):
+        api.distill_config(**two)
+    # A class-major method's groups must hold whole classes.
+    g_vbsm = resolve(DistillConfig, {**two, "method": "g-vbsm", "ipc": 3, "group_slots": 2})
+    assert "must divide" in METHODS.get("g-vbsm").problem(g_vbsm)

@@ -9,7 +9,7 @@ import torch
 from fadrm.errors import FadrmError
 from fadrm.models import MODELS, build_model, list_models
 from fadrm.models.torchvision_models import replace_first_conv
-from fadrm.synthesis.matching import matched_layers
+from fadrm.synthesis.targets import matched_layers
 
 
 @pytest.mark.parametrize("name", list_models())

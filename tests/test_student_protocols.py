@@ -17,8 +17,9 @@ from torch import nn
 import fadrm
 from fadrm import cli
 
-from fadrm.artifacts import LabelStore
-from fadrm.augment import AUGMENT_OPS, ViewSampler, render
+from fadrm.evaluation.store import LabelStore
+from fadrm.augment import ViewSampler, render
+from fadrm.rand_augment import AUGMENT_OPS
 from fadrm.config import EvalConfig, preset_names, resolve
 from fadrm.data import get_dataset_spec, normalize
 from fadrm.errors import FadrmError

@@ -12,37 +12,31 @@ the dataset's preset, then the package defaults, exactly as for the ``fadrm`` co
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .artifacts import open_evaluated_set
+from .distilled import open_evaluated_set
 from .config import (
-    PROTOCOL_WORDS,
     DistillConfig,
     EvalConfig,
     PriorsConfig,
-    RunConfig,
     StatsConfig,
     TeacherConfig,
     check_option,
     read_config_file,
     resolve,
-    written_form,
 )
 from .errors import FadrmError
-from .registry import registry
-
-# Imported here, not lazily: importing the module fadrm.evaluate later would rebind the name
-# fadrm.evaluate (this API function) to the module.
-from .evaluate import evaluate as _evaluate
-from .synthesis.statistics import compute_statistics as _compute_statistics
+from .evaluation import evaluate as _evaluate
+from .evaluation.plan import check_against_set
 from .priors import compute_priors as _compute_priors
-from .priors import with_priors
+from .registry import registry
+from .synthesis.methods import method_for
 from .synthesis.pipeline import distill as _distill
-from .teachers import Teacher, is_torchvision_weights, load_teacher
+from .synthesis.statistics import compute_statistics as _compute_statistics
+from .teachers import Teacher
 from .teachers import train_teacher as _train_teacher
+from .workflow import RunPlan, execute_run, plan_run
 
 
 def teacher_config(config_file: str | Path | None = None, **options: Any) -> TeacherConfig:
@@ -57,8 +51,11 @@ def _one_teacher_as_a_list(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def distill_config(config_file: str | Path | None = None, **options: Any) -> DistillConfig:
-    """The resolved, validated config of a distillation (nothing is read or trained)."""
-    return resolve(DistillConfig, _one_teacher_as_a_list(options), config_file)
+    """The resolved, validated config of a distillation (nothing is read or trained); a method that
+    cannot run it (its teachers, IPC or groups) is refused here too."""
+    config = resolve(DistillConfig, _one_teacher_as_a_list(options), config_file)
+    method_for(config)
+    return config
 
 
 def stats_config(config_file: str | Path | None = None, **options: Any) -> StatsConfig:
@@ -92,9 +89,11 @@ def eval_config(config_file: str | Path | None = None, **options: Any) -> EvalCo
     )
     # A set made by another tool has no registered method: no method's overrides apply.
     method = distilled_set.method if distilled_set.method in registry("method") else None
-    return resolve(
+    config = resolve(
         EvalConfig, options, config_file, dataset=distilled_set.dataset, method=method, ipc=distilled_set.ipc
     )
+    check_against_set(config, len(distilled_set.class_names))
+    return config
 
 
 def train_teacher(
@@ -174,156 +173,6 @@ def evaluate(
     return _evaluate(eval_config(config_file, distilled=distilled, **options), log=log)
 
 
-# ---------------------------------------------------------------------- run
-@dataclass
-class RunPlan:
-    """Every stage of ``fadrm run``, resolved before anything runs (a bad option fails first).
-
-    Attributes:
-        run: the run's own options.
-        teachers: per teacher, the config that trains it (reused when finished), or the
-            checkpoint / torchvision weights name used as given.
-        distill: the distillation (without its priors where they are still to be computed).
-        evaluate: the evaluation (with the random-real baseline).
-        priors: the priors to compute before distilling (a committee method whose priors are
-            neither given nor the preset's for its own teachers), or None.
-        priors_source: where the distillation's priors come from, for the summary (None: no priors).
-        distill_options, eval_options: the extra options given for distillation and evaluation,
-            which the priors' sets and students take as well.
-    """
-
-    run: RunConfig
-    teachers: list[TeacherConfig | str]
-    distill: DistillConfig
-    evaluate: EvalConfig
-    priors: PriorsConfig | None = None
-    priors_source: str | None = None
-    distill_options: dict[str, Any] = field(default_factory=dict)
-    eval_options: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every stage as its config file would hold it."""
-        teachers = [t if isinstance(t, str) else written_form(t) for t in self.teachers]
-        priors = {"priors": written_form(self.priors)} if self.priors is not None else {}
-        return {
-            "run": written_form(self.run),
-            "teachers": teachers,
-            **priors,
-            "distill": written_form(self.distill),
-            "evaluate": written_form(self.evaluate),
-        }
-
-
-def _teacher_path(teacher: TeacherConfig | str) -> str:
-    return teacher if isinstance(teacher, str) else teacher.out
-
-
-def plan_run(
-    distill_options: dict[str, Any] | None = None, eval_options: dict[str, Any] | None = None, **options: Any
-) -> RunPlan:
-    """Resolve every stage of ``fadrm run`` from the run's options (:class:`~fadrm.config.RunConfig`
-    keys) and extra options for distillation and evaluation; nothing is read or trained."""
-    config: RunConfig = resolve(RunConfig, options)
-    out = Path(config.out)
-    shared = {
-        "dataset": config.dataset,
-        "data_root": config.data_root,
-        "seed": config.seed,
-        "holdout": config.holdout,
-        "device": config.device,
-        "amp": config.amp,
-    }
-    teachers: list[TeacherConfig | str]
-    if config.teachers:
-        teachers = list(config.teachers)
-    else:
-        default_model = _preset_teacher_model(config.dataset)
-        models = config.teacher_models or ([default_model] if default_model else [])
-        if not models:
-            raise FadrmError(
-                f"{config.dataset} has no default teacher recipe; train one with fadrm train-teacher and pass --teacher"
-            )
-        teachers = []
-        for model in models:
-            if is_torchvision_weights(model):
-                teachers.append(model)
-                continue
-            # The default model keeps the name every method shares; others are named by architecture.
-            path = out / ("teacher.pt" if model == default_model else f"teacher-{model}.pt")
-            # With the run's method and IPC, so the preset's teacher.overrides for them apply.
-            teachers.append(
-                resolve(
-                    TeacherConfig, {**shared, "model": model, "out": str(path)}, method=config.method, ipc=config.ipc
-                )
-            )
-    distilled = out / f"{config.method}-ipc{config.ipc}"
-    distill = distill_config(
-        **{
-            **shared,
-            "teachers": [_teacher_path(t) for t in teachers],
-            "out": str(distilled),
-            "method": config.method,
-            "ipc": config.ipc,
-            "priors": config.priors,
-            "fixed_committee": config.fixed_committee,
-            **(distill_options or {}),
-        }
-    )
-    priors, priors_source = None, None
-    if registry("method").get(config.method).uses_priors and len(distill.teachers) > 1:
-        if distill.priors_from:
-            priors_source = f"from {distill.priors_from}"
-        elif distill.synthesis.priors is not None:
-            published = options.get("priors") is None and config.priors == distill.synthesis.priors
-            priors_source = f"the {config.dataset} preset's published values for its teachers" if published else "given"
-        else:
-            # Under the run's folder per IPC, as its sets are: another IPC's priors are others.
-            priors = resolve(
-                PriorsConfig,
-                {
-                    **shared,
-                    "teachers": distill.teachers,
-                    "ipc": config.ipc,
-                    "out": str(out / "priors" / f"ipc{config.ipc}"),
-                    "student": config.prior_student,
-                },
-            )
-            priors_source = f"computed: {Path(priors.out) / 'priors.json'}"
-    evaluation = {
-        "baselines": ["random-real"],
-        "repeats": config.repeats,
-        "robustness": config.robustness,
-        "protocol": config.protocol,
-        **shared,
-        **(eval_options or {}),
-    }
-    evaluation.pop("dataset")
-    evaluate = resolve(
-        EvalConfig,
-        {"distilled": str(distilled), **evaluation},
-        dataset=config.dataset,
-        method=config.method,
-        ipc=config.ipc,
-    )
-    return RunPlan(
-        config,
-        teachers,
-        distill,
-        evaluate,
-        priors,
-        priors_source,
-        dict(distill_options or {}),
-        dict(eval_options or {}),
-    )
-
-
-def _preset_teacher_model(dataset: str) -> str | None:
-    """The architecture the dataset's preset trains as its teacher, if it names one."""
-    from .config import load_preset_section
-
-    return load_preset_section(dataset, TeacherConfig.SECTION).get("model")
-
-
 def run(
     dataset: str,
     ipc: int,
@@ -350,63 +199,24 @@ def run(
     return execute_run(plan, log)
 
 
-def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run a resolved :class:`RunPlan`; see :func:`run`."""
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    for teacher in plan.teachers:
-        if not isinstance(teacher, str):
-            _train_teacher(teacher, log=log)
-    timings["teacher"] = time.perf_counter() - started
-    teacher_acc = [load_teacher(_teacher_path(t)).val_top1 for t in plan.teachers]
-    distill = plan.distill
-    if plan.priors is not None:
-        started = time.perf_counter()
-        computed = _compute_priors(plan.priors, log, plan.distill_options, plan.eval_options)
-        distill = with_priors(distill, computed["priors"])
-        timings["priors"] = time.perf_counter() - started
-    started = time.perf_counter()
-    manifest = _distill(distill, log=log)
-    timings["distill"] = time.perf_counter() - started
-    started = time.perf_counter()
-    results = _evaluate(plan.evaluate, log=log)
-    timings["evaluate"] = time.perf_counter() - started
-    summary = {
-        "teacher_top1": teacher_acc,
-        "protocol": results["protocol"],
-        "runs": results["runs"],
-        "summary": results["summary"],
-        "robustness": results.get("robustness", []),
-        "seconds": timings,
-        "distilled": plan.distill.out,
-    }
-    lines = [
-        f"teacher top-1: {', '.join(f'{a:.2f}%' for a in teacher_acc if a is not None)}",
-        f"students: the {plan.evaluate.protocol} protocol ({PROTOCOL_WORDS[plan.evaluate.protocol]})",
-    ]
-    if plan.priors_source is not None:
-        # As the set was made with them (--priors-from is read when the teachers are loaded).
-        priors = manifest["config"]["synthesis"]["priors"] if manifest else distill.synthesis.priors
-        summary["priors"] = {"values": priors, "source": plan.priors_source}
-        lines.append(f"committee priors: {', '.join(f'{p:g}' for p in priors or [])} ({plan.priors_source})")
-    for r in results["summary"]:
-        spread = f" ± {r['top1_std']:.2f} (mean of {r['repeats']} seeds)" if r["repeats"] > 1 else ""
-        best = f"; best top-1 over the validations {r['best_top1']:.2f}%"
-        plain = "" if r.get("augment", True) else ", no augmentation"
-        lines.append(
-            f"{r['student']} on {r['train_set']} ({r['labels']} labels{plain}): last-epoch top-1 "
-            f"{r['top1']:.2f}%{spread}{best}"
-        )
-    for r in results.get("robustness", []):
-        scores = ", ".join(f"{name.upper()} {r[name]:.4f}" for name in ("hlr", "ior", "lrs", "ars") if name in r)
-        seeds = f"mean of {r['repeats']} seeds" if r["repeats"] > 1 else "one seed"
-        lines.append(f"{r['student']} robustness scores (accuracies as fractions, {seeds}): {scores}")
-    lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    log("\n".join(["== fadrm run summary ==", *lines]))
-    return summary
-
-
 # Each stage command: how its config is resolved (from a config file and options) and how it runs.
+__all__ = [
+    "RunPlan",
+    "compute_priors",
+    "compute_statistics",
+    "distill",
+    "distill_config",
+    "eval_config",
+    "evaluate",
+    "execute_run",
+    "plan_run",
+    "priors_config",
+    "run",
+    "stats_config",
+    "teacher_config",
+    "train_teacher",
+]
+
 STAGE_COMMANDS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "train-teacher": (teacher_config, _train_teacher),
     "distill": (distill_config, _distill),

@@ -22,7 +22,7 @@ from .artifacts import write_priors
 from .config import DistillConfig, EvalConfig, PriorsConfig, resolve, validate
 from .data import get_dataset_spec
 from .errors import FadrmError
-from .evaluate import STUDENT_PROTOCOL, evaluate, student_args
+from .evaluation import STUDENT_PROTOCOL, evaluate, student_args
 from .io import safe_name
 from .synthesis.pipeline import distill
 from .teachers import Teacher, load_teacher

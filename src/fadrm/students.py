@@ -15,14 +15,14 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import LabelStore, StudentCheckpoint
-from .augment import render
+from .artifacts import StudentCheckpoint
+from .augment import ViewSampler, render
 from .config import EvalConfig
 from .data import DatasetSpec, normalize
 from .data.datasets import TrainingSet
@@ -38,6 +38,15 @@ from .training import backward, check_finite, evaluate_accuracy, optimizer_step,
 OptimizerFn = Callable[[list[dict[str, Any]], float, float], torch.optim.Optimizer]
 # (epoch, epochs, eta) -> learning-rate factor, applied once per epoch.
 ScheduleFn = Callable[[int, int, float], float]
+
+
+class StoredLabels(Protocol):
+    """Teacher outputs stored once per epoch for the views a student draws
+    (:class:`fadrm.evaluation.store.LabelStore`)."""
+
+    def read_with_logits(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One epoch's soft targets (images, classes) and the raw logits where they were kept."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -224,7 +233,7 @@ def train_student(
     runtime: Runtime,
     val_loader: torch.utils.data.DataLoader,
     labeller: TeacherLabeller | None,
-    store: LabelStore | None = None,
+    store: StoredLabels | None = None,
     desc: str = "student",
     log: Callable[[str], None] = print,
     checkpoint: StudentCheckpoint | None = None,
@@ -255,7 +264,7 @@ def train_student(
             f"{desc} has one of {smallest} (--batch-size {config.batch_size} in --accumulation "
             f"{config.accumulation}, {len(train.images)} images); use fewer processes"
         )
-    sampler = config.view_sampler(spec.image_size)
+    sampler = ViewSampler.from_config(config, spec.image_size)
     runtime.place(model)
     network = ranks.parallel(model)
     optimizer = optimizer_factory(weight_decay_groups(model, config.weight_decay), config.lr, config.momentum)

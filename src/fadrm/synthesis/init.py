@@ -18,7 +18,7 @@ import itertools
 
 import torch
 
-from ..artifacts import DistilledSet, Layout
+from ..distilled import DistilledSet, Layout
 from ..config import DistillConfig
 from ..augment import coin_flip, resize
 from ..data import DatasetSpec, ImageDataset, normalize
@@ -30,7 +30,7 @@ from ..registry import Registry
 from ..runtime import Runtime
 from ..teachers import Teacher
 from ..training import progress
-from .matching import TeacherTargets
+from .targets import TeacherTargets
 from .patches import class_pools, crops_of_classes, decode_workers, indices_by_class, select_from_crops
 from .units import Unit
 

@@ -19,10 +19,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..config import DistillConfig, SynthesisConfig
+from ..errors import FadrmError
 from ..registry import Registry
 from ..seeding import make_generator
+from .init import INITIALISERS
 from .matching import MATCHERS
-from .units import Unit
+from .units import UNIT_PLANS, Unit
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,21 @@ class Method:
         """Whether its matcher needs the teachers' statistics files (``fadrm stats``)."""
         return MATCHERS.get(self.matcher).statistics
 
+    def problem(self, config: DistillConfig) -> str | None:
+        """Why this method cannot run ``config`` (its teachers, IPC and groups against its strategies), or None.
+
+        Checked before anything is read or trained (:func:`fadrm.synthesis.pipeline.distill` and
+        ``fadrm run``'s plan); the rules that need no method are the config's own.
+        """
+        teachers = len(config.teachers)
+        if self.max_teachers is not None and teachers > self.max_teachers:
+            return f"uses at most {self.max_teachers} teacher(s), got {teachers}; use fadrm+ for several"
+        return (
+            UNIT_PLANS.get(self.units).problem(config.ipc, config.synthesis)
+            or TEACHER_POLICIES.get(self.teacher_policy).problem(teachers, config.synthesis)
+            or INITIALISERS.get(self.initialiser).problem(config)
+        )
+
 
 METHODS: Registry[Method] = Registry("method")
 
@@ -283,3 +300,13 @@ for _method in (
     ),
 ):
     METHODS.add(_method.name, _method)
+
+
+def method_for(config: DistillConfig) -> Method:
+    """The method of ``config``, refused in one line naming it when it cannot run the config
+    (:meth:`Method.problem`)."""
+    method = METHODS.get(config.method)
+    problem = method.problem(config)
+    if problem:
+        raise FadrmError(f"{method.name}: {problem}")
+    return method

@@ -25,7 +25,8 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from ..artifacts import Layout, open_distilled_folder, read_priors, write_manifest
+from ..artifacts import read_priors
+from ..distilled import Layout, open_distilled_folder, write_manifest
 from ..config import DEFAULT_BATCH_IMAGES, DistillConfig, validate
 from ..data import DatasetSpec, get_dataset_spec, load_split, normalize
 from ..data.transforms import denormalize
@@ -37,7 +38,7 @@ from ..runtime import Runtime, make_runtime
 from ..teachers import Teacher, load_teachers
 from .init import INITIALISERS, SynthesisRun
 from .matching import MATCHERS
-from .methods import METHODS, TEACHER_POLICIES, Method, TeacherPlan
+from .methods import METHODS, TEACHER_POLICIES, Method, TeacherPlan, method_for
 from .recover import recover
 from .units import UNIT_PLANS, Unit
 
@@ -231,7 +232,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict[s
     """
     started = time.perf_counter()
     validate(config)  # also for configs built by hand rather than resolved
-    method = METHODS.get(config.method)
+    method = method_for(config)
     spec = get_dataset_spec(config.dataset)
     fused = config.fused_statistics
     if fused and config.compile:

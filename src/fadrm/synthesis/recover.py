@@ -20,7 +20,8 @@ from ..augment import ViewParams, resize
 from ..config import SynthesisConfig
 from ..runtime import Runtime
 from ..training import backward, check_finite_values, optimizer_step
-from .matching import MATCHERS, MatchSetup, StatMatcher, TeacherTargets
+from .matching import MATCHERS, MatchSetup, StatMatcher
+from .targets import TeacherTargets
 from .methods import TeacherPlan
 
 # G-VBSM's data densification: each class's views average-pooled to 32 x 32 (smaller images

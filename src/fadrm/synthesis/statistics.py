@@ -40,7 +40,7 @@ from ..errors import FadrmError
 from ..io import safe_name, save_torch
 from ..runtime import Runtime, make_runtime
 from ..seeding import derive_seed, make_generator
-from .matching import (
+from .targets import (
     LayerTargets,
     TeacherTargets,
     cell_size,

@@ -1,0 +1,285 @@
+"""A distilled set on disk: its folder's layout, what defines it, its manifest, and opening it to evaluate.
+
+A set (``fadrm-distilled`` manifest, version 2; version 1 is read too) is an ImageFolder of PNGs
+under ``images/``, the selected patches under ``init/``, one record per finished work unit under
+``state/``, ``run.json`` (what defines the run), ``config.yaml`` (the resolved config, replayable
+with ``--config``) and ``manifest.json`` when complete (see :class:`Layout`). A set made by another
+tool is read by :mod:`fadrm.data.foreign`; :func:`open_evaluated_set` opens either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ._version import __version__
+from .artifacts import changed_settings, require_same_settings
+from .config import DistillConfig, defining_settings, write_config
+from .data import get_dataset_spec, load_split
+from .data.datasets import read_image
+from .data.foreign import ImageFolderSet
+from .errors import FadrmError
+from .io import read_json, safe_name, write_json
+
+
+MANIFEST_FORMAT = "fadrm-distilled"
+# 2 (fadrm 0.3): the config nested by part (synthesis, patches) and the method's "stage_plan";
+# 1 (0.1-0.2): a flat config and "recover_settings". Both are read.
+MANIFEST_VERSION = 2
+# What to pass to resume a set made by fadrm 0.1 whose defaults have changed since.
+RESUME_HINTS = {
+    "patch_scoring": "fadrm 0.1 scored patches with --patch-scoring resize",
+    "budgets": "fadrm 0.1 gave SRe2L / SRe2L++ FADRM's budget: --equal-budget",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """File names inside a distilled set's folder."""
+
+    root: Path
+    class_names: tuple[str, ...]
+    ipc: int
+
+    def class_dir(self, kind: str, label: int) -> Path:
+        width = max(3, len(str(len(self.class_names) - 1)))
+        return self.root / kind / f"{label:0{width}d}_{safe_name(self.class_names[label])}"
+
+    def image(self, kind: str, label: int, ipc_index: int) -> Path:
+        """``kind`` "images" (the distilled set) or "init" (the selected patches)."""
+        width = max(3, len(str(self.ipc - 1)))
+        return self.class_dir(kind, label) / f"{ipc_index:0{width}d}.png"
+
+    def init_record(self, label: int) -> Path:
+        return self.root / "state" / "init" / f"class{label:05d}.json"
+
+    def unit_record(self, key: str) -> Path:
+        return self.root / "state" / "units" / f"{key}.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def run_identity(
+    config: DistillConfig, teachers_sha256: list[str | None], statistics_sha256: list[str] | None = None
+) -> dict[str, Any]:
+    """What defines a distilled set: its defining settings, its teachers' file hashes and, for a
+    method that matches the teachers' statistics files, their hashes."""
+    identity = {"config": config.identity(), "teachers_sha256": list(teachers_sha256)}
+    return identity if statistics_sha256 is None else {**identity, "statistics_sha256": list(statistics_sha256)}
+
+
+def open_distilled_folder(
+    layout: Layout,
+    config: DistillConfig,
+    teachers_sha256: list[str | None],
+    log: Callable[[str], None],
+    statistics_sha256: list[str] | None = None,
+) -> None:
+    """Create the folder, or check that an existing one holds the same run (resume).
+
+    With ``config.overwrite`` a different run's outputs are removed first; a non-empty
+    folder that is not a fadrm run is never touched.
+    """
+    identity = run_identity(config, teachers_sha256, statistics_sha256)
+    if layout.run_file.exists():
+        previous = read_json(layout.run_file)
+        if not changed_settings(previous, identity):
+            log(f"resuming in {layout.root}")
+        elif config.overwrite:
+            log(f"--overwrite: removing the previous run's outputs in {layout.root}")
+            for name in ("images", "init", "state"):
+                shutil.rmtree(layout.root / name, ignore_errors=True)
+            for path in (layout.manifest, layout.config_file):
+                path.unlink(missing_ok=True)
+        else:
+            previous = {
+                **previous.get("config", {}),
+                "teachers": previous.get("teachers_sha256"),
+                "statistics": previous.get("statistics_sha256"),
+            }
+            require_same_settings(
+                previous,
+                {
+                    **identity["config"],
+                    "teachers": identity["teachers_sha256"],
+                    "statistics": identity.get("statistics_sha256"),
+                },
+                f"{layout.root} holds a run that",
+                "pass --overwrite to replace it or choose another --out",
+                RESUME_HINTS,
+            )
+    elif layout.root.exists() and any(layout.root.iterdir()) and not config.overwrite:
+        raise FadrmError(f"{layout.root} is not empty and is not a fadrm run; choose another --out")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    write_json(layout.run_file, identity)
+    write_config(layout.config_file, config)
+
+
+def write_manifest(layout: Layout, contents: dict[str, Any]) -> dict[str, Any]:
+    """Write ``manifest.json``: the format header, the environment, then ``contents``."""
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "fadrm_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        **contents,
+        "complete": True,
+    }
+    write_json(layout.manifest, manifest)
+    return manifest
+
+
+@dataclass(frozen=True)
+class DistilledSet:
+    """A finished distilled set on disk, read through its manifest (format 1 or 2).
+
+    Attributes:
+        folder: the set's folder.
+        manifest: the manifest as written (for reports; prefer the properties).
+    """
+
+    folder: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, folder: str | Path) -> DistilledSet:
+        """The set in ``folder``, checked for format and completeness."""
+        path = Path(folder) / "manifest.json"
+        if not path.exists() and (Path(folder) / "run.json").exists():
+            raise FadrmError(
+                f"{folder} is an unfinished fadrm distill run (no manifest.json yet); run the same fadrm "
+                "distill command again to finish it"
+            )
+        if not path.exists():
+            raise FadrmError(
+                f"{folder} is not a distilled set (no manifest.json); make one with fadrm distill, or "
+                "evaluate an ImageFolder made by another tool with --dataset and --teacher"
+            )
+        manifest = read_json(path)
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            raise FadrmError(f"{path} is not a fadrm manifest")
+        if manifest.get("format_version", 0) > MANIFEST_VERSION:
+            raise FadrmError(f"{path} was written by a newer fadrm ({manifest.get('fadrm_version')}); upgrade fadrm")
+        return cls(Path(folder), manifest)
+
+    @property
+    def dataset(self) -> str:
+        return self.manifest["dataset"]["name"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["dataset"]["class_names"])
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def ipc(self) -> int:
+        return int(self.manifest["ipc"])
+
+    @property
+    def holdout(self) -> int:
+        """Training images per class the set's teachers and patches never saw (validated on)."""
+        return int(self.manifest["config"].get("holdout", 0))
+
+    @property
+    def priors(self) -> list[float] | None:
+        """The committee priors the set was distilled with, one per teacher (None: not a committee method)."""
+        config = self.manifest["config"]
+        priors = config.get("synthesis", config).get("priors")  # format 1 kept its settings flat
+        return list(priors) if priors else None
+
+    @property
+    def teachers(self) -> list[dict[str, Any]]:
+        """The teachers that made the set, as described in the manifest (source, sha256, ...)."""
+        return list(self.manifest["teachers"])
+
+    @property
+    def num_images(self) -> int:
+        """How many images the set holds."""
+        return len(self.manifest["images"])
+
+    @property
+    def images_per_class(self) -> tuple[int, int]:
+        """The fewest and the most images of any class (both the IPC for a set fadrm made)."""
+        counts = Counter(record["class"] for record in self.manifest["images"])
+        return min(counts.values()), max(counts.values())
+
+    def describe(self) -> str:
+        """One line naming the set, for the log."""
+        return f"{self.method} set of {self.dataset}, IPC {self.ipc} ({self.folder})"
+
+    def labels_identity(self) -> dict[str, Any]:
+        """What stored labels are made for besides the evaluation's settings: nothing more than the set's size
+        and teachers, as stores have been identified since fadrm 0.1 (so they stay valid)."""
+        return {}
+
+    def set_id(self) -> str:
+        """A fingerprint of the set's content: the settings that define it and its per-image records.
+
+        Execution choices (device, batching, compilation, ...) and timings are left
+        out, so resuming a set with other execution flags, or with a version that
+        added one, keeps its finished evaluations; format 1's flat config and format
+        2's nested one give the same id.
+        """
+        defining = defining_settings(DistillConfig, self.manifest["config"])
+        payload = json.dumps({"config": defining, "images": self.manifest["images"]}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image the manifest lists (uint8, N x C x H x W) and its class, in the manifest's order."""
+        images, labels = [], []
+        for record in self.manifest["images"]:
+            path = self.folder / record["file"]
+            if not path.exists():
+                raise FadrmError(f"{path} listed in the manifest is missing; rerun fadrm distill")
+            images.append(read_image(path, self.manifest["dataset"]["channels"]))
+            labels.append(record["class"])
+        return torch.stack(images), torch.tensor(labels)
+
+
+def open_evaluated_set(
+    folder: str | Path, dataset: str | None = None, data_root: str | None = None, teachers: Sequence[str] | None = None
+) -> DistilledSet | ImageFolderSet:
+    """The set ``fadrm evaluate`` trains on: ours when ``folder`` holds a manifest (``dataset``, if
+    given, must agree), else an ImageFolder made by another tool read as ``dataset``'s classes
+    (from its data in ``data_root``), which needs ``teachers`` to label it.
+    """
+    folder = Path(folder)
+    if dataset is None or (folder / "manifest.json").exists() or (folder / "run.json").exists():
+        distilled_set = DistilledSet.open(folder)
+        if dataset is not None and dataset != distilled_set.dataset:
+            raise FadrmError(
+                f"--dataset {dataset} disagrees with {folder}, a set of {distilled_set.dataset} (its "
+                "manifest.json); leave --dataset out"
+            )
+        return distilled_set
+    if not teachers:
+        raise FadrmError(
+            f"{folder} has no manifest.json, so no teachers of its own to label its images: give --teacher"
+        )
+    spec = get_dataset_spec(dataset)
+    return ImageFolderSet.open(folder, spec, load_split(spec, "val", data_root).classes)

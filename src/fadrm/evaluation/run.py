@@ -1,0 +1,248 @@
+"""Carry out an evaluation's plan: train (or reuse, or resume) each student, then write the report.
+
+The jobs and their identities come from :mod:`.plan`; one student's training loop is
+:mod:`fadrm.students`; the label stores and finished runs on disk are :mod:`.store`'s; the
+figures reported are :mod:`.summary`'s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..artifacts import StudentCheckpoint, checkpoint_dict, checkpoint_meta
+from ..distilled import open_evaluated_set
+from ..baselines import DISTILLED, FULL_DATA, REAL_SUBSETS, full_data_student
+from ..config import EvalConfig, validate, write_config
+from ..data import DatasetSpec, eval_transform, get_dataset_spec, load_split
+from ..data.datasets import TrainingSet
+from ..distributed import Ranks, init_ranks
+from ..io import save_torch
+from ..labels import TeacherLabeller, prior_weights
+from ..models import build_model
+from ..report import write_report
+from ..runtime import Runtime, make_runtime
+from ..seeding import derive_seed
+from ..students import train_student, with_best_of
+from ..teachers import Teacher, load_teachers
+from ..training import evaluate_accuracy, make_loader
+from .plan import EvaluatedSet, StudentJob, check_against_set, plan_evaluation, settle
+from .store import LabelStore, fill_label_store, read_finished_run, write_finished_run
+from .summary import summarise
+
+
+def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train each student on the distilled set (and each baseline), write results; returns them.
+
+    Finished runs are kept in ``<out>/runs/`` and skipped when the command is
+    repeated with the same settings, so an interrupted evaluation resumes; an
+    unfinished student continues after its last finished epoch. Under torchrun the
+    processes train each student together; rank 0 writes every file.
+    """
+    validate(config)  # also for configs built by hand rather than resolved
+    distilled_set = open_evaluated_set(config.distilled, config.dataset, config.data_root, config.teachers)
+    config = settle(config, distilled_set)
+    check_against_set(config, len(distilled_set.class_names))
+    sources = config.teachers or [t["source"] for t in distilled_set.teachers]
+    weights = (
+        prior_weights(config.teacher_priors, config.prior_temperature, len(sources))
+        if config.teacher_priors
+        else config.teacher_weights
+    )
+    runtime = make_runtime(config.device, config.amp, stage="evaluate")
+    ranks = init_ranks(runtime.device.type)
+    try:
+        return evaluate_ranked(config, distilled_set, sources, weights, runtime, ranks, log)
+    finally:
+        ranks.close()
+
+
+def evaluate_ranked(
+    config: EvalConfig,
+    distilled_set: EvaluatedSet,
+    sources: Sequence[str],
+    weights: Sequence[float] | None,
+    runtime: Runtime,
+    ranks: Ranks,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """:func:`evaluate` in one process of the group ``ranks`` (the only one without torchrun), relabelling
+    with the teachers ``sources`` weighted by ``weights`` (None: equally)."""
+    spec = get_dataset_spec(distilled_set.dataset)
+    runtime, log = ranks.own_device(runtime), ranks.main_only(log)
+    log(f"evaluating the {distilled_set.describe()}")
+    distilled = TrainingSet(DISTILLED, *distilled_set.images())
+    val_set = load_split(spec, "val", config.data_root, config.holdout)
+    val_set.transform = eval_transform(spec)
+    val_loader = make_loader(val_set, 256, shuffle=False, workers=config.workers)
+    teachers = load_teachers(sources, spec, val_set.classes, runtime, holdout=config.holdout)
+    plan = plan_evaluation(config, distilled_set, teachers[0].arch)
+    if ranks.is_main:
+        write_config(plan.out / "config.yaml", plan.config)
+    labeller = TeacherLabeller([t.model for t in teachers], weights, config.bssl, config.balance_teachers)
+    for name in plan.students:
+        build_model(name, 2, spec.channels, spec.image_size)  # fail now on an unknown student, not after hours
+    train_set = load_split(spec, "train", config.data_root, config.holdout) if plan.subsets else None
+    runs = [
+        full_data_run(config, spec, student, student_args(student, teachers), teachers, val_loader, runtime, log)
+        for student in plan.full_data
+    ]
+    stores: list[LabelStore] = []
+    for repeat in plan.repeats:
+        trial = repeat.config
+        sets = {DISTILLED: distilled}
+        sets.update(
+            {name: REAL_SUBSETS.get(name)(train_set, spec, distilled_set.ipc, trial.seed) for name in plan.subsets}
+        )
+        store = None
+        if repeat.store_folder is not None:
+            store = LabelStore(
+                repeat.store_folder,
+                repeat.store_identity,
+                len(distilled_set.class_names),
+                trial.topk,
+                trial.temperature,
+            )
+            fill_label_store(store, trial, distilled.images, spec, labeller, runtime, log, ranks)
+            stores.append(store)
+        for job in repeat.jobs:
+            run = finished_or_trained(
+                job,
+                sets[job.arm.train_set],
+                store,
+                labeller,
+                teachers,
+                spec,
+                val_set.classes,
+                val_loader,
+                runtime,
+                ranks,
+                log,
+            )
+            # Runs finished before repeats (or --no-augment) existed lack the field; the identity fixes it.
+            runs.append({"augment": True, **run, "seed": trial.seed})
+    results = summarise(plan, distilled_set, teachers, runs, stores)
+    if ranks.is_main:
+        write_report(plan.out, results)
+    return results
+
+
+def finished_or_trained(
+    job: StudentJob,
+    training_set: TrainingSet,
+    store: LabelStore | None,
+    labeller: TeacherLabeller,
+    teachers: Sequence[Teacher],
+    spec: DatasetSpec,
+    class_names: Sequence[str],
+    val_loader: torch.utils.data.DataLoader,
+    runtime: Runtime,
+    ranks: Ranks,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The job's run record: its finished run where one covers the validations asked for, else the
+    student trained (resuming its checkpoint), saved as a teacher checkpoint and recorded."""
+    finished = read_finished_run(job.run_file, job.identity)
+    wanted = job.config.evaluation_epochs()
+    # A finished run serves a validation schedule it covers; a denser one needs the student again.
+    if finished is not None and set(wanted) <= set(finished["evaluated_epochs"]):
+        run = with_best_of(finished, wanted)
+        log(f"{job.key}: reusing finished run (top-1 {run['top1']:.2f}%)")
+        return run
+    torch.manual_seed(derive_seed(job.config.seed, "student", job.student))
+    args = student_args(job.student, teachers)
+    model = build_model(job.student, len(class_names), spec.channels, spec.image_size, **args)
+    checkpoint = StudentCheckpoint(job.checkpoint_file, job.identity)
+    run = train_student(
+        model,
+        training_set,
+        job.config,
+        spec,
+        runtime,
+        val_loader,
+        labeller if job.arm.labels == "soft" else None,
+        store if job.uses_store else None,
+        desc=job.key,
+        log=log,
+        checkpoint=checkpoint,
+        ranks=ranks,
+    )
+    run.update(
+        {
+            "student": job.student,
+            "train_set": training_set.name,
+            "labels": job.arm.labels,
+            "augment": job.config.augment,
+            "images": len(training_set.images),
+            "recipe": job.recipe,
+        }
+    )
+    if ranks.is_main:
+        # The trained student as a teacher checkpoint: every command takes it as a teacher.
+        meta = checkpoint_meta(
+            job.student,
+            args,
+            spec.name,
+            class_names,
+            spec.channels,
+            spec.image_size,
+            spec.mean,
+            spec.std,
+            run["top1"],
+            run["top5"],
+            train_config=job.identity,
+        )
+        weights = model.to(memory_format=torch.contiguous_format)
+        save_torch(job.weights_file, checkpoint_dict(weights, meta))
+        write_finished_run(job.run_file, job.identity, run)
+        checkpoint.remove()
+    ranks.barrier()  # every rank sees the finished run before the next one
+    log(
+        f"{job.key}: top-1 {run['top1']:.2f}% at the last epoch (best {run['best_top1']:.2f}% at epoch "
+        f"{run['best_epoch']}), top-5 {run['top5']:.2f}% ({run['seconds']:.0f}s)"
+    )
+    return run
+
+
+def student_args(student: str, teachers: Sequence[Teacher]) -> dict[str, Any]:
+    """Architecture options of a student: the first teacher's when the student is its architecture."""
+    return dict(teachers[0].arch_args) if student == teachers[0].arch else {}
+
+
+def full_data_run(
+    config: EvalConfig,
+    spec: DatasetSpec,
+    student: str,
+    model_args: dict[str, Any],
+    teachers: Sequence[Teacher],
+    val_loader: torch.utils.data.DataLoader,
+    runtime: Runtime,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The full-data arm of ``student`` as a run record: trained (or reused) by
+    :func:`fadrm.baselines.full_data_student`, validated on the evaluation's own split."""
+    model, teacher_config = full_data_student(config, spec.name, student, model_args, teachers, log)
+    started = time.perf_counter()
+    metrics = evaluate_accuracy(runtime.place(model.model), val_loader, runtime, spec.mean, spec.std)
+    epochs = teacher_config.epochs
+    log(f"full-data-{student}-hard: top-1 {metrics['top1']:.2f}% (the teacher recipe, {epochs} epochs)")
+    return {
+        "student": student,
+        "train_set": FULL_DATA,
+        "labels": "hard",
+        "augment": True,
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "best_top1": metrics["top1"],
+        "best_epoch": epochs,
+        "evaluated_epochs": [epochs],
+        "epochs": epochs,
+        "seconds": round(time.perf_counter() - started, 2),
+        "history": [],
+        "images": len(load_split(spec, "train", config.data_root, config.holdout)),
+        "checkpoint": model.source,
+        "recipe": {"source": "the dataset's teacher recipe", **teacher_config.identity()},
+        "seed": config.seed,
+    }
