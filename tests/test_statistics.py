@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 import fadrm
 from fadrm.synthesis import statistics
-from fadrm.artifacts import statistics_description
 from fadrm.config import StatsConfig, resolve
 from fadrm.data import get_dataset_spec, load_split
 from fadrm.errors import FadrmError
@@ -52,7 +51,7 @@ def test_statistics_against_an_independent_computation(fmnist_root, teacher_ckpt
     teacher = load_teacher(teacher_ckpt)
     path = statistics.statistics_file(teacher, tmp_path)
     assert path.name == f"teacher.pt.stats-{teacher.sha256[:12]}.safetensors"
-    assert description == json.loads(statistics_description(path).read_text())
+    assert description == json.loads(statistics.statistics_description(path).read_text())
     assert (description["images"], description["cell"], description["batch_size"], description["holdout"]) == (
         160,
         4,
@@ -144,7 +143,7 @@ def test_stats_command_then_distill_uses_the_file(fmnist_root, teacher_ckpt, tmp
     manifest = json.loads((out_dir / "manifest.json").read_text())
     (used,) = manifest["statistics"]
     path = statistics.statistics_file(load_teacher(teacher_ckpt), tmp_path / "s")
-    assert used["sha256"] == json.loads(statistics_description(path).read_text())["sha256"]
+    assert used["sha256"] == json.loads(statistics.statistics_description(path).read_text())["sha256"]
     assert json.loads((out_dir / "run.json").read_text())["statistics_sha256"] == [used["sha256"]]
     # Class-major units: one group of the ten classes with both IPC slots each.
     assert [u["unit"] for u in manifest["units"]] == ["ipc0000-0001-group0000"]
@@ -160,7 +159,10 @@ def test_statistics_of_another_teacher_or_holdout_are_refused(
     )
     mine = statistics.statistics_file(load_teacher(teacher_ckpt), stats_dir)
     other = statistics.statistics_file(load_teacher(second_teacher_ckpt), stats_dir)
-    for source, target in ((mine, other), (statistics_description(mine), statistics_description(other))):
+    for source, target in (
+        (mine, other),
+        (statistics.statistics_description(mine), statistics.statistics_description(other)),
+    ):
         shutil.copy(source, target)  # the first teacher's numbers under the second one's name
     argv = [
         "distill",

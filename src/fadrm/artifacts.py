@@ -11,10 +11,8 @@
   :mod:`fadrm.evaluation.store`'s.
 * **Set made by another tool** (read only): an ImageFolder without a manifest, read as a
   registered dataset's classes (:class:`fadrm.data.foreign.ImageFolderSet`).
-* **Statistics file** (``fadrm-statistics``, version 1): a teacher's training-set statistics
-  (``fadrm stats``) as ``<teacher>.stats-<hash>.safetensors`` and, written after it, a JSON
-  description of what made it (``.json`` beside it); an unfinished pass keeps its sums in
-  ``<file>.partial``.
+* **Statistics file** (``fadrm-statistics``): :mod:`fadrm.synthesis.statistics`, the pass that
+  writes and reads it.
 * **Priors file** (``fadrm-priors``, version 1): ``priors.json`` (``fadrm priors``), each teacher's
   source, sha256 and prior with the student and protocol that scored them; ``--priors-from``
   reads it, matching teachers by their hashes.
@@ -33,11 +31,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ._version import __version__
 from .errors import FadrmError
-from .io import atomic_path, read_json, save_torch, sha256_file, write_json
+from .io import read_json, save_torch, write_json
 
 # ---------------------------------------------------------------- identity
 
@@ -183,53 +180,6 @@ def teacher_config_path(out: str | Path) -> Path:
     """Where a teacher's resolved training config is written (beside the checkpoint)."""
     out = Path(out)
     return out.with_name(out.name + ".config.yaml")
-
-
-# ------------------------------------------------------------ statistics file
-STATISTICS_FORMAT = "fadrm-statistics"
-STATISTICS_VERSION = 1
-
-
-def statistics_description(path: Path) -> Path:
-    """The JSON that describes a statistics file (written after it: its presence means complete)."""
-    return path.with_suffix(".json")
-
-
-def write_statistics(path: Path, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> dict[str, Any]:
-    """Atomically write a statistics file, then its description (with the format header and the
-    tensors' hash); returns the description."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    description = {
-        "format": STATISTICS_FORMAT,
-        "format_version": STATISTICS_VERSION,
-        "fadrm_version": __version__,
-        **description,
-        "sha256": sha256_file(path),
-    }
-    write_json(statistics_description(path), description)
-    return description
-
-
-def read_statistics_description(path: Path, expected: Mapping[str, Any], fix: str) -> dict[str, Any] | None:
-    """The description of a complete statistics file (None if there is none), checked against ``expected``.
-
-    Raises:
-        FadrmError: one line naming the settings that differ from ``expected`` and ``fix``.
-    """
-    described = statistics_description(path)
-    if not (path.exists() and described.exists()):
-        return None
-    description = read_json(described)
-    if description.get("format") != STATISTICS_FORMAT or description.get("format_version", 0) > STATISTICS_VERSION:
-        raise FadrmError(f"{described} is not a statistics file this fadrm reads; {fix}")
-    require_same_settings({k: description.get(k) for k in expected}, expected, f"the statistics file {path}", fix)
-    return description
-
-
-def read_statistics(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a statistics file."""
-    return load_file(str(path))
 
 
 # ----------------------------------------------------------- evaluation runs

@@ -7,7 +7,7 @@ with :func:`option` (:mod:`.options`): its default, its help text, whether it *d
 (and so the identity a resume checks, :mod:`.identity`) or only how the work is executed, its valid
 values, and its command-line flag. The CLI flags, the validation and the identities are all
 generated from these declarations. Options several stages share are declared once in
-:mod:`.fields`; the presets are read by :mod:`.presets`; :func:`resolve` (:mod:`.resolve`) builds a
+:mod:`.fields`; the presets are read by :mod:`.presets`; :func:`resolve` (:mod:`.resolver`) builds a
 stage's config from its layers and writes it back as ``config.yaml``.
 """
 
@@ -30,7 +30,7 @@ from .options import (
     validate,
 )
 from .presets import DEFAULT_STUDENT_RECIPE, load_preset_section, preset_names, student_recipe
-from .resolve import StageConfig, build, dump_config, dump_yaml, read_config_file, resolve, write_config, written_form
+from .resolver import StageConfig, build, dump_config, dump_yaml, read_config_file, resolve, write_config, written_form
 from .stages import STAGES, PriorsConfig, RunConfig, StatsConfig, TeacherConfig
 
 __all__ = [

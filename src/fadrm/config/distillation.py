@@ -36,7 +36,7 @@ from .options import (
     registered,
     scale_pair,
 )
-from .resolve import StageConfig, merged
+from .resolver import StageConfig, merged
 
 # Synthesis images per forward pass when --groups-per-batch is not given, by device type: a GPU
 # is filled (ImageNet-1k: ten groups of 100 classes), the CPU kept near its cache.

@@ -28,7 +28,7 @@ from .options import (
     scale_pair,
     teacher_source,
 )
-from .resolve import StageConfig
+from .resolver import StageConfig
 
 # The student protocols, with what each means in the results.
 PROTOCOL_WORDS = {

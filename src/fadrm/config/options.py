@@ -4,7 +4,7 @@ A stage's config (:mod:`fadrm.config.stages`) is a dataclass whose fields are ea
 with :func:`option`: default, help text, whether the field *defines* the result or only how the
 work runs, its valid values and its command-line flag. Everything else about an option (its flag,
 its check, its place in the identity and in ``config.yaml``) is read from that declaration by
-the functions here and in :mod:`fadrm.config.resolve`.
+the functions here and in :mod:`fadrm.config.resolver`.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from .options import (
     registered,
     teacher_source,
 )
-from .resolve import StageConfig, merged
+from .resolver import StageConfig, merged
 
 
 @dataclass(frozen=True)

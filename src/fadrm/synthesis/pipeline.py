@@ -225,7 +225,7 @@ def gather_manifest(run: SynthesisRun, method: Method, wall_seconds: float) -> d
 # --------------------------------------------------------------------- API
 def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build a distilled dataset as described by ``config`` (already resolved and validated,
-    see :func:`fadrm.config.resolve`); returns the manifest.
+    see :func:`fadrm.config.resolver`); returns the manifest.
 
     Resumable: run the same config again after an interruption. Under torchrun
     each process takes its share of the classes and units.

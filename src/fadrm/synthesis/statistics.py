@@ -15,29 +15,29 @@ layer:
 Each image's augmentation is drawn from (seed, image index) and the order from the seed, so the
 file depends neither on the loader's workers nor on interruptions: the sums so far are saved to
 ``<file>.partial`` every minute and a rerun continues from them.
+
+The file (``fadrm-statistics``, version 1) is ``<teacher>.stats-<hash>.safetensors`` and, written
+after it, a JSON description of what made it (``.json`` beside it: its presence means complete).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..artifacts import (
-    read_statistics,
-    read_statistics_description,
-    require_same_settings,
-    safe_torch_load,
-    write_statistics,
-)
+from safetensors.torch import load_file, save_file
+
+from .._version import __version__
+from ..artifacts import require_same_settings, safe_torch_load
 from ..augment import train_transform
 from ..config import DistillConfig, StatsConfig, resolve, validate
 from ..data import DatasetSpec, ImageDataset, get_dataset_spec, load_split, normalize
 from ..errors import FadrmError
-from ..io import safe_name, save_torch
+from ..io import atomic_path, read_json, safe_name, save_torch, sha256_file, write_json
 from ..runtime import Runtime, make_runtime
 from ..seeding import derive_seed, make_generator
 from .targets import (
@@ -51,6 +51,53 @@ from .targets import (
 )
 from ..teachers import Teacher, is_torchvision_weights, load_teachers
 from ..training import make_loader, progress
+
+# ------------------------------------------------------------- the file format
+STATISTICS_FORMAT = "fadrm-statistics"
+STATISTICS_VERSION = 1
+
+
+def statistics_description(path: Path) -> Path:
+    """The JSON that describes a statistics file (written after it: its presence means complete)."""
+    return path.with_suffix(".json")
+
+
+def write_statistics(path: Path, tensors: dict[str, torch.Tensor], description: dict[str, Any]) -> dict[str, Any]:
+    """Atomically write a statistics file, then its description (with the format header and the
+    tensors' hash); returns the description."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    description = {
+        "format": STATISTICS_FORMAT,
+        "format_version": STATISTICS_VERSION,
+        "fadrm_version": __version__,
+        **description,
+        "sha256": sha256_file(path),
+    }
+    write_json(statistics_description(path), description)
+    return description
+
+
+def read_statistics_description(path: Path, expected: Mapping[str, Any], fix: str) -> dict[str, Any] | None:
+    """The description of a complete statistics file (None if there is none), checked against ``expected``.
+
+    Raises:
+        FadrmError: one line naming the settings that differ from ``expected`` and ``fix``.
+    """
+    described = statistics_description(path)
+    if not (path.exists() and described.exists()):
+        return None
+    description = read_json(described)
+    if description.get("format") != STATISTICS_FORMAT or description.get("format_version", 0) > STATISTICS_VERSION:
+        raise FadrmError(f"{described} is not a statistics file this fadrm reads; {fix}")
+    require_same_settings({k: description.get(k) for k in expected}, expected, f"the statistics file {path}", fix)
+    return description
+
+
+def read_statistics(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a statistics file."""
+    return load_file(str(path))
+
 
 # How often an unfinished pass saves its sums (a save costs about one batch for ImageNet-1k).
 SAVE_EVERY_SECONDS = 60.0
