@@ -21,7 +21,8 @@ Usage (before and after a change; the fixtures are made once and shared)::
     python benchmarks/layout_bytes.py fixtures /tmp/lb/fixtures
     PYTHONPATH=<before>/src python benchmarks/layout_bytes.py outputs /tmp/lb/fixtures /tmp/lb/before
     PYTHONPATH=<after>/src python benchmarks/layout_bytes.py outputs /tmp/lb/fixtures /tmp/lb/after
-    python benchmarks/layout_bytes.py compare /tmp/lb/before/hashes.json /tmp/lb/after/hashes.json
+    python benchmarks/layout_bytes.py compare /tmp/lb/before/hashes.json /tmp/lb/after/hashes.json \\
+        --out benchmarks/results/layout-bytes.json
 
 An evaluation folder of an older release must still resume its interrupted student and reuse its
 finished ones (in place: a finished run's identity names the set's folder)::
@@ -179,8 +180,8 @@ def output_hashes(fixtures: Path, work: Path) -> dict[str, str]:
     }
 
 
-def compare(before: Path, after: Path) -> int:
-    """Print the files that differ or exist on one side only; 0 when none."""
+def compare(before: Path, after: Path, out: Path | None = None) -> int:
+    """Print the files that differ or exist on one side only (and write it as JSON to ``out``); 0 when none."""
     a, b = json.loads(before.read_text()), json.loads(after.read_text())
     only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
     changed = sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
@@ -189,6 +190,21 @@ def compare(before: Path, after: Path) -> int:
             print(f"{title}: {name}")
     same = len(a.keys() & b.keys()) - len(changed)
     print(f"{same} files identical, {len(changed)} differ, {len(only_a)} only before, {len(only_b)} only after")
+    if out is not None:
+        kinds: dict[str, int] = {}
+        for name in a.keys() & b.keys():
+            suffix = Path(name).suffix or Path(name).name
+            kinds[suffix] = kinds.get(suffix, 0) + 1
+        record = {
+            "identical": same,
+            "by_kind": dict(sorted(kinds.items())),
+            "differ": changed,
+            "only_before": only_a,
+            "only_after": only_b,
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        }
+        out.write_text(json.dumps(record, indent=1) + "\n")
     return 1 if changed or only_a or only_b else 0
 
 
@@ -243,12 +259,13 @@ def main() -> int:
     p = sub.add_parser("compare")
     p.add_argument("before", type=Path)
     p.add_argument("after", type=Path)
+    p.add_argument("--out", type=Path, help="also write the comparison as JSON")
     args = parser.parse_args()
     if args.command == "fixtures":
         make_fixtures(args.folder)
         return 0
     if args.command == "compare":
-        return compare(args.before, args.after)
+        return compare(args.before, args.after, args.out)
     fixtures, work = args.fixtures.resolve(), args.work.resolve()
     if args.command == "outputs":
         run_commands(fixtures, work)
