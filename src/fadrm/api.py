@@ -30,13 +30,30 @@ from .errors import FadrmError
 from .evaluation import evaluate as _evaluate
 from .evaluation.plan import check_against_set
 from .priors import compute_priors as _compute_priors
-from .registry import registry
-from .synthesis.methods import method_for
+from .synthesis.methods import METHODS, method_for
 from .synthesis.pipeline import distill as _distill
 from .synthesis.statistics import compute_statistics as _compute_statistics
 from .teachers import Teacher
 from .teachers import train_teacher as _train_teacher
 from .workflow import RunPlan, execute_run, plan_run
+
+
+__all__ = [
+    "RunPlan",
+    "compute_priors",
+    "compute_statistics",
+    "distill",
+    "distill_config",
+    "eval_config",
+    "evaluate",
+    "execute_run",
+    "plan_run",
+    "priors_config",
+    "run",
+    "stats_config",
+    "teacher_config",
+    "train_teacher",
+]
 
 
 def teacher_config(config_file: str | Path | None = None, **options: Any) -> TeacherConfig:
@@ -88,7 +105,7 @@ def eval_config(config_file: str | Path | None = None, **options: Any) -> EvalCo
         distilled, chosen.get("dataset"), chosen.get("data_root"), [teachers] if isinstance(teachers, str) else teachers
     )
     # A set made by another tool has no registered method: no method's overrides apply.
-    method = distilled_set.method if distilled_set.method in registry("method") else None
+    method = distilled_set.method if distilled_set.method in METHODS else None
     config = resolve(
         EvalConfig, options, config_file, dataset=distilled_set.dataset, method=method, ipc=distilled_set.ipc
     )
@@ -200,23 +217,6 @@ def run(
 
 
 # Each stage command: how its config is resolved (from a config file and options) and how it runs.
-__all__ = [
-    "RunPlan",
-    "compute_priors",
-    "compute_statistics",
-    "distill",
-    "distill_config",
-    "eval_config",
-    "evaluate",
-    "execute_run",
-    "plan_run",
-    "priors_config",
-    "run",
-    "stats_config",
-    "teacher_config",
-    "train_teacher",
-]
-
 STAGE_COMMANDS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "train-teacher": (teacher_config, _train_teacher),
     "distill": (distill_config, _distill),

@@ -38,7 +38,7 @@ def either(*rules: AsBefore) -> AsBefore:
 
 
 # Per stage section, per option key: when a defining option added after the first release stays
-# out of the identity. The release that added each is in CHANGELOG.md.
+# out of the identity; each group names the release that added it.
 UNCHANGED_SINCE: dict[str, dict[str, AsBefore]] = {
     "distill": {
         # 0.3, for G-VBSM, EDC and CV-DD: at the values that leave every earlier method's maths as it was.

@@ -16,7 +16,7 @@ from ..baselines import DISTILLED, FULL_DATA, REAL_SUBSETS, ROBUSTNESS_BASELINES
 from ..config import EvalConfig, student_recipe
 from ..data.foreign import EVAL_FOLDER
 from ..errors import FadrmError
-from ..registry import registry
+from ..students import STUDENT_LOSSES
 from .store import label_store_identity
 
 # Version of the student protocol; finished runs of an older one are retrained. 2: accumulation
@@ -148,7 +148,7 @@ def check_against_set(config: EvalConfig, num_classes: int) -> None:
             f"--topk {config.topk} keeps every one of the {num_classes} classes; give fewer, or "
             "leave it out to store full logits"
         )
-    if registry("loss").get(config.loss).needs_logits:
+    if STUDENT_LOSSES.get(config.loss).needs_logits:
         raise FadrmError(
             f"--loss {config.loss} needs the teachers' logits; --topk {config.topk} stores probabilities "
             "only: leave --topk out"
