@@ -349,3 +349,13 @@ def test_an_unexpected_error_is_one_line_saying_it_is_a_bug(monkeypatch, capsys)
     monkeypatch.setenv("FADRM_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(["run", "--dataset", "fashion-mnist", "--out", "x"])
+
+
+def test_a_closed_output_pipe_ends_quietly_not_as_a_bug():
+    """`fadrm list models | head -1`: the reader went away; like any pipeline producer, no error."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fadrm", "list", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # before the interpreter has even started: every write meets a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == b""

@@ -623,3 +623,58 @@ def test_stage_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.seed = 3  # type: ignore[misc]
     assert dataclasses.replace(config, seed=3).seed == 3 and config.seed == 0
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("dataset: fashion-mnist\nipc: 1\nipc: 50\n", r"the key 'ipc' appears twice \(lines 2 and 3\)"),
+        ("sizes: &s [28]\nbudgets: *s\n", r"it uses the alias \*s: write the value out at line 2"),
+        ("budgets: " + "[" * 40 + "1" + "]" * 40 + "\n", "it nests deeper than 32 levels"),
+    ],
+)
+def test_a_config_file_is_read_strictly(tmp_path, text, message):
+    """A repeated key is refused rather than the last one winning silently; aliases (a kilobyte of
+    nested ones expands to gigabytes) and deep nesting are refused before anything is built."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(FadrmError, match=rf"^config file {path} is not valid YAML \({message}"):
+        resolve(DistillConfig, {"teachers": ["t.pt"], "out": "o"}, path)
+
+
+def test_a_binary_or_bomb_config_is_one_line_in_a_real_process(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"dataset: \xff\xfe\x00")
+    bomb = tmp_path / "bomb.yaml"
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")
+    ]
+    bomb.write_text("\n".join(levels) + "\nbudgets: *i\n")
+    for path, message in ((binary, "is not UTF-8 text (byte 0xff at offset 9)"), (bomb, "it uses the alias *a")):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fadrm",
+                "distill",
+                "--dataset",
+                "fashion-mnist",
+                "--config",
+                str(path),
+                "--print-config",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_a_bad_model_arg_value_is_argparse_usage_not_a_traceback(capsys):
+    from fadrm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-teacher", "--dataset", "fashion-mnist", "--out", "t.pt", "--model-arg", "width=[1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "argument --model-arg: 'width=[1' is not valid YAML (" in err

@@ -51,6 +51,47 @@ def test_cifar_pickles(cifar_root, name, count, prefix):
     assert len(load_split(spec, "val", folder)) > 0
 
 
+class _RunsCode:
+    """What a hostile pickle holds: unpickling it calls ``os.system``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_cifar_pickle_that_would_run_code_is_refused_unrun(cifar_root, tmp_path):
+    import pickle
+    import shutil
+
+    import numpy as np
+
+    root = tmp_path / "cifar"
+    shutil.copytree(cifar_root / "cifar-10-batches-py", root / "cifar-10-batches-py")
+    marker = tmp_path / "ran"
+    batch = root / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(pickle.dumps({"data": _RunsCode(marker), "labels": [0]}))
+    with pytest.raises(FadrmError, match=r"data_batch_3 \(it refers to posix\.system, which a CIFAR batch never holds"):
+        load_split(get_dataset_spec("cifar10"), "train", root)
+    assert not marker.exists()
+    # The shapes a CIFAR batch is written in load: Python 2's numpy.core names, protocols 2 to 5, bytes.
+    for protocol in (2, 4, 5):
+        data = np.arange(3 * 32 * 32, dtype=np.uint8).reshape(1, -1)
+        raw = pickle.dumps({"data": data, "labels": [4], "batch_label": b"x"}, protocol=protocol)
+        if protocol == 2:  # unframed: the module's name can be spelt as Python 2 and numpy 1 wrote it
+            raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        batch.write_bytes(raw)
+        train = load_split(get_dataset_spec("cifar10"), "train", root)
+        # data_batch_1 and 2 hold ten images each: this batch's one is the 21st.
+        assert torch.equal(train.load(20).flatten(), torch.from_numpy(data[0])) and train.targets[20] == 4
+    batch.write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(FadrmError, match="data_batch_3 holds a list, not a batch"):
+        load_split(get_dataset_spec("cifar10"), "train", root)
+
+
 def test_tiny_imagenet_layout(tiny_imagenet_root):
     spec = replace(get_dataset_spec("tiny-imagenet"), num_classes=3)
     train = load_split(spec, "train", tiny_imagenet_root)

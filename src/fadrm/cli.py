@@ -9,7 +9,6 @@ import types
 import typing
 from typing import Any, NoReturn, Sequence
 
-import yaml
 
 from ._version import __version__
 from .config import (
@@ -24,6 +23,7 @@ from .config import (
     option_type,
 )
 from .errors import FadrmError
+from .yaml_input import load_yaml
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -31,7 +31,10 @@ def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    return key, yaml.safe_load(value)
+    try:
+        return key, load_yaml(value, repr(text))
+    except FadrmError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_options(parser: argparse.ArgumentParser, cls: type[StageConfig]) -> None:
@@ -259,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: user errors print one line and exit 2; Ctrl-C exits 130 with a resume hint;
-    any other exception is a bug in fadrm: one line saying so (exit 1), the traceback with --debug."""
+    """Entry point: user errors print one line and exit 2; Ctrl-C exits 130 with a resume hint; a closed
+    output pipe exits 141 quietly; any other exception is a bug in fadrm: one line saying so (exit 1), the
+    traceback with --debug."""
     args = build_parser().parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
@@ -272,6 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fadrm: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`fadrm list models | head -1`): as any pipeline producer,
+        # stop quietly; stdout goes to /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise

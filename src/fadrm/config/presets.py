@@ -10,9 +10,9 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-import yaml
 
 from ..errors import FadrmError
+from ..yaml_input import load_yaml
 
 
 def preset_names() -> list[str]:
@@ -29,10 +29,7 @@ def _read_preset(dataset: str) -> dict[str, Any]:
     path = resources.files("fadrm") / "presets" / f"{dataset}.yaml"
     if not path.is_file():
         return {}
-    try:
-        preset = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise FadrmError(f"preset {dataset}.yaml is not valid YAML ({str(exc).splitlines()[0]})") from None
+    preset = load_yaml(path.read_text(encoding="utf-8"), f"preset {dataset}.yaml") or {}
     unknown = set(preset) - set(PRESET_SECTIONS) if isinstance(preset, dict) else {"(not a mapping)"}
     if unknown:
         raise FadrmError(

@@ -27,6 +27,7 @@ import yaml
 from ..errors import FadrmError
 from ..io import atomic_path
 from ..registry import registry
+from ..yaml_input import read_yaml
 from .identity import defining_settings
 from .options import Options, check_option, flag_of, is_part, key_of, option_fields, part_names, validate
 from .presets import preset_parts
@@ -135,10 +136,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FadrmError(f"config file {path} not found")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise FadrmError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    values = read_yaml(path, f"config file {path}")
     if not isinstance(values, dict):
         raise FadrmError(f"config file {path} does not hold a mapping of options")
     return values

@@ -12,7 +12,7 @@ import gzip
 import pickle
 import struct
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -64,14 +64,46 @@ def read_idx_split(root: Path, split: str, classes: Sequence[str], hint: str) ->
 
 
 # ------------------------------------------------------------------- CIFAR
+# What a CIFAR batch refers to: a pickle names the functions that rebuild its objects, and a plain
+# unpickler calls whatever it names. A batch is a dict of lists, strings and numpy arrays, rebuilt by
+# these alone (as Python 2 wrote them, as numpy 1 and 2 write them, and bytes in protocol 2).
+CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR batch, refusing any other object: loading a data file never runs code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        # numpy 2 renamed numpy.core, which older pickles (every published CIFAR file) name.
+        renamed = "numpy._core" + module[len("numpy.core") :] if module.startswith("numpy.core") else module
+        if (renamed, name) not in CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it refers to {module}.{name}, which a CIFAR batch never holds; not loaded, as loading it "
+                "would run code"
+            )
+        return super().find_class(renamed, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
             # CIFAR batches are plain dicts of numpy arrays and lists written by
             # Python 2; "latin1" decodes their byte strings.
-            return pickle.load(fh, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            batch = CifarUnpickler(fh, encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
         raise FadrmError(f"cannot read CIFAR file {path} ({exc}); replace the file") from None
+    if not isinstance(batch, dict):
+        raise FadrmError(f"CIFAR file {path} holds a {type(batch).__name__}, not a batch (a dict); replace the file")
+    return batch
 
 
 def read_cifar_split(root: Path, split: str, variant: int, hint: str) -> ImageDataset:
