@@ -22,7 +22,7 @@ from .config import (
     option_fields,
     option_type,
 )
-from .errors import FadrmError
+from .errors import SYSTEM_FAULT_EXIT, FadrmError, system_fault
 from .yaml_input import load_yaml
 
 
@@ -246,10 +246,25 @@ class _Parser(argparse.ArgumentParser):
 DEBUG_VARIABLE = "FADRM_DEBUG"
 
 
+# What each exit status of ``fadrm`` means (``fadrm --help`` lists them).
+EXIT_STATUSES = {
+    0: "done",
+    1: "a bug in fadrm (the message says how to report it)",
+    2: "a mistake in the command or its inputs (the message names it)",
+    SYSTEM_FAULT_EXIT: "the operating system refused (disk full, permissions, ...; the message names the path)",
+    130: "interrupted",
+    141: "the reader of the output went away",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render the docs)."""
     parser = _Parser(
-        prog="fadrm", description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED, G-VBSM, EDC, CV-DD."
+        prog="fadrm",
+        description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED, G-VBSM, EDC, CV-DD.",
+        epilog="exit status: "
+        + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_STATUSES.items())
+        + ". A command stopped by 3 or 130 resumes when run again.",
     )
     parser.add_argument("--version", action="version", version=f"fadrm {__version__}")
     parser.add_argument(
@@ -262,12 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: user errors print one line and exit 2; Ctrl-C exits 130 with a resume hint; a closed
-    output pipe exits 141 quietly; any other exception is a bug in fadrm: one line saying so (exit 1), the
-    traceback with --debug."""
+    """Entry point; its exit status says what happened (:data:`EXIT_STATUSES`, listed in ``--help``):
+    user errors print one line and exit 2; the operating system's refusals (disk full, permissions)
+    one line and exit 3; Ctrl-C exits 130 with a resume hint; a closed output pipe exits 141 quietly;
+    any other exception is a bug in fadrm: one line saying so (exit 1), the traceback with --debug."""
     args = build_parser().parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
+    debug = args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     try:
         return args.handler(args)
     except FadrmError as exc:
@@ -282,8 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as exc:
-        if args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+        fault = system_fault(exc)
+        if debug:
             raise
+        if fault is not None:
+            print(f"fadrm: error: {fault}", file=sys.stderr)
+            return SYSTEM_FAULT_EXIT
         detail = " ".join(str(exc).split())[:200]
         print(
             f"fadrm: internal error, a bug in fadrm {__version__} ({type(exc).__name__}: {detail}); please report "

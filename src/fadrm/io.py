@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -13,6 +15,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from PIL import Image
+
+
+# Free space below which a failed write is taken for a full disk.
+LOW_DISK_BYTES = 64 << 20
 
 
 @contextmanager
@@ -44,9 +50,22 @@ def read_json(path: str | Path) -> Any:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
-    """Atomically ``torch.save`` plain data (tensors, dicts, lists, numbers, strings)."""
+    """Atomically ``torch.save`` plain data (tensors, dicts, lists, numbers, strings).
+
+    Raises:
+        OSError: the file could not be written. ``torch.save`` reports a failed write (a full disk)
+            as a ``RuntimeError`` from its zip writer; it is raised as the operating-system error it
+            is, ENOSPC where the disk has (almost) no room left, else EIO.
+    """
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            if "PytorchStreamWriter" not in str(exc) and "inline_container" not in str(exc):
+                raise
+            full = shutil.disk_usage(tmp.parent).free < LOW_DISK_BYTES
+            code = errno.ENOSPC if full else errno.EIO
+            raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
