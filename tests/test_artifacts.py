@@ -85,3 +85,57 @@ def test_a_0_2_folder_resumes_and_keeps_its_finished_students(fmnist_root, teach
     assert again["runs"][0]["history"] == first["runs"][0]["history"]
     images, labels = DistilledSet.open(tmp_path / "set").images()
     assert images.shape == (10, 1, 28, 28) and labels.tolist() == list(range(10))
+
+
+def _edited(manifest: dict, edit) -> dict:
+    """A deep copy of ``manifest`` changed by ``edit``."""
+    copy = json.loads(json.dumps(manifest))
+    edit(copy)
+    return copy
+
+
+def _swap_classes(m: dict) -> None:
+    first, last = m["images"][0], m["images"][-1]
+    first["class"], last["class"] = last["class"], first["class"]
+    first["class_name"], last["class_name"] = last["class_name"], first["class_name"]
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m.update(ipc=3), r"its ipc 3 is not the 2 its config was run with"),
+        (lambda m: m["images"].__delitem__(slice(0, 2)), r"class 0 \(T-shirt/top\) has 0 images, the set's IPC is 2"),
+        (
+            lambda m: m["images"][0].update(class_name="Bag"),
+            r"image record 0 says class 0 is 'Bag', the dataset's is 'T-shirt/top'",
+        ),
+        (_swap_classes, r"image record 0 \(images/000_T-shirt_top/000.png\) is of class 9, its folder of class 000"),
+        (
+            lambda m: m["images"][1].update(ipc_index=0),
+            r"image record 1 has IPC index 0: not one of 0-1, or given twice",
+        ),
+        (lambda m: m["images"][0].update({"class": 10}), r"image record 0 has no class of the set's 10"),
+    ],
+)
+def test_a_manifest_that_disagrees_with_itself_is_refused(distilled, tmp_path, edit, message):
+    """An edited manifest used to change a baseline's size, or lose or swap classes, silently."""
+    import shutil
+
+    folder = tmp_path / "set"
+    shutil.copytree(distilled, folder, ignore=shutil.ignore_patterns("eval*"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert DistilledSet.open(folder).ipc == 2
+    (folder / "manifest.json").write_text(json.dumps(_edited(manifest, edit)))
+    with pytest.raises(FadrmError, match=rf"manifest.json does not describe a whole set \({message}"):
+        DistilledSet.open(folder)
+
+
+def test_a_damaged_manifest_is_one_line_with_its_remedy(distilled, tmp_path):
+    import shutil
+
+    folder = tmp_path / "set"
+    shutil.copytree(distilled, folder, ignore=shutil.ignore_patterns("eval*"))
+    text = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(FadrmError, match=r"manifest.json is damaged \(.*\); a manifest cannot be remade"):
+        DistilledSet.open(folder)

@@ -92,6 +92,31 @@ def test_a_cifar_pickle_that_would_run_code_is_refused_unrun(cifar_root, tmp_pat
         load_split(get_dataset_spec("cifar10"), "train", root)
 
 
+@pytest.mark.parametrize(
+    "images_shape,labels,message",
+    [
+        (
+            (10, 32, 32),
+            list(range(10)),
+            r"the train images are 1 x 32 x 32 \(channels x height x width\); fashion-mnist's are 1 x 28 x 28",
+        ),
+        ((10, 28, 28), [0] * 9 + [200], "the train labels run from 0 to 200, but fashion-mnist has 10 classes"),
+        ((0, 28, 28), [], "holds no train images of fashion-mnist"),
+    ],
+)
+def test_idx_files_that_are_not_the_datasets_are_refused(tmp_path, images_shape, labels, message):
+    """IDX headers that disagree with the dataset (another size, labels past its classes) used to
+    distil and evaluate garbage with exit 0."""
+    import numpy as np
+
+    from conftest import write_idx
+
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros(images_shape, dtype=np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array(labels, dtype=np.uint8))
+    with pytest.raises(FadrmError, match=message):
+        load_split(get_dataset_spec("fashion-mnist"), "train", tmp_path)
+
+
 def test_tiny_imagenet_layout(tiny_imagenet_root):
     spec = replace(get_dataset_spec("tiny-imagenet"), num_classes=3)
     train = load_split(spec, "train", tiny_imagenet_root)

@@ -287,6 +287,22 @@ def test_different_config_refused_unless_overwrite(fmnist_root, teacher_ckpt, tm
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"  # only our own outputs are replaced
 
 
+def test_a_run_refused_before_finishing_any_work_does_not_block_the_corrected_command(
+    fmnist_root, teacher_ckpt, tmp_path
+):
+    """The fixture has 16 training images a class: IPC 20 is refused once the folder is open. The
+    corrected command takes the folder over; once a run has finished work, other settings are refused."""
+    out = tmp_path / "o"
+    with pytest.raises(FadrmError, match="has 16 training images; IPC 20 with factor 1 needs 20; lower --ipc"):
+        run(fmnist_root, teacher_ckpt, out, method="rded", ipc=20)
+    lines: list[str] = []
+    run(fmnist_root, teacher_ckpt, out, method="rded", ipc=2, log=lines.append)
+    assert f"{out} holds a run that finished no work; starting this one in its place" in lines
+    assert len(pngs(out / "images")) == 20
+    with pytest.raises(FadrmError, match=r"different settings \(ipc\)"):
+        run(fmnist_root, teacher_ckpt, out, method="rded", ipc=3)
+
+
 def test_a_set_made_with_an_old_default_names_the_flag_that_resumes_it(fmnist_root, teacher_ckpt, tmp_path):
     # A factor-2 set whose patches were scored the fadrm 0.1 way: the refusal says how to resume it.
     run(fmnist_root, teacher_ckpt, tmp_path / "o", method="rded", factor=2, ipc=1, patch_scoring="resize")

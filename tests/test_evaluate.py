@@ -262,6 +262,7 @@ def test_stored_labels_for_another_ipc(distilled, fmnist_root, tmp_path):
     smaller = tmp_path / "ipc1"
     shutil.copytree(distilled, smaller)
     manifest["ipc"], manifest["images"] = 1, [r for r in manifest["images"] if r["ipc_index"] == 0]
+    manifest["config"]["ipc"] = 1  # a whole IPC-1 set (an edited ipc alone is refused as it is)
     (smaller / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
         FadrmError,

@@ -25,7 +25,7 @@ from .artifacts import changed_settings, require_same_settings
 from .config import DistillConfig, defining_settings, write_config
 from .data import get_dataset_spec, load_split
 from .data.datasets import read_image
-from .data.foreign import ImageFolderSet
+from .data.foreign import LAYOUT_FOLDER, ImageFolderSet
 from .errors import FadrmError
 from .io import read_json, safe_name, write_json
 
@@ -112,6 +112,10 @@ def open_distilled_folder(
                 shutil.rmtree(layout.root / name, ignore_errors=True)
             for path in (layout.manifest, layout.config_file):
                 path.unlink(missing_ok=True)
+        elif not holds_finished_work(layout):
+            # A command refused after it opened the folder (an IPC a class cannot fill, say) left only
+            # its run.json and config.yaml: the corrected command takes the folder over, losing nothing.
+            log(f"{layout.root} holds a run that finished no work; starting this one in its place")
         else:
             previous = {
                 **previous.get("config", {}),
@@ -136,6 +140,14 @@ def open_distilled_folder(
     write_config(layout.config_file, config)
 
 
+def holds_finished_work(layout: Layout) -> bool:
+    """Whether the run in ``layout`` finished anything: a selected class, a synthesised unit, an image
+    or the manifest (files under ``init/``, ``images/`` or ``state/``, or ``manifest.json``)."""
+    if layout.manifest.exists():
+        return True
+    return any(path.is_file() for name in ("images", "init", "state") for path in (layout.root / name).rglob("*"))
+
+
 def write_manifest(layout: Layout, contents: dict[str, Any]) -> dict[str, Any]:
     """Write ``manifest.json``: the format header, the environment, then ``contents``."""
     manifest = {
@@ -149,6 +161,43 @@ def write_manifest(layout: Layout, contents: dict[str, Any]) -> dict[str, Any]:
     }
     write_json(layout.manifest, manifest)
     return manifest
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What in a finished set's manifest disagrees with itself, or None: every class holds exactly
+    ``ipc`` images, one per IPC index, each record's class and class name agree with the dataset's
+    classes and with the class folder its file lies in. (Older manifests lack some of these fields;
+    what a record holds is checked.)"""
+    try:
+        ipc = manifest["ipc"]
+        class_names = manifest["dataset"]["class_names"]
+        records = manifest["images"]
+        configured = manifest.get("config", {}).get("ipc", ipc)
+    except (KeyError, TypeError, AttributeError) as exc:
+        return f"it lacks {exc}"
+    if not isinstance(ipc, int) or isinstance(ipc, bool) or ipc < 1 or configured != ipc:
+        return f"its ipc {ipc!r} is not the {configured!r} its config was run with"
+    seen: set[tuple[int, int]] = set()
+    counts = Counter()
+    for number, record in enumerate(records):
+        label = record.get("class") if isinstance(record, dict) else None
+        if not isinstance(label, int) or not 0 <= label < len(class_names):
+            return f"image record {number} has no class of the set's {len(class_names)}"
+        name, index = record.get("class_name", class_names[label]), record.get("ipc_index")
+        if name != class_names[label]:
+            return f"image record {number} says class {label} is {name!r}, the dataset's is {class_names[label]!r}"
+        folder = LAYOUT_FOLDER.fullmatch(Path(str(record.get("file", ""))).parent.name)
+        if folder and int(folder[1]) != label:
+            return f"image record {number} ({record['file']}) is of class {label}, its folder of class {folder[1]}"
+        if index is not None and (not isinstance(index, int) or not 0 <= index < ipc or (label, index) in seen):
+            return f"image record {number} has IPC index {index!r}: not one of 0-{ipc - 1}, or given twice"
+        seen.add((label, index))
+        counts[label] += 1
+    short = [label for label in range(len(class_names)) if counts[label] != ipc]
+    if short:
+        label = short[0]
+        return f"class {label} ({class_names[label]}) has {counts[label]} images, the set's IPC is {ipc}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -177,11 +226,23 @@ class DistilledSet:
                 f"{folder} is not a distilled set (no manifest.json); make one with fadrm distill, or "
                 "evaluate an ImageFolder made by another tool with --dataset and --teacher"
             )
-        manifest = read_json(path)
+        try:
+            manifest = read_json(path)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise FadrmError(
+                f"{path} is damaged ({' '.join(str(exc).split())[:120]}); a manifest cannot be remade from the "
+                "images: restore it, or distill the set again with --overwrite"
+            ) from None
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise FadrmError(f"{path} is not a fadrm manifest")
         if manifest.get("format_version", 0) > MANIFEST_VERSION:
             raise FadrmError(f"{path} was written by a newer fadrm ({manifest.get('fadrm_version')}); upgrade fadrm")
+        problem = manifest_problem(manifest)
+        if problem:
+            raise FadrmError(
+                f"{path} does not describe a whole set ({problem}); restore it, or distill the set again "
+                "with --overwrite"
+            )
         return cls(Path(folder), manifest)
 
     @property

@@ -9,7 +9,7 @@ from typing import Callable, Literal
 
 from ..errors import FadrmError
 from ..registry import Registry
-from .datasets import ImageDataset
+from .datasets import ImageDataset, TensorImageDataset
 from .formats import read_cifar_split, read_idx_split, read_image_folder_split, read_tiny_imagenet_split
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -255,6 +255,29 @@ def holdout_indices(targets: list[int], per_class: int) -> list[int]:
     return sorted(i for idx in by_class.values() for i in idx[-per_class:])
 
 
+def check_contents(dataset: ImageDataset, spec: DatasetSpec, folder: Path, split: str) -> None:
+    """Refuse, in one line naming the folder, a split that is not ``spec``'s: no images, labels outside
+    its classes, or (for formats decoded whole: IDX, CIFAR) images of another shape."""
+    if not len(dataset):
+        raise FadrmError(f"{folder} holds no {split} images of {spec.name}; {_hint(spec.name, spec.layout)}")
+    low, high = min(dataset.targets), max(dataset.targets)
+    classes = len(dataset.classes)
+    if low < 0 or high >= classes:
+        raise FadrmError(
+            f"{folder}: the {split} labels run from {low} to {high}, but {spec.name} has {classes} classes; "
+            f"these files are not {spec.name}'s"
+        )
+    if not isinstance(dataset, TensorImageDataset):
+        return  # image files: each is checked when it is decoded
+    shape = tuple(dataset.images.shape[1:])
+    expected = (spec.channels, spec.image_size, spec.image_size)
+    if shape != expected:
+        raise FadrmError(
+            f"{folder}: the {split} images are {' x '.join(map(str, shape))} (channels x height x width); "
+            f"{spec.name}'s are {' x '.join(map(str, expected))}: these files are not {spec.name}'s"
+        )
+
+
 def load_split(spec: DatasetSpec, split: str, root: str | Path | None = None, holdout: int = 0) -> ImageDataset:
     """Load the ``train`` or ``val`` split of ``spec`` from ``root`` (or its default place).
 
@@ -272,6 +295,7 @@ def load_split(spec: DatasetSpec, split: str, root: str | Path | None = None, ho
     if holdout < 0:
         raise FadrmError(f"--holdout must be >= 0, got {holdout}")
     dataset = spec.reader(folder, "train" if holdout else split)
+    check_contents(dataset, spec, folder, "train" if holdout else split)
     if holdout:
         held = holdout_indices(dataset.targets, holdout)
         if split == "train":
