@@ -162,6 +162,36 @@ def _capture(run) -> list[str]:
     return lines
 
 
+@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGINT", "SIGINT")], ids=["sigterm", "two-sigints"])
+def test_a_stop_signal_is_one_line_and_the_teacher_resumes(signals, fmnist_root, tmp_path):
+    """SIGTERM (a scheduler ending the job) and Ctrl-C pressed twice 10 ms apart, between epochs of a
+    real process: one line saying how to resume, exit 143 or 130, never a traceback; the rerun resumes."""
+    import signal
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "t.pt"
+    command = [sys.executable, "-m", "fadrm", "train-teacher", "--dataset", "fashion-mnist", "--model"]
+    command += ["convnet-small", "--model-arg", "width=4", "--epochs", "200", "--data-root", str(fmnist_root)]
+    command += ["--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not partial_path(out).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for name in signals:
+        proc.send_signal(getattr(signal, name))
+        time.sleep(0.01)
+    err = proc.stderr.read()
+    status = proc.wait(timeout=120)
+    expected = {"SIGTERM": (143, "terminated (SIGTERM)"), "SIGINT": (130, "interrupted")}[signals[0]]
+    assert status == expected[0], err
+    assert err == f"fadrm: {expected[1]}; run the same command again to resume\n"
+    assert partial_path(out).exists() and not out.exists()
+    rerun = subprocess.run([*command[:-6], "--epochs", "2", *command[-4:]], capture_output=True, text=True, env=env)
+    assert rerun.returncode == 2 and "different settings (epochs)" in rerun.stderr  # the run is still there
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and f"resuming {out} after epoch" in proc.stdout
+
+
 def test_train_teacher_killed_with_sigkill_resumes_to_the_same_weights(fmnist_root, tmp_path):
     """kill -9 between epochs (a real process, the default options but a small model): the rerun
     continues from the last finished epoch and ends with the weights of an uninterrupted run."""

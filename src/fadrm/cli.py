@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import types
 import typing
 from typing import Any, NoReturn, Sequence
@@ -252,7 +254,8 @@ EXIT_STATUSES = {
     1: "a bug in fadrm (the message says how to report it)",
     2: "a mistake in the command or its inputs (the message names it)",
     SYSTEM_FAULT_EXIT: "the operating system refused (disk full, permissions, ...; the message names the path)",
-    130: "interrupted",
+    130: "interrupted (Ctrl-C)",
+    143: "terminated (SIGTERM)",
     141: "the reader of the output went away",
 }
 
@@ -264,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED, G-VBSM, EDC, CV-DD.",
         epilog="exit status: "
         + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_STATUSES.items())
-        + ". A command stopped by 3 or 130 resumes when run again.",
+        + ". A command stopped by 3, 130 or 143 resumes when run again.",
     )
     parser.add_argument("--version", action="version", version=f"fadrm {__version__}")
     parser.add_argument(
@@ -276,14 +279,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler ending the job, torchrun stopping its group), raised where the program
+    stands so that it unwinds as Ctrl-C does: files are only ever renamed into place when complete."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stopping(message: str, status: int) -> int:
+    """Say why the command stopped, ignoring a second Ctrl-C or SIGTERM meanwhile: the unwinding and the
+    interpreter's exit handlers must not end in a traceback."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    print(f"fadrm: {message}; run the same command again to resume", file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; its exit status says what happened (:data:`EXIT_STATUSES`, listed in ``--help``):
     user errors print one line and exit 2; the operating system's refusals (disk full, permissions)
-    one line and exit 3; Ctrl-C exits 130 with a resume hint; a closed output pipe exits 141 quietly;
-    any other exception is a bug in fadrm: one line saying so (exit 1), the traceback with --debug."""
+    one line and exit 3; Ctrl-C exits 130 and SIGTERM 143, each with a resume hint; a closed output
+    pipe exits 141 quietly; any other exception is a bug in fadrm: one line saying so (exit 1), the
+    traceback with --debug.
+
+    Without ``argv`` (the ``fadrm`` command, ``python -m fadrm``) the process is about to exit: a
+    second stop signal stays ignored to the end. Called with ``argv`` (in-process), the signal
+    handlers are given back as they were.
+    """
     args = build_parser().parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args)
+    finally:
+        if argv is not None:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command ``args`` names, every way it can end mapped to its exit status (see :func:`main`)."""
     debug = args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     try:
         return args.handler(args)
@@ -291,8 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fadrm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fadrm: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return _stopping("interrupted", 130)
+    except Terminated:
+        return _stopping("terminated (SIGTERM)", 143)
     except BrokenPipeError:
         # The reader of our output went away (`fadrm list models | head -1`): as any pipeline producer,
         # stop quietly; stdout goes to /dev/null so the interpreter's final flush cannot fail again.
