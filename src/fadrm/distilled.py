@@ -28,6 +28,7 @@ from .data.datasets import read_image
 from .data.foreign import LAYOUT_FOLDER, ImageFolderSet
 from .errors import FadrmError
 from .io import read_json, safe_name, write_json
+from .locks import LOCK_NAME
 
 
 MANIFEST_FORMAT = "fadrm-distilled"
@@ -133,7 +134,7 @@ def open_distilled_folder(
                 "pass --overwrite to replace it or choose another --out",
                 RESUME_HINTS,
             )
-    elif layout.root.exists() and any(layout.root.iterdir()) and not config.overwrite:
+    elif layout.root.exists() and any(p.name != LOCK_NAME for p in layout.root.iterdir()) and not config.overwrite:
         raise FadrmError(f"{layout.root} is not empty and is not a fadrm run; choose another --out")
     layout.root.mkdir(parents=True, exist_ok=True)
     write_json(layout.run_file, identity)

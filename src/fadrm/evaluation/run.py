@@ -21,6 +21,7 @@ from ..data.datasets import TrainingSet
 from ..distributed import Ranks, init_ranks
 from ..io import save_torch
 from ..labels import TeacherLabeller, prior_weights
+from ..locks import lock_or_nothing
 from ..models import build_model
 from ..report import write_report
 from ..runtime import Runtime, make_runtime
@@ -79,54 +80,56 @@ def evaluate_ranked(
     val_loader = make_loader(val_set, 256, shuffle=False, workers=config.workers)
     teachers = load_teachers(sources, spec, val_set.classes, runtime, holdout=config.holdout)
     plan = plan_evaluation(config, distilled_set, teachers[0].arch)
-    if ranks.is_main:
-        write_config(plan.out / "config.yaml", plan.config)
-    labeller = TeacherLabeller([t.model for t in teachers], weights, config.bssl, config.balance_teachers)
-    for name in plan.students:
-        build_model(name, 2, spec.channels, spec.image_size)  # fail now on an unknown student, not after hours
-    train_set = load_split(spec, "train", config.data_root, config.holdout) if plan.subsets else None
-    runs = [
-        full_data_run(config, spec, student, student_args(student, teachers), teachers, val_loader, runtime, log)
-        for student in plan.full_data
-    ]
-    stores: list[LabelStore] = []
-    for repeat in plan.repeats:
-        trial = repeat.config
-        sets = {DISTILLED: distilled}
-        sets.update(
-            {name: REAL_SUBSETS.get(name)(train_set, spec, distilled_set.ipc, trial.seed) for name in plan.subsets}
-        )
-        store = None
-        if repeat.store_folder is not None:
-            store = LabelStore(
-                repeat.store_folder,
-                repeat.store_identity,
-                len(distilled_set.class_names),
-                trial.topk,
-                trial.temperature,
+    # One writer per results folder (rank 0 for the group): a second evaluation into it is refused.
+    with lock_or_nothing(plan.out, "--out", ranks.is_main):
+        if ranks.is_main:
+            write_config(plan.out / "config.yaml", plan.config)
+        labeller = TeacherLabeller([t.model for t in teachers], weights, config.bssl, config.balance_teachers)
+        for name in plan.students:
+            build_model(name, 2, spec.channels, spec.image_size)  # fail now on an unknown student, not after hours
+        train_set = load_split(spec, "train", config.data_root, config.holdout) if plan.subsets else None
+        runs = [
+            full_data_run(config, spec, student, student_args(student, teachers), teachers, val_loader, runtime, log)
+            for student in plan.full_data
+        ]
+        stores: list[LabelStore] = []
+        for repeat in plan.repeats:
+            trial = repeat.config
+            sets = {DISTILLED: distilled}
+            sets.update(
+                {name: REAL_SUBSETS.get(name)(train_set, spec, distilled_set.ipc, trial.seed) for name in plan.subsets}
             )
-            fill_label_store(store, trial, distilled.images, spec, labeller, runtime, log, ranks)
-            stores.append(store)
-        for job in repeat.jobs:
-            run = finished_or_trained(
-                job,
-                sets[job.arm.train_set],
-                store,
-                labeller,
-                teachers,
-                spec,
-                val_set.classes,
-                val_loader,
-                runtime,
-                ranks,
-                log,
-            )
-            # Runs finished before repeats (or --no-augment) existed lack the field; the identity fixes it.
-            runs.append({"augment": True, **run, "seed": trial.seed})
-    results = summarise(plan, distilled_set, teachers, runs, stores)
-    if ranks.is_main:
-        write_report(plan.out, results)
-    return results
+            store = None
+            if repeat.store_folder is not None:
+                store = LabelStore(
+                    repeat.store_folder,
+                    repeat.store_identity,
+                    len(distilled_set.class_names),
+                    trial.topk,
+                    trial.temperature,
+                )
+                fill_label_store(store, trial, distilled.images, spec, labeller, runtime, log, ranks)
+                stores.append(store)
+            for job in repeat.jobs:
+                run = finished_or_trained(
+                    job,
+                    sets[job.arm.train_set],
+                    store,
+                    labeller,
+                    teachers,
+                    spec,
+                    val_set.classes,
+                    val_loader,
+                    runtime,
+                    ranks,
+                    log,
+                )
+                # Runs finished before repeats (or --no-augment) existed lack the field; the identity fixes it.
+                runs.append({"augment": True, **run, "seed": trial.seed})
+        results = summarise(plan, distilled_set, teachers, runs, stores)
+        if ranks.is_main:
+            write_report(plan.out, results)
+        return results
 
 
 def finished_or_trained(

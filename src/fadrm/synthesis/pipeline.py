@@ -33,6 +33,7 @@ from ..data.transforms import denormalize
 from ..distributed import Ranks, init_ranks
 from ..errors import FadrmError
 from ..io import atomic_path, read_json, save_png, write_json
+from ..locks import lock_or_nothing
 from .statistics import distill_statistics_config, teacher_statistics
 from ..runtime import Runtime, make_runtime
 from ..teachers import Teacher, load_teachers
@@ -244,7 +245,9 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict[s
     runtime = make_runtime(config.device, config.amp, compile=config.compile, fused_statistics=fused)
     ranks = init_ranks(runtime.device.type)
     try:
-        return _distill_ranked(config, method, spec, runtime, ranks, started, log)
+        # One writer per set (rank 0 for the group): a second distillation into --out is refused.
+        with lock_or_nothing(config.out, "--out", ranks.is_main):
+            return _distill_ranked(config, method, spec, runtime, ranks, started, log)
     finally:
         ranks.close()
 
