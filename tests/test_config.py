@@ -629,6 +629,7 @@ def test_stage_configs_are_frozen():
     "text,message",
     [
         ("dataset: fashion-mnist\nipc: 1\nipc: 50\n", r"the key 'ipc' appears twice \(lines 2 and 3\)"),
+        ("synthesis: {lr: 0.1, lr: 0.2}\n", r"the key 'lr' appears twice \(lines 1 and 1\)"),
         ("sizes: &s [28]\nbudgets: *s\n", r"it uses the alias \*s: write the value out at line 2"),
         ("budgets: " + "[" * 40 + "1" + "]" * 40 + "\n", "it nests deeper than 32 levels"),
     ],

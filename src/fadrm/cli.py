@@ -11,7 +11,6 @@ import types
 import typing
 from typing import Any, NoReturn, Sequence
 
-
 from ._version import __version__
 from .config import (
     STAGES,
@@ -255,8 +254,8 @@ EXIT_STATUSES = {
     2: "a mistake in the command or its inputs (the message names it)",
     SYSTEM_FAULT_EXIT: "the operating system refused (disk full, permissions, ...; the message names the path)",
     130: "interrupted (Ctrl-C)",
-    143: "terminated (SIGTERM)",
     141: "the reader of the output went away",
+    143: "terminated (SIGTERM)",
 }
 
 

@@ -46,11 +46,12 @@ class StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, line)
+                first = seen.get(key)
             except TypeError:  # an unhashable key: the base class says so
                 break
-            if first != line:
+            if first is not None:
                 raise ConstructorError(None, None, f"the key {key!r} appears twice (lines {first} and {line})")
+            seen[key] = line
         return super().construct_mapping(node, deep)
 
 
