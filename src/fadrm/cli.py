@@ -255,7 +255,6 @@ EXIT_STATUSES = {
     SYSTEM_FAULT_EXIT: "the operating system refused (disk full, permissions, ...; the message names the path)",
     130: "interrupted (Ctrl-C)",
     141: "the reader of the output went away",
-    143: "terminated (SIGTERM)",
 }
 
 
@@ -266,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dataset distillation: FADRM, FADRM+, SRe2L, SRe2L++, RDED, G-VBSM, EDC, CV-DD.",
         epilog="exit status: "
         + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_STATUSES.items())
-        + ". A command stopped by 3, 130 or 143 resumes when run again.",
+        + ". A command stopped by 3, 130 or a signal resumes when run again.",
     )
     parser.add_argument("--version", action="version", version=f"fadrm {__version__}")
     parser.add_argument(
@@ -278,23 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(BaseException):
-    """SIGTERM (a scheduler ending the job, torchrun stopping its group), raised where the program
-    stands so that it unwinds as Ctrl-C does: files are only ever renamed into place when complete."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT,)
 
 
 def _stopping(message: str, status: int) -> int:
-    """Say why the command stopped, ignoring a second Ctrl-C or SIGTERM meanwhile: the unwinding and the
-    interpreter's exit handlers must not end in a traceback."""
+    """Say why the command stopped, ignoring a second Ctrl-C meanwhile: the unwinding and the interpreter's
+    exit handlers must not end in a traceback. Ctrl-C reaches the whole process group, so data-loading
+    processes end too: PyTorch's SIGCHLD handler, which would report each of them as a failed worker
+    while the loaders shut down, is set back to the default."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     print(f"fadrm: {message}; run the same command again to resume", file=sys.stderr)
     return status
 
@@ -302,21 +295,19 @@ def _stopping(message: str, status: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; its exit status says what happened (:data:`EXIT_STATUSES`, listed in ``--help``):
     user errors print one line and exit 2; the operating system's refusals (disk full, permissions)
-    one line and exit 3; Ctrl-C exits 130 and SIGTERM 143, each with a resume hint; a closed output
-    pipe exits 141 quietly; any other exception is a bug in fadrm: one line saying so (exit 1), the
-    traceback with --debug.
+    one line and exit 3; Ctrl-C exits 130 with a resume hint; a closed output pipe exits 141 quietly;
+    any other exception is a bug in fadrm: one line saying so (exit 1), the traceback with --debug.
 
     Without ``argv`` (the ``fadrm`` command, ``python -m fadrm``) the process is about to exit: a
-    second stop signal stays ignored to the end. Called with ``argv`` (in-process), the signal
-    handlers are given back as they were.
+    second Ctrl-C stays ignored to the end. Called with ``argv`` (in-process), the signal handlers
+    are given back as they were.
     """
     args = build_parser().parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
-        signal.signal(signal.SIGTERM, _terminate)
+        handlers = {number: signal.getsignal(number) for number in (*STOP_SIGNALS, signal.SIGCHLD)}
     try:
         return _run(args)
     finally:
@@ -335,8 +326,6 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return _stopping("interrupted", 130)
-    except Terminated:
-        return _stopping("terminated (SIGTERM)", 143)
     except BrokenPipeError:
         # The reader of our output went away (`fadrm list models | head -1`): as any pipeline producer,
         # stop quietly; stdout goes to /dev/null so the interpreter's final flush cannot fail again.
