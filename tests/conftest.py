@@ -185,6 +185,15 @@ def tiny_training_set(n: int) -> TrainingSet:
     )
 
 
+def rded_distill_argv(fmnist_root: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
+    """``fadrm`` arguments of a small RDED distillation of the Fashion-MNIST fixture (seconds on the CPU)."""
+    return [
+        *("distill", "--dataset", "fashion-mnist", "--method", "rded", "--teacher", str(teacher), "--ipc", "2"),
+        *("--mipc", "16", "--num-crop", "2", "--data-root", str(fmnist_root), "--device", "cpu", "--out", str(out)),
+        *extra,
+    ]
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, list[str], list[str]]:
     """Exit status, stdout lines and stderr lines of ``fadrm ARGV`` run in this process."""
     try:

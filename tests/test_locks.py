@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -15,23 +14,15 @@ import fadrm
 from fadrm.errors import FadrmError
 from fadrm.locks import LOCK_NAME, exclusive_folder
 
-from conftest import run_cli
+from conftest import rded_distill_argv, run_cli
 
 QUICK = dict(epochs=1, batch_size=8, device="cpu", amp="off", workers=0)
-
-
-def distill_argv(fmnist_root: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        *("distill", "--dataset", "fashion-mnist", "--method", "rded", "--teacher", str(teacher), "--ipc", "2"),
-        *("--mipc", "16", "--num-crop", "2", "--data-root", str(fmnist_root), "--device", "cpu", "--out", str(out)),
-        *extra,
-    ]
 
 
 def test_a_held_folder_refuses_a_second_writer_before_it_writes(fmnist_root, teacher_ckpt, tmp_path, capsys):
     out = tmp_path / "set"
     with exclusive_folder(out, "--out"):
-        status, _, err = run_cli(distill_argv(fmnist_root, teacher_ckpt, out), capsys)
+        status, _, err = run_cli(rded_distill_argv(fmnist_root, teacher_ckpt, out), capsys)
         assert status == 2 and err == [
             f"fadrm: error: {out} is in use by another fadrm process (pid {os.getpid()}); wait for it to finish, "
             "or choose another --out"
@@ -41,7 +32,7 @@ def test_a_held_folder_refuses_a_second_writer_before_it_writes(fmnist_root, tea
     # A lock file whose process is gone (kill -9 leaves it) is taken over.
     out.mkdir()
     (out / LOCK_NAME).write_text("999999\n")
-    status, _, _ = run_cli(distill_argv(fmnist_root, teacher_ckpt, out), capsys)
+    status, _, _ = run_cli(rded_distill_argv(fmnist_root, teacher_ckpt, out), capsys)
     assert status == 0 and (out / "manifest.json").exists() and not (out / LOCK_NAME).exists()
 
 
@@ -62,7 +53,7 @@ def test_a_second_distill_into_a_set_being_made_is_refused(fmnist_root, teacher_
     out = tmp_path / "set"
     slow = ["--method", "fadrm", "--sizes", "28", "--budgets", "100000", "--groups-per-batch", "1"]
     first = subprocess.Popen(
-        [sys.executable, "-m", "fadrm", *distill_argv(fmnist_root, teacher_ckpt, out), *slow],
+        [sys.executable, "-m", "fadrm", *rded_distill_argv(fmnist_root, teacher_ckpt, out), *slow],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -74,7 +65,12 @@ def test_a_second_distill_into_a_set_being_made_is_refused(fmnist_root, teacher_
             time.sleep(0.05)
         before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
         second = subprocess.run(
-            [sys.executable, "-m", "fadrm", *distill_argv(fmnist_root, teacher_ckpt, out, "--ipc", "1", "--overwrite")],
+            [
+                sys.executable,
+                "-m",
+                "fadrm",
+                *rded_distill_argv(fmnist_root, teacher_ckpt, out, "--ipc", "1", "--overwrite"),
+            ],
             capture_output=True,
             text=True,
             env=env,

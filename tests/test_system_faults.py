@@ -13,16 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
-
-
-def distill_command(fmnist_root: Path, teacher: Path, out: Path) -> list[str]:
-    """A small RDED distillation (a few seconds on the CPU)."""
-    return [
-        *("distill", "--dataset", "fashion-mnist", "--method", "rded", "--teacher", str(teacher)),
-        *("--ipc", "2", "--mipc", "16", "--num-crop", "2", "--data-root", str(fmnist_root)),
-        *("--device", "cpu", "--out", str(out)),
-    ]
+from conftest import rded_distill_argv, run_cli
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:
@@ -60,13 +51,13 @@ def test_a_refused_write_is_one_line_exit_3_and_the_run_resumes(
 
     out = tmp_path / "set"
     monkeypatch.setattr(fadrm.io.os, "replace", refuse_the_fifth)
-    status, _, err = run_cli(distill_command(fmnist_root, teacher_ckpt, out), capsys)
+    status, _, err = run_cli(rded_distill_argv(fmnist_root, teacher_ckpt, out), capsys)
     assert status == 3 and len(err) == 1 and err[0].startswith(f"fadrm: error: {out}/") and words in err[0]
     assert not list(out.rglob("*.tmp"))  # nothing half-written is left under any name
     monkeypatch.setattr(fadrm.io.os, "replace", real_replace)
-    status, _, _ = run_cli(distill_command(fmnist_root, teacher_ckpt, out), capsys)
+    status, _, _ = run_cli(rded_distill_argv(fmnist_root, teacher_ckpt, out), capsys)
     straight = tmp_path / "straight"
-    assert status == 0 and run_cli(distill_command(fmnist_root, teacher_ckpt, straight), capsys)[0] == 0
+    assert status == 0 and run_cli(rded_distill_argv(fmnist_root, teacher_ckpt, straight), capsys)[0] == 0
     assert folder_hashes(out) == folder_hashes(straight) and len(folder_hashes(out)) == 40
 
 
@@ -97,7 +88,7 @@ def test_a_path_the_system_refuses_is_one_line(kind, fmnist_root, teacher_ckpt, 
         out, words = tmp_path / "loop" / "set", "a loop of symbolic links"
     else:
         out, words = tmp_path / ("x" * 300) / "set", "too long: choose a shorter one"
-    status, _, err = run_cli(distill_command(fmnist_root, teacher_ckpt, out), capsys)
+    status, _, err = run_cli(rded_distill_argv(fmnist_root, teacher_ckpt, out), capsys)
     assert status == 3 and len(err) == 1 and words in err[0] and "internal error" not in err[0]
 
 
@@ -116,14 +107,14 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_when_there_is_room(fmnist_r
                     fh.write(b"\0" * 65536)
             except OSError:
                 pass
-        command = [sys.executable, "-m", "fadrm", *distill_command(fmnist_root, teacher_ckpt, disk / "set")]
+        command = [sys.executable, "-m", "fadrm", *rded_distill_argv(fmnist_root, teacher_ckpt, disk / "set")]
         full = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert full.returncode == 3, full.stderr
         assert full.stderr.count("\n") == 1 and "No space left on device; free some space" in full.stderr
         filler.unlink()
         assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
         straight = tmp_path / "straight"
-        straight_command = [sys.executable, "-m", "fadrm", *distill_command(fmnist_root, teacher_ckpt, straight)]
+        straight_command = [sys.executable, "-m", "fadrm", *rded_distill_argv(fmnist_root, teacher_ckpt, straight)]
         assert subprocess.run(straight_command, capture_output=True, timeout=300).returncode == 0
         assert folder_hashes(disk / "set") == folder_hashes(straight)
     finally:
