@@ -114,10 +114,10 @@ def test_identity_keys_are_those_of_fadrm_0_2():
         "seed",
         "holdout",
     }
+    # Since 0.4 without the set's folder and the teachers' paths: a job adds their content's hashes, and
+    # the paths 0.3 recorded are not compared (fadrm.artifacts.PLACE_KEYS; an explicit teacher retrains).
     evaluation = EvalConfig(distilled="set")
     assert set(evaluation.identity()) == {
-        "distilled",
-        "teachers",
         "epochs",
         "batch_size",
         "accumulation",

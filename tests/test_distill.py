@@ -287,14 +287,20 @@ def test_different_config_refused_unless_overwrite(fmnist_root, teacher_ckpt, tm
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"  # only our own outputs are replaced
 
 
-def test_a_run_refused_before_finishing_any_work_does_not_block_the_corrected_command(
+def test_a_refused_run_writes_nothing_and_a_run_that_finished_no_work_does_not_block_another(
     fmnist_root, teacher_ckpt, tmp_path
 ):
-    """The fixture has 16 training images a class: IPC 20 is refused once the folder is open. The
-    corrected command takes the folder over; once a run has finished work, other settings are refused."""
+    """The fixture has 16 training images a class: IPC 20 is refused before the folder is made. A run
+    stopped before it finished anything (its run.json and config.yaml only) is taken over by a command of
+    other settings; once a run has finished work, other settings are refused."""
     out = tmp_path / "o"
     with pytest.raises(FadrmError, match="has 16 training images; IPC 20 with factor 1 needs 20; lower --ipc"):
         run(fmnist_root, teacher_ckpt, out, method="rded", ipc=20)
+    assert not out.exists()
+    run(fmnist_root, teacher_ckpt, tmp_path / "first", method="rded", ipc=3, log=lambda line: None)
+    out.mkdir()
+    for name in ("run.json", "config.yaml"):
+        shutil.copy(tmp_path / "first" / name, out / name)
     lines: list[str] = []
     run(fmnist_root, teacher_ckpt, out, method="rded", ipc=2, log=lines.append)
     assert f"{out} holds a run that finished no work; starting this one in its place" in lines

@@ -34,16 +34,23 @@ import torch
 
 from ._version import __version__
 from .errors import FadrmError
-from .io import read_json, save_torch, write_json
+from .io import read_json, save_torch, set_aside, write_json
 
 # ---------------------------------------------------------------- identity
 
 
+# Keys that identities written by fadrm 0.3 and earlier held and that name a place, not content: the
+# evaluated set's folder (a set is identified by its content since 0.4). Never compared, so a moved
+# set's finished students are reused.
+PLACE_KEYS = frozenset({"distilled"})
+
+
 def changed_settings(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
     """The names of the settings that differ between two identities, sorted (nested mappings are
-    compared key by key, so a changed ``config.ipc`` is named ``ipc``)."""
+    compared key by key, so a changed ``config.ipc`` is named ``ipc``; :data:`PLACE_KEYS` are not
+    compared)."""
     changed = []
-    for key in sorted(set(found) | set(expected)):
+    for key in sorted((set(found) | set(expected)) - PLACE_KEYS):
         old, new = found.get(key), expected.get(key)
         if isinstance(old, Mapping) and isinstance(new, Mapping):
             changed += changed_settings(old, new)
@@ -204,7 +211,13 @@ class StudentCheckpoint:
         """The saved state when there is one for this identity, else None."""
         if not self.path.exists():
             return None
-        state = safe_torch_load(self.path)
+        try:
+            state = safe_torch_load(self.path)
+        except FadrmError:
+            state = None
+        if not isinstance(state, dict) or not isinstance(state.get("identity"), dict) or "epoch" not in state:
+            log(f"{self.path} is damaged; kept as {set_aside(self.path).name}, starting the student again")
+            return None
         changed = changed_settings(state.get("identity", {}), self.identity)
         if changed:
             log(f"{self.path} holds a student of other settings ({', '.join(changed)}); starting it again")

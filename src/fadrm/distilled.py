@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,10 @@ from ._version import __version__
 from .artifacts import changed_settings, require_same_settings
 from .config import DistillConfig, defining_settings, write_config
 from .data import get_dataset_spec, load_split
-from .data.datasets import read_image
-from .data.foreign import LAYOUT_FOLDER, ImageFolderSet
+from .data.foreign import LAYOUT_FOLDER, ImageFolderSet, read_set_image
 from .errors import FadrmError
-from .io import read_json, safe_name, write_json
-from .locks import LOCK_NAME
+from .io import file_digest_matches, read_json, read_own_json, safe_name, set_aside, sha256_file, write_json
+from .ownership import holds_nothing, matches_any, remove_own_files
 
 
 MANIFEST_FORMAT = "fadrm-distilled"
@@ -80,6 +78,31 @@ class Layout:
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
+    def image_record(self, path: Path) -> dict[str, str]:
+        """How a record lists an image it wrote: its file, relative to the set, and the sha256 of its bytes."""
+        return {"file": self.relative(path), "sha256": sha256_file(path)}
+
+    def intact_record(
+        self, record_path: Path, files: Sequence[Path], what: str, log: Callable[[str], None]
+    ) -> dict[str, Any] | None:
+        """The record at ``record_path`` when it is readable and every one of ``files`` it covers is on disk
+        with the bytes it recorded; else None, with one line saying why ``what`` is done again (a damaged
+        record is set aside, never deleted).
+
+        Records written before fadrm recorded digests are trusted for files that exist.
+        """
+        record = read_own_json(record_path, what, log)
+        if record is None:
+            return None
+        images = record.get("images", [])
+        digests = {image.get("file"): image.get("sha256") for image in images if isinstance(image, dict)}
+        for path in files:
+            if not file_digest_matches(path, digests.get(self.relative(path))):
+                state = "is missing" if not path.exists() else "is not the image it recorded"
+                log(f"{path} {state}; {what} again")
+                return None
+        return record
+
 
 def run_identity(
     config: DistillConfig, teachers_sha256: list[str | None], statistics_sha256: list[str] | None = None
@@ -88,6 +111,20 @@ def run_identity(
     method that matches the teachers' statistics files, their hashes."""
     identity = {"config": config.identity(), "teachers_sha256": list(teachers_sha256)}
     return identity if statistics_sha256 is None else {**identity, "statistics_sha256": list(statistics_sha256)}
+
+
+# The files a set's run writes, relative to its folder: what --overwrite may remove (run.json is rewritten).
+RUN_FILES = matches_any(
+    [
+        r"(images|init)/\d{3,}_[A-Za-z0-9._-]+/\d{3,}\.png",
+        r"(images|init|state)/.*\.\d+\.tmp",
+        r"state/init/class\d{5}\.json",
+        r"state/units/ipc\d{4}(-\d{4})?-group\d{4}\.json",
+        r"manifest\.json",
+        r"config\.yaml",
+        r"\.[^/]+\.\d+\.tmp",
+    ]
+)
 
 
 def open_distilled_folder(
@@ -99,20 +136,26 @@ def open_distilled_folder(
 ) -> None:
     """Create the folder, or check that an existing one holds the same run (resume).
 
-    With ``config.overwrite`` a different run's outputs are removed first; a non-empty
-    folder that is not a fadrm run is never touched.
+    A folder is taken only when it is empty or holds a fadrm run (its ``run.json``): a folder of other
+    files is refused, ``--overwrite`` included. With ``config.overwrite`` a different run's files are
+    removed first, only those the run writes (:data:`RUN_FILES`). A damaged ``run.json`` is set aside
+    with the run's records (what they were made for is unknown), so the run starts again in the folder.
     """
     identity = run_identity(config, teachers_sha256, statistics_sha256)
-    if layout.run_file.exists():
-        previous = read_json(layout.run_file)
+    damaged = layout.run_file.exists()
+    previous = read_own_json(layout.run_file, "starting the run", log)
+    damaged = damaged and previous is None
+    if damaged:
+        # What the records and the manifest were made for is lost with run.json: they are set aside too.
+        for path in (layout.root / "state", layout.manifest):
+            if path.exists():
+                log(f"{path} belongs to the run whose run.json was damaged; kept as {set_aside(path).name}")
+    if previous is not None:
         if not changed_settings(previous, identity):
             log(f"resuming in {layout.root}")
         elif config.overwrite:
             log(f"--overwrite: removing the previous run's outputs in {layout.root}")
-            for name in ("images", "init", "state"):
-                shutil.rmtree(layout.root / name, ignore_errors=True)
-            for path in (layout.manifest, layout.config_file):
-                path.unlink(missing_ok=True)
+            remove_own_files(layout.root, RUN_FILES, log)
         elif not holds_finished_work(layout):
             # A command refused after it opened the folder (an IPC a class cannot fill, say) left only
             # its run.json and config.yaml: the corrected command takes the folder over, losing nothing.
@@ -134,8 +177,16 @@ def open_distilled_folder(
                 "pass --overwrite to replace it or choose another --out",
                 RESUME_HINTS,
             )
-    elif layout.root.exists() and any(p.name != LOCK_NAME for p in layout.root.iterdir()) and not config.overwrite:
-        raise FadrmError(f"{layout.root} is not empty and is not a fadrm run; choose another --out")
+    elif not damaged and ((layout.root / "state").is_dir() or layout.manifest.exists()):
+        raise FadrmError(
+            f"{layout.root} holds a fadrm set's files but no run.json, which says what they were made for; "
+            "restore it, or choose another --out"
+        )
+    elif not damaged and not holds_nothing(layout.root):
+        raise FadrmError(
+            f"{layout.root} holds files and is not a fadrm set (no run.json); fadrm writes only into an empty "
+            "folder or its own, --overwrite included: choose another --out"
+        )
     layout.root.mkdir(parents=True, exist_ok=True)
     write_json(layout.run_file, identity)
     write_config(layout.config_file, config)
@@ -312,13 +363,25 @@ class DistilledSet:
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every image the manifest lists (uint8, N x C x H x W) and its class, in the manifest's order."""
+        """Every image the manifest lists (uint8, N x C x H x W) and its class, in the manifest's order.
+
+        Each file must be the one the manifest records (its sha256, where the manifest holds one: sets
+        made since fadrm 0.4), of the dataset's size and channels.
+
+        Raises:
+            FadrmError: naming the first file that is missing, changed, or not an image of the set's kind,
+                and the command that remakes it.
+        """
+        spec = get_dataset_spec(self.dataset)
         images, labels = [], []
+        remedy = "run the fadrm distill command that made the set again to remake it, or restore the file"
         for record in self.manifest["images"]:
             path = self.folder / record["file"]
-            if not path.exists():
-                raise FadrmError(f"{path} listed in the manifest is missing; rerun fadrm distill")
-            images.append(read_image(path, self.manifest["dataset"]["channels"]))
+            if not path.is_file():
+                raise FadrmError(f"{path}, listed in the set's manifest, is missing; {remedy}")
+            if not file_digest_matches(path, record.get("sha256")):
+                raise FadrmError(f"{path} is not the image the set's manifest records (its sha256 differs); {remedy}")
+            images.append(read_set_image(path, spec))
             labels.append(record["class"])
         return torch.stack(images), torch.tensor(labels)
 

@@ -10,7 +10,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -47,6 +47,50 @@ def write_json(path: str | Path, data: Any) -> None:
 def read_json(path: str | Path) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text())
+
+
+# What reading a damaged file raises (truncated, emptied, bytes flipped, another kind of file): not the
+# operating system's refusals, which stay faults of their own (:data:`fadrm.errors.SYSTEM_FAULTS`).
+DAMAGE_ERRORS = (ValueError, UnicodeDecodeError, EOFError, KeyError, TypeError, AttributeError, RuntimeError)
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename a damaged file (or folder) that fadrm can remake to ``<name>.damaged`` (``.damaged.N`` when
+    that name is taken) beside it, so it is remade and the damaged copy is kept, never deleted."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}.damaged")
+    number = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.damaged.{number}")
+        number += 1
+    os.replace(path, target)
+    return target
+
+
+def read_own_json(path: str | Path, what: str, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """A JSON record fadrm wrote and can remake: its contents, or None when it is missing, or damaged
+    (unreadable as JSON, or not an object), in which case it is set aside (:func:`set_aside`) with one line
+    saying so and that ``what`` is done again."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record = read_json(path)
+    except DAMAGE_ERRORS as exc:
+        record, problem = None, " ".join(str(exc).split())[:80]
+    else:
+        problem = "not a JSON object"
+    if isinstance(record, dict):
+        return record
+    aside = set_aside(path)
+    log(f"{path} is damaged ({problem}); kept as {aside.name}, {what} again")
+    return None
+
+
+def file_digest_matches(path: str | Path, sha256: str | None) -> bool:
+    """Whether ``path`` exists and, where a digest was recorded, its bytes hash to it."""
+    path = Path(path)
+    return path.is_file() and (sha256 is None or sha256_file(path) == sha256)
 
 
 def save_torch(path: str | Path, obj: Any) -> None:

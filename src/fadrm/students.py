@@ -28,6 +28,7 @@ from .data import DatasetSpec, normalize
 from .data.datasets import TrainingSet
 from .distributed import Ranks, gradient_sync
 from .errors import FadrmError
+from .io import DAMAGE_ERRORS, set_aside
 from .labels import TeacherLabeller, soft_targets
 from .registry import Registry
 from .runtime import Runtime, to_device
@@ -277,15 +278,23 @@ def train_student(
     start_epoch, seconds_before = 0, 0.0
     state = checkpoint.load(log) if checkpoint is not None else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None:
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        restore_global_random_state(state["random"], runtime.device)
-        start_epoch, history, seconds_before = int(state["epoch"]), list(state["history"]), float(state["seconds"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None:
+                scaler.load_state_dict(state["scaler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            restore_global_random_state(state["random"], runtime.device)
+            start_epoch, history, seconds_before = int(state["epoch"]), list(state["history"]), float(state["seconds"])
+        except DAMAGE_ERRORS as exc:
+            # The model may be half restored: the student starts again in a fresh run of the command.
+            aside = set_aside(checkpoint.path)
+            raise FadrmError(
+                f"{checkpoint.path} is damaged ({type(exc).__name__}); kept as {aside.name}: run the same command "
+                "again to train this student from the start"
+            ) from None
         log(f"{desc}: resuming after epoch {start_epoch}")
     started = time.perf_counter() - seconds_before
     for epoch in progress(range(start_epoch, config.epochs), desc):

@@ -12,6 +12,7 @@ from .fields import (
     data_root_option,
     device_option,
     holdout_option,
+    overwrite_option,
     seed_option,
     workers_option,
 )
@@ -57,9 +58,12 @@ class EvalConfig(StageConfig):
 
     SECTION: ClassVar[str] = "evaluate"
 
+    # Not defining: a set is identified by its content (its manifest's records and image digests, or a
+    # foreign set's files), so a moved or copied set keeps its finished students.
     distilled: str = option(
         help="folder written by fadrm distill, or an ImageFolder made by another tool (with --dataset and --teacher)",
         positional=True,
+        defines=False,
     )
     # Not defining: a set's id pins its dataset (our manifest names it; a foreign set's id includes it).
     dataset: str | None = option(
@@ -70,8 +74,10 @@ class EvalConfig(StageConfig):
         "made by another tool); with a manifest it must agree",
     )
     out: str | None = option(None, help="results folder (default: <distilled>/eval)", defines=False, check=not_a_file)
+    # Not defining by path: the evaluation identifies given teachers by their files' hashes.
     teachers: list[str] | None = option(
         None,
+        defines=False,
         help="relabelling teacher (default: the set's own); repeat for several",
         flag="--teacher",
         repeat=True,
@@ -238,6 +244,9 @@ class EvalConfig(StageConfig):
         defines=False,
         check=at_least(1),
         help="save each student's state every N epochs, to resume from after a crash (<out>/runs/<run>.partial.pt)",
+    )
+    overwrite: bool = overwrite_option(
+        "replace the evaluation of another set in --out (only the files an evaluation writes are removed)"
     )
 
     @classmethod

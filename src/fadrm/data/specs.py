@@ -278,6 +278,11 @@ def check_contents(dataset: ImageDataset, spec: DatasetSpec, folder: Path, split
         )
 
 
+def data_folder(spec: DatasetSpec, root: str | Path | None = None) -> Path | None:
+    """Where ``spec``'s data is read from: ``root`` (``--data-root``), else the dataset's default place."""
+    return Path(root) if root is not None else spec.default_root
+
+
 def load_split(spec: DatasetSpec, split: str, root: str | Path | None = None, holdout: int = 0) -> ImageDataset:
     """Load the ``train`` or ``val`` split of ``spec`` from ``root`` (or its default place).
 
@@ -287,7 +292,7 @@ def load_split(spec: DatasetSpec, split: str, root: str | Path | None = None, ho
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-    folder = Path(root) if root is not None else spec.default_root
+    folder = data_folder(spec, root)
     if folder is None:
         raise FadrmError(f"{spec.name} needs --data-root ({spec.layout})")
     if not folder.exists():

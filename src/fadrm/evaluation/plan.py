@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from ..baselines import DISTILLED, FULL_DATA, REAL_SUBSETS, ROBUSTNESS_BASELINES, Arm, comparison_arms
 from ..config import EvalConfig, student_recipe
@@ -29,6 +29,7 @@ class EvaluatedSet(Protocol):
     """What planning reads of a set (:class:`~fadrm.distilled.DistilledSet` or
     :class:`~fadrm.data.foreign.ImageFolderSet`)."""
 
+    folder: Path
     dataset: str
     method: str
     class_names: list[str]
@@ -164,7 +165,12 @@ def resolve_recipe(config: EvalConfig, dataset: str, student: str, ipc: int) -> 
     return recipe
 
 
-def plan_evaluation(config: EvalConfig, distilled_set: EvaluatedSet, default_student: str) -> EvaluationPlan:
+def plan_evaluation(
+    config: EvalConfig,
+    distilled_set: EvaluatedSet,
+    default_student: str,
+    teacher_digests: Sequence[str | None] = (),
+) -> EvaluationPlan:
     """Every job of the evaluation of ``distilled_set`` by ``config`` (validated), in the order they run.
 
     Args:
@@ -172,7 +178,12 @@ def plan_evaluation(config: EvalConfig, distilled_set: EvaluatedSet, default_stu
         distilled_set: the opened set.
         default_student: the student when ``config`` names none (the first relabelling teacher's
             architecture).
+        teacher_digests: the sha256 of each teacher ``config.teachers`` names, in its order (a teacher
+            without a file, such as torchvision's weights, by its name): what the relabelling is
+            identified by. Unused when the set's own teachers relabel (its manifest records theirs).
     """
+    if config.teachers and len(teacher_digests) != len(config.teachers):
+        raise ValueError("plan_evaluation needs the digest of every teacher config.teachers names")
     config = settle(config, distilled_set)
     check_against_set(config, len(distilled_set.class_names))
     out = Path(config.out or Path(config.distilled) / EVAL_FOLDER)
@@ -183,7 +194,7 @@ def plan_evaluation(config: EvalConfig, distilled_set: EvaluatedSet, default_stu
     # A finished run is reused only for the same settings and the same images: re-distilling
     # into the folder (new pixels, new per-image losses) invalidates it.
     set_id = distilled_set.set_id()
-    set_teachers = [t["sha256"] for t in distilled_set.teachers]
+    teachers = list(teacher_digests) if config.teachers else [t["sha256"] for t in distilled_set.teachers]
     repeats = []
     for repeat in range(config.repeats):
         trial = replace(config, seed=config.seed + repeat)
@@ -193,10 +204,10 @@ def plan_evaluation(config: EvalConfig, distilled_set: EvaluatedSet, default_stu
             folder = Path(config.labels_dir or out / "labels")
             folder = folder.with_name(folder.name + suffix)
             store_identity = label_store_identity(
-                trial, distilled_set.num_images, distilled_set.ipc, set_teachers, distilled_set.labels_identity()
+                trial, distilled_set.num_images, distilled_set.ipc, teachers, distilled_set.labels_identity()
             )
         jobs = [
-            student_job(trial, student, arm, suffix, set_id, distilled_set, out)
+            student_job(trial, student, arm, suffix, set_id, teachers, distilled_set, out)
             for student in students
             for arm in arms
             if arm.train_set != FULL_DATA
@@ -206,9 +217,17 @@ def plan_evaluation(config: EvalConfig, distilled_set: EvaluatedSet, default_stu
 
 
 def student_job(
-    trial: EvalConfig, student: str, arm: Arm, suffix: str, set_id: str, distilled_set: EvaluatedSet, out: Path
+    trial: EvalConfig,
+    student: str,
+    arm: Arm,
+    suffix: str,
+    set_id: str,
+    teachers: Sequence[str | None],
+    distilled_set: EvaluatedSet,
+    out: Path,
 ) -> StudentJob:
-    """The job of ``student`` on ``arm`` in the repeat whose settings are ``trial``."""
+    """The job of ``student`` on ``arm`` in the repeat whose settings are ``trial``, relabelled by the
+    teachers whose digests are ``teachers``."""
     recipe = resolve_recipe(trial, distilled_set.dataset, student, distilled_set.ipc)
     run_config = replace(trial, lr=recipe["lr"], eta=recipe["eta"], augment=trial.augment and arm.augment)
     key = arm.key(student) + suffix
@@ -219,5 +238,8 @@ def student_job(
         and arm.labels == "soft"
         and run_config.augment == trial.augment
     )
-    identity = {**run_config.identity(), "distilled_set": set_id, "protocol": STUDENT_PROTOCOL}
+    # By content: the set's id and, when the user names the teachers, their files' hashes (the set's own
+    # teachers are part of its id). Never a path, so a moved set or teacher keeps its students.
+    given_teachers = {"teachers": list(teachers)} if trial.teachers else {}
+    identity = {**run_config.identity(), **given_teachers, "distilled_set": set_id, "protocol": STUDENT_PROTOCOL}
     return StudentJob(key, student, arm, run_config, recipe, identity, out / "runs" / f"{key}.json", uses_store)

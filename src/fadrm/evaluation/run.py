@@ -16,9 +16,10 @@ from ..artifacts import StudentCheckpoint, checkpoint_dict, checkpoint_meta
 from ..distilled import open_evaluated_set
 from ..baselines import DISTILLED, FULL_DATA, REAL_SUBSETS, full_data_student
 from ..config import EvalConfig, validate, write_config
-from ..data import DatasetSpec, eval_transform, get_dataset_spec, load_split
+from ..data import DatasetSpec, data_folder, eval_transform, get_dataset_spec, load_split
 from ..data.datasets import TrainingSet
 from ..distributed import Ranks, init_ranks
+from ..errors import FadrmError
 from ..io import save_torch
 from ..labels import TeacherLabeller, prior_weights
 from ..locks import lock_or_nothing
@@ -30,7 +31,7 @@ from ..students import train_student, with_best_of
 from ..teachers import Teacher, load_teachers
 from ..training import evaluate_accuracy, make_loader
 from .plan import EvaluatedSet, StudentJob, check_against_set, plan_evaluation, settle
-from .store import LabelStore, fill_label_store, read_finished_run, write_finished_run
+from .store import LabelStore, claim_evaluation_folder, fill_label_store, read_finished_run, write_finished_run
 from .summary import summarise
 
 
@@ -79,11 +80,16 @@ def evaluate_ranked(
     val_set.transform = eval_transform(spec)
     val_loader = make_loader(val_set, 256, shuffle=False, workers=config.workers)
     teachers = load_teachers(sources, spec, val_set.classes, runtime, holdout=config.holdout)
-    plan = plan_evaluation(config, distilled_set, teachers[0].arch)
+    if not config.teachers:
+        check_set_teachers(distilled_set, teachers)
+    plan = plan_evaluation(config, distilled_set, teachers[0].arch, [t.sha256 or t.source for t in teachers])
     # One writer per results folder (rank 0 for the group): a second evaluation into it is refused.
     with lock_or_nothing(plan.out, "--out", ranks.is_main):
         if ranks.is_main:
+            data_dir = data_folder(spec, config.data_root)
+            claim_evaluation_folder(plan.out, distilled_set, config.overwrite, data_dir, log)
             write_config(plan.out / "config.yaml", plan.config)
+        ranks.barrier()
         labeller = TeacherLabeller([t.model for t in teachers], weights, config.bssl, config.balance_teachers)
         for name in plan.students:
             build_model(name, 2, spec.channels, spec.image_size)  # fail now on an unknown student, not after hours
@@ -132,6 +138,18 @@ def evaluate_ranked(
         return results
 
 
+def check_set_teachers(distilled_set: EvaluatedSet, teachers: Sequence[Teacher]) -> None:
+    """Refuse to relabel with a set's own teachers when a file at a recorded place is not the teacher the set
+    was made with (its sha256 differs from the manifest's): the labels would belong to another teacher."""
+    for teacher, recorded in zip(teachers, distilled_set.teachers):
+        if recorded.get("sha256") and teacher.sha256 != recorded["sha256"]:
+            raise FadrmError(
+                f"{teacher.source} is not the teacher the set in {distilled_set.folder} was made with (its sha256 "
+                "differs from the one its manifest records); restore that teacher, or name the teachers to "
+                "relabel with by --teacher"
+            )
+
+
 def finished_or_trained(
     job: StudentJob,
     training_set: TrainingSet,
@@ -147,7 +165,7 @@ def finished_or_trained(
 ) -> dict[str, Any]:
     """The job's run record: its finished run where one covers the validations asked for, else the
     student trained (resuming its checkpoint), saved as a teacher checkpoint and recorded."""
-    finished = read_finished_run(job.run_file, job.identity)
+    finished = read_finished_run(job.run_file, job.identity, log)
     wanted = job.config.evaluation_epochs()
     # A finished run serves a validation schedule it covers; a denser one needs the student again.
     if finished is not None and set(wanted) <= set(finished["evaluated_epochs"]):

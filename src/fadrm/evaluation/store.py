@@ -14,8 +14,10 @@ A store or run is reused only for the identity it was made for
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,12 +27,25 @@ from ..augment import ViewSampler
 from ..config import EvalConfig
 from ..data import DatasetSpec
 from ..distributed import Ranks
-from ..io import atomic_path, read_json, write_json
+from ..data.foreign import EVAL_FOLDER
+from ..errors import FadrmError
+from ..io import DAMAGE_ERRORS, atomic_path, read_json, read_own_json, set_aside, write_json
+from ..ownership import holds_nothing, inside, same_place, matches_any, refuse_data_folder, remove_own_files
 from ..labels import TeacherLabeller, label_epoch, soft_targets
 from ..runtime import Runtime
 from ..training import progress
 
 STORED_FORMAT_VERSION = 1
+
+
+class EvaluatedSetFolder(Protocol):
+    """What claiming an evaluation folder reads of the set."""
+
+    folder: Path
+
+    def set_id(self) -> str: ...
+
+    def describe(self) -> str: ...
 
 
 def stored_label_bytes(num_classes: int, topk: int | None) -> int:
@@ -56,22 +71,42 @@ class LabelStore:
         self.topk = topk
         self.temperature = temperature
 
-    def open(self) -> None:
-        """Create the store, or check that an existing one was made for the same plan."""
+    def open(self, log: Callable[[str], None] = print) -> None:
+        """Create the store, or check that an existing one was made for the same plan. A store whose
+        ``labels.json`` is damaged is set aside whole (what its epochs were made for is unknown) and
+        made again."""
         meta = self.folder / "labels.json"
         expected = {"format_version": STORED_FORMAT_VERSION, **self.identity, "topk": self.topk}
-        if meta.exists():
-            require_same_settings(
-                read_json(meta), expected, f"the label store in {self.folder}", "use another --labels-dir"
-            )
+        damaged = meta.exists()
+        found = read_own_json(meta, "storing the labels", log)
+        if found is None and damaged:
+            log(f"the epochs stored in {self.folder} were made for an unknown plan; kept as {set_aside(self.folder)}")
+        if found is not None:
+            require_same_settings(found, expected, f"the label store in {self.folder}", "use another --labels-dir")
         else:
             write_json(meta, expected)
 
     def path(self, epoch: int) -> Path:
         return self.folder / f"epoch{epoch:05d}.safetensors"
 
-    def has(self, epoch: int) -> bool:
-        return self.path(epoch).exists()
+    def has(self, epoch: int, log: Callable[[str], None] = print) -> bool:
+        """Whether ``epoch`` is stored whole: a file whose header names this store's tensors and whose size is
+        the header's (a truncated or foreign file is set aside, with one line, and stored again). Bytes
+        changed inside the tensors' data are not detected."""
+        path = self.path(epoch)
+        if not path.exists():
+            return False
+        if self.expected_shapes() == stored_shapes(path):
+            return True
+        log(f"{path} is damaged; kept as {set_aside(path).name}, storing epoch {epoch} again")
+        return False
+
+    def expected_shapes(self) -> dict[str, list[int]]:
+        """Each tensor an epoch file holds and its shape."""
+        images = self.identity["images"]
+        if self.topk is None:
+            return {"logits": [images, self.num_classes]}
+        return {"probs": [images, self.topk], "indices": [images, self.topk]}
 
     def write(self, epoch: int, logits: torch.Tensor) -> None:
         """Store one epoch of teacher logits, (images, classes), in epoch order."""
@@ -106,12 +141,35 @@ class LabelStore:
         return sum(p.stat().st_size for p in self.folder.glob("epoch*.safetensors"))
 
 
-def read_finished_run(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The result stored in an evaluation run file, when it was made with ``identity``; else None."""
-    if not path.exists():
+def stored_shapes(path: Path) -> dict[str, list[int]] | None:
+    """The tensors a safetensors file names and their shapes, read from its header, when the file is as long
+    as its header says; else None (truncated, or not a safetensors file)."""
+    try:
+        with open(path, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            if not 2 <= length <= 1 << 20:
+                return None
+            header = json.loads(fh.read(length))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+        if path.stat().st_size != 8 + length + end:
+            return None
+        return {name: list(v["shape"]) for name, v in tensors.items()}
+    except (*DAMAGE_ERRORS, IndexError):
         return None
-    stored = read_json(path)
-    return stored["result"] if not changed_settings(stored.get("identity", {}), identity) else None
+
+
+def read_finished_run(path: Path, identity: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The result stored in an evaluation run file, when it was made with ``identity``; else None (a damaged
+    file is set aside and its student trained again)."""
+    stored = read_own_json(path, "training its student", log)
+    if stored is None or changed_settings(stored.get("identity", {}), identity):
+        return None
+    result = stored.get("result")
+    if not isinstance(result, dict) or not isinstance(result.get("evaluated_epochs"), list):
+        log(f"{path} is damaged (no result); kept as {set_aside(path).name}, training its student again")
+        return None
+    return result
 
 
 def write_finished_run(path: Path, identity: dict[str, Any], result: dict[str, Any]) -> None:
@@ -119,12 +177,97 @@ def write_finished_run(path: Path, identity: dict[str, Any], result: dict[str, A
     write_json(path, {"identity": identity, "result": result})
 
 
+# ------------------------------------------------------------- the folder
+EVALUATION_MARKER = "evaluation.json"
+EVALUATION_FORMAT = "fadrm-evaluation"
+# The files an evaluation writes, relative to its folder: what --overwrite may remove.
+EVALUATION_FILES = matches_any(
+    [
+        r"runs/[^/]+\.(json|pt)",
+        r"labels[^/]*/(labels\.json|epoch\d{5}\.safetensors)",
+        r"results\.(json|md)",
+        r"curves\.png",
+        r"config\.yaml",
+        r"evaluation\.json",
+        r"(.*/)?\.[^/]+\.\d+\.tmp",
+    ]
+)
+
+
+def claim_evaluation_folder(
+    out: Path, distilled_set: EvaluatedSetFolder, overwrite: bool, data_dir: Path | None, log: Callable[[str], None]
+) -> None:
+    """Check that the evaluation may write into ``out`` and mark it as this set's evaluation.
+
+    ``out`` must not be the set's own folder (nor its images, patches or records), nor lie in the
+    dataset's folder. It is taken when it is empty, or holds this set's evaluation (its
+    ``evaluation.json``; an evaluation written before fadrm 0.4 is recognised by its finished runs),
+    or the evaluation of the set's earlier content in the set's own ``eval/``; another set's evaluation
+    is replaced only with ``overwrite``, which removes only the files an evaluation writes
+    (:data:`EVALUATION_FILES`); a folder of other files is refused, ``overwrite`` included.
+
+    Raises:
+        FadrmError: one line naming the folder and what to do, before anything is written.
+    """
+    set_folder = distilled_set.folder
+    if same_place(out, set_folder) or any(inside(out, set_folder / part) for part in ("images", "init", "state")):
+        raise FadrmError(
+            f"--out {out} is the set's own folder, whose files are the set's; choose another --out (the default "
+            f"is {set_folder / EVAL_FOLDER})"
+        )
+    refuse_data_folder(out, data_dir, "--out")
+    set_id = distilled_set.set_id()
+    marker = read_own_json(out / EVALUATION_MARKER, "marking the folder", log)
+    if marker is not None:
+        evaluated = marker.get("set_id")
+    elif holds_nothing(out):
+        evaluated = set_id
+    elif (out / "config.yaml").is_file() and ((out / "runs").is_dir() or (out / "results.json").is_file()):
+        # Written before fadrm 0.4: the set its students were trained on is in their identities.
+        found = {record.get("identity", {}).get("distilled_set") for record in finished_records(out)}
+        evaluated = found.pop() if len(found) == 1 else (set_id if not found else None)
+    else:
+        raise FadrmError(
+            f"--out {out} holds files and is not a fadrm evaluation (no {EVALUATION_MARKER}); fadrm writes only "
+            "into an empty folder or its own, --overwrite included: choose another --out"
+        )
+    if evaluated != set_id:
+        if same_place(out, set_folder / EVAL_FOLDER):
+            log(f"{out} holds the evaluation of the set's earlier content; its students are trained again")
+        elif not overwrite:
+            raise FadrmError(
+                f"--out {out} holds the evaluation of another set; choose another --out, or pass --overwrite "
+                "to replace it"
+            )
+        else:
+            log(f"--overwrite: removing the evaluation of another set in {out}")
+            remove_own_files(out, EVALUATION_FILES, log)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(
+        out / EVALUATION_MARKER,
+        {"format": EVALUATION_FORMAT, "format_version": 1, "set_id": set_id, "set": distilled_set.describe()},
+    )
+
+
+def finished_records(out: Path) -> list[dict[str, Any]]:
+    """The readable finished-run records in ``out/runs`` (a damaged one is left for its run to set aside)."""
+    records = []
+    for path in sorted((out / "runs").glob("*.json")):
+        try:
+            record = read_json(path)
+        except DAMAGE_ERRORS:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def label_store_identity(
-    config: EvalConfig, images: int, ipc: int, set_teachers: Sequence[str], set_identity: dict[str, Any]
+    config: EvalConfig, images: int, ipc: int, teachers: Sequence[str | None], set_identity: dict[str, Any]
 ) -> dict[str, Any]:
-    """What a label store is made for: the set's size and teachers, and the settings of the views
-    and the relabelling (``set_teachers``: the set's own teachers' hashes, used when ``config``
-    names none; ``set_identity``: what the set adds, its content for a set made by another tool).
+    """What a label store is made for: the set's size, the relabelling teachers' file hashes
+    (``teachers``), and the settings of the views and the relabelling (``set_identity``: what the set
+    adds, its content for a set made by another tool).
 
     The keys are those of stores made since fadrm 0.1; an option added since appears only when it
     is not at its former behaviour, so older stores keep their identity.
@@ -140,7 +283,7 @@ def label_store_identity(
         "crop_scale": list(config.crop_scale),
         "temperature": config.temperature,
         "bssl": config.bssl,
-        "teachers": list(set_teachers) if not config.teachers else list(config.teachers),
+        "teachers": list(teachers),
         "teacher_weights": config.teacher_weights,
         **set_identity,
         **({} if config.augment else {"augment": False}),
@@ -167,9 +310,9 @@ def fill_label_store(
     """Open (or create) ``store`` and compute the epochs it lacks, on exactly the views the set's
     soft-label student draws (rank 0; the others wait)."""
     if ranks.is_main:
-        store.open()
+        store.open(log)
         sampler = ViewSampler.from_config(config, spec.image_size)
-        missing = [e for e in range(config.epochs) if not store.has(e)]
+        missing = [e for e in range(config.epochs) if not store.has(e, log)]
         if missing:
             log(f"storing soft labels for {len(missing)} epochs in {store.folder}")
         for epoch in progress(missing, "labels"):

@@ -31,7 +31,14 @@ from ..runtime import Runtime
 from ..teachers import Teacher
 from ..training import progress
 from .targets import TeacherTargets
-from .patches import class_pools, crops_of_classes, decode_workers, indices_by_class, select_from_crops
+from .patches import (
+    class_pools,
+    class_size_problem,
+    crops_of_classes,
+    decode_workers,
+    indices_by_class,
+    select_from_crops,
+)
 from .units import Unit
 
 
@@ -58,6 +65,9 @@ class Initialiser(Protocol):
     def problem(self, config: DistillConfig) -> str | None:
         """Why the settings cannot start this method's images (one line, checked before any work), or None."""
 
+    def check(self, run: SynthesisRun) -> None:
+        """Refuse, in one line and before anything is written, a run its data cannot start."""
+
     def prepare(self, run: SynthesisRun) -> None:
         """Work done once per run before synthesis (this rank's share; finished parts are skipped)."""
 
@@ -74,6 +84,9 @@ class NoiseInitialiser:
     """Gaussian noise in normalised space (SRe2L, G-VBSM), drawn from each unit's own stream."""
 
     def problem(self, config: DistillConfig) -> str | None:
+        return None
+
+    def check(self, run: SynthesisRun) -> None:
         return None
 
     def prepare(self, run: SynthesisRun) -> None:
@@ -95,9 +108,16 @@ class PatchInitialiser:
     def problem(self, config: DistillConfig) -> str | None:
         return None
 
+    def check(self, run: SynthesisRun) -> None:
+        pools = class_pools(run.dataset)
+        for label, name in enumerate(run.dataset.classes):
+            problem = class_size_problem(len(pools.get(label, [])), label, name, run.config.ipc, run.config.patches)
+            if problem:
+                raise FadrmError(problem)
+
     def prepare(self, run: SynthesisRun) -> None:
         layout = run.layout
-        todo = [c for c in run.ranks.shard(range(len(layout.class_names))) if not layout.init_record(c).exists()]
+        todo = [c for c in run.ranks.shard(range(len(layout.class_names))) if not self.class_selected(run, c)]
         if not todo:
             return
         teacher, dataset, config = run.teachers[0], run.dataset, run.config
@@ -128,9 +148,17 @@ class PatchInitialiser:
                 config.patches,
                 run.runtime,
             )
-            for ipc_index, image in enumerate(images):
-                save_png(layout.image("init", label, ipc_index), image)
-            write_json(layout.init_record(label), record)
+            files = [layout.image("init", label, ipc_index) for ipc_index in range(len(images))]
+            for path, image in zip(files, images):
+                save_png(path, image)
+            write_json(layout.init_record(label), {**record, "images": [layout.image_record(p) for p in files]})
+
+    def class_selected(self, run: SynthesisRun, label: int) -> bool:
+        """Whether ``label``'s patches are selected: its record intact, its patch files the ones it recorded."""
+        layout = run.layout
+        files = [layout.image("init", label, ipc_index) for ipc_index in range(run.config.ipc)]
+        what = f"selecting the patches of class {label}"
+        return layout.intact_record(layout.init_record(label), files, what, run.log) is not None
 
     def initial_images(
         self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]
@@ -168,6 +196,9 @@ class RealImageInitialiser:
                 f"--init-from {config.init_from} holds a {source.dataset} set at IPC {source.ipc}; it must be "
                 f"{config.dataset} at IPC {config.ipc}"
             )
+        return None
+
+    def check(self, run: SynthesisRun) -> None:
         return None
 
     def prepare(self, run: SynthesisRun) -> None:

@@ -100,17 +100,26 @@ def stitch(patches: torch.Tensor, factor: int) -> torch.Tensor:
     return rows
 
 
+def class_size_problem(images: int, label: int, class_name: str, ipc: int, settings: PatchConfig) -> str | None:
+    """Why a class of ``images`` training images cannot give ``ipc`` images of patches, or None."""
+    needed = ipc * settings.factor**2
+    if images >= needed:
+        return None
+    return (
+        f"class {label} ({class_name}) has {images} training images; IPC {ipc} with factor {settings.factor} "
+        f"needs {needed}; lower --ipc"
+    )
+
+
 def patch_candidates(
     pool: Sequence[int], label: int, class_name: str, ipc: int, settings: PatchConfig, generator: torch.Generator
 ) -> list[int]:
     """The ``mipc`` real images of one class whose crops are scored: a seeded draw from ``pool``, the
     class's dataset indices (the first draw from ``generator``; the crops' boxes follow)."""
+    problem = class_size_problem(len(pool), label, class_name, ipc, settings)
+    if problem:
+        raise FadrmError(problem)
     needed = ipc * settings.factor**2
-    if len(pool) < needed:
-        raise FadrmError(
-            f"class {label} ({class_name}) has {len(pool)} training images; IPC {ipc} with "
-            f"factor {settings.factor} needs {needed}; lower --ipc"
-        )
     order = torch.randperm(len(pool), generator=generator)[: max(settings.mipc, needed)]
     return [pool[i] for i in order.tolist()]
 

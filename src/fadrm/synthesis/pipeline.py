@@ -28,12 +28,13 @@ from tqdm import tqdm
 from ..artifacts import read_priors
 from ..distilled import Layout, open_distilled_folder, write_manifest
 from ..config import DEFAULT_BATCH_IMAGES, DistillConfig, validate
-from ..data import DatasetSpec, get_dataset_spec, load_split, normalize
+from ..data import DatasetSpec, data_folder, get_dataset_spec, load_split, normalize
 from ..data.transforms import denormalize
 from ..distributed import Ranks, init_ranks
 from ..errors import FadrmError
 from ..io import atomic_path, read_json, save_png, write_json
 from ..locks import lock_or_nothing
+from ..ownership import refuse_data_folder
 from .statistics import distill_statistics_config, teacher_statistics
 from ..runtime import Runtime, make_runtime
 from ..teachers import Teacher, load_teachers
@@ -107,7 +108,7 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
     units = _units(run, method)
     per_batch = config.groups_per_batch or max(1, DEFAULT_BATCH_IMAGES[runtime.device.type] // units[0].size)
     batches = run.ranks.shard(_batches(units, per_batch, plans))
-    todo = [batch for batch in batches if not all(layout.unit_record(u.key).exists() for u in batch)]
+    todo = [batch for batch in batches if not all(unit_finished(run, unit) for unit in batch)]
     if not todo:
         return
     bounds = _bounds(run.spec, runtime.device)
@@ -168,7 +169,7 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
                         "class": label,
                         "class_name": layout.class_names[label],
                         "ipc_index": ipc_index,
-                        "file": layout.relative(path),
+                        **layout.image_record(path),
                         "ce": round(float(result.ce[k]), 6),
                     }
                 )
@@ -191,6 +192,14 @@ def synthesize(run: SynthesisRun, method: Method) -> None:
                     "images": records,
                 },
             )
+
+
+def unit_finished(run: SynthesisRun, unit: Unit) -> bool:
+    """Whether ``unit``'s record is intact and its images are the ones it recorded (else it is synthesised
+    again, rewriting the same bytes)."""
+    files = [run.layout.image("images", label, ipc_index) for label, ipc_index in unit.images]
+    record_path = run.layout.unit_record(unit.key)
+    return run.layout.intact_record(record_path, files, f"synthesising unit {unit.key}", run.log) is not None
 
 
 def gather_manifest(run: SynthesisRun, method: Method, wall_seconds: float) -> dict[str, Any]:
@@ -242,6 +251,7 @@ def distill(config: DistillConfig, log: Callable[[str], None] = print) -> dict[s
             "using the per-layer one with --compile"
         )
         fused = False
+    refuse_data_folder(Path(config.out), data_folder(spec, config.data_root), "--out")
     runtime = make_runtime(config.device, config.amp, compile=config.compile, fused_statistics=fused)
     ranks = init_ranks(runtime.device.type)
     try:
@@ -280,6 +290,7 @@ def _distill_ranked(
             distill_statistics_config(config), teachers, dataset, runtime, compute=ranks.world == 1, log=log
         )
     run = SynthesisRun(config, spec, dataset, teachers, layout, runtime, ranks, log, statistics)
+    INITIALISERS.get(method.initialiser).check(run)  # before anything is written
     if ranks.is_main:
         open_distilled_folder(
             layout,
