@@ -266,7 +266,7 @@ def test_stored_labels_for_another_ipc(distilled, fmnist_root, tmp_path):
     (smaller / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
         FadrmError,
-        match=r"label store in .* was made with different settings \(images, ipc\); use another --labels-dir",
+        match=r"label store in .* settings \(distilled_set, images, ipc\); use another --labels-dir",
     ):
         fadrm.evaluate(
             smaller, labels="stored", labels_dir=str(tmp_path / "e" / "labels"), data_root=str(fmnist_root), **QUICK

@@ -197,11 +197,15 @@ def test_a_foreign_set_gets_baselines_stored_labels_and_resumes_by_content(
     assert sum("reusing" in line for line in lines) == 3
     # Another image under the same file name: neither the stored labels nor the finished run fit.
     shutil.copyfile(root / "Bag" / "img1.png", root / "Bag" / "img0.png")
+    # The evaluation's own store is made again (the stale one kept aside); a store given by --labels-dir is
+    # the user's: refused.
     with pytest.raises(FadrmError, match=r"label store .* different settings \(distilled_set\)"):
-        fadrm.evaluate(root, log=lambda s: None, **options)
+        fadrm.evaluate(root, labels_dir=str(root / "eval" / "labels"), log=lambda s: None, **options)
     lines.clear()
-    fadrm.evaluate(root, labels_dir=str(tmp_path / "new-labels"), log=lines.append, **options)
+    fadrm.evaluate(root, log=lines.append, **options)
     assert not any("reusing" in line for line in lines)
+    assert any("made for other inputs (distilled_set)" in line for line in lines)
+    assert (root / "eval" / "labels.stale").is_dir()
 
 
 # -------------------------------------------------------- bad input, one line

@@ -47,3 +47,30 @@ def test_the_package_imports_form_no_cycle():
     for name in sorted(graph):
         if name not in done:
             visit(name, [name])
+
+
+def test_every_registry_is_loaded_by_its_kind_in_a_fresh_interpreter():
+    """``import fadrm`` loads no stage: a registry asked for by kind (an option's choices) comes from the
+    module :data:`fadrm.registry.PROVIDERS` names, and every kind the package makes is there."""
+    import subprocess
+    import sys
+
+    import fadrm.api  # noqa: F401  (every module that registers something)
+    from fadrm.registry import _BY_KIND, PROVIDERS
+
+    assert set(_BY_KIND) <= set(PROVIDERS)
+    script = (
+        "import sys, fadrm\n"
+        "assert 'torch' not in sys.modules, 'import fadrm loaded torch'\n"
+        "from fadrm.registry import PROVIDERS, registry\n"
+        "print(all(registry(kind).names() for kind in PROVIDERS))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "True", result.stderr
+
+
+def test_the_public_names_are_those_the_package_loads_on_use():
+    import fadrm
+
+    assert set(fadrm.__all__) == {*fadrm._PUBLIC, "__version__"}
+    assert all(getattr(fadrm, name) is not None for name in fadrm.__all__)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,22 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_when_there_is_room(fmnist_r
         assert folder_hashes(disk / "set") == folder_hashes(straight)
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line():
+    """Loading PyTorch takes the command's first seconds: a Ctrl-C then (or just after) ends it with one line
+    and exit 130, never a traceback from inside an import."""
+    statuses = []
+    for delay in (0.3, 0.8, 1.5):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fadrm", "list", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        statuses.append(process.returncode)
+        if process.returncode == 130:
+            assert len(err.splitlines()) == 1 and err.startswith("fadrm: interrupted"), err
+        else:
+            assert process.returncode == 0, err  # it had finished
+    assert 130 in statuses

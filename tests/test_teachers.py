@@ -231,3 +231,24 @@ def test_train_teacher_killed_with_sigkill_resumes_to_the_same_weights(fmnist_ro
     assert f"resuming {killed} after epoch" in rerun.stdout and 0 < epochs_done < 40
     a, b = load_teacher(straight).model.state_dict(), load_teacher(killed).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("arch", 3), ("class_names", "abc"), ("in_channels", "1"), ("mean", ["a"]), ("state_dict", []), ("arch", None)],
+)
+def test_teacher_metadata_of_the_wrong_type_is_one_line(field, value, teacher_ckpt, tmp_path):
+    checkpoint = torch.load(teacher_ckpt, weights_only=True)
+    checkpoint[field] = value
+    torch.save(checkpoint, tmp_path / "t.pt")
+    with pytest.raises(FadrmError, match=r"t.pt is not a fadrm teacher checkpoint as fadrm writes it \(its "):
+        load_teacher(tmp_path / "t.pt")
+
+
+def test_a_teacher_with_non_finite_weights_is_refused_when_loaded(teacher_ckpt, tmp_path):
+    checkpoint = torch.load(teacher_ckpt, weights_only=True)
+    name = next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
+    checkpoint["state_dict"][name].view(-1)[0] = float("nan")
+    torch.save(checkpoint, tmp_path / "t.pt")
+    with pytest.raises(FadrmError, match="holds non-finite weights"):
+        load_teacher(tmp_path / "t.pt")

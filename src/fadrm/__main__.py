@@ -1,5 +1,5 @@
 """``python -m fadrm`` (and ``torchrun -m fadrm``) runs the CLI."""
 
-from .cli import main
+from .command import main
 
 raise SystemExit(main())

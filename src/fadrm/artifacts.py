@@ -34,7 +34,7 @@ import torch
 
 from ._version import __version__
 from .errors import FadrmError
-from .io import read_json, save_torch, set_aside, write_json
+from .io import read_json, save_torch, seal, seal_broken, set_aside, write_json
 
 # ---------------------------------------------------------------- identity
 
@@ -172,14 +172,28 @@ def save_teacher_progress(
 ) -> None:
     """Atomically save an unfinished teacher run after ``epoch``: its identity, history and the
     state dicts in ``states`` (model, optimizer, scheduler)."""
-    save_torch(path, {"train_config": identity, "epoch": epoch, "history": history, **states})
+    save_torch(path, seal({"train_config": identity, "epoch": epoch, "history": history, **states}))
 
 
-def load_teacher_progress(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """An unfinished teacher run's saved state; one made with other settings is refused."""
-    state = safe_torch_load(path)
-    found = state.get("train_config", {}) if isinstance(state, dict) else {}
-    require_same_settings(found, identity, f"the unfinished run {path}", "pass --overwrite to start again")
+def load_teacher_progress(path: Path, identity: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
+    """An unfinished teacher run's saved state; one made with other settings is refused. A damaged one
+    (unreadable, or without its settings and epoch) is set aside, with one line, and None returned: the
+    run starts again."""
+    try:
+        state = safe_torch_load(path)
+    except FadrmError:
+        state = None
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("train_config"), dict)
+        or "epoch" not in state
+        or seal_broken(state)
+    ):
+        log(f"{path} is damaged; kept as {set_aside(path).name}, training the teacher from the start")
+        return None
+    require_same_settings(
+        state["train_config"], identity, f"the unfinished run {path}", "pass --overwrite to start again"
+    )
     return state
 
 
@@ -215,7 +229,12 @@ class StudentCheckpoint:
             state = safe_torch_load(self.path)
         except FadrmError:
             state = None
-        if not isinstance(state, dict) or not isinstance(state.get("identity"), dict) or "epoch" not in state:
+        if (
+            not isinstance(state, dict)
+            or not isinstance(state.get("identity"), dict)
+            or "epoch" not in state
+            or seal_broken(state)
+        ):
             log(f"{self.path} is damaged; kept as {set_aside(self.path).name}, starting the student again")
             return None
         changed = changed_settings(state.get("identity", {}), self.identity)
@@ -228,14 +247,16 @@ class StudentCheckpoint:
         """Atomically replace the checkpoint with the state after ``epoch`` (1-based) finished epochs."""
         save_torch(
             self.path,
-            {
-                "format_version": self.VERSION,
-                "identity": self.identity,
-                "epoch": epoch,
-                "history": history,
-                "seconds": seconds,
-                **states,
-            },
+            seal(
+                {
+                    "format_version": self.VERSION,
+                    "identity": self.identity,
+                    "epoch": epoch,
+                    "history": history,
+                    "seconds": seconds,
+                    **states,
+                }
+            ),
         )
 
     def remove(self) -> None:

@@ -177,15 +177,11 @@ def open_distilled_folder(
                 "pass --overwrite to replace it or choose another --out",
                 RESUME_HINTS,
             )
-    elif not damaged and ((layout.root / "state").is_dir() or layout.manifest.exists()):
-        raise FadrmError(
-            f"{layout.root} holds a fadrm set's files but no run.json, which says what they were made for; "
-            "restore it, or choose another --out"
-        )
     elif not damaged and not holds_nothing(layout.root):
         raise FadrmError(
-            f"{layout.root} holds files and is not a fadrm set (no run.json); fadrm writes only into an empty "
-            "folder or its own, --overwrite included: choose another --out"
+            f"{layout.root} holds files but no run.json, the record of a fadrm set's settings; fadrm writes only "
+            "into an empty folder or its own set, --overwrite included: restore run.json if it was a fadrm set, "
+            "or choose another --out"
         )
     layout.root.mkdir(parents=True, exist_ok=True)
     write_json(layout.run_file, identity)
@@ -346,9 +342,9 @@ class DistilledSet:
         return f"{self.method} set of {self.dataset}, IPC {self.ipc} ({self.folder})"
 
     def labels_identity(self) -> dict[str, Any]:
-        """What stored labels are made for besides the evaluation's settings: nothing more than the set's size
-        and teachers, as stores have been identified since fadrm 0.1 (so they stay valid)."""
-        return {}
+        """What stored labels are made for besides the evaluation's settings: the set's content (since fadrm
+        0.4: a set distilled again into its folder must not reuse the labels of its former images)."""
+        return {"distilled_set": self.set_id()}
 
     def set_id(self) -> str:
         """A fingerprint of the set's content: the settings that define it and its per-image records.

@@ -54,14 +54,15 @@ def read_json(path: str | Path) -> Any:
 DAMAGE_ERRORS = (ValueError, UnicodeDecodeError, EOFError, KeyError, TypeError, AttributeError, RuntimeError)
 
 
-def set_aside(path: str | Path) -> Path:
-    """Rename a damaged file (or folder) that fadrm can remake to ``<name>.damaged`` (``.damaged.N`` when
-    that name is taken) beside it, so it is remade and the damaged copy is kept, never deleted."""
+def set_aside(path: str | Path, why: str = "damaged") -> Path:
+    """Rename a file (or folder) that fadrm can remake to ``<name>.<why>`` (``.<why>.N`` when that name is
+    taken) beside it, so it is remade and the old copy is kept, never deleted: ``why`` is "damaged", or
+    "stale" for one made for other inputs."""
     path = Path(path)
-    target = path.with_name(f"{path.name}.damaged")
+    target = path.with_name(f"{path.name}.{why}")
     number = 1
     while target.exists():
-        target = path.with_name(f"{path.name}.damaged.{number}")
+        target = path.with_name(f"{path.name}.{why}.{number}")
         number += 1
     os.replace(path, target)
     return target
@@ -110,6 +111,49 @@ def save_torch(path: str | Path, obj: Any) -> None:
             full = shutil.disk_usage(tmp.parent).free < LOW_DISK_BYTES
             code = errno.ENOSPC if full else errno.EIO
             raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+# The key of a sealed file's digest of its own contents (:func:`seal`).
+SEAL = "content_sha256"
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 of plain data: every tensor's dtype, shape and bytes and every other value's ``repr``, in order."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor {value.dtype} {tuple(value.shape)}\n".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)}\n".encode())
+            for key, item in value.items():
+                digest.update(f"{key!r}\n".encode())
+                feed(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__} {len(value)}\n".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"{value!r}\n".encode())
+
+    feed(obj)
+    return digest.hexdigest()
+
+
+def seal(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with the digest of its contents added, so that bytes changed on disk are found when it is read
+    back (a ``torch.save`` file's own format does not check them)."""
+    return {**state, SEAL: content_digest(state)}
+
+
+def seal_broken(state: Any) -> bool:
+    """Whether a sealed ``state`` read back differs from what was sealed (one without a seal, written before
+    fadrm sealed its files, is taken as it is)."""
+    if not isinstance(state, dict) or SEAL not in state:
+        return False
+    return content_digest({k: v for k, v in state.items() if k != SEAL}) != state[SEAL]
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

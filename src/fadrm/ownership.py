@@ -16,8 +16,8 @@ from typing import Callable, Iterable
 from .errors import FadrmError
 from .locks import LOCK_NAME
 
-# A file fadrm set aside as damaged (kept, never deleted, see fadrm.io.set_aside).
-SET_ASIDE = re.compile(r".+\.damaged(\.\d+)?")
+# A file fadrm set aside as damaged or stale (kept, never deleted, see fadrm.io.set_aside).
+SET_ASIDE = re.compile(r".+\.(damaged|stale)(\.\d+)?")
 
 
 def holds_nothing(folder: Path) -> bool:

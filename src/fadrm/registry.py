@@ -1,12 +1,14 @@
 """A small generic name -> object registry (datasets, models, methods, optimisers, ...).
 
 Every registry is also indexed by its kind, so that code below the modules that fill
-them (the config's validation) can name them without importing those modules. Importing
-the ``fadrm`` package imports every module that registers something.
+them (the config's validation) can name them without importing those modules: asked for by
+kind, a registry not yet made is loaded from the module that fills it (:data:`PROVIDERS`), so
+``import fadrm`` need not import every stage (and PyTorch) up front.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Generic, Iterator, TypeVar
 
 from .errors import FadrmError
@@ -14,6 +16,20 @@ from .errors import FadrmError
 T = TypeVar("T")
 
 _BY_KIND: dict[str, "Registry[Any]"] = {}
+# The module that makes and fills each kind of registry (a test checks that every kind is here).
+PROVIDERS = {
+    "model": "fadrm.models",
+    "dataset": "fadrm.data",
+    "augmentation": "fadrm.rand_augment",
+    "mix": "fadrm.augment",
+    "patch scoring": "fadrm.synthesis.patches",
+    "unit plan": "fadrm.synthesis.units",
+    "initialiser": "fadrm.synthesis.init",
+    "statistics matcher": "fadrm.synthesis.matching",
+    **dict.fromkeys(("method", "stage plan", "teacher policy"), "fadrm.synthesis.methods"),
+    **dict.fromkeys(("optimizer", "schedule", "loss"), "fadrm.students"),
+    **dict.fromkeys(("baseline", "real subset"), "fadrm.baselines"),
+}
 
 
 class Registry(Generic[T]):
@@ -56,5 +72,7 @@ class Registry(Generic[T]):
 
 
 def registry(kind: str) -> Registry[Any]:
-    """The package's registry of ``kind`` ("method", "optimizer", "mix", ...)."""
+    """The package's registry of ``kind`` ("method", "optimizer", "mix", ...), loaded on first use."""
+    if kind not in _BY_KIND:
+        importlib.import_module(PROVIDERS[kind])
     return _BY_KIND[kind]

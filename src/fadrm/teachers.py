@@ -37,7 +37,7 @@ from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split
 from .data.specs import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import Ranks, init_ranks
 from .errors import FadrmError
-from .io import save_torch, sha256_file
+from .io import DAMAGE_ERRORS, save_torch, set_aside, sha256_file
 from .models import build_model
 from .runtime import Runtime, make_runtime
 from .seeding import epoch_seed
@@ -216,10 +216,50 @@ def load_teacher(source: str | Path, spec: DatasetSpec | None = None, arch: str 
                 kind="state_dict",
             )
     teacher.model.eval().requires_grad_(False)
+    if not all(bool(torch.isfinite(t).all()) for t in teacher.model.state_dict().values() if t.is_floating_point()):
+        # Caught here, not as a non-finite loss blamed on the learning rate hours later.
+        raise FadrmError(f"teacher {path} holds non-finite weights (NaN or infinity); restore or retrain it")
     return teacher
 
 
+# The metadata a fadrm teacher checkpoint holds, and the type of each (what checkpoint_meta writes).
+CHECKPOINT_FIELDS = {
+    "arch": str,
+    "arch_args": dict,
+    "dataset": str,
+    "class_names": list,
+    "in_channels": int,
+    "image_size": int,
+    "mean": list,
+    "std": list,
+    "state_dict": dict,
+}
+
+
+def checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
+    """What in a fadrm teacher checkpoint's metadata is missing or of the wrong type, or None."""
+    for key, kind in CHECKPOINT_FIELDS.items():
+        value = ckpt.get(key, {} if key == "arch_args" else None)
+        if kind is list and isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"its {key!r} is {type(value).__name__}, not {kind.__name__}"
+    numbers = [*ckpt["mean"], *ckpt["std"]]
+    if not all(isinstance(x, (int, float)) for x in numbers) or not all(
+        isinstance(n, str) for n in ckpt["class_names"]
+    ):
+        return "its 'mean', 'std' or 'class_names' hold values of the wrong type"
+    if not isinstance(ckpt.get("train_config", {}), dict):
+        return "its 'train_config' is not a mapping"
+    return None
+
+
 def _teacher_from_checkpoint(ckpt: dict[str, Any], path: Path) -> Teacher:
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise FadrmError(
+            f"{path} is not a fadrm teacher checkpoint as fadrm writes it ({problem}); restore or retrain it"
+        )
     arch, args = ckpt["arch"], dict(ckpt.get("arch_args", {}))
     model = build_model(arch, len(ckpt["class_names"]), ckpt["in_channels"], ckpt["image_size"], **args)
     _load_state_into(model, ckpt["state_dict"], str(path), arch)
@@ -378,12 +418,21 @@ def _train_teacher_ranked(config: TeacherConfig, runtime: Runtime, ranks: Ranks,
     history: list[dict[str, float]] = []
     start_epoch = 0
     partial = partial_path(out)
-    if partial.exists() and not config.overwrite:
-        state = load_teacher_progress(partial, config.identity())
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, start_epoch = list(state["history"]), int(state["epoch"])
+    state = (
+        load_teacher_progress(partial, config.identity(), log) if partial.exists() and not config.overwrite else None
+    )
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            history, start_epoch = list(state["history"]), int(state["epoch"])
+        except DAMAGE_ERRORS as exc:
+            # The model may be half restored: the run starts again in a fresh run of the command.
+            raise FadrmError(
+                f"{partial} is damaged ({type(exc).__name__}); kept as {set_aside(partial).name}: run the same "
+                "command again to train the teacher from the start"
+            ) from None
         log(f"resuming {out} after epoch {start_epoch}")
     if ranks.is_main:
         write_config(teacher_config_path(out), config)  # once the settings are known to fit what is on disk

@@ -113,6 +113,7 @@ def evaluate_ranked(
                     len(distilled_set.class_names),
                     trial.topk,
                     trial.temperature,
+                    replaceable=config.labels_dir is None,  # the evaluation's own, in its folder
                 )
                 fill_label_store(store, trial, distilled.images, spec, labeller, runtime, log, ranks)
                 stores.append(store)

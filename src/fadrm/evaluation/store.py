@@ -29,7 +29,16 @@ from ..data import DatasetSpec
 from ..distributed import Ranks
 from ..data.foreign import EVAL_FOLDER
 from ..errors import FadrmError
-from ..io import DAMAGE_ERRORS, atomic_path, read_json, read_own_json, set_aside, write_json
+from ..io import (
+    DAMAGE_ERRORS,
+    atomic_path,
+    file_digest_matches,
+    read_json,
+    read_own_json,
+    set_aside,
+    sha256_file,
+    write_json,
+)
 from ..ownership import holds_nothing, inside, same_place, matches_any, refuse_data_folder, remove_own_files
 from ..labels import TeacherLabeller, label_epoch, soft_targets
 from ..runtime import Runtime
@@ -64,23 +73,40 @@ class LabelStore:
         temperature: softmax temperature of the soft targets.
     """
 
-    def __init__(self, folder: Path, identity: dict[str, Any], num_classes: int, topk: int | None, temperature: float):
+    def __init__(
+        self,
+        folder: Path,
+        identity: dict[str, Any],
+        num_classes: int,
+        topk: int | None,
+        temperature: float,
+        replaceable: bool = False,
+    ):
         self.folder = Path(folder)
         self.identity = identity
         self.num_classes = num_classes
         self.topk = topk
         self.temperature = temperature
+        self.replaceable = replaceable
 
     def open(self, log: Callable[[str], None] = print) -> None:
-        """Create the store, or check that an existing one was made for the same plan. A store whose
-        ``labels.json`` is damaged is set aside whole (what its epochs were made for is unknown) and
-        made again."""
+        """Create the store, or check that an existing one was made for the same plan.
+
+        A store whose ``labels.json`` is damaged is set aside whole (what its epochs were made for is
+        unknown) and made again; so is a store of another plan where the store is ``replaceable`` (the
+        evaluation's own, in its folder). Another plan's store elsewhere (``--labels-dir``) is refused.
+        """
         meta = self.folder / "labels.json"
         expected = {"format_version": STORED_FORMAT_VERSION, **self.identity, "topk": self.topk}
         damaged = meta.exists()
         found = read_own_json(meta, "storing the labels", log)
         if found is None and damaged:
             log(f"the epochs stored in {self.folder} were made for an unknown plan; kept as {set_aside(self.folder)}")
+        elif found is not None and self.replaceable and changed_settings(found, expected):
+            changed = ", ".join(changed_settings(found, expected))
+            aside = set_aside(self.folder, "stale")
+            log(f"the labels stored in {self.folder} were made for other inputs ({changed}); kept as {aside.name}")
+            found = None
         if found is not None:
             require_same_settings(found, expected, f"the label store in {self.folder}", "use another --labels-dir")
         else:
@@ -89,14 +115,21 @@ class LabelStore:
     def path(self, epoch: int) -> Path:
         return self.folder / f"epoch{epoch:05d}.safetensors"
 
+    def digest_path(self, epoch: int) -> Path:
+        """The sha256 of ``epoch``'s file, written after it."""
+        return self.folder / f"epoch{epoch:05d}.sha256"
+
     def has(self, epoch: int, log: Callable[[str], None] = print) -> bool:
-        """Whether ``epoch`` is stored whole: a file whose header names this store's tensors and whose size is
-        the header's (a truncated or foreign file is set aside, with one line, and stored again). Bytes
-        changed inside the tensors' data are not detected."""
-        path = self.path(epoch)
+        """Whether ``epoch`` is stored whole: a file of this store's tensors whose bytes hash to the digest
+        written after it. A damaged file, or one without its digest, is set aside, with one line, and stored
+        again. (Stores of fadrm 0.3 had no digests; their identity lacks the set's content, so they are
+        replaced whole when opened.)"""
+        path, digest_path = self.path(epoch), self.digest_path(epoch)
         if not path.exists():
             return False
-        if self.expected_shapes() == stored_shapes(path):
+        # A damaged digest file reads as some other digest: the epoch is stored again.
+        recorded = digest_path.read_text(errors="replace").strip() if digest_path.is_file() else ""
+        if self.expected_shapes() == stored_shapes(path) and file_digest_matches(path, recorded):
             return True
         log(f"{path} is damaged; kept as {set_aside(path).name}, storing epoch {epoch} again")
         return False
@@ -118,6 +151,8 @@ class LabelStore:
             tensors = {"probs": values.to(torch.float16).contiguous(), "indices": indices.to(torch.int16).contiguous()}
         with atomic_path(self.path(epoch)) as tmp:
             save_file(tensors, str(tmp))
+        with atomic_path(self.digest_path(epoch)) as tmp:
+            tmp.write_text(sha256_file(self.path(epoch)) + "\n")
 
     def read(self, epoch: int) -> torch.Tensor:
         """One epoch's soft targets: probabilities at the store's temperature, (images, classes).
@@ -160,8 +195,9 @@ def stored_shapes(path: Path) -> dict[str, list[int]] | None:
 
 
 def read_finished_run(path: Path, identity: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
-    """The result stored in an evaluation run file, when it was made with ``identity``; else None (a damaged
-    file is set aside and its student trained again)."""
+    """The result stored in an evaluation run file, when it was made with ``identity`` and the trained student
+    beside it (``<key>.pt``) is the one it recorded; else None: the student is trained again (a damaged record
+    or student file is set aside, with one line)."""
     stored = read_own_json(path, "training its student", log)
     if stored is None or changed_settings(stored.get("identity", {}), identity):
         return None
@@ -169,12 +205,18 @@ def read_finished_run(path: Path, identity: dict[str, Any], log: Callable[[str],
     if not isinstance(result, dict) or not isinstance(result.get("evaluated_epochs"), list):
         log(f"{path} is damaged (no result); kept as {set_aside(path).name}, training its student again")
         return None
+    weights = path.with_suffix(".pt")
+    if not file_digest_matches(weights, stored.get("weights_sha256")):
+        state = "is missing" if not weights.exists() else "is not the student its run recorded"
+        log(f"{weights} {state}; training its student again")
+        return None
     return result
 
 
 def write_finished_run(path: Path, identity: dict[str, Any], result: dict[str, Any]) -> None:
-    """Store one finished student run with the identity it was made for."""
-    write_json(path, {"identity": identity, "result": result})
+    """Store one finished student run with the identity it was made for and the sha256 of the trained student
+    beside it (``<key>.pt``, written first)."""
+    write_json(path, {"identity": identity, "weights_sha256": sha256_file(path.with_suffix(".pt")), "result": result})
 
 
 # ------------------------------------------------------------- the folder
@@ -184,7 +226,7 @@ EVALUATION_FORMAT = "fadrm-evaluation"
 EVALUATION_FILES = matches_any(
     [
         r"runs/[^/]+\.(json|pt)",
-        r"labels[^/]*/(labels\.json|epoch\d{5}\.safetensors)",
+        r"labels[^/]*/(labels\.json|epoch\d{5}\.(safetensors|sha256))",
         r"results\.(json|md)",
         r"curves\.png",
         r"config\.yaml",
@@ -222,10 +264,10 @@ def claim_evaluation_folder(
         evaluated = marker.get("set_id")
     elif holds_nothing(out):
         evaluated = set_id
-    elif (out / "config.yaml").is_file() and ((out / "runs").is_dir() or (out / "results.json").is_file()):
+    elif legacy_sets(out):
         # Written before fadrm 0.4: the set its students were trained on is in their identities.
-        found = {record.get("identity", {}).get("distilled_set") for record in finished_records(out)}
-        evaluated = found.pop() if len(found) == 1 else (set_id if not found else None)
+        found = legacy_sets(out)
+        evaluated = found.pop() if len(found) == 1 else None
     else:
         raise FadrmError(
             f"--out {out} holds files and is not a fadrm evaluation (no {EVALUATION_MARKER}); fadrm writes only "
@@ -249,17 +291,21 @@ def claim_evaluation_folder(
     )
 
 
-def finished_records(out: Path) -> list[dict[str, Any]]:
-    """The readable finished-run records in ``out/runs`` (a damaged one is left for its run to set aside)."""
-    records = []
+def legacy_sets(out: Path) -> set[str]:
+    """The ids of the sets whose students the finished-run records in ``out/runs`` hold (an evaluation
+    written before its folder was marked); empty when it holds none (a damaged record is left for its
+    run to set aside)."""
+    found = set()
     for path in sorted((out / "runs").glob("*.json")):
         try:
             record = read_json(path)
         except DAMAGE_ERRORS:
             continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+        identity = record.get("identity") if isinstance(record, dict) else None
+        set_id = identity.get("distilled_set") if isinstance(identity, dict) else None
+        if isinstance(set_id, str):
+            found.add(set_id)
+    return found
 
 
 def label_store_identity(

@@ -37,7 +37,18 @@ from ..augment import train_transform
 from ..config import DistillConfig, StatsConfig, resolve, validate
 from ..data import DatasetSpec, ImageDataset, get_dataset_spec, load_split, normalize
 from ..errors import FadrmError
-from ..io import atomic_path, read_json, safe_name, save_torch, sha256_file, write_json
+from ..io import (
+    atomic_path,
+    file_digest_matches,
+    seal,
+    seal_broken,
+    read_own_json,
+    safe_name,
+    save_torch,
+    set_aside,
+    sha256_file,
+    write_json,
+)
 from ..runtime import Runtime, make_runtime
 from ..seeding import derive_seed, make_generator
 from .targets import (
@@ -78,8 +89,13 @@ def write_statistics(path: Path, tensors: dict[str, torch.Tensor], description: 
     return description
 
 
-def read_statistics_description(path: Path, expected: Mapping[str, Any], fix: str) -> dict[str, Any] | None:
+def read_statistics_description(
+    path: Path, expected: Mapping[str, Any], fix: str, log: Callable[[str], None] = print
+) -> dict[str, Any] | None:
     """The description of a complete statistics file (None if there is none), checked against ``expected``.
+
+    A damaged description, or a file whose bytes are not those its description records, is set aside
+    (one line) and None returned: the file is computed again.
 
     Raises:
         FadrmError: one line naming the settings that differ from ``expected`` and ``fix``.
@@ -87,9 +103,15 @@ def read_statistics_description(path: Path, expected: Mapping[str, Any], fix: st
     described = statistics_description(path)
     if not (path.exists() and described.exists()):
         return None
-    description = read_json(described)
+    description = read_own_json(described, "computing the statistics", log)
+    if description is None:
+        return None
     if description.get("format") != STATISTICS_FORMAT or description.get("format_version", 0) > STATISTICS_VERSION:
         raise FadrmError(f"{described} is not a statistics file this fadrm reads; {fix}")
+    if not file_digest_matches(path, description.get("sha256", "")):
+        log(f"{path} is not the file its description records; kept as {set_aside(path).name}, computing it again")
+        set_aside(described)
+        return None
     require_same_settings({k: description.get(k) for k in expected}, expected, f"the statistics file {path}", fix)
     return description
 
@@ -230,8 +252,21 @@ def compute_teacher_statistics(
     partial = path.with_name(path.name + ".partial")
     sums = _Sums(len(dataset.classes), runtime.device)
     done = 0
+    state = None
     if partial.exists() and not config.overwrite:
-        state = safe_torch_load(partial)
+        try:
+            state = safe_torch_load(partial)
+        except FadrmError:
+            pass
+        if (
+            not isinstance(state, dict)
+            or not isinstance(state.get("identity"), dict)
+            or "sums" not in state
+            or seal_broken(state)
+        ):
+            log(f"{partial} is damaged; kept as {set_aside(partial).name}, starting the pass again")
+            state = None
+    if state is not None:
         require_same_settings(
             state.get("identity", {}),
             identity,
@@ -255,7 +290,7 @@ def compute_teacher_statistics(
             with torch.no_grad():
                 _eager(teacher.model)(normalize(runtime.batch(images), spec.mean, spec.std))
             if time.monotonic() - saved >= SAVE_EVERY_SECONDS:
-                save_torch(partial, {"identity": identity, "batches_done": done, "sums": sums.state()})
+                save_torch(partial, seal({"identity": identity, "batches_done": done, "sums": sums.state()}))
                 saved = time.monotonic()
     finally:
         for handle in handles:
@@ -302,7 +337,7 @@ def teacher_statistics(
         expected = {
             k: v for k, v in _identity(teacher, spec, config).items() if k in ("teacher_sha256", "dataset", "holdout")
         }
-        description = read_statistics_description(path, expected, _fix(path))
+        description = read_statistics_description(path, expected, _fix(path), log)
         if description is None:
             if not compute:
                 raise FadrmError(
@@ -357,7 +392,7 @@ def compute_statistics(config: StatsConfig, log: Callable[[str], None] = print) 
         path = statistics_file(teacher, config.stats_dir)
         fix = "pass --overwrite to compute it again"
         description = (
-            None if config.overwrite else read_statistics_description(path, _identity(teacher, spec, config), fix)
+            None if config.overwrite else read_statistics_description(path, _identity(teacher, spec, config), fix, log)
         )
         if description is None:
             description = compute_teacher_statistics(teacher, dataset, spec, config, runtime, path, log)
