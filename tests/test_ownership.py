@@ -88,6 +88,8 @@ def test_distill_never_writes_into_a_folder_it_does_not_own(
 def test_distill_overwrite_replaces_only_its_own_files(two_sets, fmnist_root, teacher_ckpt, tmp_path, capsys):
     out = tmp_path / "b"
     shutil.copytree(two_sets["b"], out)
+    for mine in ("images/README.txt", "images/000_T-shirt_top/mine.png", "state/notes.txt"):
+        (out / mine).write_text("mine")
     before = checksum(out)
     status, _, err = run_cli(rded_distill_argv(fmnist_root, teacher_ckpt, out, "--seed", "0"), capsys)
     assert status == 2 and "different settings (seed)" in err[0] and checksum(out) == before
@@ -95,10 +97,10 @@ def test_distill_overwrite_replaces_only_its_own_files(two_sets, fmnist_root, te
     assert status == 0, err
     after = checksum(out)
     # The user's files and the set's evaluation are kept; the images are now the seed-0 set's.
-    assert {k: after[k] for k in before if k == "notes.txt" or k.startswith("eval/")} == {
-        k: before[k] for k in before if k == "notes.txt" or k.startswith("eval/")
-    }
-    assert checksum(out / "images") == checksum(two_sets["a"] / "images")
+    users = [k for k in before if "notes.txt" in k or "mine" in k or "README" in k or k.startswith("eval/")]
+    assert {k: after[k] for k in users} == {k: before[k] for k in users}
+    ours = {k: v for k, v in checksum(out / "images").items() if "mine" not in k and "README" not in k}
+    assert ours == checksum(two_sets["a"] / "images")
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -192,3 +194,27 @@ def test_a_moved_set_keeps_its_finished_students(two_sets, fmnist_root, tmp_path
     shutil.copytree(two_sets["a"], moved)
     status, out, err = run_cli(["evaluate", str(moved), *EVAL_ARGS, "--data-root", str(fmnist_root)], capsys)
     assert status == 0 and any("reusing finished run" in line for line in out), (out, err)
+
+
+def test_a_name_with_control_characters_is_shown_escaped_in_one_line(fmnist_root, teacher_ckpt, tmp_path, capsys):
+    out = user_folder(tmp_path / "mi\nne\x1b[2J")
+    status, _, err = run_cli(rded_distill_argv(fmnist_root, teacher_ckpt, out), capsys)
+    assert status == 2 and len(err) == 1 and "mi\\nne\\x1b[2J" in err[0], err
+
+
+def test_an_image_of_another_kind_in_a_set_is_one_line(two_sets, fmnist_root, tmp_path, capsys):
+    """A colour PNG, or one of another size, in a grey 28 px set: named, also in a set whose manifest records no
+    image digests (made by fadrm 0.3)."""
+    from PIL import Image
+
+    for kind, image in (("colour", Image.new("RGB", (28, 28), (200, 10, 10))), ("size", Image.new("L", (32, 32)))):
+        folder = tmp_path / kind
+        shutil.copytree(two_sets["a"], folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for record in manifest["images"]:
+            record.pop("sha256")
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        image.save(folder / "images" / "004_Coat" / "000.png")
+        status, _, err = run_cli(["evaluate", str(folder), *EVAL_ARGS, "--data-root", str(fmnist_root)], capsys)
+        words = "is a colour image" if kind == "colour" else "is 32 x 32 px"
+        assert status == 2 and len(err) == 1 and words in err[0] and "004_Coat/000.png" in err[0], err

@@ -274,6 +274,34 @@ def test_edc_starts_from_real_images_of_each_class(fmnist_root, teacher_ckpt, tm
     for file in sorted((tmp_path / "from-rded" / "images").rglob("*.png")):
         source = _pixels(tmp_path / "rded" / file.relative_to(tmp_path / "from-rded"))
         assert np.array_equal(_pixels(file), source) or np.array_equal(_pixels(file), source[:, ::-1])
+    # The run is identified by the starting set's content, not its place: moved, the run is the same one;
+    # another set's content at the same place is another run.
+    shutil.copytree(tmp_path / "rded", tmp_path / "moved")
+    lines: list[str] = []
+    again = {**common, "log": lines.append}
+    fadrm.distill(
+        "fashion-mnist",
+        teacher_ckpt,
+        tmp_path / "from-rded",
+        method="edc",
+        ipc=1,
+        init_from=str(tmp_path / "moved"),
+        **again,
+    )
+    assert f"resuming in {tmp_path / 'from-rded'}" in lines
+    fadrm.distill(
+        "fashion-mnist", teacher_ckpt, tmp_path / "moved", method="rded", ipc=1, seed=9, overwrite=True, **common
+    )
+    with pytest.raises(FadrmError, match=r"different settings \(init_from\)"):
+        fadrm.distill(
+            "fashion-mnist",
+            teacher_ckpt,
+            tmp_path / "from-rded",
+            method="edc",
+            ipc=1,
+            init_from=str(tmp_path / "moved"),
+            **common,
+        )
     with pytest.raises(FadrmError, match="holds a fashion-mnist set at IPC 1; it must be fashion-mnist at IPC 2"):
         fadrm.distill(
             "fashion-mnist",

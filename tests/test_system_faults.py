@@ -140,3 +140,23 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
         else:
             assert process.returncode == 0, err  # it had finished
     assert 130 in statuses
+
+
+@pytest.mark.parametrize("kind", ["a file", "read-only"])
+def test_a_cache_fadrm_cannot_use_is_one_line(kind, distilled, fmnist_root, tmp_path, monkeypatch, capsys):
+    """``FADRM_CACHE`` (where full-data students are shared) a file, or a folder fadrm may not write."""
+    cache = tmp_path / "cache"
+    if kind == "a file":
+        cache.write_text("x")
+    else:
+        cache.mkdir()
+        cache.chmod(0o500)
+    monkeypatch.setenv("FADRM_CACHE", str(cache))
+    argv = ["evaluate", str(distilled), "--baseline", "full-data", "--epochs", "1", "--device", "cpu"]
+    status, _, err = run_cli([*argv, "--data-root", str(fmnist_root), "--out", str(tmp_path / "e")], capsys)
+    if cache.is_dir():
+        cache.chmod(0o700)
+    if kind == "read-only" and os.geteuid() == 0:
+        assert status == 0, err  # root writes anyway: nothing to refuse
+        return
+    assert status == 3 and len(err) == 1 and str(cache) in err[0] and "internal error" not in err[0], err

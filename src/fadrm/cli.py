@@ -23,7 +23,7 @@ from .config import (
     option_fields,
     option_type,
 )
-from .errors import SYSTEM_FAULT_EXIT, FadrmError, system_fault
+from .errors import SYSTEM_FAULT_EXIT, FadrmError, one_line, system_fault
 from .yaml_input import load_yaml
 
 
@@ -240,7 +240,7 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line (``fadrm: error: ...``), exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"fadrm: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"fadrm: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 # Set to show the traceback of an unexpected error (as --debug does).
@@ -322,7 +322,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     except FadrmError as exc:
-        print(f"fadrm: error: {exc}", file=sys.stderr)
+        print(f"fadrm: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return _stopping("interrupted", 130)
@@ -336,7 +336,7 @@ def _run(args: argparse.Namespace) -> int:
         if debug:
             raise
         if fault is not None:
-            print(f"fadrm: error: {fault}", file=sys.stderr)
+            print(f"fadrm: error: {one_line(fault)}", file=sys.stderr)
             return SYSTEM_FAULT_EXIT
         detail = " ".join(str(exc).split())[:200]
         print(

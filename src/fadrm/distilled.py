@@ -105,12 +105,18 @@ class Layout:
 
 
 def run_identity(
-    config: DistillConfig, teachers_sha256: list[str | None], statistics_sha256: list[str] | None = None
+    config: DistillConfig,
+    teachers_sha256: list[str | None],
+    statistics_sha256: list[str] | None = None,
+    init_set: str | None = None,
 ) -> dict[str, Any]:
-    """What defines a distilled set: its defining settings, its teachers' file hashes and, for a
-    method that matches the teachers' statistics files, their hashes."""
+    """What defines a distilled set: its defining settings, its teachers' file hashes, for a method that
+    matches the teachers' statistics files their hashes, and for a run that starts from another set
+    (``--init-from``) that set's content id."""
     identity = {"config": config.identity(), "teachers_sha256": list(teachers_sha256)}
-    return identity if statistics_sha256 is None else {**identity, "statistics_sha256": list(statistics_sha256)}
+    if statistics_sha256 is not None:
+        identity["statistics_sha256"] = list(statistics_sha256)
+    return identity if init_set is None else {**identity, "init_from_set": init_set}
 
 
 # The files a set's run writes, relative to its folder: what --overwrite may remove (run.json is rewritten).
@@ -133,6 +139,7 @@ def open_distilled_folder(
     teachers_sha256: list[str | None],
     log: Callable[[str], None],
     statistics_sha256: list[str] | None = None,
+    init_set: str | None = None,
 ) -> None:
     """Create the folder, or check that an existing one holds the same run (resume).
 
@@ -141,7 +148,7 @@ def open_distilled_folder(
     removed first, only those the run writes (:data:`RUN_FILES`). A damaged ``run.json`` is set aside
     with the run's records (what they were made for is unknown), so the run starts again in the folder.
     """
-    identity = run_identity(config, teachers_sha256, statistics_sha256)
+    identity = run_identity(config, teachers_sha256, statistics_sha256, init_set)
     damaged = layout.run_file.exists()
     previous = read_own_json(layout.run_file, "starting the run", log)
     damaged = damaged and previous is None
@@ -165,6 +172,7 @@ def open_distilled_folder(
                 **previous.get("config", {}),
                 "teachers": previous.get("teachers_sha256"),
                 "statistics": previous.get("statistics_sha256"),
+                "init_from": previous.get("init_from_set", previous.get("config", {}).get("init_from")),
             }
             require_same_settings(
                 previous,
@@ -172,6 +180,7 @@ def open_distilled_folder(
                     **identity["config"],
                     "teachers": identity["teachers_sha256"],
                     "statistics": identity.get("statistics_sha256"),
+                    "init_from": identity.get("init_from_set"),
                 },
                 f"{layout.root} holds a run that",
                 "pass --overwrite to replace it or choose another --out",

@@ -30,6 +30,7 @@ SYSTEM_FAULTS = {
     errno.ENFILE: "the system has too many files open: retry later or give fewer --workers",
     errno.ENOTDIR: "a file stands where a folder is expected: check the path",
     errno.EISDIR: "a folder stands where a file is expected: check the path",
+    errno.EEXIST: "a file stands where a folder is to be made: check the path",
     errno.EIO: "the disk reported an input/output error: check it, then run the same command again",
 }
 SYSTEM_FAULT_EXIT = 3
@@ -43,3 +44,9 @@ def system_fault(exc: BaseException) -> str | None:
     path = exc.filename if exc.filename is not None else "a file"
     also = f" -> {exc.filename2}" if exc.filename2 is not None else ""
     return f"{path}{also}: {exc.strerror or os.strerror(exc.errno)}; {SYSTEM_FAULTS[exc.errno]}"
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character (a newline in a file name, an escape sequence) shown escaped, so
+    that a message stays one line and cannot drive the terminal."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in str(text))

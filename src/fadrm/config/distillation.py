@@ -156,8 +156,10 @@ class DistillConfig(StageConfig):
     teacher_arch: str | None = option(None, help="architecture of a plain state-dict teacher", check=model_name)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     patches: PatchConfig = field(default_factory=PatchConfig)
+    # Not defining by path: a run records the content id of the set it starts from (moved, it is the same set).
     init_from: str | None = option(
         None,
+        defines=False,
         check=existing_folder,
         help="a finished distilled set of the same dataset and IPC whose images a "
         "real-image initialiser draws from instead of the training set (EDC on "

@@ -50,7 +50,6 @@ UNCHANGED_SINCE: dict[str, dict[str, AsBefore]] = {
         "committee_size": at("committee_size", 1),
         "fixed_committee": at("fixed_committee", None),
         "priors": at("priors", None),
-        "init_from": at("init_from", None),
         # Patches fill the image at factor 1, where either scoring gives the same ranking.
         "patch_scoring": at("factor", 1),
     },

@@ -1,12 +1,14 @@
 """What an evaluation keeps on disk besides its report: label stores and finished student runs.
 
+* **The folder's marker**: ``<eval>/evaluation.json`` (``fadrm-evaluation``, version 1) names the set
+  whose evaluation the folder holds (:func:`claim_evaluation_folder`).
 * **Label store** (version 1): ``labels.json`` (what the labels were made for:
-  :func:`label_store_identity`) and one ``epochNNNNN.safetensors`` of teacher outputs per epoch
-  (:class:`LabelStore`), computed once (:func:`fill_label_store`) and read by every student that
-  trains on the same views.
-* **Finished run**: ``<eval>/runs/<key>.json`` holding ``identity`` and ``result``; the trained
-  student beside it as ``<key>.pt`` (a teacher checkpoint: any command takes it as a teacher).
-  An unfinished student's state is :class:`fadrm.artifacts.StudentCheckpoint`.
+  :func:`label_store_identity`) and one ``epochNNNNN.safetensors`` of teacher outputs per epoch with
+  its sha256 in ``epochNNNNN.sha256`` (:class:`LabelStore`), computed once (:func:`fill_label_store`)
+  and read by every student that trains on the same views.
+* **Finished run**: ``<eval>/runs/<key>.json`` holding ``identity``, ``weights_sha256`` and ``result``;
+  the trained student beside it as ``<key>.pt`` (a teacher checkpoint: any command takes it as a
+  teacher). An unfinished student's state is :class:`fadrm.artifacts.StudentCheckpoint`.
 
 A store or run is reused only for the identity it was made for
 (:func:`fadrm.artifacts.changed_settings`).

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..artifacts import read_priors
-from ..distilled import Layout, open_distilled_folder, write_manifest
+from ..distilled import DistilledSet, Layout, open_distilled_folder, write_manifest
 from ..config import DEFAULT_BATCH_IMAGES, DistillConfig, validate
 from ..data import DatasetSpec, data_folder, get_dataset_spec, load_split, normalize
 from ..data.transforms import denormalize
@@ -298,6 +298,7 @@ def _distill_ranked(
             [t.sha256 for t in teachers],
             log,
             [d["sha256"] for _, d in statistics] if statistics is not None else None,
+            DistilledSet.open(config.init_from).set_id() if config.init_from else None,
         )
     ranks.barrier()
     INITIALISERS.get(method.initialiser).prepare(run)
