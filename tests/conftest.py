@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -44,6 +45,19 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
     with gzip.open(path, "wb") as fh:
         fh.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """fadrm's shared cache (dataset digests, full-data students) in the test session's own folder, never the
+    user's (also for the processes tests start)."""
+    before = os.environ.get("FADRM_CACHE")
+    os.environ["FADRM_CACHE"] = str(tmp_path_factory.mktemp("fadrm-cache"))
+    yield
+    if before is None:
+        os.environ.pop("FADRM_CACHE", None)
+    else:
+        os.environ["FADRM_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

@@ -579,8 +579,13 @@ def test_the_plan_names_every_job_its_identity_and_files_and_the_run_keeps_to_it
 
     options = dict(data_root=str(fmnist_root), baselines=["random-real"], labels="stored", repeats=2, **QUICK)
     config = api.eval_config(distilled=str(distilled), out=str(tmp_path / "e"), **options)
+    from fadrm.data.digest import data_digest
+    from fadrm.io import default_cache
+
     distilled_set = DistilledSet.open(distilled)
-    plan = plan_evaluation(config, distilled_set, "convnet-small")
+    data = data_digest(fmnist_root, default_cache(), print)
+    plan = plan_evaluation(config, distilled_set, "convnet-small", data_sha256=data)
+    assert all(job.identity["data_sha256"] == data for repeat in plan.repeats for job in repeat.jobs)
     # The set settles what the config leaves to it, in a new config: the caller's is not changed.
     assert config.holdout is None and plan.config.holdout == distilled_set.holdout
     assert plan.out == tmp_path / "e" and plan.students == ("convnet-small",) and plan.full_data == ()

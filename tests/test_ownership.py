@@ -218,3 +218,42 @@ def test_an_image_of_another_kind_in_a_set_is_one_line(two_sets, fmnist_root, tm
         status, _, err = run_cli(["evaluate", str(folder), *EVAL_ARGS, "--data-root", str(fmnist_root)], capsys)
         words = "is a colour image" if kind == "colour" else "is 32 x 32 px"
         assert status == 2 and len(err) == 1 and words in err[0] and "004_Coat/000.png" in err[0], err
+
+
+def change_one_image(data: Path, split: str) -> None:
+    """Change one pixel of one image in an IDX images file (``train`` or ``t10k``) of a copied dataset."""
+    import gzip
+
+    path = data / f"{split}-images-idx3-ubyte.gz"
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[16 + 28 * 28 * 5 + 400] ^= 0xFF  # image 5, a pixel near its middle
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+def test_a_changed_dataset_file_is_never_taken_for_the_data_a_result_was_made_from(
+    fmnist_root, teacher_ckpt, tmp_path, capsys
+):
+    """One training image changed after a set was distilled: the resume is refused naming the data, and
+    --overwrite gives the set a fresh run on the changed data gives. One validation image changed after an
+    evaluation: its students are trained again, as a fresh evaluation on the changed data trains them."""
+    data = tmp_path / "data"
+    shutil.copytree(fmnist_root, data)
+    out = tmp_path / "set"
+    assert run_cli(rded_distill_argv(data, teacher_ckpt, out), capsys)[0] == 0
+    evaluate = ["evaluate", str(out), *EVAL_ARGS, "--data-root", str(data)]
+    assert run_cli(evaluate, capsys)[0] == 0
+    change_one_image(data, "train")
+    status, _, err = run_cli(rded_distill_argv(data, teacher_ckpt, out), capsys)
+    assert status == 2 and "different settings (data)" in err[0], err
+    assert run_cli(rded_distill_argv(data, teacher_ckpt, out, "--overwrite"), capsys)[0] == 0
+    assert run_cli(rded_distill_argv(data, teacher_ckpt, tmp_path / "fresh-set"), capsys)[0] == 0
+    assert checksum(out / "images") == checksum(tmp_path / "fresh-set" / "images")
+
+    change_one_image(data, "t10k")
+    status, lines, err = run_cli(evaluate, capsys)
+    assert status == 0 and not any("reusing" in line for line in lines), (lines, err)
+    assert run_cli([*evaluate, "--out", str(tmp_path / "fresh-eval")], capsys)[0] == 0
+    runs = [
+        json.loads((folder / "results.json").read_text())["runs"] for folder in (out / "eval", tmp_path / "fresh-eval")
+    ]
+    assert [(r["top1"], r["history"]) for r in runs[0]] == [(r["top1"], r["history"]) for r in runs[1]]

@@ -189,6 +189,30 @@ def test_ctrl_c_twice_is_one_line_and_the_teacher_resumes(fmnist_root, tmp_path)
     assert proc.returncode == 0 and f"resuming {out} after epoch" in proc.stdout
 
 
+def test_sigterm_twice_is_one_line_exit_143_and_the_teacher_resumes(fmnist_root, tmp_path):
+    """SIGTERM (kill, a scheduler's time limit) twice 10 ms apart, between epochs of a real process: one line
+    saying how to resume, the process ends by the signal (143 in a shell), the rerun resumes."""
+    import signal
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "t.pt"
+    command = [sys.executable, "-m", "fadrm", "train-teacher", "--dataset", "fashion-mnist", "--model"]
+    command += ["convnet-small", "--model-arg", "width=4", "--epochs", "200", "--data-root", str(fmnist_root)]
+    command += ["--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not partial_path(out).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for _ in range(2):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == -signal.SIGTERM, err
+    assert err == "fadrm: terminated (SIGTERM); run the same command again to resume\n"
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and f"resuming {out} after epoch" in proc.stdout
+
+
 def test_train_teacher_killed_with_sigkill_resumes_to_the_same_weights(fmnist_root, tmp_path):
     """kill -9 between epochs (a real process, the default options but a small model): the rerun
     continues from the last finished epoch and ends with the weights of an uninterrupted run."""

@@ -43,14 +43,19 @@ from .io import read_json, save_torch, seal, seal_broken, set_aside, write_json
 # evaluated set's folder (a set is identified by its content since 0.4). Never compared, so a moved
 # set's finished students are reused.
 PLACE_KEYS = frozenset({"distilled"})
+# Keys identities hold since fadrm 0.4, compared only where the stored identity has them: a result made
+# before is taken as made from the same data (what it was made from was not recorded).
+RECORDED_SINCE_0_4 = frozenset({"data_sha256"})
 
 
 def changed_settings(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
     """The names of the settings that differ between two identities, sorted (nested mappings are
     compared key by key, so a changed ``config.ipc`` is named ``ipc``; :data:`PLACE_KEYS` are not
-    compared)."""
+    compared, nor :data:`RECORDED_SINCE_0_4` where ``found`` lacks them)."""
     changed = []
     for key in sorted((set(found) | set(expected)) - PLACE_KEYS):
+        if key in RECORDED_SINCE_0_4 and key not in found:
+            continue
         old, new = found.get(key), expected.get(key)
         if isinstance(old, Mapping) and isinstance(new, Mapping):
             changed += changed_settings(old, new)

@@ -23,6 +23,7 @@ from .config import EvalConfig, TeacherConfig, resolve
 from .data import DatasetSpec, eval_transform
 from .data.datasets import ImageDataset, TrainingSet
 from .errors import FadrmError
+from .io import default_cache
 from .registry import Registry
 from .seeding import make_generator
 from .teachers import Teacher, train_teacher
@@ -128,13 +129,6 @@ def comparison_arms(baselines: Sequence[str]) -> list[Arm]:
 
 
 # --------------------------------------------------------------- full data
-def default_cache() -> Path:
-    """Where models shared between evaluations live: ``$FADRM_CACHE``, else ``~/.cache/fadrm``."""
-    import os
-
-    return Path(os.environ.get("FADRM_CACHE") or Path.home() / ".cache" / "fadrm")
-
-
 def full_data_config(config: EvalConfig, dataset: str, student: str, model_args: dict) -> TeacherConfig:
     """How the full-data arm trains ``student``: the dataset's teacher recipe at the evaluation's seed and
     held-out split, written under ``--full-data-dir`` in a file named by what defines it."""

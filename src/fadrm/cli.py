@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -255,6 +256,7 @@ EXIT_STATUSES = {
     SYSTEM_FAULT_EXIT: "the operating system refused (disk full, permissions, ...; the message names the path)",
     130: "interrupted (Ctrl-C)",
     141: "the reader of the output went away",
+    143: "terminated (SIGTERM: kill, a scheduler's time limit)",
 }
 
 
@@ -292,6 +294,17 @@ def _stopping(message: str, status: int) -> int:
     return status
 
 
+def _terminated(number: int, frame: types.FrameType | None, *, main_process: int) -> None:
+    """SIGTERM (``kill``, a scheduler's time limit): say so in one line, then end as the signal ends a
+    process (status 143 to the shell), at once and without unwinding, so that nothing can swallow it.
+    Every file is complete or under a temporary name, so the same command resumes. A data-loading
+    process that inherited the handler ends silently."""
+    if os.getpid() == main_process:
+        print("fadrm: terminated (SIGTERM); run the same command again to resume", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; its exit status says what happened (:data:`EXIT_STATUSES`, listed in ``--help``):
     user errors print one line and exit 2; the operating system's refusals (disk full, permissions)
@@ -308,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {number: signal.getsignal(number) for number in (*STOP_SIGNALS, signal.SIGCHLD)}
+        if argv is None:  # the command itself, not a call in a caller's process
+            signal.signal(signal.SIGTERM, functools.partial(_terminated, main_process=os.getpid()))
     try:
         return _run(args)
     finally:

@@ -109,11 +109,14 @@ def run_identity(
     teachers_sha256: list[str | None],
     statistics_sha256: list[str] | None = None,
     init_set: str | None = None,
+    data_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """What defines a distilled set: its defining settings, its teachers' file hashes, for a method that
-    matches the teachers' statistics files their hashes, and for a run that starts from another set
-    (``--init-from``) that set's content id."""
+    """What defines a distilled set: its defining settings, its teachers' file hashes, the dataset's content
+    (:func:`fadrm.data.digest.data_digest`), for a method that matches the teachers' statistics files their
+    hashes, and for a run that starts from another set (``--init-from``) that set's content id."""
     identity = {"config": config.identity(), "teachers_sha256": list(teachers_sha256)}
+    if data_sha256 is not None:
+        identity["data_sha256"] = data_sha256
     if statistics_sha256 is not None:
         identity["statistics_sha256"] = list(statistics_sha256)
     return identity if init_set is None else {**identity, "init_from_set": init_set}
@@ -140,6 +143,7 @@ def open_distilled_folder(
     log: Callable[[str], None],
     statistics_sha256: list[str] | None = None,
     init_set: str | None = None,
+    data_sha256: str | None = None,
 ) -> None:
     """Create the folder, or check that an existing one holds the same run (resume).
 
@@ -148,7 +152,7 @@ def open_distilled_folder(
     removed first, only those the run writes (:data:`RUN_FILES`). A damaged ``run.json`` is set aside
     with the run's records (what they were made for is unknown), so the run starts again in the folder.
     """
-    identity = run_identity(config, teachers_sha256, statistics_sha256, init_set)
+    identity = run_identity(config, teachers_sha256, statistics_sha256, init_set, data_sha256)
     damaged = layout.run_file.exists()
     previous = read_own_json(layout.run_file, "starting the run", log)
     damaged = damaged and previous is None
@@ -164,8 +168,8 @@ def open_distilled_folder(
             log(f"--overwrite: removing the previous run's outputs in {layout.root}")
             remove_own_files(layout.root, RUN_FILES, log)
         elif not holds_finished_work(layout):
-            # A command refused after it opened the folder (an IPC a class cannot fill, say) left only
-            # its run.json and config.yaml: the corrected command takes the folder over, losing nothing.
+            # A run stopped before it finished anything left only its run.json and config.yaml: a command
+            # of other settings takes the folder over, losing nothing.
             log(f"{layout.root} holds a run that finished no work; starting this one in its place")
         else:
             previous = {
@@ -173,6 +177,7 @@ def open_distilled_folder(
                 "teachers": previous.get("teachers_sha256"),
                 "statistics": previous.get("statistics_sha256"),
                 "init_from": previous.get("init_from_set", previous.get("config", {}).get("init_from")),
+                "data": previous.get("data_sha256", identity.get("data_sha256")),  # (0.3 recorded none)
             }
             require_same_settings(
                 previous,
@@ -181,6 +186,7 @@ def open_distilled_folder(
                     "teachers": identity["teachers_sha256"],
                     "statistics": identity.get("statistics_sha256"),
                     "init_from": identity.get("init_from_set"),
+                    "data": identity.get("data_sha256"),
                 },
                 f"{layout.root} holds a run that",
                 "pass --overwrite to replace it or choose another --out",

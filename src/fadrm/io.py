@@ -17,6 +17,12 @@ import torch
 from PIL import Image
 
 
+def default_cache() -> Path:
+    """Where fadrm keeps what runs share (full-data students, dataset digests): ``$FADRM_CACHE``, else
+    ``~/.cache/fadrm``."""
+    return Path(os.environ.get("FADRM_CACHE") or Path.home() / ".cache" / "fadrm")
+
+
 # Free space below which a failed write is taken for a full disk.
 LOW_DISK_BYTES = 64 << 20
 

@@ -47,9 +47,9 @@ def refuse_data_folder(out: Path, data_folder: Path | None, option: str) -> None
 
 
 def remove_own_files(folder: Path, own: Callable[[Path], bool], log: Callable[[str], None]) -> None:
-    """Delete the files under ``folder`` that ``own`` names as fadrm's (given their path relative to
-    ``folder``), then the folders left empty; anything else (a user's file, a copy fadrm set aside as
-    damaged) is kept, with one line saying how many."""
+    """Delete the files under ``folder`` that ``own`` names as this kind of output's (given their path
+    relative to ``folder``), then the folders left empty; anything else (a user's file, another output
+    inside it, a copy fadrm set aside as damaged) is kept, with one line saying how many."""
     if not folder.exists():
         return
     kept = 0
@@ -62,7 +62,7 @@ def remove_own_files(folder: Path, own: Callable[[Path], bool], log: Callable[[s
         elif not path.is_dir():
             kept += 1
     if kept:
-        log(f"--overwrite: kept {kept} files in {folder} that fadrm did not write")
+        log(f"--overwrite: kept {kept} other files in {folder} (not this kind of output's own)")
 
 
 def matches_any(patterns: Iterable[str]) -> Callable[[Path], bool]:

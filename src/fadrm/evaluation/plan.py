@@ -170,6 +170,7 @@ def plan_evaluation(
     distilled_set: EvaluatedSet,
     default_student: str,
     teacher_digests: Sequence[str | None] = (),
+    data_sha256: str | None = None,
 ) -> EvaluationPlan:
     """Every job of the evaluation of ``distilled_set`` by ``config`` (validated), in the order they run.
 
@@ -181,6 +182,8 @@ def plan_evaluation(
         teacher_digests: the sha256 of each teacher ``config.teachers`` names, in its order (a teacher
             without a file, such as torchvision's weights, by its name): what the relabelling is
             identified by. Unused when the set's own teachers relabel (its manifest records theirs).
+        data_sha256: the content of the dataset the students validate on (and real subsets come from),
+            part of every student's identity (:func:`fadrm.data.digest.data_digest`; None: left out).
     """
     if config.teachers and len(teacher_digests) != len(config.teachers):
         raise ValueError("plan_evaluation needs the digest of every teacher config.teachers names")
@@ -207,7 +210,7 @@ def plan_evaluation(
                 trial, distilled_set.num_images, distilled_set.ipc, teachers, distilled_set.labels_identity()
             )
         jobs = [
-            student_job(trial, student, arm, suffix, set_id, teachers, distilled_set, out)
+            student_job(trial, student, arm, suffix, set_id, teachers, distilled_set, out, data_sha256)
             for student in students
             for arm in arms
             if arm.train_set != FULL_DATA
@@ -225,9 +228,10 @@ def student_job(
     teachers: Sequence[str | None],
     distilled_set: EvaluatedSet,
     out: Path,
+    data_sha256: str | None = None,
 ) -> StudentJob:
     """The job of ``student`` on ``arm`` in the repeat whose settings are ``trial``, relabelled by the
-    teachers whose digests are ``teachers``."""
+    teachers whose digests are ``teachers``, validated on the data whose content is ``data_sha256``."""
     recipe = resolve_recipe(trial, distilled_set.dataset, student, distilled_set.ipc)
     run_config = replace(trial, lr=recipe["lr"], eta=recipe["eta"], augment=trial.augment and arm.augment)
     key = arm.key(student) + suffix
@@ -241,5 +245,12 @@ def student_job(
     # By content: the set's id and, when the user names the teachers, their files' hashes (the set's own
     # teachers are part of its id). Never a path, so a moved set or teacher keeps its students.
     given_teachers = {"teachers": list(teachers)} if trial.teachers else {}
-    identity = {**run_config.identity(), **given_teachers, "distilled_set": set_id, "protocol": STUDENT_PROTOCOL}
+    data = {"data_sha256": data_sha256} if data_sha256 else {}
+    identity = {
+        **run_config.identity(),
+        **given_teachers,
+        "distilled_set": set_id,
+        "protocol": STUDENT_PROTOCOL,
+        **data,
+    }
     return StudentJob(key, student, arm, run_config, recipe, identity, out / "runs" / f"{key}.json", uses_store)

@@ -18,9 +18,10 @@ from ..baselines import DISTILLED, FULL_DATA, REAL_SUBSETS, full_data_student
 from ..config import EvalConfig, validate, write_config
 from ..data import DatasetSpec, data_folder, eval_transform, get_dataset_spec, load_split
 from ..data.datasets import TrainingSet
+from ..data.digest import data_digest
 from ..distributed import Ranks, init_ranks
 from ..errors import FadrmError
-from ..io import save_torch
+from ..io import default_cache, save_torch
 from ..labels import TeacherLabeller, prior_weights
 from ..locks import lock_or_nothing
 from ..models import build_model
@@ -82,7 +83,10 @@ def evaluate_ranked(
     teachers = load_teachers(sources, spec, val_set.classes, runtime, holdout=config.holdout)
     if not config.teachers:
         check_set_teachers(distilled_set, teachers)
-    plan = plan_evaluation(config, distilled_set, teachers[0].arch, [t.sha256 or t.source for t in teachers])
+    data_sha256 = data_digest(data_folder(spec, config.data_root), default_cache(), log)
+    plan = plan_evaluation(
+        config, distilled_set, teachers[0].arch, [t.sha256 or t.source for t in teachers], data_sha256
+    )
     # One writer per results folder (rank 0 for the group): a second evaluation into it is refused.
     with lock_or_nothing(plan.out, "--out", ranks.is_main):
         if ranks.is_main:

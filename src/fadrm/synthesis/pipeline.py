@@ -29,10 +29,11 @@ from ..artifacts import read_priors
 from ..distilled import DistilledSet, Layout, open_distilled_folder, write_manifest
 from ..config import DEFAULT_BATCH_IMAGES, DistillConfig, validate
 from ..data import DatasetSpec, data_folder, get_dataset_spec, load_split, normalize
+from ..data.digest import data_digest
 from ..data.transforms import denormalize
 from ..distributed import Ranks, init_ranks
 from ..errors import FadrmError
-from ..io import atomic_path, read_json, save_png, write_json
+from ..io import atomic_path, default_cache, read_json, save_png, write_json
 from ..locks import lock_or_nothing
 from ..ownership import refuse_data_folder
 from .statistics import distill_statistics_config, teacher_statistics
@@ -299,6 +300,7 @@ def _distill_ranked(
             log,
             [d["sha256"] for _, d in statistics] if statistics is not None else None,
             DistilledSet.open(config.init_from).set_id() if config.init_from else None,
+            data_digest(data_folder(spec, config.data_root), default_cache(), log),
         )
     ranks.barrier()
     INITIALISERS.get(method.initialiser).prepare(run)
