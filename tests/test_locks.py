@@ -93,3 +93,51 @@ def test_a_second_distill_into_a_set_being_made_is_refused(fmnist_root, teacher_
     assert (out / LOCK_NAME).read_text().strip() == str(first.pid)
     with exclusive_folder(out, "--out"):
         assert (out / LOCK_NAME).read_text().strip() == str(os.getpid())
+
+
+def test_files_several_runs_may_write_have_one_writer(distilled, fmnist_root, teacher_ckpt, tmp_path):
+    """A teacher being trained, a teacher's statistics being computed, a label store being filled: a second
+    run that would write the same file is refused, naming the first's pid, and leaves it as it was."""
+    from fadrm.config import TeacherConfig
+    from fadrm.locks import exclusive_file
+    from fadrm.synthesis.statistics import statistics_file
+    from fadrm.teachers import load_teacher, train_teacher
+
+    teacher = tmp_path / "teacher.pt"
+    config = TeacherConfig(dataset="fashion-mnist", model="convnet-small", out=str(teacher), **QUICK)
+    config = TeacherConfig(**{**config.to_dict(), "data_root": str(fmnist_root)})
+    busy = rf"is being written by another fadrm process \(pid {os.getpid()}\)"
+    with exclusive_file(teacher, "--out"), pytest.raises(FadrmError, match=busy):
+        train_teacher(config, log=lambda line: None)
+    assert not teacher.exists()
+
+    stats = statistics_file(load_teacher(teacher_ckpt), tmp_path / "stats")
+    with exclusive_file(stats, "--stats-dir"), pytest.raises(FadrmError, match=busy):
+        fadrm.compute_statistics(
+            "fashion-mnist", teacher_ckpt, stats_dir=str(tmp_path / "stats"), data_root=str(fmnist_root), log=print
+        )
+    assert not stats.exists()
+
+    labels = tmp_path / "shared-labels"
+    options = dict(data_root=str(fmnist_root), labels="stored", labels_dir=str(labels), log=lambda line: None)
+    with exclusive_file(labels, "--labels-dir"), pytest.raises(FadrmError, match=busy):
+        fadrm.evaluate(distilled, out=str(tmp_path / "e"), **options, **QUICK)
+
+
+def test_teacher_overwrite_replaces_only_a_teacher(fmnist_root, tmp_path):
+    from fadrm.config import TeacherConfig
+    from fadrm.teachers import train_teacher
+
+    mine = tmp_path / "mine.pt"
+    mine.write_text("my notes")
+    config = TeacherConfig(
+        dataset="fashion-mnist",
+        model="convnet-small",
+        out=str(mine),
+        data_root=str(fmnist_root),
+        overwrite=True,
+        **QUICK,
+    )
+    with pytest.raises(FadrmError, match="is not a fadrm teacher checkpoint"):
+        train_teacher(config, log=lambda line: None)
+    assert mine.read_text() == "my notes"

@@ -1,6 +1,7 @@
-"""One writer per output folder: an advisory lock that a second fadrm process finds taken.
+"""One writer per output: an advisory lock that a second fadrm process finds taken.
 
-The lock is ``flock`` on ``<folder>/.fadrm.lock``, which holds the writer's process id. The kernel
+The lock is ``flock`` on ``<folder>/.fadrm.lock`` for an output folder, or on ``<file>.lock`` for a
+file several runs may write (a teacher checkpoint, a statistics file); it holds the writer's process id. The kernel
 releases it when the process ends however it ends (kill -9 included), so a lock left by a dead
 process is simply taken over; the file is removed when its writer finishes. Under torchrun the
 process group is one writer: rank 0 holds the lock for every rank.
@@ -35,7 +36,31 @@ def exclusive_folder(folder: str | Path, option: str) -> Iterator[None]:
     folder = Path(folder)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
+    try:
+        with _held(folder / LOCK_NAME, f"{folder} is in use", option):
+            yield
+    finally:
+        if created and folder.exists() and not any(folder.iterdir()):
+            folder.rmdir()  # a refused run leaves no folder it made
+
+
+@contextlib.contextmanager
+def exclusive_file(path: str | Path, option: str) -> Iterator[None]:
+    """Hold the lock of one file fadrm writes where other runs may write it too (a teacher checkpoint, a
+    teacher's statistics file): ``<file>.lock`` beside it, for the block.
+
+    Raises:
+        FadrmError: another process holds it (its process id, what to do), before anything is written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _held(path.with_name(f"{path.name}.lock"), f"{path} is being written", option):
+        yield
+
+
+@contextlib.contextmanager
+def _held(path: Path, busy: str, option: str) -> Iterator[None]:
+    """Hold the ``flock`` of ``path`` (made, with this process's id, and removed after), or refuse."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -45,8 +70,7 @@ def exclusive_folder(folder: str | Path, option: str) -> Iterator[None]:
                 raise
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise FadrmError(
-                f"{folder} is in use by another fadrm process (pid {holder}); wait for it to finish, or choose "
-                f"another {option}"
+                f"{busy} by another fadrm process (pid {holder}); wait for it to finish, or choose another {option}"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -55,8 +79,6 @@ def exclusive_folder(folder: str | Path, option: str) -> Iterator[None]:
         finally:
             # Removed while still held: a process that opens the name afterwards makes a fresh lock.
             path.unlink(missing_ok=True)
-            if created and not any(folder.iterdir()):
-                folder.rmdir()  # a refused run leaves no folder it made
     finally:
         os.close(fd)
 

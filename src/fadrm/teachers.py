@@ -11,6 +11,8 @@ pickled code.
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -20,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .locks import exclusive_file
 from .artifacts import (
     checkpoint_dict,
     checkpoint_meta,
@@ -366,6 +369,10 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
     """
     validate(config)
     out = Path(config.out)
+    if out.exists() and config.overwrite and not _is_fadrm_teacher(out):
+        raise FadrmError(
+            f"{out} is not a fadrm teacher checkpoint; --overwrite replaces only fadrm's own: choose another --out"
+        )
     if out.exists() and not config.overwrite:
         ckpt = safe_torch_load(out)
         require_same_settings(
@@ -379,11 +386,21 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
     runtime = make_runtime(config.device, config.amp, stage="teacher")
     ranks = init_ranks(runtime.device.type)
     try:
-        _train_teacher_ranked(config, ranks.own_device(runtime), ranks, ranks.main_only(log))
+        # One writer per teacher file (rank 0 for the group): a second run training the same --out is refused.
+        with exclusive_file(out, "--out") if ranks.is_main else contextlib.nullcontext():
+            _train_teacher_ranked(config, ranks.own_device(runtime), ranks, ranks.main_only(log))
         ranks.barrier()  # the checkpoint is written
         return load_teacher(out)
     finally:
         ranks.close()
+
+
+def _is_fadrm_teacher(path: Path) -> bool:
+    """Whether ``path`` holds a teacher checkpoint fadrm wrote (what ``--overwrite`` may replace)."""
+    try:
+        return is_checkpoint(safe_torch_load(path))
+    except FadrmError:
+        return False
 
 
 def _train_teacher_ranked(config: TeacherConfig, runtime: Runtime, ranks: Ranks, log: Callable[[str], None]) -> None:

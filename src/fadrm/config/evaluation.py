@@ -238,7 +238,7 @@ class EvalConfig(StageConfig):
     device: str = device_option()
     amp: str = amp_option(f"mixed precision (auto: {CUDA_AUTO_AMP['evaluate']} on CUDA, as published; off on the CPU)")
     workers: int | None = workers_option("data-loading processes")
-    # One save measured 8 ms for the demo's ConvNet student, 4% of its epoch (benchmarks/student_checkpoint.py).
+    # One save measured 2.9 ms for the demo's ConvNet student, 3.5% of its epoch (benchmarks/student_checkpoint.py).
     checkpoint_every: int = option(
         1,
         defines=False,

@@ -41,6 +41,7 @@ from ..io import (
     sha256_file,
     write_json,
 )
+from ..locks import exclusive_file
 from ..ownership import holds_nothing, inside, same_place, matches_any, refuse_data_folder, remove_own_files
 from ..labels import TeacherLabeller, label_epoch, soft_targets
 from ..runtime import Runtime
@@ -358,12 +359,28 @@ def fill_label_store(
     """Open (or create) ``store`` and compute the epochs it lacks, on exactly the views the set's
     soft-label student draws (rank 0; the others wait)."""
     if ranks.is_main:
-        store.open(log)
-        sampler = ViewSampler.from_config(config, spec.image_size)
-        missing = [e for e in range(config.epochs) if not store.has(e, log)]
-        if missing:
-            log(f"storing soft labels for {len(missing)} epochs in {store.folder}")
-        for epoch in progress(missing, "labels"):
-            logits = label_epoch(images, sampler, epoch, config.batch_size, labeller, spec.mean, spec.std, runtime)
-            store.write(epoch, logits)
+        # One writer per store, also for a store evaluations share (the lock lies beside it: a stale store is
+        # renamed while held).
+        with exclusive_file(store.folder, "--labels-dir"):
+            fill_epochs(store, config, images, spec, labeller, runtime, log)
     ranks.barrier()
+
+
+def fill_epochs(
+    store: LabelStore,
+    config: EvalConfig,
+    images: torch.Tensor,
+    spec: DatasetSpec,
+    labeller: TeacherLabeller,
+    runtime: Runtime,
+    log: Callable[[str], None],
+) -> None:
+    """:func:`fill_label_store` in the process that writes: open the store, compute the epochs it lacks."""
+    store.open(log)
+    sampler = ViewSampler.from_config(config, spec.image_size)
+    missing = [e for e in range(config.epochs) if not store.has(e, log)]
+    if missing:
+        log(f"storing soft labels for {len(missing)} epochs in {store.folder}")
+    for epoch in progress(missing, "labels"):
+        logits = label_epoch(images, sampler, epoch, config.batch_size, labeller, spec.mean, spec.std, runtime)
+        store.write(epoch, logits)

@@ -37,6 +37,7 @@ from ..augment import train_transform
 from ..config import DistillConfig, StatsConfig, resolve, validate
 from ..data import DatasetSpec, ImageDataset, get_dataset_spec, load_split, normalize
 from ..errors import FadrmError
+from ..locks import exclusive_file
 from ..io import (
     atomic_path,
     file_digest_matches,
@@ -345,7 +346,8 @@ def teacher_statistics(
                     "process with fadrm stats"
                 )
             log(f"computing the statistics of {teacher.source} (one pass over {len(dataset)} training images)")
-            description = compute_teacher_statistics(teacher, dataset, spec, config, runtime, path, log)
+            with exclusive_file(path, "--stats-dir"):  # one pass per file: a second process is refused
+                description = compute_teacher_statistics(teacher, dataset, spec, config, runtime, path, log)
         out.append((load_targets(path, teacher, description["cell"]), description))
     return out
 
@@ -395,7 +397,8 @@ def compute_statistics(config: StatsConfig, log: Callable[[str], None] = print) 
             None if config.overwrite else read_statistics_description(path, _identity(teacher, spec, config), fix, log)
         )
         if description is None:
-            description = compute_teacher_statistics(teacher, dataset, spec, config, runtime, path, log)
+            with exclusive_file(path, "--stats-dir"):  # one pass per file: a second process is refused
+                description = compute_teacher_statistics(teacher, dataset, spec, config, runtime, path, log)
         else:
             log(f"the statistics of {teacher.source} are already in {path}")
         descriptions.append(description)
