@@ -6,6 +6,7 @@ traceback from inside an import; from then on :func:`fadrm.cli.main` handles eve
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -15,6 +16,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .cli import main as run_command
     except KeyboardInterrupt:
-        print("fadrm: interrupted while starting; nothing was written", file=sys.stderr)
+        print("fadrm: interrupted while starting; nothing was written", file=sys.stderr, flush=True)
+        if argv is None:
+            # The interrupt may have crossed code the libraries run through the C API, which marks it as
+            # unhandled, and the interpreter would then end by SIGINT on its way out: end here, with the
+            # status said (nothing is open or written yet).
+            os._exit(130)
         return 130
     return run_command(argv)
