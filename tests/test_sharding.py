@@ -215,3 +215,22 @@ def test_two_processes_train_the_teacher_of_one(fmnist_root, tmp_path):
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
     history = [torch.load(tmp_path / out, weights_only=True)["history"] for out in ("one", "two")]
     assert [h["top1"] for h in history[0]] == [h["top1"] for h in history[1]]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
+def test_a_refusal_every_process_meets_is_printed_once(fmnist_root, tmp_path):
+    """Two processes for batches of one image: each refuses alike, rank 0 alone says so (torchrun then adds
+    its own report of the failed processes)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = ["train-teacher", "--dataset", "fashion-mnist", "--model", "convnet-small", "--batch-size", "1"]
+    command += ["--epochs", "1", "--device", "cpu", "--data-root", str(fmnist_root), "--out", str(tmp_path / "t.pt")]
+    result = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "fadrm", *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    ours = [line for line in result.stderr.splitlines() if "fadrm: " in line]
+    assert result.returncode != 0 and len(ours) == 1, result.stderr[-3000:]
+    assert "2 processes need batches of at least 2 images; use fewer processes" in ours[0]

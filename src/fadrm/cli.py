@@ -24,7 +24,7 @@ from .config import (
     option_fields,
     option_type,
 )
-from .errors import SYSTEM_FAULT_EXIT, FadrmError, one_line, system_fault
+from .errors import SYSTEM_FAULT_EXIT, FadrmError, GroupRefusal, one_line, system_fault
 from .yaml_input import load_yaml
 
 
@@ -337,7 +337,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     except FadrmError as exc:
-        print(f"fadrm: error: {one_line(str(exc))}", file=sys.stderr)
+        # Under torchrun a refusal every process meets alike is printed once, by rank 0.
+        if not (isinstance(exc, GroupRefusal) and os.environ.get("RANK", "0") != "0"):
+            print(f"fadrm: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return _stopping("interrupted", 130)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import FadrmError
+from .errors import GroupRefusal
 from .runtime import Runtime
 
 T = TypeVar("T")
@@ -212,7 +212,7 @@ def synchronise_batchnorm(model: nn.Module) -> None:
             if type(child) in plain:
                 setattr(parent, name, SyncedBatchNorm.like(child))
             elif isinstance(child, _BatchNorm) and not isinstance(child, SyncedBatchNorm):
-                raise FadrmError(
+                raise GroupRefusal(
                     f"{type(child).__name__} layers cannot be synchronised over processes; train "
                     "this model in one process"
                 )

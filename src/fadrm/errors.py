@@ -15,6 +15,12 @@ class FadrmError(Exception):
     """A problem caused by the user's input, with a message that names the fix."""
 
 
+class GroupRefusal(FadrmError):
+    """A refusal every process of a torchrun group raises alike (it depends only on the settings, the data and
+    the group's size, such as too many processes for the batch): only rank 0 prints it, so the user reads it
+    once."""
+
+
 # Operating-system refusals that are the machine's state, not fadrm's bug, and what to do about each.
 # The command exits with SYSTEM_FAULT_EXIT; every file fadrm writes is renamed into place only when
 # complete, so the same command resumes once the cause is fixed.

@@ -27,7 +27,7 @@ from .config import EvalConfig
 from .data import DatasetSpec, normalize
 from .data.datasets import TrainingSet
 from .distributed import Ranks, gradient_sync
-from .errors import FadrmError
+from .errors import FadrmError, GroupRefusal
 from .io import DAMAGE_ERRORS, set_aside
 from .labels import TeacherLabeller, soft_targets
 from .registry import Registry
@@ -260,7 +260,7 @@ def train_student(
     soft_loss = STUDENT_LOSSES.get(config.loss)
     smallest = smallest_micro_batch(len(train.images), config.batch_size, config.accumulation)
     if smallest < ranks.world:
-        raise FadrmError(
+        raise GroupRefusal(
             f"{ranks.world} processes need at least {ranks.world} images in every micro-batch, and "
             f"{desc} has one of {smallest} (--batch-size {config.batch_size} in --accumulation "
             f"{config.accumulation}, {len(train.images)} images); use fewer processes"

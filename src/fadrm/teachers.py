@@ -39,7 +39,7 @@ from .config import TeacherConfig, validate, write_config
 from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split
 from .data.specs import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import Ranks, init_ranks
-from .errors import FadrmError
+from .errors import FadrmError, GroupRefusal
 from .io import DAMAGE_ERRORS, save_torch, set_aside, sha256_file
 from .models import build_model
 from .runtime import Runtime, make_runtime
@@ -421,7 +421,9 @@ def _train_teacher_ranked(config: TeacherConfig, runtime: Runtime, ranks: Ranks,
     # Dropping the ragged last batch keeps BatchNorm away from tiny batches, unless it is the only batch.
     drop_last = len(train_set) > config.batch_size
     if min(config.batch_size, len(train_set)) < ranks.world:
-        raise FadrmError(f"{ranks.world} processes need batches of at least {ranks.world} images; use fewer processes")
+        raise GroupRefusal(
+            f"{ranks.world} processes need batches of at least {ranks.world} images; use fewer processes"
+        )
     steps_per_epoch = len(make_loader(train_set, config.batch_size, shuffle=True, workers=0, drop_last=drop_last))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
