@@ -60,8 +60,9 @@ def canonical(value, roles: dict[str, str]):
             # (absent from 0.3.0's own manifests, which the re-pinning below hashes)
             assert all(config.get(key, value) == value for key, value in ADDED_SINCE_0_3_0.items()), config
             value = {**value, "config": {k: v for k, v in config.items() if k not in ADDED_SINCE_0_3_0}}
-        # Image records name each PNG's sha256 since 0.4; the PNGs themselves are hashed apart.
-        added = {"sha256"} if "ipc_index" in value else set()
+        # Image records name each PNG's sha256 since 0.4 (the PNGs themselves are hashed apart), and a
+        # statistics file's description its dataset's digest.
+        added = {"sha256"} if "ipc_index" in value else {"data_sha256"}
         return {key: canonical(item, roles) for key, item in value.items() if key not in VOLATILE | added}
     if isinstance(value, list):
         return [canonical(item, roles) for item in value]

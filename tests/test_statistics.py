@@ -187,7 +187,13 @@ def test_statistics_of_another_teacher_or_holdout_are_refused(
     assert not (tmp_path / "o").exists()
     config = resolve(
         StatsConfig,
-        {"dataset": "fashion-mnist", "teachers": [str(teacher_ckpt)], "holdout": 2, "stats_dir": str(stats_dir)},
+        {
+            "dataset": "fashion-mnist",
+            "teachers": [str(teacher_ckpt)],
+            "holdout": 2,
+            "stats_dir": str(stats_dir),
+            "data_root": str(fmnist_root),
+        },
     )
     dataset = load_split(SPEC, "train", fmnist_root, holdout=2)
     with pytest.raises(FadrmError, match=r"different settings \(holdout\); give --stats-dir another folder"):
@@ -368,3 +374,20 @@ def test_run_plans_the_published_settings_of_each_new_method(tmp_path, capsys):
         0.0,
     )
     assert plan("tiny-imagenet", "g-vbsm", 50)["distill"]["synthesis"]["group_slots"] == 5
+
+
+def test_statistics_of_other_data_are_refused(fmnist_root, teacher_ckpt, tmp_path):
+    """A statistics file is keyed by the dataset's content: one training image changed, the file is refused
+    (as for another teacher) rather than matched as if it were this data's."""
+    import gzip
+
+    data = tmp_path / "data"
+    shutil.copytree(fmnist_root, data)
+    options = {"data_root": str(data), "stats_dir": str(tmp_path / "s"), **QUIET}
+    fadrm.compute_statistics("fashion-mnist", teacher_ckpt, **options)
+    path = data / "train-images-idx3-ubyte.gz"
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[16 + 400] ^= 0xFF
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(FadrmError, match=r"different settings \(data_sha256\); pass --overwrite"):
+        fadrm.compute_statistics("fashion-mnist", teacher_ckpt, **options)

@@ -32,13 +32,15 @@ from torch.utils.data import Dataset, Subset
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
-from ..artifacts import require_same_settings, safe_torch_load
+from ..artifacts import RECORDED_SINCE_0_4, require_same_settings, safe_torch_load
 from ..augment import train_transform
 from ..config import DistillConfig, StatsConfig, resolve, validate
-from ..data import DatasetSpec, ImageDataset, get_dataset_spec, load_split, normalize
+from ..data import DatasetSpec, ImageDataset, data_folder, get_dataset_spec, load_split, normalize
+from ..data.digest import data_digest
 from ..errors import FadrmError
 from ..locks import exclusive_file
 from ..io import (
+    default_cache,
     atomic_path,
     file_digest_matches,
     seal,
@@ -113,7 +115,9 @@ def read_statistics_description(
         log(f"{path} is not the file its description records; kept as {set_aside(path).name}, computing it again")
         set_aside(described)
         return None
-    require_same_settings({k: description.get(k) for k in expected}, expected, f"the statistics file {path}", fix)
+    # (A file written before fadrm 0.4 lacks its data's digest: taken as made from the same data.)
+    found = {k: description.get(k) for k in expected if k in description or k not in RECORDED_SINCE_0_4}
+    require_same_settings(found, expected, f"the statistics file {path}", fix)
     return description
 
 
@@ -136,8 +140,9 @@ def statistics_file(teacher: Teacher, stats_dir: str | Path | None = None) -> Pa
     return Path(stats_dir or folder) / f"{name}.stats-{(teacher.sha256 or '')[:12]}.safetensors"
 
 
-def _identity(teacher: Teacher, spec: DatasetSpec, config: StatsConfig) -> dict[str, Any]:
-    """What a statistics file's numbers depend on."""
+def _identity(teacher: Teacher, spec: DatasetSpec, config: StatsConfig, data_sha256: str) -> dict[str, Any]:
+    """What a statistics file's numbers depend on (``data_sha256``: the dataset's content,
+    :func:`fadrm.data.digest.data_digest`)."""
     return {
         "teacher_sha256": teacher.sha256,
         "dataset": spec.name,
@@ -145,7 +150,12 @@ def _identity(teacher: Teacher, spec: DatasetSpec, config: StatsConfig) -> dict[
         "batch_size": config.batch_size,
         "seed": config.seed,
         "cell": cell_size(spec.image_size),
+        "data_sha256": data_sha256,
     }
+
+
+def _data_sha256(config: StatsConfig, spec: DatasetSpec, log: Callable[[str], None]) -> str:
+    return data_digest(data_folder(spec, config.data_root), default_cache(), log)
 
 
 class _SeededViews(Dataset):
@@ -247,9 +257,11 @@ def compute_teacher_statistics(
     runtime: Runtime,
     path: Path,
     log: Callable[[str], None] = print,
+    data_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """One teacher's statistics pass into ``path`` (resuming an unfinished one); returns the file's description."""
-    identity = _identity(teacher, spec, config)
+    """One teacher's statistics pass into ``path`` (resuming an unfinished one); returns the file's description.
+    ``data_sha256``: the dataset's content, computed here when not given."""
+    identity = _identity(teacher, spec, config, data_sha256 or _data_sha256(config, spec, log))
     partial = path.with_name(path.name + ".partial")
     sums = _Sums(len(dataset.classes), runtime.device)
     done = 0
@@ -332,12 +344,12 @@ def teacher_statistics(
         compute: False to refuse a missing file instead of computing it (several processes).
     """
     spec = get_dataset_spec(config.dataset)
+    data_sha256 = _data_sha256(config, spec, log)
     out = []
     for teacher in teachers:
         path = statistics_file(teacher, config.stats_dir)
-        expected = {
-            k: v for k, v in _identity(teacher, spec, config).items() if k in ("teacher_sha256", "dataset", "holdout")
-        }
+        defining = ("teacher_sha256", "dataset", "holdout", "data_sha256")
+        expected = {k: v for k, v in _identity(teacher, spec, config, data_sha256).items() if k in defining}
         description = read_statistics_description(path, expected, _fix(path), log)
         if description is None:
             if not compute:
@@ -347,7 +359,9 @@ def teacher_statistics(
                 )
             log(f"computing the statistics of {teacher.source} (one pass over {len(dataset)} training images)")
             with exclusive_file(path, "--stats-dir"):  # one pass per file: a second process is refused
-                description = compute_teacher_statistics(teacher, dataset, spec, config, runtime, path, log)
+                description = compute_teacher_statistics(
+                    teacher, dataset, spec, config, runtime, path, log, data_sha256
+                )
         out.append((load_targets(path, teacher, description["cell"]), description))
     return out
 
@@ -389,16 +403,18 @@ def compute_statistics(config: StatsConfig, log: Callable[[str], None] = print) 
     runtime = make_runtime(config.device, "off")
     dataset = load_split(spec, "train", config.data_root, config.holdout)
     teachers = load_teachers(config.teachers, spec, dataset.classes, runtime, config.teacher_arch, config.holdout)
+    data_sha256 = _data_sha256(config, spec, log)
     descriptions = []
     for teacher in teachers:
         path = statistics_file(teacher, config.stats_dir)
         fix = "pass --overwrite to compute it again"
-        description = (
-            None if config.overwrite else read_statistics_description(path, _identity(teacher, spec, config), fix, log)
-        )
+        identity = _identity(teacher, spec, config, data_sha256)
+        description = None if config.overwrite else read_statistics_description(path, identity, fix, log)
         if description is None:
             with exclusive_file(path, "--stats-dir"):  # one pass per file: a second process is refused
-                description = compute_teacher_statistics(teacher, dataset, spec, config, runtime, path, log)
+                description = compute_teacher_statistics(
+                    teacher, dataset, spec, config, runtime, path, log, data_sha256
+                )
         else:
             log(f"the statistics of {teacher.source} are already in {path}")
         descriptions.append(description)
