@@ -257,3 +257,32 @@ def test_a_changed_dataset_file_is_never_taken_for_the_data_a_result_was_made_fr
         json.loads((folder / "results.json").read_text())["runs"] for folder in (out / "eval", tmp_path / "fresh-eval")
     ]
     assert [(r["top1"], r["history"]) for r in runs[0]] == [(r["top1"], r["history"]) for r in runs[1]]
+
+
+def test_teachers_and_full_data_students_are_keyed_by_the_data(fmnist_root, distilled, tmp_path, capsys):
+    """A trained teacher, an unfinished one, and the full-data student of the shared cache, after one training
+    image changed: the teacher is refused naming the data; the full-data student is trained again for the new
+    data (the former kept), as a fresh cache trains it."""
+    from fadrm.config import TeacherConfig
+    from fadrm.errors import FadrmError
+    from fadrm.teachers import train_teacher
+
+    data = tmp_path / "data"
+    shutil.copytree(fmnist_root, data)
+    quick = dict(dataset="fashion-mnist", model="convnet-small", data_root=str(data), epochs=1, device="cpu")
+    train_teacher(TeacherConfig(out=str(tmp_path / "t.pt"), **quick), log=lambda line: None)
+    evaluate = ["evaluate", str(distilled), *EVAL_ARGS, "--data-root", str(data), "--baseline", "full-data"]
+    evaluate += ["--full-data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "e")]
+    assert run_cli(evaluate, capsys)[0] == 0
+    change_one_image(data, "train")
+    with pytest.raises(FadrmError, match=r"the teacher .*t.pt was made with different settings \(data_sha256\)"):
+        train_teacher(TeacherConfig(out=str(tmp_path / "t.pt"), **quick), log=lambda line: None)
+    assert run_cli(evaluate, capsys)[0] == 0
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    fresh = [*evaluate[:-4], "--full-data-dir", str(tmp_path / "fresh-cache"), "--out", str(tmp_path / "fresh")]
+    assert run_cli(fresh, capsys)[0] == 0
+    top1 = [
+        [r["top1"] for r in json.loads((tmp_path / name / "results.json").read_text())["runs"]]
+        for name in ("e", "fresh")
+    ]
+    assert top1[0] == top1[1]

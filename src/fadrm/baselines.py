@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .artifacts import changed_settings
 from .config import EvalConfig, TeacherConfig, resolve
 from .data import DatasetSpec, eval_transform
 from .data.datasets import ImageDataset, TrainingSet
@@ -26,7 +27,7 @@ from .errors import FadrmError
 from .io import default_cache
 from .registry import Registry
 from .seeding import make_generator
-from .teachers import Teacher, train_teacher
+from .teachers import Teacher, load_teacher, teacher_identity, train_teacher
 
 
 # ------------------------------------------------------------- real subsets
@@ -161,9 +162,16 @@ def full_data_student(
     """The full-data student: one of ``known`` (e.g. the set's own teacher) when it was trained with
     exactly these settings, else the cached model, trained first (resumably) when missing."""
     teacher_config = full_data_config(config, dataset, student, model_args)
+    identity = teacher_identity(teacher_config, log)
     for teacher in known:
-        if teacher.train_config and teacher.train_config == teacher_config.identity():
+        if teacher.train_config and not changed_settings(teacher.train_config, identity):
             log(f"full-data {student}: the teacher {teacher.source} was trained with these settings; reusing it")
             return teacher, teacher_config
+    cached = Path(teacher_config.out)
+    if cached.exists() and changed_settings(load_teacher(cached).train_config, identity) == ["data_sha256"]:
+        # The cache is named by the settings (as before the data was recorded): a student of other data
+        # keeps its file, and this data's student gets one named by the data too.
+        data = identity["data_sha256"][:12]
+        teacher_config = replace(teacher_config, out=str(cached.with_name(f"{cached.stem}-data{data}.pt")))
     log(f"full-data {student}: {teacher_config.out}")
     return train_teacher(teacher_config, log=log), teacher_config

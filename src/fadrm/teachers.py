@@ -36,11 +36,12 @@ from .artifacts import (
 )
 from .augment import train_transform
 from .config import TeacherConfig, validate, write_config
-from .data import DatasetSpec, eval_transform, get_dataset_spec, load_split
+from .data import DatasetSpec, data_folder, eval_transform, get_dataset_spec, load_split
+from .data.digest import data_digest
 from .data.specs import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import Ranks, init_ranks
 from .errors import FadrmError, GroupRefusal
-from .io import DAMAGE_ERRORS, save_torch, set_aside, sha256_file
+from .io import DAMAGE_ERRORS, default_cache, save_torch, set_aside, sha256_file
 from .models import build_model
 from .runtime import Runtime, make_runtime
 from .seeding import epoch_seed
@@ -373,11 +374,12 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
         raise FadrmError(
             f"{out} is not a fadrm teacher checkpoint; --overwrite replaces only fadrm's own: choose another --out"
         )
+    identity = teacher_identity(config, log)
     if out.exists() and not config.overwrite:
         ckpt = safe_torch_load(out)
         require_same_settings(
             ckpt.get("train_config", {}) if isinstance(ckpt, dict) else {},
-            config.identity(),
+            identity,
             f"the teacher {out}",
             "pass --overwrite or another --out",
         )
@@ -388,7 +390,7 @@ def train_teacher(config: TeacherConfig, log: Callable[[str], None] = print) -> 
     try:
         # One writer per teacher file (rank 0 for the group): a second run training the same --out is refused.
         with exclusive_file(out, "--out") if ranks.is_main else contextlib.nullcontext():
-            _train_teacher_ranked(config, ranks.own_device(runtime), ranks, ranks.main_only(log))
+            _train_teacher_ranked(config, identity, ranks.own_device(runtime), ranks, ranks.main_only(log))
         ranks.barrier()  # the checkpoint is written
         return load_teacher(out)
     finally:
@@ -403,7 +405,19 @@ def _is_fadrm_teacher(path: Path) -> bool:
         return False
 
 
-def _train_teacher_ranked(config: TeacherConfig, runtime: Runtime, ranks: Ranks, log: Callable[[str], None]) -> None:
+def teacher_identity(config: TeacherConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """What defines a trained teacher: its defining settings and the content of the dataset it trains on
+    (:func:`fadrm.data.digest.data_digest`; left out when the data is not there, which loading it then
+    reports)."""
+    folder = data_folder(get_dataset_spec(config.dataset), config.data_root)
+    if folder is None or not folder.is_dir():
+        return config.identity()
+    return {**config.identity(), "data_sha256": data_digest(folder, default_cache(), log)}
+
+
+def _train_teacher_ranked(
+    config: TeacherConfig, identity: dict[str, Any], runtime: Runtime, ranks: Ranks, log: Callable[[str], None]
+) -> None:
     out = Path(config.out)
     spec = get_dataset_spec(config.dataset)
     train_set = load_split(spec, "train", config.data_root, config.holdout)
@@ -437,9 +451,7 @@ def _train_teacher_ranked(config: TeacherConfig, runtime: Runtime, ranks: Ranks,
     history: list[dict[str, float]] = []
     start_epoch = 0
     partial = partial_path(out)
-    state = (
-        load_teacher_progress(partial, config.identity(), log) if partial.exists() and not config.overwrite else None
-    )
+    state = load_teacher_progress(partial, identity, log) if partial.exists() and not config.overwrite else None
     if state is not None:
         try:
             model.load_state_dict(state["model"])
@@ -488,7 +500,7 @@ def _train_teacher_ranked(config: TeacherConfig, runtime: Runtime, ranks: Ranks,
         if ranks.is_main:
             save_teacher_progress(
                 partial,
-                config.identity(),
+                identity,
                 epoch + 1,
                 history,
                 {
@@ -515,7 +527,7 @@ def _train_teacher_ranked(config: TeacherConfig, runtime: Runtime, ranks: Ranks,
         metrics["top1"],
         metrics["top5"],
         history=history,
-        train_config=config.identity(),
+        train_config=identity,
         trained_on=runtime.describe(),
     )
     save_torch(out, checkpoint_dict(model.to(memory_format=torch.contiguous_format), meta))
