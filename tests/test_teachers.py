@@ -162,13 +162,10 @@ def _capture(run) -> list[str]:
     return lines
 
 
-def test_ctrl_c_twice_is_one_line_and_the_teacher_resumes(fmnist_root, tmp_path):
-    """Ctrl-C pressed twice 10 ms apart, between epochs of a real process: one line saying how to resume,
-    exit 130, never a traceback from the interpreter's exit handlers; the rerun resumes."""
-    import signal
-
+def signalled_twice_between_epochs(fmnist_root: Path, out: Path, number: int) -> tuple[list[str], dict, int, str]:
+    """A real ``train-teacher`` process sent signal ``number`` twice, 10 ms apart, once its first epoch is
+    saved: its command, environment, exit status and standard error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "t.pt"
     command = [sys.executable, "-m", "fadrm", "train-teacher", "--dataset", "fashion-mnist", "--model"]
     command += ["convnet-small", "--model-arg", "width=4", "--epochs", "200", "--data-root", str(fmnist_root)]
     command += ["--out", str(out)]
@@ -177,10 +174,20 @@ def test_ctrl_c_twice_is_one_line_and_the_teacher_resumes(fmnist_root, tmp_path)
     while not partial_path(out).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     for _ in range(2):
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(number)
         time.sleep(0.01)
     err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 130, err
+    return command, env, proc.wait(timeout=120), err
+
+
+def test_ctrl_c_twice_is_one_line_and_the_teacher_resumes(fmnist_root, tmp_path):
+    """Ctrl-C pressed twice 10 ms apart, between epochs of a real process: one line saying how to resume,
+    exit 130, never a traceback from the interpreter's exit handlers; the rerun resumes."""
+    import signal
+
+    out = tmp_path / "t.pt"
+    command, env, status, err = signalled_twice_between_epochs(fmnist_root, out, signal.SIGINT)
+    assert status == 130, err
     assert err == "fadrm: interrupted; run the same command again to resume\n"
     assert partial_path(out).exists() and not out.exists()
     rerun = subprocess.run([*command[:-6], "--epochs", "2", *command[-4:]], capture_output=True, text=True, env=env)
@@ -194,20 +201,9 @@ def test_sigterm_twice_is_one_line_exit_143_and_the_teacher_resumes(fmnist_root,
     saying how to resume, the process ends by the signal (143 in a shell), the rerun resumes."""
     import signal
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "t.pt"
-    command = [sys.executable, "-m", "fadrm", "train-teacher", "--dataset", "fashion-mnist", "--model"]
-    command += ["convnet-small", "--model-arg", "width=4", "--epochs", "200", "--data-root", str(fmnist_root)]
-    command += ["--out", str(out)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while not partial_path(out).exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for _ in range(2):
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.01)
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == -signal.SIGTERM, err
+    command, env, status, err = signalled_twice_between_epochs(fmnist_root, out, signal.SIGTERM)
+    assert status == -signal.SIGTERM, err
     assert err == "fadrm: terminated (SIGTERM); run the same command again to resume\n"
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and f"resuming {out} after epoch" in proc.stdout

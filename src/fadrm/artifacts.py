@@ -180,21 +180,33 @@ def save_teacher_progress(
     save_torch(path, seal({"train_config": identity, "epoch": epoch, "history": history, **states}))
 
 
-def load_teacher_progress(path: Path, identity: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
-    """An unfinished teacher run's saved state; one made with other settings is refused. A damaged one
-    (unreadable, or without its settings and epoch) is set aside, with one line, and None returned: the
-    run starts again."""
+def load_unfinished(
+    path: Path, identity_key: str, progress_key: str, redo: str, log: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """An unfinished run's sealed state (:func:`fadrm.io.seal`), or None when it is damaged: unreadable,
+    without its ``identity_key`` mapping or its ``progress_key``, or not what was sealed. A damaged one is
+    set aside with one line saying that ``redo`` follows."""
     try:
         state = safe_torch_load(path)
     except FadrmError:
         state = None
     if (
         not isinstance(state, dict)
-        or not isinstance(state.get("train_config"), dict)
-        or "epoch" not in state
+        or not isinstance(state.get(identity_key), dict)
+        or progress_key not in state
         or seal_broken(state)
     ):
-        log(f"{path} is damaged; kept as {set_aside(path).name}, training the teacher from the start")
+        log(f"{path} is damaged; kept as {set_aside(path).name}, {redo}")
+        return None
+    return state
+
+
+def load_teacher_progress(path: Path, identity: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
+    """An unfinished teacher run's saved state; one made with other settings is refused. A damaged one
+    (unreadable, or without its settings and epoch) is set aside, with one line, and None returned: the
+    run starts again."""
+    state = load_unfinished(path, "train_config", "epoch", "training the teacher from the start", log)
+    if state is None:
         return None
     require_same_settings(
         state["train_config"], identity, f"the unfinished run {path}", "pass --overwrite to start again"
@@ -230,17 +242,8 @@ class StudentCheckpoint:
         """The saved state when there is one for this identity, else None."""
         if not self.path.exists():
             return None
-        try:
-            state = safe_torch_load(self.path)
-        except FadrmError:
-            state = None
-        if (
-            not isinstance(state, dict)
-            or not isinstance(state.get("identity"), dict)
-            or "epoch" not in state
-            or seal_broken(state)
-        ):
-            log(f"{self.path} is damaged; kept as {set_aside(self.path).name}, starting the student again")
+        state = load_unfinished(self.path, "identity", "epoch", "starting the student again", log)
+        if state is None:
             return None
         changed = changed_settings(state.get("identity", {}), self.identity)
         if changed:

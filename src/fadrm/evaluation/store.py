@@ -263,13 +263,13 @@ def claim_evaluation_folder(
     refuse_data_folder(out, data_dir, "--out")
     set_id = distilled_set.set_id()
     marker = read_own_json(out / EVALUATION_MARKER, "marking the folder", log)
+    # Written before fadrm 0.4 (no marker): the sets its students were trained on are in their identities.
+    found = legacy_sets(out) if marker is None else set()
     if marker is not None:
         evaluated = marker.get("set_id")
     elif holds_nothing(out):
         evaluated = set_id
-    elif legacy_sets(out):
-        # Written before fadrm 0.4: the set its students were trained on is in their identities.
-        found = legacy_sets(out)
+    elif found:
         evaluated = found.pop() if len(found) == 1 else None
     else:
         raise FadrmError(

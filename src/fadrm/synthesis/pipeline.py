@@ -284,11 +284,12 @@ def _distill_ranked(
     if method.uses_priors and config.synthesis.priors is None and len(teachers) > 1 and ranks.is_main:
         log(f"{method.name}: no --prior given, so the committee's members weigh the same (fadrm priors computes them)")
     layout = Layout(Path(config.out), tuple(class_names), config.ipc)
+    data_sha256 = data_digest(data_folder(spec, config.data_root), default_cache(), log)
     statistics = None
     if method.needs_statistics:
         # Several processes would each compute a missing file: they ask for it to be made first.
         statistics = teacher_statistics(
-            distill_statistics_config(config), teachers, dataset, runtime, compute=ranks.world == 1, log=log
+            distill_statistics_config(config), teachers, dataset, runtime, ranks.world == 1, log, data_sha256
         )
     run = SynthesisRun(config, spec, dataset, teachers, layout, runtime, ranks, log, statistics)
     INITIALISERS.get(method.initialiser).check(run)  # before anything is written
@@ -300,7 +301,7 @@ def _distill_ranked(
             log,
             [d["sha256"] for _, d in statistics] if statistics is not None else None,
             DistilledSet.open(config.init_from).set_id() if config.init_from else None,
-            data_digest(data_folder(spec, config.data_root), default_cache(), log),
+            data_sha256,
         )
     ranks.barrier()
     INITIALISERS.get(method.initialiser).prepare(run)

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Subset
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
-from ..artifacts import RECORDED_SINCE_0_4, require_same_settings, safe_torch_load
+from ..artifacts import RECORDED_SINCE_0_4, load_unfinished, require_same_settings
 from ..augment import train_transform
 from ..config import DistillConfig, StatsConfig, resolve, validate
 from ..data import DatasetSpec, ImageDataset, data_folder, get_dataset_spec, load_split, normalize
@@ -44,7 +44,6 @@ from ..io import (
     atomic_path,
     file_digest_matches,
     seal,
-    seal_broken,
     read_own_json,
     safe_name,
     save_torch,
@@ -267,18 +266,7 @@ def compute_teacher_statistics(
     done = 0
     state = None
     if partial.exists() and not config.overwrite:
-        try:
-            state = safe_torch_load(partial)
-        except FadrmError:
-            pass
-        if (
-            not isinstance(state, dict)
-            or not isinstance(state.get("identity"), dict)
-            or "sums" not in state
-            or seal_broken(state)
-        ):
-            log(f"{partial} is damaged; kept as {set_aside(partial).name}, starting the pass again")
-            state = None
+        state = load_unfinished(partial, "identity", "sums", "starting the pass again", log)
     if state is not None:
         require_same_settings(
             state.get("identity", {}),
@@ -334,17 +322,19 @@ def teacher_statistics(
     runtime: Runtime,
     compute: bool = True,
     log: Callable[[str], None] = print,
+    data_sha256: str | None = None,
 ) -> list[tuple[TeacherTargets, dict[str, Any]]]:
     """Each teacher's statistics targets and file description, computed first where missing.
 
-    A file made for another teacher, dataset or holdout is refused (one line); one made with
+    A file made for another teacher, dataset, holdout or data is refused (one line); one made with
     another batch size or seed is used as it is (its description says how it was made).
 
     Args:
         compute: False to refuse a missing file instead of computing it (several processes).
+        data_sha256: the dataset's content when the caller has it (computed here otherwise).
     """
     spec = get_dataset_spec(config.dataset)
-    data_sha256 = _data_sha256(config, spec, log)
+    data_sha256 = data_sha256 or _data_sha256(config, spec, log)
     out = []
     for teacher in teachers:
         path = statistics_file(teacher, config.stats_dir)
