@@ -190,3 +190,26 @@ def test_holdout_split_never_touches_the_test_set(fmnist_root):
     assert torch.equal(val.load(0), full.load(13)) and torch.equal(train.load(13), full.load(16))
     with pytest.raises(FadrmError, match="without training images"):
         load_split(spec, "train", fmnist_root, holdout=16)
+
+
+def test_a_datasets_digest_reads_only_new_or_changed_files(tmp_path, monkeypatch):
+    """data_digest covers every file's bytes; its cache (by size and time) spares reading an unchanged file
+    again, and a changed one is read and changes the digest."""
+    import os
+
+    import fadrm.data.digest as digest_module
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.bin", "b.bin"):
+        (data / name).write_bytes(name.encode() * 100)
+    read: list[str] = []
+    real = digest_module.sha256_file
+    monkeypatch.setattr(digest_module, "sha256_file", lambda path: read.append(path.name) or real(path))
+    first = digest_module.data_digest(data, tmp_path / "cache", print)
+    assert sorted(read) == ["a.bin", "b.bin"]
+    read.clear()
+    assert digest_module.data_digest(data, tmp_path / "cache", print) == first and read == []
+    (data / "b.bin").write_bytes(b"other bytes")
+    os.utime(data / "b.bin", ns=(1, 1))
+    assert digest_module.data_digest(data, tmp_path / "cache", print) != first and read == ["b.bin"]
