@@ -287,6 +287,26 @@ def test_different_config_refused_unless_overwrite(fmnist_root, teacher_ckpt, tm
     assert (tmp_path / "o" / "notes.txt").read_text() == "mine"  # only our own outputs are replaced
 
 
+def test_overwrite_redoes_only_what_depends_on_the_change(fmnist_root, teacher_ckpt, tmp_path):
+    """--overwrite with other synthesis settings keeps the patch selection, which does not depend on them, and
+    gives the images a fresh run gives; another seed, which the selection depends on, selects again."""
+    out, lines = tmp_path / "o", []
+    run(fmnist_root, teacher_ckpt, out)
+    selected = {p: p.stat().st_mtime_ns for p in sorted((out / "init").rglob("*.png"))}
+    run(fmnist_root, teacher_ckpt, out, budgets=[3, 1], overwrite=True, log=lines.append)
+    assert not any("selecting realistic patches" in line for line in lines), lines
+    assert {p: p.stat().st_mtime_ns for p in sorted((out / "init").rglob("*.png"))} == selected
+    run(fmnist_root, teacher_ckpt, tmp_path / "fresh", budgets=[3, 1])
+    assert pngs(out) == pngs(tmp_path / "fresh")
+
+    lines.clear()
+    run(fmnist_root, teacher_ckpt, out, seed=1, overwrite=True, log=lines.append)
+    assert "patches selected with other seed are selected again" in lines
+    assert "selecting realistic patches for 10 classes" in lines
+    run(fmnist_root, teacher_ckpt, tmp_path / "fresh-seed", seed=1)
+    assert pngs(out) == pngs(tmp_path / "fresh-seed")
+
+
 def test_a_refused_run_writes_nothing_and_a_run_that_finished_no_work_does_not_block_another(
     fmnist_root, teacher_ckpt, tmp_path
 ):

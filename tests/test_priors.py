@@ -15,7 +15,8 @@ from fadrm.artifacts import read_priors, write_priors
 from fadrm.cli import main
 from fadrm.config import PriorsConfig, resolve
 from fadrm.errors import FadrmError
-from fadrm.io import sha256_file
+from fadrm.data.digest import data_digest
+from fadrm.io import default_cache, sha256_file
 from fadrm.priors import fixed_student
 from fadrm.teachers import load_teacher
 
@@ -46,6 +47,7 @@ def test_priors_are_each_teachers_last_epoch_top1_and_a_rerun_reuses_everything(
     lines: list[str] = []
     record = fadrm.compute_priors("fashion-mnist", teachers, tmp_path / "p", log=lines.append, **options)
     assert json.loads((tmp_path / "p" / "priors.json").read_text()) == record
+    assert record["data_sha256"] == data_digest(fmnist_root, default_cache(), print)
     for teacher, entry, prior in zip(teachers, record["teachers"], record["priors"]):
         sha = sha256_file(teacher)
         folder = tmp_path / "p" / f"sre2l++-{teacher.stem}-{sha[:8]}"
@@ -224,6 +226,8 @@ def test_priors_from_a_file_of_other_teachers_or_other_values_are_one_line(
         },
     )
     (tmp_path / "notes.json").write_text("{}")
+    both = [{"source": str(t), "sha256": sha256_file(t), "prior": 50.0} for t in (teacher_ckpt, second_teacher_ckpt)]
+    write_priors(tmp_path / "other-data.json", {"data_sha256": "0" * 64, "teachers": both})
     argv = [
         "distill",
         "--dataset",
@@ -254,6 +258,7 @@ def test_priors_from_a_file_of_other_teachers_or_other_values_are_one_line(
     for extra, message in (
         (["--priors-from", str(path)], "holds the priors of other teachers (t.pt, other.pt); compute these teachers'"),
         (["--priors-from", str(tmp_path / "notes.json")], "is not a priors.json written by fadrm priors"),
+        (["--priors-from", str(tmp_path / "other-data.json")], "was computed on other data than this run's"),
     ):
         assert main([*argv, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -285,16 +285,24 @@ def write_priors(path: Path, record: dict[str, Any]) -> dict[str, Any]:
     return contents
 
 
-def read_priors(path: str | Path, teachers_sha256: Sequence[str | None], given: Sequence[float] | None) -> list[float]:
+def read_priors(
+    path: str | Path,
+    teachers_sha256: Sequence[str | None],
+    given: Sequence[float] | None,
+    data_sha256: str | None = None,
+) -> list[float]:
     """The priors a priors file holds for these teachers (by hash), in their order.
 
     Args:
         path: the file (``--priors-from``).
         teachers_sha256: the run's teachers.
         given: priors given as well (``--prior``, or a written config replayed): they must be the file's.
+        data_sha256: the content of the run's dataset; a file that records other data is refused (one
+            written before fadrm recorded it is taken as made from the same data).
 
     Raises:
-        FadrmError: the file is not a priors file, lacks one of the teachers, or disagrees with ``given``.
+        FadrmError: the file is not a priors file, lacks one of the teachers, was computed on other data,
+            or disagrees with ``given``.
     """
     try:
         record = read_json(path)
@@ -305,6 +313,12 @@ def read_priors(path: str | Path, teachers_sha256: Sequence[str | None], given: 
         isinstance(e, dict) and {"source", "sha256", "prior"} <= set(e) for e in entries
     ):
         raise FadrmError(f"--priors-from {path} is not a priors.json written by fadrm priors")
+    recorded = record.get("data_sha256")
+    if data_sha256 is not None and recorded is not None and recorded != data_sha256:
+        raise FadrmError(
+            f"--priors-from {path} was computed on other data than this run's (the dataset's files differ); "
+            "compute the priors on this data with fadrm priors"
+        )
     by_hash = {entry["sha256"]: entry["prior"] for entry in entries}
     if any(sha not in by_hash for sha in teachers_sha256):
         sources = ", ".join(str(entry["source"]) for entry in entries)

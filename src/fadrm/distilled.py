@@ -134,6 +134,9 @@ RUN_FILES = matches_any(
         r"\.[^/]+\.\d+\.tmp",
     ]
 )
+# The patch selection: --overwrite leaves it for the next run, which reuses each class whose record says
+# it was selected from that run's inputs (patches.selection_inputs) and selects the others again.
+SELECTION_FILES = matches_any([r"init/\d{3,}_[A-Za-z0-9._-]+/\d{3,}\.png", r"state/init/class\d{5}\.json"])
 
 
 def open_distilled_folder(
@@ -149,8 +152,10 @@ def open_distilled_folder(
 
     A folder is taken only when it is empty or holds a fadrm run (its ``run.json``): a folder of other
     files is refused, ``--overwrite`` included. With ``config.overwrite`` a different run's files are
-    removed first, only those the run writes (:data:`RUN_FILES`). A damaged ``run.json`` is set aside
-    with the run's records (what they were made for is unknown), so the run starts again in the folder.
+    removed first, only those the run writes (:data:`RUN_FILES`), but for the patch selection
+    (:data:`SELECTION_FILES`), which the run reuses where it was made from the same inputs. A damaged
+    ``run.json`` is set aside with the run's records (what they were made for is unknown), so the run starts
+    again in the folder.
     """
     identity = run_identity(config, teachers_sha256, statistics_sha256, init_set, data_sha256)
     damaged = layout.run_file.exists()
@@ -165,8 +170,11 @@ def open_distilled_folder(
         if not changed_settings(previous, identity):
             log(f"resuming in {layout.root}")
         elif config.overwrite:
-            log(f"--overwrite: removing the previous run's outputs in {layout.root}")
-            remove_own_files(layout.root, RUN_FILES, log)
+            selection = " but for its patch selection, reused where made from the same inputs" * any(
+                (layout.root / "state" / "init").glob("*.json")
+            )
+            log(f"--overwrite: removing the previous run's outputs in {layout.root}{selection}")
+            remove_own_files(layout.root, RUN_FILES, log, reusable=SELECTION_FILES)
         elif not holds_finished_work(layout):
             # A run stopped before it finished anything left only its run.json and config.yaml: a command
             # of other settings takes the folder over, losing nothing.

@@ -46,15 +46,24 @@ def refuse_data_folder(out: Path, data_folder: Path | None, option: str) -> None
         )
 
 
-def remove_own_files(folder: Path, own: Callable[[Path], bool], log: Callable[[str], None]) -> None:
+def remove_own_files(
+    folder: Path,
+    own: Callable[[Path], bool],
+    log: Callable[[str], None],
+    reusable: Callable[[Path], bool] = lambda relative: False,
+) -> None:
     """Delete the files under ``folder`` that ``own`` names as this kind of output's (given their path
     relative to ``folder``), then the folders left empty; anything else (a user's file, another output
-    inside it, a copy fadrm set aside as damaged) is kept, with one line saying how many."""
+    inside it, a copy fadrm set aside as damaged) is kept, with one line saying how many. Own files that
+    ``reusable`` names stay for the next run to check and reuse (their records say what they were made
+    from)."""
     if not folder.exists():
         return
     kept = 0
     for path in sorted(folder.rglob("*"), reverse=True):
         relative = path.relative_to(folder)
+        if path.is_file() and reusable(relative):
+            continue
         if path.is_file() and not path.is_symlink() and own(relative) and not SET_ASIDE.fullmatch(path.name):
             path.unlink()
         elif path.is_dir() and not path.is_symlink() and not any(path.iterdir()):

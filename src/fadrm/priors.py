@@ -20,10 +20,11 @@ from typing import Any, Callable, Mapping
 from ._version import __version__
 from .artifacts import write_priors
 from .config import DistillConfig, EvalConfig, PriorsConfig, resolve, validate
-from .data import get_dataset_spec
+from .data import data_folder, get_dataset_spec
+from .data.digest import data_digest
 from .errors import FadrmError
 from .evaluation import STUDENT_PROTOCOL, evaluate, student_args
-from .io import safe_name
+from .io import default_cache, safe_name
 from .synthesis.pipeline import distill
 from .teachers import Teacher, load_teacher
 
@@ -94,6 +95,8 @@ def compute_priors(
     """
     validate(config)
     described, student, student_options = _teachers_and_student(config)
+    # The priors are the teachers' worth on this data: a distillation on other data refuses them.
+    data_sha256 = data_digest(data_folder(get_dataset_spec(config.dataset), config.data_root), default_cache(), log)
     shared = {
         "dataset": config.dataset,
         "seed": config.seed,
@@ -157,6 +160,7 @@ def compute_priors(
         "ipc": config.ipc,
         "seed": config.seed,
         "holdout": config.holdout,
+        "data_sha256": data_sha256,
         "method": PRIOR_METHOD,
         "student": student,
         "student_options": student_options,

@@ -242,15 +242,29 @@ def student_job(
         and arm.labels == "soft"
         and run_config.augment == trial.augment
     )
-    # By content: the set's id and, when the user names the teachers, their files' hashes (the set's own
-    # teachers are part of its id). Never a path, so a moved set or teacher keeps its students.
-    given_teachers = {"teachers": list(teachers)} if trial.teachers else {}
     data = {"data_sha256": data_sha256} if data_sha256 else {}
     identity = {
         **run_config.identity(),
-        **given_teachers,
-        "distilled_set": set_id,
+        **trained_on(arm, set_id, teachers, trial, distilled_set),
         "protocol": STUDENT_PROTOCOL,
         **data,
     }
     return StudentJob(key, student, arm, run_config, recipe, identity, out / "runs" / f"{key}.json", uses_store)
+
+
+def trained_on(
+    arm: Arm, set_id: str, teachers: Sequence[str | None], trial: EvalConfig, distilled_set: EvaluatedSet
+) -> dict[str, Any]:
+    """What an arm's student learns from, by content and never by path (a moved set or teacher keeps its
+    students), so that a changed input retrains only the students that depend on it.
+
+    The distilled arms: the set's id, which covers its own teachers, and with soft labels the hashes of
+    the teachers the user names. A real subset's arms: the subset's draw (the dataset and the set's IPC; the seed and
+    holdout are settings) and, with soft labels, the relabelling teachers' hashes; not the set's images,
+    so distilling the set again keeps its baselines.
+    """
+    soft = arm.labels == "soft"
+    if arm.train_set == DISTILLED:
+        return {**({"teachers": list(teachers)} if soft and trial.teachers else {}), "distilled_set": set_id}
+    subset = {"real_subset": {"dataset": distilled_set.dataset, "ipc": distilled_set.ipc}}
+    return {**subset, "teachers": list(teachers)} if soft else subset

@@ -278,7 +278,10 @@ def claim_evaluation_folder(
         )
     if evaluated != set_id:
         if same_place(out, set_folder / EVAL_FOLDER):
-            log(f"{out} holds the evaluation of the set's earlier content; its students are trained again")
+            log(
+                f"{out} holds the evaluation of the set's earlier content; the students of its images are trained "
+                "again, baselines that never saw them are reused"
+            )
         elif not overwrite:
             raise FadrmError(
                 f"--out {out} holds the evaluation of another set; choose another --out, or pass --overwrite "

@@ -20,6 +20,7 @@ import torch
 
 from ..distilled import DistilledSet, Layout
 from ..config import DistillConfig
+from ..artifacts import changed_settings
 from ..augment import coin_flip, resize
 from ..data import DatasetSpec, ImageDataset, normalize
 from ..data.datasets import read_image
@@ -38,6 +39,7 @@ from .patches import (
     decode_workers,
     indices_by_class,
     select_from_crops,
+    selection_inputs,
 )
 from .units import Unit
 
@@ -57,6 +59,8 @@ class SynthesisRun:
     log: Callable[[str], None]
     # Per teacher, its statistics targets and file description, for methods that match them.
     statistics: list[tuple[TeacherTargets, dict[str, Any]]] | None = None
+    # The dataset's content (fadrm.data.digest.data_digest), what the run's results are computed from.
+    data_sha256: str | None = None
 
 
 class Initialiser(Protocol):
@@ -117,7 +121,10 @@ class PatchInitialiser:
 
     def prepare(self, run: SynthesisRun) -> None:
         layout = run.layout
-        todo = [c for c in run.ranks.shard(range(len(layout.class_names))) if not self.class_selected(run, c)]
+        changed: set[str] = set()
+        todo = [c for c in run.ranks.shard(range(len(layout.class_names))) if not self.class_selected(run, c, changed)]
+        if changed:
+            run.log(f"patches selected with other {', '.join(sorted(changed))} are selected again")
         if not todo:
             return
         teacher, dataset, config = run.teachers[0], run.dataset, run.config
@@ -151,14 +158,28 @@ class PatchInitialiser:
             files = [layout.image("init", label, ipc_index) for ipc_index in range(len(images))]
             for path, image in zip(files, images):
                 save_png(path, image)
-            write_json(layout.init_record(label), {**record, "images": [layout.image_record(p) for p in files]})
+            inputs = self.inputs(run)
+            images = [layout.image_record(p) for p in files]
+            write_json(layout.init_record(label), {**record, "inputs": inputs, "images": images})
 
-    def class_selected(self, run: SynthesisRun, label: int) -> bool:
-        """Whether ``label``'s patches are selected: its record intact, its patch files the ones it recorded."""
+    @staticmethod
+    def inputs(run: SynthesisRun) -> dict[str, Any]:
+        """What this run's selection depends on (:func:`~fadrm.synthesis.patches.selection_inputs`)."""
+        return selection_inputs(run.config, run.teachers[0].sha256, run.data_sha256)
+
+    def class_selected(self, run: SynthesisRun, label: int, changed: set[str]) -> bool:
+        """Whether ``label``'s patches are selected for this run: its record intact and made from this run's
+        inputs, its patch files the ones it recorded. The names of the inputs that differ are added to
+        ``changed``."""
         layout = run.layout
         files = [layout.image("init", label, ipc_index) for ipc_index in range(run.config.ipc)]
         what = f"selecting the patches of class {label}"
-        return layout.intact_record(layout.init_record(label), files, what, run.log) is not None
+        record = layout.intact_record(layout.init_record(label), files, what, run.log)
+        if record is None:
+            return False
+        differ = changed_settings(record.get("inputs", {}), self.inputs(run))
+        changed.update(differ)
+        return not differ
 
     def initial_images(
         self, run: SynthesisRun, batch: Sequence[Unit], generators: Sequence[torch.Generator]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..augment import random_resized_crop_box, resize
-from ..config import PatchConfig, difficulty_band
+from ..config import DistillConfig, PatchConfig, difficulty_band
+from ..config.options import key_of, option_fields
 from ..data import ImageDataset, normalize
 from ..errors import FadrmError
 from ..registry import Registry
@@ -98,6 +100,20 @@ def stitch(patches: torch.Tensor, factor: int) -> torch.Tensor:
     tiles = patches.view(factor, factor, n, *patches.shape[1:])  # (row, col, image, C, h, w)
     rows = torch.cat(list(tiles.permute(0, 2, 3, 4, 1, 5).flatten(-2).unbind(0)), dim=-2)
     return rows
+
+
+# The settings of a distillation that a class's patch selection depends on, besides the patch options.
+SELECTION_SETTINGS = ("dataset", "ipc", "seed", "holdout", "teacher_arch")
+
+
+def selection_inputs(config: DistillConfig, teacher_sha256: str | None, data_sha256: str | None) -> dict[str, Any]:
+    """What a class's selected patches depend on, and nothing else: the dataset's content and split, the
+    IPC and seed, the patch options and the scoring teacher's file hash. A run whose inputs are these
+    reuses a selection recorded with them (after ``--overwrite`` with other synthesis settings, or
+    another method that selects patches the same way)."""
+    patch_keys = {key_of(f) for _, f in option_fields(PatchConfig)}
+    settings = {k: v for k, v in config.identity().items() if k in patch_keys or k in SELECTION_SETTINGS}
+    return {**settings, "teacher_sha256": teacher_sha256, "data_sha256": data_sha256}
 
 
 def class_size_problem(images: int, label: int, class_name: str, ipc: int, settings: PatchConfig) -> str | None:

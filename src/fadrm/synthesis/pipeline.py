@@ -277,21 +277,22 @@ def _distill_ranked(
     dataset = load_split(spec, "train", config.data_root, config.holdout)
     class_names = list(spec.display_names or dataset.classes)
     teachers = synthesis_teachers(config, spec, dataset.classes, runtime)
+    data_sha256 = data_digest(data_folder(spec, config.data_root), default_cache(), log)
     if config.priors_from:
-        priors = read_priors(config.priors_from, [t.sha256 for t in teachers], config.synthesis.priors)
+        teachers_sha256 = [t.sha256 for t in teachers]
+        priors = read_priors(config.priors_from, teachers_sha256, config.synthesis.priors, data_sha256)
         config = replace(config, synthesis=replace(config.synthesis, priors=priors))
         validate(config)
     if method.uses_priors and config.synthesis.priors is None and len(teachers) > 1 and ranks.is_main:
         log(f"{method.name}: no --prior given, so the committee's members weigh the same (fadrm priors computes them)")
     layout = Layout(Path(config.out), tuple(class_names), config.ipc)
-    data_sha256 = data_digest(data_folder(spec, config.data_root), default_cache(), log)
     statistics = None
     if method.needs_statistics:
         # Several processes would each compute a missing file: they ask for it to be made first.
         statistics = teacher_statistics(
             distill_statistics_config(config), teachers, dataset, runtime, ranks.world == 1, log, data_sha256
         )
-    run = SynthesisRun(config, spec, dataset, teachers, layout, runtime, ranks, log, statistics)
+    run = SynthesisRun(config, spec, dataset, teachers, layout, runtime, ranks, log, statistics, data_sha256)
     INITIALISERS.get(method.initialiser).check(run)  # before anything is written
     if ranks.is_main:
         open_distilled_folder(
