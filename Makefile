@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(FADRM) run --dataset fashion-mnist --ipc 10 --method fadrm --repeats 2 --out $(RUNS)/demo
+	$(FADRM) run --dataset fashion-mnist --ipc 10 --method fadrm --repeats 2 --jobs auto --out $(RUNS)/demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -24,7 +24,7 @@ from .config import (
     option_fields,
     option_type,
 )
-from .errors import SYSTEM_FAULT_EXIT, FadrmError, GroupRefusal, one_line, system_fault
+from .errors import SYSTEM_FAULT_EXIT, FadrmError, GroupRefusal, Stopped, one_line, system_fault
 from .yaml_input import load_yaml
 
 
@@ -257,6 +257,7 @@ EXIT_STATUSES = {
     130: "interrupted (Ctrl-C)",
     141: "the reader of the output went away",
     143: "terminated (SIGTERM: kill, a scheduler's time limit)",
+    137: "killed (SIGKILL), or a --jobs student process was (128 + N: by signal N)",
 }
 
 
@@ -343,6 +344,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return _stopping("interrupted", 130)
+    except Stopped as exc:
+        return _stopping(one_line(str(exc)), exc.status)
     except BrokenPipeError:
         # The reader of our output went away (`fadrm list models | head -1`): as any pipeline producer,
         # stop quietly; stdout goes to /dev/null so the interpreter's final flush cannot fail again.

@@ -21,6 +21,16 @@ class GroupRefusal(FadrmError):
     once."""
 
 
+class Stopped(Exception):
+    """The command stopped because one of its processes was stopped by a signal (a ``--jobs`` worker killed
+    outright); every finished result is kept and the same command continues. ``status`` is the exit status
+    a shell shows for that signal (128 + its number)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 # Operating-system refusals that are the machine's state, not fadrm's bug, and what to do about each.
 # The command exits with SYSTEM_FAULT_EXIT; every file fadrm writes is renamed into place only when
 # complete, so the same command resumes once the cause is fixed.

@@ -101,7 +101,8 @@ def file_digest_matches(path: str | Path, sha256: str | None) -> bool:
 
 
 def save_torch(path: str | Path, obj: Any) -> None:
-    """Atomically ``torch.save`` plain data (tensors, dicts, lists, numbers, strings).
+    """Atomically ``torch.save`` plain data (tensors, dicts, lists, numbers, strings); the same data gives the
+    same bytes in any process.
 
     Raises:
         OSError: the file could not be written. ``torch.save`` reports a failed write (a full disk)
@@ -110,7 +111,10 @@ def save_torch(path: str | Path, obj: Any) -> None:
     """
     with atomic_path(path) as tmp:
         try:
-            torch.save(obj, tmp)
+            # Through a file object the archive's inner folder is always "archive" (given a path, torch names it
+            # after the temporary file, whose name holds the process id): the same weights, the same bytes.
+            with open(tmp, "wb") as stream:
+                torch.save(obj, stream)
         except RuntimeError as exc:
             if "PytorchStreamWriter" not in str(exc) and "inline_container" not in str(exc):
                 raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import os
 from typing import Any, Iterable, Sequence, TypeVar
 
@@ -48,9 +49,23 @@ def make_loader(
     )
 
 
+# Whether this process draws progress bars at all (a --jobs worker does not: several on one terminal garble it).
+PROGRESS_BARS = {"enabled": True}
+
+
+def set_progress_bars(enabled: bool) -> None:
+    """Draw progress bars on a terminal (the default), or never in this process. Without bars, tqdm's lock
+    is a thread lock: its default one is an interprocess semaphore, which a process killed outright leaves
+    behind (multiprocessing then warns about it at exit)."""
+    PROGRESS_BARS["enabled"] = enabled
+    if not enabled:
+        tqdm.set_lock(threading.RLock())
+
+
 def progress(iterable: Iterable[T], desc: str, **kwargs: Any) -> Iterable[T]:
-    """A progress bar on a terminal, silence in logs and CI (tqdm's disable=None)."""
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=None, **kwargs)
+    """A progress bar on a terminal, silence in logs and CI (tqdm's disable=None) and where turned off."""
+    disable = None if PROGRESS_BARS["enabled"] else True
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=disable, **kwargs)
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:

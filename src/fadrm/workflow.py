@@ -151,6 +151,7 @@ def plan_run(
         "repeats": config.repeats,
         "robustness": config.robustness,
         "protocol": config.protocol,
+        "jobs": config.jobs,
         **shared,
         **(eval_options or {}),
     }

@@ -12,6 +12,7 @@ from .fields import (
     data_root_option,
     device_option,
     holdout_option,
+    jobs_option,
     overwrite_option,
     seed_option,
     workers_option,
@@ -238,6 +239,7 @@ class EvalConfig(StageConfig):
     device: str = device_option()
     amp: str = amp_option(f"mixed precision (auto: {CUDA_AUTO_AMP['evaluate']} on CUDA, as published; off on the CPU)")
     workers: int | None = workers_option("data-loading processes")
+    jobs: str = jobs_option()
     # One save measured 2.9 ms for the demo's ConvNet student, 3.5% of its epoch (benchmarks/student_checkpoint.py).
     checkpoint_every: int = option(
         1,

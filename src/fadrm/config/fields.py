@@ -14,6 +14,7 @@ from .options import (
     at_least,
     device_name,
     existing_folder,
+    job_count_value,
     not_a_file,
     not_a_folder,
     option,
@@ -74,6 +75,18 @@ def teachers_option(check: Check | Sequence[Check] = ()) -> Any:
 def workers_option(help: str = "data-loading processes (default: 0 on <= 2 cores)") -> Any:
     """``--workers``: data-loading processes."""
     return option(None, help=help, defines=False, check=at_least(0))
+
+
+def jobs_option() -> Any:
+    """``--jobs``: student runs trained at once, each in its own process (:mod:`fadrm.evaluation.jobs`)."""
+    return option(
+        "1",
+        defines=False,
+        check=job_count_value,
+        help="students trained at once, each in its own process with its share of the cores (CUDA: of the "
+        "visible GPUs); auto: one per core on the CPU, 8 per GPU on CUDA (at most one per core); the "
+        "results equal one job's at the same threads per process",
+    )
 
 
 def overwrite_option(help: str) -> Any:

@@ -153,6 +153,14 @@ def difficulty_band(value: str | float) -> str | None:
 _rule(difficulty_band, "harder", "1.5")
 
 
+def job_count_value(value: str) -> str | None:
+    """Rule: auto, or a whole number of processes, at least 1."""
+    return None if value == "auto" or (str(value).isdigit() and int(value) >= 1) else "must be auto or a number >= 1"
+
+
+_rule(job_count_value, "0", "many")
+
+
 def device_name(value: str) -> str | None:
     """Rule: auto, cpu, cuda or cuda:N."""
     return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) else "must be auto, cpu, cuda or cuda:N"

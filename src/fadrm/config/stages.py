@@ -20,6 +20,7 @@ from .fields import (
     dataset_option,
     device_option,
     holdout_option,
+    jobs_option,
     out_option,
     overwrite_option,
     seed_option,
@@ -133,6 +134,7 @@ class RunConfig(StageConfig):
         help="the student that scores every teacher's SRe2L++ set when the priors "
         "are computed (default: the first teacher's architecture)",
     )
+    jobs: str = jobs_option()
     device: str = device_option()
     amp: str = amp_option(
         "mixed precision (auto: each stage's published precision on CUDA: "

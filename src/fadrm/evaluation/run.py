@@ -8,7 +8,8 @@ figures reported are :mod:`.summary`'s.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -17,7 +18,7 @@ from ..distilled import open_evaluated_set
 from ..baselines import DISTILLED, FULL_DATA, REAL_SUBSETS, full_data_student
 from ..config import EvalConfig, validate, write_config
 from ..data import DatasetSpec, data_folder, eval_transform, get_dataset_spec, load_split
-from ..data.datasets import TrainingSet
+from ..data.datasets import ImageDataset, TrainingSet
 from ..data.digest import data_digest
 from ..distributed import Ranks, init_ranks
 from ..errors import FadrmError
@@ -31,7 +32,8 @@ from ..seeding import derive_seed
 from ..students import train_student, with_best_of
 from ..teachers import Teacher, load_teachers
 from ..training import evaluate_accuracy, make_loader
-from .plan import EvaluatedSet, StudentJob, check_against_set, plan_evaluation, settle
+from .jobs import job_count, train_concurrently
+from .plan import EvaluatedSet, EvaluationPlan, StudentJob, check_against_set, plan_evaluation, settle
 from .store import LabelStore, claim_evaluation_folder, fill_label_store, read_finished_run, write_finished_run
 from .summary import summarise
 
@@ -73,20 +75,11 @@ def evaluate_ranked(
 ) -> dict[str, Any]:
     """:func:`evaluate` in one process of the group ``ranks`` (the only one without torchrun), relabelling
     with the teachers ``sources`` weighted by ``weights`` (None: equally)."""
-    spec = get_dataset_spec(distilled_set.dataset)
-    runtime, log = ranks.own_device(runtime), ranks.main_only(log)
+    log = ranks.main_only(log)
     log(f"evaluating the {distilled_set.describe()}")
-    distilled = TrainingSet(DISTILLED, *distilled_set.images())
-    val_set = load_split(spec, "val", config.data_root, config.holdout)
-    val_set.transform = eval_transform(spec)
-    val_loader = make_loader(val_set, 256, shuffle=False, workers=config.workers)
-    teachers = load_teachers(sources, spec, val_set.classes, runtime, holdout=config.holdout)
-    if not config.teachers:
-        check_set_teachers(distilled_set, teachers)
-    data_sha256 = data_digest(data_folder(spec, config.data_root), default_cache(), log)
-    plan = plan_evaluation(
-        config, distilled_set, teachers[0].arch, [t.sha256 or t.source for t in teachers], data_sha256
-    )
+    bench = StudentBench.prepare(config, distilled_set, sources, weights, ranks.own_device(runtime), ranks, log)
+    plan, spec = bench.plan, bench.spec
+    jobs = job_count(config.jobs, runtime.device, ranks.world)
     # One writer per results folder (rank 0 for the group): a second evaluation into it is refused.
     with lock_or_nothing(plan.out, "--out", ranks.is_main):
         if ranks.is_main:
@@ -94,53 +87,205 @@ def evaluate_ranked(
             claim_evaluation_folder(plan.out, distilled_set, config.overwrite, data_dir, log)
             write_config(plan.out / "config.yaml", plan.config)
         ranks.barrier()
-        labeller = TeacherLabeller([t.model for t in teachers], weights, config.bssl, config.balance_teachers)
         for name in plan.students:
             build_model(name, 2, spec.channels, spec.image_size)  # fail now on an unknown student, not after hours
-        train_set = load_split(spec, "train", config.data_root, config.holdout) if plan.subsets else None
         runs = [
-            full_data_run(config, spec, student, student_args(student, teachers), teachers, val_loader, runtime, log)
+            full_data_run(
+                config,
+                spec,
+                student,
+                student_args(student, bench.teachers),
+                bench.teachers,
+                bench.val_loader,
+                bench.runtime,
+                log,
+            )
             for student in plan.full_data
         ]
-        stores: list[LabelStore] = []
-        for repeat in plan.repeats:
-            trial = repeat.config
-            sets = {DISTILLED: distilled}
-            sets.update(
-                {name: REAL_SUBSETS.get(name)(train_set, spec, distilled_set.ipc, trial.seed) for name in plan.subsets}
-            )
-            store = None
-            if repeat.store_folder is not None:
-                store = LabelStore(
-                    repeat.store_folder,
-                    repeat.store_identity,
-                    len(distilled_set.class_names),
-                    trial.topk,
-                    trial.temperature,
-                    replaceable=config.labels_dir is None,  # the evaluation's own, in its folder
-                )
-                fill_label_store(store, trial, distilled.images, spec, labeller, runtime, log, ranks)
-                stores.append(store)
-            for job in repeat.jobs:
-                run = finished_or_trained(
-                    job,
-                    sets[job.arm.train_set],
-                    store,
-                    labeller,
-                    teachers,
-                    spec,
-                    val_set.classes,
-                    val_loader,
-                    runtime,
-                    ranks,
-                    log,
-                )
-                # Runs finished before repeats (or --no-augment) existed lack the field; the identity fixes it.
-                runs.append({"augment": True, **run, "seed": trial.seed})
-        results = summarise(plan, distilled_set, teachers, runs, stores)
+        stores = [bench.filled_store(r, log) for r in range(len(plan.repeats))]
+        finished = {(r, j): bench.finished_run(job, log) for r, j, job in bench.jobs()}
+        pending = [(r, j) for (r, j), run in finished.items() if run is None]
+        if jobs > 1 and len(pending) > 1:
+            log(f"training {len(pending)} students in {min(jobs, len(pending))} processes")
+            names = {plan.repeats[r].jobs[j].key: (r, j) for r, j in pending}
+            trained = train_concurrently(worker_trainer, bench.worker_inputs(), list(names), jobs, runtime.device, log)
+            finished.update({names[name]: run for name, run in trained.items()})
+        else:
+            finished.update({(r, j): bench.train(r, j, log) for r, j in pending})
+        for (r, _), run in finished.items():
+            # Runs finished before repeats (or --no-augment) existed lack the field; the identity fixes it.
+            runs.append({"augment": True, **run, "seed": plan.repeats[r].config.seed})
+        results = summarise(plan, distilled_set, bench.teachers, runs, [s for s in stores if s is not None])
         if ranks.is_main:
             write_report(plan.out, results)
         return results
+
+
+@dataclass
+class StudentBench:
+    """What every student of one evaluation shares: the set and its real subsets, the validation data,
+    the relabelling teachers, the label stores and the plan. Built alike in the evaluating process and in
+    each ``--jobs`` worker, which trains the jobs it is handed exactly as the evaluating process would."""
+
+    config: EvalConfig
+    distilled_set: EvaluatedSet
+    spec: DatasetSpec
+    distilled: TrainingSet
+    val_classes: list[str]
+    val_loader: torch.utils.data.DataLoader
+    teachers: list[Teacher]
+    labeller: TeacherLabeller
+    plan: EvaluationPlan
+    runtime: Runtime
+    ranks: Ranks
+    sources: Sequence[str]
+    weights: Sequence[float] | None
+    _train_split: ImageDataset | None = None
+    _sets: dict[int, dict[str, TrainingSet]] = field(default_factory=dict)
+
+    @classmethod
+    def prepare(
+        cls,
+        config: EvalConfig,
+        distilled_set: EvaluatedSet,
+        sources: Sequence[str],
+        weights: Sequence[float] | None,
+        runtime: Runtime,
+        ranks: Ranks,
+        log: Callable[[str], None],
+    ) -> StudentBench:
+        """Load the set, the validation split and the teachers, and plan the evaluation (nothing is written)."""
+        spec = get_dataset_spec(distilled_set.dataset)
+        distilled = TrainingSet(DISTILLED, *distilled_set.images())
+        val_set = load_split(spec, "val", config.data_root, config.holdout)
+        val_set.transform = eval_transform(spec)
+        val_loader = make_loader(val_set, 256, shuffle=False, workers=config.workers)
+        teachers = load_teachers(sources, spec, val_set.classes, runtime, holdout=config.holdout)
+        if not config.teachers:
+            check_set_teachers(distilled_set, teachers)
+        data_sha256 = data_digest(data_folder(spec, config.data_root), default_cache(), log)
+        digests = [t.sha256 or t.source for t in teachers]
+        plan = plan_evaluation(config, distilled_set, teachers[0].arch, digests, data_sha256)
+        labeller = TeacherLabeller([t.model for t in teachers], weights, config.bssl, config.balance_teachers)
+        return cls(
+            config,
+            distilled_set,
+            spec,
+            distilled,
+            list(val_set.classes),
+            val_loader,
+            teachers,
+            labeller,
+            plan,
+            runtime,
+            ranks,
+            sources,
+            weights,
+        )
+
+    def jobs(self) -> Iterator[tuple[int, int, StudentJob]]:
+        """Every student job with its repeat's and its own position, in the order they are reported."""
+        for r, repeat in enumerate(self.plan.repeats):
+            for j, job in enumerate(repeat.jobs):
+                yield r, j, job
+
+    def store(self, repeat: int) -> LabelStore | None:
+        """The repeat's label store (None: live labels)."""
+        rep = self.plan.repeats[repeat]
+        if rep.store_folder is None:
+            return None
+        return LabelStore(
+            rep.store_folder,
+            rep.store_identity,
+            len(self.distilled_set.class_names),
+            rep.config.topk,
+            rep.config.temperature,
+            replaceable=self.config.labels_dir is None,  # the evaluation's own, in its folder
+        )
+
+    def filled_store(self, repeat: int, log: Callable[[str], None]) -> LabelStore | None:
+        """The repeat's label store with every epoch stored (what its students then only read)."""
+        store = self.store(repeat)
+        if store is not None:
+            trial = self.plan.repeats[repeat].config
+            images = self.distilled.images
+            fill_label_store(store, trial, images, self.spec, self.labeller, self.runtime, log, self.ranks)
+        return store
+
+    def training_set(self, repeat: int, train_set: str) -> TrainingSet:
+        """The images an arm of ``repeat`` trains on: the set, or a real subset drawn at the repeat's seed."""
+        if train_set == DISTILLED:
+            return self.distilled
+        if repeat not in self._sets:
+            if self._train_split is None:
+                self._train_split = load_split(self.spec, "train", self.config.data_root, self.config.holdout)
+            seed, ipc = self.plan.repeats[repeat].config.seed, self.distilled_set.ipc
+            self._sets[repeat] = {
+                name: REAL_SUBSETS.get(name)(self._train_split, self.spec, ipc, seed) for name in self.plan.subsets
+            }
+        return self._sets[repeat][train_set]
+
+    def finished_run(self, job: StudentJob, log: Callable[[str], None]) -> dict[str, Any] | None:
+        """The job's finished run where one covers the validations asked for (logged as reused), else None."""
+        finished = read_finished_run(job.run_file, job.identity, log)
+        wanted = job.config.evaluation_epochs()
+        # A finished run serves a validation schedule it covers; a denser one needs the student again.
+        if finished is None or not set(wanted) <= set(finished["evaluated_epochs"]):
+            return None
+        run = with_best_of(finished, wanted)
+        log(f"{job.key}: reusing finished run (top-1 {run['top1']:.2f}%)")
+        return run
+
+    def train(self, repeat: int, position: int, log: Callable[[str], None]) -> dict[str, Any]:
+        """Train job ``position`` of ``repeat`` (resuming its checkpoint), save it as a teacher checkpoint and
+        record it; returns its run record."""
+        job = self.plan.repeats[repeat].jobs[position]
+        return train_job(
+            job,
+            self.training_set(repeat, job.arm.train_set),
+            self.store(repeat) if job.uses_store else None,
+            self.labeller,
+            self.teachers,
+            self.spec,
+            self.val_classes,
+            self.val_loader,
+            self.runtime,
+            self.ranks,
+            log,
+        )
+
+    def worker_inputs(self) -> WorkerInputs:
+        """What a ``--jobs`` worker needs to build this bench again, and the identities it must plan."""
+        identities = {(r, j): job.identity for r, j, job in self.jobs()}
+        return WorkerInputs(self.config, list(self.sources), self.weights, identities)
+
+
+@dataclass(frozen=True)
+class WorkerInputs:
+    """What a ``--jobs`` worker builds the evaluation's :class:`StudentBench` from: the settled config, the
+    relabelling teachers and their weights; and the identity of every job, which it must plan alike."""
+
+    config: EvalConfig
+    sources: list[str]
+    weights: Sequence[float] | None
+    identities: dict[tuple[int, int], dict[str, Any]]
+
+
+def quiet(line: str) -> None:
+    """A worker's log for what the evaluating process has already said (loading, digests)."""
+
+
+def worker_trainer(inputs: WorkerInputs, device: torch.device) -> Callable[[Any, Callable[[str], None]], dict]:
+    """In a ``--jobs`` worker: the bench built as the evaluating process built it, on ``device``; returns the
+    function that trains one job, named by its key."""
+    config = inputs.config
+    distilled_set = open_evaluated_set(config.distilled, config.dataset, config.data_root, config.teachers)
+    runtime = replace(make_runtime(config.device, config.amp, stage="evaluate"), device=device)
+    bench = StudentBench.prepare(config, distilled_set, inputs.sources, inputs.weights, runtime, Ranks(), quiet)
+    if {(r, j): job.identity for r, j, job in bench.jobs()} != inputs.identities:
+        raise RuntimeError("a student process planned other runs than the evaluating process")
+    positions = {job.key: (r, j) for r, j, job in bench.jobs()}
+    return lambda name, log: bench.train(*positions[name], log)
 
 
 def check_set_teachers(distilled_set: EvaluatedSet, teachers: Sequence[Teacher]) -> None:
@@ -155,7 +300,7 @@ def check_set_teachers(distilled_set: EvaluatedSet, teachers: Sequence[Teacher])
             )
 
 
-def finished_or_trained(
+def train_job(
     job: StudentJob,
     training_set: TrainingSet,
     store: LabelStore | None,
@@ -168,15 +313,8 @@ def finished_or_trained(
     ranks: Ranks,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """The job's run record: its finished run where one covers the validations asked for, else the
-    student trained (resuming its checkpoint), saved as a teacher checkpoint and recorded."""
-    finished = read_finished_run(job.run_file, job.identity, log)
-    wanted = job.config.evaluation_epochs()
-    # A finished run serves a validation schedule it covers; a denser one needs the student again.
-    if finished is not None and set(wanted) <= set(finished["evaluated_epochs"]):
-        run = with_best_of(finished, wanted)
-        log(f"{job.key}: reusing finished run (top-1 {run['top1']:.2f}%)")
-        return run
+    """The job's student trained (resuming its checkpoint), saved as a teacher checkpoint and recorded; its
+    run record. Everything it draws comes from the job's own seeds, so it trains alike in any process."""
     torch.manual_seed(derive_seed(job.config.seed, "student", job.student))
     args = student_args(job.student, teachers)
     model = build_model(job.student, len(class_names), spec.channels, spec.image_size, **args)
@@ -189,7 +327,7 @@ def finished_or_trained(
         runtime,
         val_loader,
         labeller if job.arm.labels == "soft" else None,
-        store if job.uses_store else None,
+        store,
         desc=job.key,
         log=log,
         checkpoint=checkpoint,
