@@ -17,6 +17,8 @@
 #      reference's own loop at the same shape when ../shared/bench/reference_recover.py is there
 #   5. the reference's loop at the CIFAR-100 shape, for step 3's side-by-side
 #   6. patch selection's data path against the decode floor on all the node's cores (CPU only)
+#   7. students per hour with --jobs 1 and --jobs auto: CIFAR-100 CIFAR ResNet-18 students by the
+#      common protocol on one GPU (random pixels and teacher; issue target: auto >= 4x one job)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -52,6 +54,8 @@ if [ "$DRY" = 1 ]; then
     step efficiency $PY benchmarks/efficiency.py --dry-run --iters 1 --warmup 1 --methods fadrm g-vbsm \
         --json "$OUT/$TAG-efficiency.json"
     step patches $PY benchmarks/patch_speed.py --dry-run --data "$OUT/imagenet-like" --json "$OUT/$TAG-patches.json"
+    step student-jobs $PY benchmarks/student_jobs.py --synthetic cifar100 --dry-run --jobs 1 2 \
+        --json "$OUT/$TAG-student-jobs.json"
 else
     step host-cost $PY benchmarks/host_cost.py --device cuda --json "$OUT/$TAG-host-cost.json"
     # The same count under bf16 autocast, where the frozen weights are held in its dtype.
@@ -71,6 +75,8 @@ else
     # The data stage on the GPU node's many cores (CPU only): patch selection against the decode floor.
     step patches $PY benchmarks/patch_speed.py --rounds 1 --per-class 50 --data /tmp/fadrm-imagenet-like \
         --json "$OUT/$TAG-patches.json"
+    step student-jobs $PY benchmarks/student_jobs.py --synthetic cifar100 --device cuda --jobs 1 auto --epochs 2 \
+        --repeats 8 --json "$OUT/$TAG-student-jobs.json"
 fi
 echo "results in $OUT"
 exit $STATUS

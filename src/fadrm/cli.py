@@ -192,6 +192,32 @@ def _stage_parsers(sub: argparse._SubParsersAction) -> None:
     )
 
 
+# -------------------------------------------------------------------- study
+def _study_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "study",
+        help="a grid of methods x IPCs x seeds run as one resumable queue, reported as one table",
+        description="Run every cell of a study grid (a YAML file: dataset, methods, ipcs, seeds, students, "
+        "protocol, baselines, repeats, teachers, data_root, distill, evaluate) as fadrm run runs one, into "
+        "OUT/seed<S>/<method>-ipc<N>, then write OUT/study.md, study.json, accuracy-vs-ipc.png and "
+        "grids/. Rerun the same command to resume.",
+    )
+    p.add_argument("grid", help="the study grid (YAML)")
+    p.add_argument("--out", required=True, help="the study's folder")
+    p.add_argument(
+        "--jobs", default="1", help="students trained at once per cell (as fadrm evaluate --jobs; default: 1)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.set_defaults(handler=_study)
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .study import read_grid, study
+
+    study(read_grid(args.grid), args.out, jobs=args.jobs, device=args.device)
+    return 0
+
+
 # ----------------------------------------------------------------- download
 def _download_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="fetch fashion-mnist, cifar10 or cifar100 with torchvision (needs network)")
@@ -275,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help=f"show the traceback of an unexpected error (or set {DEBUG_VARIABLE}=1)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_stage_parsers, _download_parser, _list_parser):
+    for add in (_stage_parsers, _study_parser, _download_parser, _list_parser):
         add(sub)
     return parser
 

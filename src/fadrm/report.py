@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .config import PROTOCOL_WORDS
 from .io import atomic_path, to_uint8, write_json
@@ -146,3 +146,60 @@ def image_grid(images: torch.Tensor, columns: int, scale: int = 1) -> Image.Imag
         canvas[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, k * (w + 2) + 1 : k * (w + 2) + 1 + w] = image
     picture = Image.fromarray(to_uint8(canvas))
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture
+
+
+def labelled_grid(
+    images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], per_class: int, scale: int = 2
+) -> Image.Image:
+    """A row of up to ``per_class`` images per class (uint8 (N, C, H, W) with their ``labels``), each row named
+    by its class at the left."""
+    rows = []
+    for label, _ in enumerate(class_names):
+        chosen = images[labels == label][:per_class]
+        rows.append(torch.cat([chosen, torch.zeros(per_class - len(chosen), *images.shape[1:], dtype=images.dtype)]))
+    tiles = image_grid(torch.cat(rows).float().div(255), per_class, scale)
+    if tiles.mode != "RGB":
+        tiles = tiles.convert("RGB")
+    draw = ImageDraw.Draw(tiles)
+    margin = max(draw.textlength(str(name)) for name in class_names) + 8
+    canvas = Image.new("RGB", (tiles.width + int(margin), tiles.height), "white")
+    canvas.paste(tiles, (int(margin), 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = tiles.height / len(class_names)
+    for row, name in enumerate(class_names):
+        draw.text((4, row * row_height + row_height / 2 - 5), str(name), fill="black")
+    return canvas
+
+
+def plot_accuracy_by_ipc(path: Path, rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> bool:
+    """Top-1 against IPC, a line per method (soft labels, each student) and a dashed one per baseline arm, the
+    IPCs as ticks on a log axis; False when matplotlib is absent."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    lines: dict[tuple[str, str, str], list[tuple[int, float, float]]] = {}
+    for row in rows:
+        lines.setdefault((row["arm"], row["student"], row["labels"]), []).append(
+            (row["ipc"], row["top1"], row["top1_std"] or 0.0)
+        )
+    for (arm, student, labels), points in sorted(lines.items()):
+        points.sort()
+        ipcs, top1, std = zip(*points)
+        style = "-" if arm in methods else "--"
+        ax.errorbar(ipcs, top1, yerr=std, linestyle=style, marker="o", capsize=3, label=f"{arm} ({labels}), {student}")
+    ticks = sorted({row["ipc"] for row in rows})
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set(xlabel="images per class (IPC)", ylabel="top-1 (%)", title="accuracy against IPC")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
