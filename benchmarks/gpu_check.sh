@@ -19,6 +19,8 @@
 #   6. patch selection's data path against the decode floor on all the node's cores (CPU only)
 #   7. students per hour with --jobs 1 and --jobs auto: CIFAR-100 CIFAR ResNet-18 students by the
 #      common protocol on one GPU (random pixels and teacher; issue target: auto >= 4x one job)
+#   8. the student step against its floor, by default and with views rendered on the host one batch ahead
+#      and the fused optimiser (issue target: <= 1.3x the floor's time); the student step's host cost
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -56,6 +58,9 @@ if [ "$DRY" = 1 ]; then
     step patches $PY benchmarks/patch_speed.py --dry-run --data "$OUT/imagenet-like" --json "$OUT/$TAG-patches.json"
     step student-jobs $PY benchmarks/student_jobs.py --synthetic cifar100 --dry-run --jobs 1 2 \
         --json "$OUT/$TAG-student-jobs.json"
+    step student-speed-lean $PY benchmarks/student_speed.py --configs fashion-mnist --batch-sizes 16 --steps 2 \
+        --rounds 1 --views host --prefetch-views on --fused-optimizer on --json "$OUT/$TAG-student-speed-lean.json"
+    step host-cost-students $PY benchmarks/host_cost.py --students --dry-run --json "$OUT/$TAG-host-cost-students.json"
 else
     step host-cost $PY benchmarks/host_cost.py --device cuda --json "$OUT/$TAG-host-cost.json"
     # The same count under bf16 autocast, where the frozen weights are held in its dtype.
@@ -77,6 +82,11 @@ else
         --json "$OUT/$TAG-patches.json"
     step student-jobs $PY benchmarks/student_jobs.py --synthetic cifar100 --device cuda --jobs 1 auto --epochs 2 \
         --repeats 8 --json "$OUT/$TAG-student-jobs.json"
+    step student-speed $PY benchmarks/student_speed.py --device cuda --rounds 1 --json "$OUT/$TAG-student-speed.json"
+    step student-speed-lean $PY benchmarks/student_speed.py --device cuda --rounds 1 --views host \
+        --prefetch-views on --fused-optimizer on --json "$OUT/$TAG-student-speed-lean.json"
+    step host-cost-students $PY benchmarks/host_cost.py --students --device cuda \
+        --json "$OUT/$TAG-host-cost-students.json"
 fi
 echo "results in $OUT"
 exit $STATUS

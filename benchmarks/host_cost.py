@@ -142,6 +142,80 @@ def measure(
     return rows
 
 
+# Student configs: (dataset, student and teacher architecture); counted at the loader batches below.
+STUDENT_CONFIGS = {"fashion-mnist": ("fashion-mnist", "convnet-small"), "cifar100": ("cifar100", "cifar_resnet18")}
+STUDENT_BATCHES = (16, 128)
+
+
+def count_student(dataset: str, model: str, batch: int, runtime: Runtime) -> dict:
+    """Per loader batch: our ``train_student`` step (views, rendering, live BSSL labels, two micro-batches, KL
+    loss, AdamW) against its floor (the teacher's forward on the two BSSL halves, the student's forward and
+    backward on the same micro-batches, one fused AdamW step), both counted the same way. Ours = (an epoch
+    of 2n batches - an epoch of n) / n, so the per-epoch work (shuffle, schedule, loss read) is left out."""
+    from fadrm.config import EvalConfig
+    from fadrm.data import get_dataset_spec
+    from fadrm.data.datasets import TrainingSet
+    from fadrm.labels import TeacherLabeller, halves
+    from fadrm.students import micro_batches, train_student, weight_decay_groups
+
+    spec = get_dataset_spec(dataset)
+    shape = (spec.channels, spec.image_size, spec.image_size)
+    torch.manual_seed(0)
+    teacher = runtime.place(
+        build_model(model, spec.num_classes, *shape[:1], spec.image_size).eval().requires_grad_(False)
+    )
+    config = EvalConfig(distilled="count", epochs=1, batch_size=batch, lr=1e-3, eta=2.0, eval_every=0)
+    labeller = TeacherLabeller([teacher], bssl=config.bssl)
+    validation = [(torch.rand(2, *shape), torch.zeros(2, dtype=torch.long))]
+
+    def ours(batches: int) -> HostCost:
+        student = build_model(model, spec.num_classes, spec.channels, spec.image_size)
+        images = torch.randint(0, 256, (batches * batch, *shape), dtype=torch.uint8)
+        training = TrainingSet("count", images, torch.arange(len(images)) % spec.num_classes)
+        with CountHostCost() as counted:
+            train_student(student, training, config, spec, runtime, validation, labeller, log=lambda line: None)
+        return counted.cost
+
+    per_batch = (ours(4) - ours(2)).scaled(1 / 2)
+    student = runtime.place(build_model(model, spec.num_classes, spec.channels, spec.image_size)).train()
+    optimizer = torch.optim.AdamW(weight_decay_groups(student, config.weight_decay), lr=1e-3, fused=True)
+    inputs = runtime.batch(torch.randn(batch, *shape))
+    for layer in labeller.batchnorm_layers:
+        layer.train()
+    with CountHostCost() as floor:
+        with torch.no_grad():
+            for half in halves(inputs):
+                teacher(half)
+        for part in micro_batches(batch, config.accumulation, batch):
+            student(inputs[part]).float().sum().backward()
+        optimizer.step()
+    # The CUDA path renders a batch's crops at once (augment.upsampled_crops) where the CPU resizes them one by
+    # one: counted both ways on one batch's views, the difference predicts our step's count on CUDA.
+    from fadrm.augment import ViewSampler, mixed_batch, render, upsampled_crops
+
+    images = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8)
+    view = ViewSampler.from_config(config, spec.image_size).view(0, 0, torch.arange(batch), *shape[1:])
+    with CountHostCost() as one_by_one:
+        render(images, view, spec.image_size, "cpu")
+    with CountHostCost() as at_once:
+        mixed_batch(upsampled_crops(images[view.indices], view.boxes, view.flips, spec.image_size), view)
+    cuda_path = per_batch.total - one_by_one.cost.total + at_once.cost.total
+    return {
+        "config": dataset,
+        "model": model,
+        "batch": batch,
+        "floor_ops": floor.cost.total,
+        "ops": per_batch.total,
+        "ratio": round(per_batch.total / floor.cost.total, 3),
+        "scalar_reads": per_batch.scalar_reads,
+        "cuda_render_ops": at_once.cost.total,
+        "cpu_render_ops": one_by_one.cost.total,
+        "predicted_cuda_ops": cuda_path,
+        "predicted_cuda_ratio": round(cuda_path / floor.cost.total, 3),
+        "top_ops": dict(per_batch.ops.most_common(12)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", choices=list(SHAPES), default=list(SHAPES))
@@ -152,7 +226,13 @@ def main() -> None:
     parser.add_argument("--amp", default="off", help="precision (the CPU path: off)")
     parser.add_argument("--dry-run", action="store_true", help="toy shapes only (seconds): checks the script runs")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument(
+        "--students", action="store_true", help="count a student's training step against its floor instead"
+    )
     args = parser.parse_args()
+    if args.students:
+        main_students(args)
+        return
     torch.set_num_threads(1)  # counts do not depend on threads; one keeps the run quiet beside others
     shapes = DRY_SHAPES if args.dry_run else {name: SHAPES[name] for name in args.configs}
     rows = measure(shapes, args.methods, args.device, args.amp, lambda line: print(line, file=sys.stderr, flush=True))
@@ -171,6 +251,33 @@ def main() -> None:
         meta = {
             "torch": torch.__version__,
             "machine": platform.machine(),
+            "device": args.device,
+            "amp": args.amp,
+            "command": " ".join(["python", *sys.argv]),
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+def main_students(args: argparse.Namespace) -> None:
+    """``--students``: per loader batch, our step's operators and scalar reads against its floor."""
+    torch.set_num_threads(1)
+    configs = {"fashion-mnist": STUDENT_CONFIGS["fashion-mnist"]} if args.dry_run else STUDENT_CONFIGS
+    rows = []
+    for dataset, model in configs.values():
+        for batch in (16,) if args.dry_run else STUDENT_BATCHES:
+            row = count_student(dataset, model, batch, make_runtime(args.device, args.amp, stage="evaluate"))
+            print(json.dumps({k: v for k, v in row.items() if k != "top_ops"}), file=sys.stderr, flush=True)
+            rows.append(row)
+    print(f"{'config':14s} {'batch':>5s} {'floor':>6s} {'ours':>6s} {'ratio':>6s} {'reads':>5s}")
+    for r in rows:
+        print(
+            f"{r['config']:14s} {r['batch']:5d} {r['floor_ops']:6.0f} {r['ops']:6.0f} {r['ratio']:6.2f} "
+            f"{r['scalar_reads']:5.1f}"
+        )
+    if args.json:
+        meta = {
+            "torch": torch.__version__,
             "device": args.device,
             "amp": args.amp,
             "command": " ".join(["python", *sys.argv]),

@@ -42,7 +42,16 @@ CONFIGS = {
 DEFAULT_STEPS = 4  # for a batch size a config does not list
 
 
-def worker(config_name: str, mode: str, batch_size: int, steps: int, warmup: int, device: str, amp: str) -> dict:
+def worker(
+    config_name: str,
+    mode: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    amp: str,
+    lean: dict | None = None,
+) -> dict:
     """One measurement in this process: seconds per loader batch and peak memory."""
     import torch
 
@@ -56,7 +65,8 @@ def worker(config_name: str, mode: str, batch_size: int, steps: int, warmup: int
 
     cfg = CONFIGS[config_name]
     spec = get_dataset_spec(cfg["dataset"])
-    runtime = make_runtime(device, amp, stage="evaluate")
+    # ``lean``: the student's views, prefetching and optimiser step (fadrm.runtime.make_runtime's options).
+    runtime = make_runtime(device, amp, stage="evaluate", **(lean or {}))
     shape = (spec.channels, spec.image_size, spec.image_size)
     torch.manual_seed(0)
     teacher = build_model(cfg["model"], spec.num_classes, spec.channels, spec.image_size).eval().requires_grad_(False)
@@ -132,6 +142,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
                         "--amp",
                         args.amp,
                         *(["--threads", str(args.threads)] if args.threads else []),
+                        *(["--views", args.views, "--prefetch-views", args.prefetch_views]),
+                        *(["--fused-optimizer", args.fused_optimizer]),
                     ]
                     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                     samples[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -176,6 +188,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="off")
     parser.add_argument("--threads", type=int, help="torch threads in each measurement (default: torch's)")
+    parser.add_argument("--views", default="auto", help="where our step renders its views: auto, device or host")
+    parser.add_argument("--prefetch-views", default="auto", help="auto, on or off")
+    parser.add_argument("--fused-optimizer", default="auto", help="auto, on or off")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,7 +199,10 @@ def main() -> None:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        print(json.dumps(worker(*args.worker, args.batch_sizes[0], args.steps, args.warmup, args.device, args.amp)))
+        lean = {"views": args.views, "prefetch_views": args.prefetch_views, "fused_optimizer": args.fused_optimizer}
+        print(
+            json.dumps(worker(*args.worker, args.batch_sizes[0], args.steps, args.warmup, args.device, args.amp, lean))
+        )
         return
     rows = measure(args)
     gib = 1024**3

@@ -183,3 +183,42 @@ def test_a_view_sampler_from_an_evaluation_config_takes_its_view_settings():
 
     config = EvalConfig(distilled="d", seed=4, crop_scale=[0.5, 1.0], mix="mixup", mix_alpha=0.8, rand_augment=True)
     assert ViewSampler.from_config(config, 32) == ViewSampler(4, 32, (0.5, 1.0), "mixup", 0.8, True, True)
+
+
+def test_a_batchs_views_are_drawn_in_a_fixed_number_of_operations_from_the_per_image_rule():
+    """VIEWS_VERSION 2: a batch's crop boxes and flips come from one block of draws, so drawing the views of 128
+    images dispatches as many operators as drawing those of 16; every box lies in the image, and the boxes follow
+    the per-image rule's distribution (its mean area and the share of whole-width crops, over 20,000 draws);
+    where no attempt fits, the largest central crop of the per-image rule."""
+    from fadrm.augment import ViewSampler, random_resized_crop_box, random_resized_crop_boxes
+    from fadrm.hostcost import CountHostCost
+
+    sampler = ViewSampler(seed=3, size=28)
+    counts = []
+    for batch in (16, 128):
+        with CountHostCost() as counted:
+            view = sampler.view(0, 0, torch.arange(batch), 28, 28)
+        counts.append(counted.cost.total)
+        assert len(view.boxes) == len(view.flips) == batch
+    assert counts[0] == counts[1] < 60
+    again = sampler.view(0, 0, torch.arange(16), 28, 28)
+    assert (
+        again.boxes
+        == sampler.view(0, 0, torch.arange(16), 28, 28).boxes
+        != sampler.view(0, 1, torch.arange(16), 28, 28).boxes
+    )
+
+    together = random_resized_crop_boxes(torch.Generator().manual_seed(0), 20000, 28, 32)
+    one_by_one = [random_resized_crop_box(torch.Generator().manual_seed(i), 28, 32) for i in range(20000)]
+    assert all(0 <= t and t + h <= 28 and 0 <= left and left + w <= 32 for t, left, h, w in together)
+    for boxes in (together,):
+        mean_area = sum(h * w for _, _, h, w in boxes) / len(boxes) / (28 * 32)
+        reference = sum(h * w for _, _, h, w in one_by_one) / len(one_by_one) / (28 * 32)
+        assert abs(mean_area - reference) < 0.01
+        whole = sum(w == 32 for *_, w in boxes) / len(boxes)
+        assert abs(whole - sum(w == 32 for *_, w in one_by_one) / len(one_by_one)) < 0.01
+    # A 4 x 200 image at 90-100% of its area fits no aspect in [3/4, 4/3]: the central crop, as one by one.
+    assert (
+        random_resized_crop_boxes(torch.Generator(), 3, 4, 200, (0.9, 1.0))
+        == [random_resized_crop_box(torch.Generator(), 4, 200, (0.9, 1.0))] * 3
+    )

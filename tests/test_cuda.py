@@ -184,6 +184,39 @@ def test_views_rendered_on_the_gpu_are_the_cpu_pixels(mix):
             assert torch.equal(on_gpu.cpu(), render(images, view, size))
 
 
+@pytest.mark.parametrize("views,prefetch", [("host", "on"), ("host", "off"), ("device", "on")])
+@pytest.mark.parametrize("fused", ["off", "on"])
+def test_each_way_of_rendering_views_and_stepping_trains_a_student_alike_on_cuda(views, prefetch, fused):
+    """--views host (rendered on the CPU, copied over), --prefetch-views (a background thread) and
+    --fused-optimizer on CUDA: the epoch's views are the same pixels, so the student ends where the default
+    path (device views, no prefetch, torch's multi-tensor AdamW) ends, within cuDNN's and the fused step's
+    float rounding."""
+    from fadrm.config import EvalConfig
+    from fadrm.data import get_dataset_spec
+    from fadrm.data.datasets import TrainingSet
+    from fadrm.labels import TeacherLabeller
+    from fadrm.models import build_model
+    from fadrm.runtime import make_runtime
+    from fadrm.students import train_student
+
+    spec = get_dataset_spec("fashion-mnist")
+    images = torch.randint(0, 256, (48, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    training = TrainingSet("distilled", images, torch.arange(48) % 10)
+    config = EvalConfig(distilled="x", epochs=2, batch_size=16, lr=1e-3, eta=2.0, eval_every=0)
+    validation = [(torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))]
+    weights = []
+    for options in ({}, {"views": views, "prefetch_views": prefetch, "fused_optimizer": fused}):
+        runtime = make_runtime("cuda", "off", stage="evaluate", **options)
+        torch.manual_seed(0)
+        model = build_model("convnet-small", 10, 1, 28)
+        teacher = runtime.place(build_model("convnet-small", 10, 1, 28).eval())
+        train_student(
+            model, training, config, spec, runtime, validation, TeacherLabeller([teacher]), log=lambda s: None
+        )
+        weights.append([p.detach().cpu() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*weights))
+
+
 def test_patch_statistics_and_densification_match_the_cpu():
     # G-VBSM's and EDC's terms: per-group patch moments of conv inputs, and the eigenvalue spectrum.
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 from .data.specs import DatasetSpec
 from .rand_augment import apply_rand_augment, draw_rand_augment
 from .registry import Registry
-from .runtime import to_device
+from .runtime import Runtime, prefetched, to_device
 from .seeding import derive_seed, make_generator
 
 
@@ -78,6 +78,63 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+# Attempts at a crop inside the image per draw, torchvision's RandomResizedCrop rule.
+CROP_ATTEMPTS = 10
+
+
+def random_resized_crop_boxes(
+    gen: torch.Generator,
+    count: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> list[tuple[int, int, int, int]]:
+    """``count`` random-resized crop boxes (top, left, h, w) drawn together in a fixed number of tensor
+    operations: :func:`random_resized_crop_box`'s rule for each (the first of ten area and aspect draws
+    that fits, else the largest central crop within the ratio bounds), from one block of draws.
+
+    The draws are (count x 10) areas, (count x 10) aspects, then count tops and count lefts, in that
+    order, in float64; their order is part of every student result (:data:`VIEWS_VERSION`).
+    """
+    if count == 0:
+        return []
+    area = height * width
+    areas = area * (
+        scale[0] + (scale[1] - scale[0]) * torch.rand(count, CROP_ATTEMPTS, generator=gen, dtype=torch.float64)
+    )
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspects = torch.exp(
+        log_low + (log_high - log_low) * torch.rand(count, CROP_ATTEMPTS, generator=gen, dtype=torch.float64)
+    )
+    widths = torch.round(torch.sqrt(areas * aspects))
+    heights = torch.round(torch.sqrt(areas / aspects))
+    fits = (widths > 0) & (widths <= width) & (heights > 0) & (heights <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first attempt that fits (0 if none)
+    h = heights.gather(1, first)[:, 0]
+    w = widths.gather(1, first)[:, 0]
+    tops = torch.floor(torch.rand(count, generator=gen, dtype=torch.float64) * (height - h + 1))
+    lefts = torch.floor(torch.rand(count, generator=gen, dtype=torch.float64) * (width - w + 1))
+    boxes = [
+        (int(t), int(left), int(hh), int(ww))
+        for t, left, hh, ww in zip(tops.tolist(), lefts.tolist(), h.tolist(), w.tolist())
+    ]
+    central = None
+    for position, fitted in enumerate(fits.any(dim=1).tolist()):
+        if not fitted:  # no attempt fitted: the largest central crop within the ratio bounds
+            if central is None:
+                in_ratio = width / height
+                if in_ratio < ratio[0]:
+                    cw, ch = width, round(width / ratio[0])
+                elif in_ratio > ratio[1]:
+                    ch, cw = height, round(height * ratio[1])
+                else:
+                    cw, ch = width, height
+                central = ((height - ch) // 2, (width - cw) // 2, ch, cw)
+            boxes[position] = central
+    return boxes
+
+
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize of a batch to size x size (antialiased when shrinking)."""
     if images.shape[-2:] == (size, size):
@@ -113,6 +170,12 @@ class ViewParams:
 
 
 # ----------------------------------------------------------- student views
+# How a student batch's views are drawn from its generator. 1 (fadrm 0.1 to 0.3): a crop box and a flip
+# image by image; 2: the batch's boxes, then its flips, each in one block of draws. Part of every student's
+# and label store's identity: results of another version are made again.
+VIEWS_VERSION = 2
+
+
 @dataclass(frozen=True)
 class BatchView:
     """Everything random about one training batch."""
@@ -225,10 +288,9 @@ class ViewSampler:
                 None,
             )
         gen = make_generator(self.seed, "view", epoch, batch_index)
-        boxes, flips = [], []
-        for _ in range(len(indices)):
-            boxes.append(random_resized_crop_box(gen, height, width, self.scale))
-            flips.append(coin_flip(gen))
+        # The whole batch's crops and flips in a few tensor operations (VIEWS_VERSION 2), not image by image.
+        boxes = random_resized_crop_boxes(gen, len(indices), height, width, self.scale)
+        flips = (torch.rand(len(indices), generator=gen) < 0.5).tolist()
         partner = torch.randperm(len(indices), generator=gen)
         mix = MIXES.get(self.mix)
         lam, cut_box = 1.0, None
@@ -385,9 +447,32 @@ def render(images: torch.Tensor, view: BatchView, size: int, device: torch.devic
         for position, (index, box, flip) in enumerate(crops):
             if box[2] > size or box[3] > size:
                 batch[position] = to_device(_resized_crop(source, index, box, flip, size)[0], device)
+    return mixed_batch(batch, view)
+
+
+def epoch_views(
+    sampler: ViewSampler, epoch: int, images: torch.Tensor, batch_size: int, runtime: Runtime
+) -> Iterator[tuple[int, torch.Tensor, BatchView, torch.Tensor]]:
+    """Each batch of an epoch: (its position, its image indices, its view, its pixels in [0, 1] on the
+    runtime's device), rendered where the runtime says (``host_views``) and, with ``prefetch_views``, one
+    batch ahead in a background thread. The pixels are the same either way."""
+    height, width = images.shape[-2], images.shape[-1]
+    where = torch.device("cpu") if runtime.host_views else runtime.device
+
+    def draw() -> Iterator[tuple[int, torch.Tensor, BatchView, torch.Tensor]]:
+        for b, indices in enumerate(sampler.batches(epoch, len(images), batch_size)):
+            view = sampler.view(epoch, b, indices, height, width)
+            yield b, indices, view, to_device(render(images, view, sampler.size, where), runtime.device)
+
+    return prefetched(draw()) if runtime.prefetch_views else draw()
+
+
+def mixed_batch(batch: torch.Tensor, view: BatchView) -> torch.Tensor:
+    """The rendered ``batch`` with each image's partner mixed in as ``view`` says (CutMix's rectangle or
+    MixUp's weighted sum); the batch itself when the view mixes nothing."""
     if view.lam == 1.0:
         return batch
-    other = batch[to_device(view.partner, device)]
+    other = batch[to_device(view.partner, batch.device)]
     if view.cut_box is None:
         return view.lam * batch + (1 - view.lam) * other
     top, left, h, w = view.cut_box

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .augment import ViewSampler, render
+from .augment import ViewSampler, epoch_views
 from .data import normalize
 from .distributed import Ranks
 from .errors import FadrmError
@@ -156,8 +156,6 @@ def label_epoch(
 ) -> torch.Tensor:
     """Teacher logits for every view of one epoch, in batch order (what a store keeps)."""
     outputs = []
-    for b, indices in enumerate(sampler.batches(epoch, len(images), batch_size)):
-        view = sampler.view(epoch, b, indices, images.shape[-2], images.shape[-1])
-        pixels = normalize(runtime.batch(render(images, view, sampler.size, runtime.device)), mean, std)
-        outputs.append(labeller(pixels, runtime).cpu())
+    for _, _, _, pixels in epoch_views(sampler, epoch, images, batch_size, runtime):
+        outputs.append(labeller(normalize(runtime.batch(pixels), mean, std), runtime).cpu())
     return torch.cat(outputs)

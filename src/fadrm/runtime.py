@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import resource
 import shutil
+import threading
 from dataclasses import dataclass
-from typing import ContextManager, Iterator
+from typing import Any, ContextManager, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -37,6 +39,49 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.to(device)
 
 
+T = TypeVar("T")
+
+
+def prefetched(items: Iterator[T]) -> Iterator[T]:
+    """``items``, each produced one ahead in a background thread: the host prepares the next (a batch's
+    views) while the device works on this one. The same items in the same order; an error in the producer
+    is raised here; leaving early (an error, Ctrl-C) stops the producer after the item it is making."""
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def hand(message: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(message, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not hand(("item", item)):
+                    return
+            hand(("done", None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            hand(("error", exc))
+
+    thread = threading.Thread(target=produce, name="fadrm-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = handoff.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where tensors live and how the forward pass is computed.
@@ -48,6 +93,12 @@ class Runtime:
         compile: wrap models in ``torch.compile`` where :meth:`place` is asked to.
         fused_statistics: synthesis computes the BatchNorm-statistics loss of all of a model's
             layers in one autograd node (fewer host operations, other rounding).
+        fused_optimizer: students step with torch's fused optimiser kernels (one operator and no scalar read
+            per step, other rounding) instead of its per-parameter (CPU) or multi-tensor (CUDA) loop.
+        host_views: student and relabelling views are rendered on the host, then copied to the device (the
+            same pixels as rendering them on the device: :func:`fadrm.augment.render`).
+        prefetch_views: the next batch's views are drawn and rendered in a background thread while the
+            device trains on this one.
     """
 
     device: torch.device
@@ -55,6 +106,9 @@ class Runtime:
     channels_last: bool = False
     compile: bool = False
     fused_statistics: bool = False
+    fused_optimizer: bool = False
+    host_views: bool = True
+    prefetch_views: bool = False
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -138,6 +192,9 @@ def make_runtime(
     compile: bool = False,
     stage: str = "synthesis",
     fused_statistics: bool = False,
+    fused_optimizer: str = "auto",
+    views: str = "auto",
+    prefetch_views: str = "auto",
 ) -> Runtime:
     """Resolve ``device`` ("auto", "cpu", "cuda", "cuda:N") and ``amp`` ("auto", "off", "fp16", "bf16").
 
@@ -153,6 +210,13 @@ def make_runtime(
     after minutes of compilation per input size.
     ``fused_statistics``: see :class:`Runtime`; off by default until a GPU run has
     timed it (the CPU default must keep 0.3.0's bytes).
+    ``fused_optimizer`` ("auto", "on", "off"): auto is on for the CPU, where AdamW's fused step measured
+    7.5x faster than the per-parameter loop for a CIFAR ResNet-18 (5.5 against 41 ms, one thread), and off
+    on CUDA until a GPU run has timed it (torch's multi-tensor step there).
+    ``views`` ("auto", "device", "host"): where student views are rendered; auto is the device itself (on
+    CUDA the batch at once, as run on an H200 in 0.3). ``prefetch_views`` ("auto", "on", "off"): auto is on
+    where views are rendered on the host for a GPU. Neither host rendering nor prefetching has run on a GPU:
+    ``benchmarks/gpu_check.sh`` times them.
     """
     device = device or "auto"
     amp = amp or "auto"
@@ -185,4 +249,11 @@ def make_runtime(
         raise FadrmError(
             "--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile"
         )
-    return Runtime(dev, amp, channels_last, compile, fused_statistics)
+    if fused_optimizer not in ("auto", "on", "off"):
+        raise FadrmError(f"unknown --fused-optimizer {fused_optimizer!r}; choose auto, on or off")
+    fused = dev.type == "cpu" if fused_optimizer == "auto" else fused_optimizer == "on"
+    if views not in ("auto", "device", "host") or prefetch_views not in ("auto", "on", "off"):
+        raise FadrmError(f"unknown --views {views!r} or --prefetch-views {prefetch_views!r}")
+    host_views = dev.type == "cpu" or views == "host"
+    prefetch = host_views and dev.type == "cuda" if prefetch_views == "auto" else prefetch_views == "on"
+    return Runtime(dev, amp, channels_last, compile, fused_statistics, fused, host_views, prefetch)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .artifacts import StudentCheckpoint
-from .augment import ViewSampler, render
+from .augment import ViewSampler, epoch_views
 from .config import EvalConfig
 from .data import DatasetSpec, normalize
 from .data.datasets import TrainingSet
@@ -35,8 +35,9 @@ from .runtime import Runtime, to_device
 from .seeding import global_random_state, restore_global_random_state
 from .training import backward, check_finite, evaluate_accuracy, optimizer_step, progress
 
-# (parameter groups, learning rate, momentum) -> optimiser; an optimiser without momentum ignores it.
-OptimizerFn = Callable[[list[dict[str, Any]], float, float], torch.optim.Optimizer]
+# (parameter groups, learning rate, momentum, fused) -> optimiser; an optimiser without momentum ignores it;
+# fused: torch's fused kernels (Runtime.fused_optimizer), else torch's default loop for the device.
+OptimizerFn = Callable[[list[dict[str, Any]], float, float, bool], torch.optim.Optimizer]
 # (epoch, epochs, eta) -> learning-rate factor, applied once per epoch.
 ScheduleFn = Callable[[int, int, float], float]
 
@@ -99,14 +100,14 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
+def adamw(groups: list[dict[str, Any]], lr: float, momentum: float, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW (the published student optimiser); weight decay per group; ``momentum`` is SGD's, unused here."""
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
-def sgd(groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
+def sgd(groups: list[dict[str, Any]], lr: float, momentum: float, fused: bool = False) -> torch.optim.Optimizer:
     """SGD with (heavy-ball) momentum; weight decay per group."""
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused or None)
 
 
 OPTIMIZERS.add("adamw", adamw)
@@ -268,7 +269,8 @@ def train_student(
     sampler = ViewSampler.from_config(config, spec.image_size)
     runtime.place(model)
     network = ranks.parallel(model)
-    optimizer = optimizer_factory(weight_decay_groups(model, config.weight_decay), config.lr, config.momentum)
+    groups = weight_decay_groups(model, config.weight_decay)
+    optimizer = optimizer_factory(groups, config.lr, config.momentum, runtime.fused_optimizer)
     eta = config.eta
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: schedule(e, config.epochs, eta))
     scaler = runtime.grad_scaler()
@@ -303,11 +305,9 @@ def train_student(
         offset, count = 0, 0
         # Summed on the device and read once per epoch: no host sync per micro-batch.
         total = torch.zeros((), dtype=torch.float64, device=runtime.device)
-        for b, indices in enumerate(sampler.batches(epoch, len(train.images), config.batch_size)):
-            # Views, mixing and soft labels belong to the loader batch (BSSL halves included); every
-            # rank renders the whole batch (cheap next to the model) and forwards its share.
-            view = sampler.view(epoch, b, indices, train.images.shape[-2], train.images.shape[-1])
-            pixels = render(train.images, view, spec.image_size, runtime.device)
+        # Views, mixing and soft labels belong to the loader batch (BSSL halves included); every rank renders
+        # the whole batch (cheap next to the model) and forwards its share.
+        for b, indices, view, pixels in epoch_views(sampler, epoch, train.images, config.batch_size, runtime):
             pixels = normalize(runtime.batch(pixels), spec.mean, spec.std)
             hard = to_device(train.labels[indices], runtime.device)
             labels: SoftLabels | None = None

@@ -240,6 +240,27 @@ class EvalConfig(StageConfig):
     amp: str = amp_option(f"mixed precision (auto: {CUDA_AUTO_AMP['evaluate']} on CUDA, as published; off on the CPU)")
     workers: int | None = workers_option("data-loading processes")
     jobs: str = jobs_option()
+    views: str = option(
+        "auto",
+        defines=False,
+        choices=("auto", "device", "host"),
+        help="where the students' views are rendered (the same pixels either way): auto is the device (CUDA: the "
+        "batch at once); host renders them on the CPU and copies them over",
+    )
+    prefetch_views: str = option(
+        "auto",
+        defines=False,
+        choices=("auto", "on", "off"),
+        help="draw and render the next batch's views in a background thread while this one trains; auto: on "
+        "where views are rendered on the host for a GPU",
+    )
+    fused_optimizer: str = option(
+        "auto",
+        defines=False,
+        choices=("auto", "on", "off"),
+        help="step the students with torch's fused optimiser (one operator, no scalar read per step; other "
+        "rounding); auto: on for the CPU (AdamW 7.5x faster there for a ResNet-18), off on CUDA until timed on a GPU",
+    )
     # One save measured 2.9 ms for the demo's ConvNet student, 3.5% of its epoch (benchmarks/student_checkpoint.py).
     checkpoint_every: int = option(
         1,

@@ -21,8 +21,9 @@ from .store import label_store_identity
 
 # Version of the student protocol; finished runs of an older one are retrained. 2: accumulation
 # splits each loader batch into micro-batches (one optimiser step per loader batch), weight decay
-# on multi-dimensional weights only, BSSL by default.
-STUDENT_PROTOCOL = 2
+# on multi-dimensional weights only, BSSL by default. 3: each batch's crops and flips drawn in one block
+# (fadrm.augment.VIEWS_VERSION 2), the same distribution from other random numbers.
+STUDENT_PROTOCOL = 3
 
 
 class EvaluatedSet(Protocol):

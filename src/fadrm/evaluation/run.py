@@ -56,7 +56,7 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
         if config.teacher_priors
         else config.teacher_weights
     )
-    runtime = make_runtime(config.device, config.amp, stage="evaluate")
+    runtime = student_runtime(config)
     ranks = init_ranks(runtime.device.type)
     try:
         return evaluate_ranked(config, distilled_set, sources, weights, runtime, ranks, log)
@@ -271,6 +271,18 @@ class WorkerInputs:
     identities: dict[tuple[int, int], dict[str, Any]]
 
 
+def student_runtime(config: EvalConfig) -> Runtime:
+    """The evaluation's device and precision, its optimiser step and where its views are rendered."""
+    return make_runtime(
+        config.device,
+        config.amp,
+        stage="evaluate",
+        fused_optimizer=config.fused_optimizer,
+        views=config.views,
+        prefetch_views=config.prefetch_views,
+    )
+
+
 def quiet(line: str) -> None:
     """A worker's log for what the evaluating process has already said (loading, digests)."""
 
@@ -280,7 +292,7 @@ def worker_trainer(inputs: WorkerInputs, device: torch.device) -> Callable[[Any,
     function that trains one job, named by its key."""
     config = inputs.config
     distilled_set = open_evaluated_set(config.distilled, config.dataset, config.data_root, config.teachers)
-    runtime = replace(make_runtime(config.device, config.amp, stage="evaluate"), device=device)
+    runtime = replace(student_runtime(config), device=device)
     bench = StudentBench.prepare(config, distilled_set, inputs.sources, inputs.weights, runtime, Ranks(), quiet)
     if {(r, j): job.identity for r, j, job in bench.jobs()} != inputs.identities:
         raise RuntimeError("a student process planned other runs than the evaluating process")

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..artifacts import changed_settings, require_same_settings
-from ..augment import ViewSampler
+from ..augment import VIEWS_VERSION, ViewSampler
 from ..config import EvalConfig
 from ..data import DatasetSpec
 from ..distributed import Ranks
@@ -346,6 +346,8 @@ def label_store_identity(
         ),
         **({"balance_teachers": True} if config.balance_teachers else {}),
         **({"rand_augment": True} if config.rand_augment else {}),
+        # Stores before views were drawn batch by batch (VIEWS_VERSION 1) lack it: they are made again.
+        "views": VIEWS_VERSION,
     }
 
 
