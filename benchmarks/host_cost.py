@@ -1,7 +1,14 @@
-"""Host cost of one synthesis iteration, counted exactly: operators dispatched and scalars read back.
+"""Host cost of one synthesis iteration, or one student step, counted exactly: operators dispatched and
+scalars read back.
 
     python benchmarks/host_cost.py --json benchmarks/results/host-cost.json   # the committed figures
     python benchmarks/host_cost.py --dry-run                                  # toy shapes, seconds (CI)
+    OMP_NUM_THREADS=1 python benchmarks/host_cost.py --students --json benchmarks/results/host-cost-students.json
+
+``--students``: per loader batch, our ``train_student`` step against its floor (count_student), on the CPU
+code path, with two predictions for CUDA from exact counts: the default (the batch's crops rendered on the
+GPU at once, ``augment.upsampled_crops``, counted on one batch in place of the CPU's crop by crop) and
+``--views host`` (the crops are CPU work, then one copy).
 
 On a GPU every operator is at least one kernel launch issued by the host, and every scalar read
 waits for the device; when they dominate, the GPU idles (the "host-bound" synthesis of 0.3.0).
@@ -200,6 +207,8 @@ def count_student(dataset: str, model: str, batch: int, runtime: Runtime) -> dic
     with CountHostCost() as at_once:
         mixed_batch(upsampled_crops(images[view.indices], view.boxes, view.flips, spec.image_size), view)
     cuda_path = per_batch.total - one_by_one.cost.total + at_once.cost.total
+    # --views host on CUDA: the crops are CPU work (no launch), then one pinned copy (pin_memory, _to_copy).
+    host_views = per_batch.total - one_by_one.cost.total + 2
     return {
         "config": dataset,
         "model": model,
@@ -212,6 +221,8 @@ def count_student(dataset: str, model: str, batch: int, runtime: Runtime) -> dic
         "cpu_render_ops": one_by_one.cost.total,
         "predicted_cuda_ops": cuda_path,
         "predicted_cuda_ratio": round(cuda_path / floor.cost.total, 3),
+        "predicted_cuda_host_views_ops": host_views,
+        "predicted_cuda_host_views_ratio": round(host_views / floor.cost.total, 3),
         "top_ops": dict(per_batch.ops.most_common(12)),
     }
 
@@ -269,11 +280,15 @@ def main_students(args: argparse.Namespace) -> None:
             row = count_student(dataset, model, batch, make_runtime(args.device, args.amp, stage="evaluate"))
             print(json.dumps({k: v for k, v in row.items() if k != "top_ops"}), file=sys.stderr, flush=True)
             rows.append(row)
-    print(f"{'config':14s} {'batch':>5s} {'floor':>6s} {'ours':>6s} {'ratio':>6s} {'reads':>5s}")
+    print(
+        f"{'config':14s} {'batch':>5s} {'floor':>6s} {'ours':>6s} {'ratio':>6s} {'reads':>5s} "
+        f"{'CUDA path':>9s} {'ratio':>6s} {'host views':>10s} {'ratio':>6s}"
+    )
     for r in rows:
         print(
             f"{r['config']:14s} {r['batch']:5d} {r['floor_ops']:6.0f} {r['ops']:6.0f} {r['ratio']:6.2f} "
-            f"{r['scalar_reads']:5.1f}"
+            f"{r['scalar_reads']:5.1f} {r['predicted_cuda_ops']:9.0f} {r['predicted_cuda_ratio']:6.2f} "
+            f"{r['predicted_cuda_host_views_ops']:10.0f} {r['predicted_cuda_host_views_ratio']:6.2f}"
         )
     if args.json:
         meta = {

@@ -321,3 +321,49 @@ def test_fused_statistics_with_compile_take_the_per_layer_path_and_say_so(
     )
     assert any("a compiled teacher cannot take; using the per-layer one" in line for line in lines)
     assert "fused" not in manifest["device"] and manifest["config"]["fused_statistics"] is True
+
+
+def test_a_student_step_reads_no_scalar_and_its_views_cost_the_same_at_any_batch_size():
+    """The default student step on the CPU path (live BSSL labels, two micro-batches, KL loss, fused AdamW):
+    no value is read back from the device between the epoch's start and its end, and a batch of 128 costs the
+    operators a batch of 16 does, but for its crops, resized one by one on the CPU (counted exactly, per loader
+    batch: an epoch of four batches less an epoch of two)."""
+    from fadrm.config import EvalConfig
+    from fadrm.data import get_dataset_spec
+    from fadrm.data.datasets import TrainingSet
+    from fadrm.labels import TeacherLabeller
+    from fadrm.students import train_student
+
+    spec = get_dataset_spec("fashion-mnist")
+    runtime = make_runtime("cpu", "off", stage="evaluate")
+    teacher = build_model("convnet-small", 10, 1, 28).eval().requires_grad_(False)
+    validation = [(torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))]
+    per_batch = {}
+    for batch in (16, 128):
+        config = EvalConfig(distilled="x", epochs=1, batch_size=batch, lr=1e-3, eta=2.0, eval_every=0)
+        costs = []
+        for batches in (2, 4):
+            images = torch.randint(0, 256, (batches * batch, 1, 28, 28), dtype=torch.uint8)
+            training = TrainingSet("distilled", images, torch.arange(len(images)) % 10)
+            model = build_model("convnet-small", 10, 1, 28)
+            with CountHostCost() as counted:
+                train_student(
+                    model, training, config, spec, runtime, validation, TeacherLabeller([teacher]), log=lambda s: None
+                )
+            costs.append(counted.cost)
+        per_batch[batch] = (costs[1] - costs[0]).scaled(1 / 2)
+        assert per_batch[batch].scalar_reads == 0
+    crops = {op for op in per_batch[128].ops if per_batch[128].ops[op] != per_batch[16].ops[op]}
+    assert crops <= {
+        "aten.slice.Tensor",
+        "aten.div.Tensor",
+        "aten.upsample_bilinear2d.default",
+        "aten._to_copy.default",
+        "aten.flip.default",
+        "aten.cat.default",
+        "aten.view.default",
+        "aten.unsqueeze.default",
+        "aten.lift_fresh.default",
+        "aten.detach.default",
+        "aten.alias.default",
+    }, crops

@@ -21,11 +21,11 @@ import os
 import signal
 import traceback
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 
-from ..errors import FadrmError, Stopped, system_fault
+from ..errors import FadrmError, GroupRefusal, Stopped, system_fault
 from ..training import available_cores, set_progress_bars
 
 # --jobs auto on CUDA: workers per visible GPU (a published-protocol student leaves most of a GPU idle),
@@ -43,7 +43,7 @@ def job_count(value: str, device: torch.device, world: int = 1) -> int:
     rank trains every student together, so the jobs are 1 there.
 
     Raises:
-        FadrmError: more than one job under torchrun.
+        GroupRefusal: more than one job under torchrun (every rank meets it; rank 0 says it).
     """
     if value == "auto":
         cores = available_cores()
@@ -51,7 +51,7 @@ def job_count(value: str, device: torch.device, world: int = 1) -> int:
     else:
         jobs = int(value)
     if world > 1 and jobs > 1:
-        raise FadrmError(f"--jobs {value} with torchrun: the ranks already train each student together; leave it out")
+        raise GroupRefusal(f"--jobs {value} with torchrun: the ranks already train each student together; leave it out")
     return 1 if world > 1 else max(1, jobs)
 
 
@@ -100,29 +100,28 @@ def train_concurrently(
     count = min(jobs, len(todo))
     shares = core_shares(count, os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(1))
     workers: dict[Connection, multiprocessing.process.BaseProcess] = {}
-    # Ctrl-C reaches every process of the terminal's group: the workers ignore it and the evaluating process
-    # stops them. SIGINT stays blocked while they start, so none can be interrupted before it ignores it.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        for index in range(count):
-            ours, theirs = context.Pipe()
-            args = (factory, inputs, worker_device(device, index), shares[index], os.getpid(), theirs)
-            process = context.Process(target=_worker, args=args, name=f"fadrm-student-{index}")
-            process.start()
-            theirs.close()
-            workers[ours] = process
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     done: dict[str, dict] = {}
     training: dict[Connection, str | None] = {}
     try:
+        # Ctrl-C reaches every process of the terminal's group: the workers ignore it and the evaluating
+        # process stops them. SIGINT stays blocked while they start, so none is interrupted before it ignores it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for index in range(count):
+                ours, theirs = context.Pipe()
+                args = (factory, inputs, worker_device(device, index), shares[index], os.getpid(), theirs)
+                process = context.Process(target=_worker, args=args, name=f"fadrm-student-{index}")
+                process.start()
+                theirs.close()
+                workers[ours] = process
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         while workers:
             for link in wait(list(workers)):
                 try:
                     kind, *payload = link.recv()
                 except EOFError:  # the worker is gone without a word
                     _stopped(workers.pop(link), training.get(link))
-                    continue
                 if kind == "log":
                     log(payload[0])
                     continue
@@ -131,7 +130,10 @@ def train_concurrently(
                 elif kind != "ready":
                     raise _reraised(kind, payload)
                 training[link] = todo.pop(0) if todo else None
-                link.send(training[link])
+                try:
+                    link.send(training[link])
+                except OSError:  # it died since its last word
+                    _stopped(workers.pop(link), training[link])
                 if training[link] is None:
                     workers.pop(link).join()
     finally:
@@ -143,7 +145,7 @@ def train_concurrently(
     return done
 
 
-def _stopped(process: multiprocessing.process.BaseProcess, name: str | None) -> None:
+def _stopped(process: multiprocessing.process.BaseProcess, name: str | None) -> NoReturn:
     """Raise for a worker that ended without saying so (killed by a signal, or a crash of the interpreter)."""
     process.join()
     what = f" while training {name}" if name is not None else ""
