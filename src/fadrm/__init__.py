@@ -32,6 +32,7 @@ _PUBLIC = {
     "FadrmError": ".errors",
     **dict.fromkeys(("MODELS", "build_model", "list_models"), ".models"),
     "METHODS": ".synthesis.methods",
+    **dict.fromkeys(("StudyGrid", "read_grid", "run_study"), ".study"),
     **dict.fromkeys(("Teacher", "load_teacher"), ".teachers"),
 }
 
@@ -46,6 +47,7 @@ __all__ = [
     "PriorsConfig",
     "RunConfig",
     "StatsConfig",
+    "StudyGrid",
     "Teacher",
     "TeacherConfig",
     "__version__",
@@ -58,8 +60,10 @@ __all__ = [
     "list_models",
     "load_split",
     "load_teacher",
+    "read_grid",
     "resolve",
     "run",
+    "run_study",
     "train_teacher",
 ]
 

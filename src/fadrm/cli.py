@@ -212,9 +212,9 @@ def _study_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .study import read_grid, study
+    from .study import read_grid, run_study
 
-    study(read_grid(args.grid), args.out, jobs=args.jobs, device=args.device)
+    run_study(read_grid(args.grid), args.out, jobs=args.jobs, device=args.device)
     return 0
 
 

@@ -177,7 +177,7 @@ def plan_study(grid: StudyGrid, out: str | Path, jobs: str = "1", device: str = 
     return StudyPlan(list(to_train.values()), method_teachers, checked)
 
 
-def study(
+def run_study(
     grid: StudyGrid, out: str | Path, jobs: str = "1", device: str = "auto", log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run every cell of ``grid`` into ``out`` (resuming what is finished) and write the study's report.
