@@ -105,3 +105,24 @@ def test_the_example_grid_plans_every_cell(tmp_path):
     assert all(cell.evaluate.protocol == "common" for *_, cell in plan.checked)
     assert plan.teachers and set(plan.method_teachers) == set(grid.methods)
     assert not (tmp_path / "study").exists()
+
+
+def test_a_study_over_two_jobs_trains_every_set_in_one_pool_and_gives_the_table_of_one(grid, tmp_path, capsys):
+    """--jobs 2: every set is made first, then all their students go to one pool of two workers; the table is
+    that of one job at one thread per process, and the cells' reports reuse the pool's runs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_cli(["study", str(grid), "--out", str(tmp_path / "one"), "--device", "cpu"], capsys)[0] == 0
+    finally:
+        torch.set_num_threads(threads)
+    status, lines, err = run_cli(
+        ["study", str(grid), "--out", str(tmp_path / "two"), "--device", "cpu", "--jobs", "2"], capsys
+    )
+    assert status == 0, err
+    assert "training 16 students of 8 sets in 2 processes" in lines
+    assert sum("reusing finished run" in line for line in lines) == 16
+    rows = [json.loads((tmp_path / name / "study.json").read_text())["rows"] for name in ("one", "two")]
+    assert rows[0] == rows[1]

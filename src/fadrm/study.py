@@ -4,9 +4,10 @@ A grid names a dataset, methods, IPCs, distillation seeds, students, a protocol 
 study trains (or takes) each method's teachers once, then runs every cell (method x IPC x seed) as
 ``fadrm run`` runs one, into ``<out>/seed<S>/<method>-ipc<N>/``: each stage resumes, so the same
 command after a stop continues where it stopped and a finished study only writes its report again.
-The synthesis cells run one after another (each uses the whole device); each cell's students are
-shared among ``--jobs`` worker processes. The baselines are trained once per IPC and seed, with the
-first method's cell.
+The sets are made one after another (each uses the whole device); with ``--jobs`` K > 1 every
+unfinished student of every set then goes to one pool of K worker processes
+(:func:`fadrm.evaluation.train_students`), so that no set's last student holds the others back. The
+baselines are trained once per IPC and seed, with the first method's cell.
 
 It writes into ``<out>``: ``study.md`` (accuracy per method, IPC, student and labels as mean ± std
 over every seed and repeat, with n; the synthesis cost per image), ``study.json`` (every run),
@@ -23,12 +24,13 @@ from typing import Any, Callable
 
 from .config import PROTOCOL_WORDS
 from .distilled import DistilledSet
+from .evaluation import train_students
 from .errors import FadrmError
 from .io import atomic_path, write_json
 from .report import labelled_grid, plot_accuracy_by_ipc
 from .synthesis.methods import METHODS
 from .teachers import train_teacher
-from .workflow import RunPlan, execute_run, plan_run
+from .workflow import RunPlan, execute_run, make_set, plan_run
 from .yaml_input import read_yaml
 
 
@@ -208,6 +210,12 @@ def run_study(
         for method in grid.methods
         for ipc in grid.ipcs
     ]
+    if jobs != "1":
+        # Every set first, then every unfinished student of every set in one pool of workers.
+        for number, (method, ipc, seed, run_plan) in enumerate(cell_plans, 1):
+            log(f"== study set {number}/{len(cell_plans)}: {method}, IPC {ipc}, seed {seed} ==")
+            make_set(run_plan, log)
+        train_students([run_plan.evaluate for *_, run_plan in cell_plans], jobs, log)
     cells = []
     for number, (method, ipc, seed, run_plan) in enumerate(cell_plans, 1):
         log(f"== study cell {number}/{len(cell_plans)}: {method}, IPC {ipc}, seed {seed} ==")

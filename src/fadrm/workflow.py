@@ -180,15 +180,18 @@ def _preset_teacher_model(dataset: str) -> str | None:
     return load_preset_section(dataset, TeacherConfig.SECTION).get("model")
 
 
-def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run a resolved :class:`RunPlan`; see :func:`run`."""
+def make_set(
+    plan: RunPlan, log: Callable[[str], None] = print
+) -> tuple[dict[str, Any], DistillConfig, dict[str, float]]:
+    """The stages of a :class:`RunPlan` before its evaluation: its teachers, its committee's priors where they are
+    to be computed, and its set, each reusing what is finished. Returns the set's manifest, the distillation
+    as run (with its priors) and each stage's seconds."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
     for teacher in plan.teachers:
         if not isinstance(teacher, str):
             train_teacher(teacher, log=log)
     timings["teacher"] = time.perf_counter() - started
-    teacher_acc = [load_teacher(_teacher_path(t)).val_top1 for t in plan.teachers]
     distillation = plan.distill
     if plan.priors is not None:
         started = time.perf_counter()
@@ -198,6 +201,13 @@ def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, 
     started = time.perf_counter()
     manifest = distill(distillation, log=log)
     timings["distill"] = time.perf_counter() - started
+    return manifest, distillation, timings
+
+
+def execute_run(plan: RunPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run a resolved :class:`RunPlan`; see :func:`run`."""
+    manifest, distillation, timings = make_set(plan, log)
+    teacher_acc = [load_teacher(_teacher_path(t)).val_top1 for t in plan.teachers]
     started = time.perf_counter()
     results = evaluate(plan.evaluate, log=log)
     timings["evaluate"] = time.perf_counter() - started

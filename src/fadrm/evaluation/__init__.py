@@ -7,11 +7,12 @@ the figures. One student's training loop is :mod:`fadrm.students`.
 """
 
 from .plan import STUDENT_PROTOCOL, EvaluationPlan, Repeat, StudentJob, plan_evaluation, settle
-from .run import evaluate, student_args
+from .run import evaluate, student_args, train_students
 from .store import LabelStore, label_store_identity, stored_label_bytes
 from .summary import summarise_runs
 
 __all__ = [
+    "train_students",
     "STUDENT_PROTOCOL",
     "EvaluationPlan",
     "LabelStore",

@@ -7,6 +7,7 @@ figures reported are :mod:`.summary`'s.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
@@ -46,22 +47,60 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
     unfinished student continues after its last finished epoch. Under torchrun the
     processes train each student together; rank 0 writes every file.
     """
-    validate(config)  # also for configs built by hand rather than resolved
-    distilled_set = open_evaluated_set(config.distilled, config.dataset, config.data_root, config.teachers)
-    config = settle(config, distilled_set)
-    check_against_set(config, len(distilled_set.class_names))
-    sources = config.teachers or [t["source"] for t in distilled_set.teachers]
-    weights = (
-        prior_weights(config.teacher_priors, config.prior_temperature, len(sources))
-        if config.teacher_priors
-        else config.teacher_weights
-    )
+    config, distilled_set, sources, weights = opened(config)
     runtime = student_runtime(config)
     ranks = init_ranks(runtime.device.type)
     try:
         return evaluate_ranked(config, distilled_set, sources, weights, runtime, ranks, log)
     finally:
         ranks.close()
+
+
+def opened(config: EvalConfig) -> tuple[EvalConfig, EvaluatedSet, list[str], Sequence[float] | None]:
+    """The evaluation's set opened and what it settles: the config (validated, with the set's holdout and
+    priors), the set, the relabelling teachers and their weights (None: equal)."""
+    validate(config)  # also for configs built by hand rather than resolved
+    distilled_set = open_evaluated_set(config.distilled, config.dataset, config.data_root, config.teachers)
+    config = settle(config, distilled_set)
+    check_against_set(config, len(distilled_set.class_names))
+    sources = list(config.teachers or [t["source"] for t in distilled_set.teachers])
+    weights = (
+        prior_weights(config.teacher_priors, config.prior_temperature, len(sources))
+        if config.teacher_priors
+        else config.teacher_weights
+    )
+    return config, distilled_set, sources, weights
+
+
+def train_students(configs: Sequence[EvalConfig], jobs: str, log: Callable[[str], None] = print) -> int:
+    """Train the unfinished students of several evaluations in one pool of ``jobs`` worker processes (a study's
+    queue: no pool waits for one set's last student before the next set's start); returns how many trained.
+
+    Each evaluation's folder is claimed and its label stores filled first, as :func:`evaluate` does; its
+    full-data arm and report are left to :func:`evaluate`, which then finds every student finished.
+    """
+    with contextlib.ExitStack() as held:
+        inputs: list[WorkerInputs] = []
+        pending: list[str] = []
+        device = None
+        for index, config in enumerate(configs):
+            config, distilled_set, sources, weights = opened(config)
+            runtime = student_runtime(config)
+            device = device or runtime.device
+            bench = StudentBench.prepare(config, distilled_set, sources, weights, runtime, Ranks(), log)
+            held.enter_context(lock_or_nothing(bench.plan.out, "--out", True))
+            data_dir = data_folder(bench.spec, config.data_root)
+            claim_evaluation_folder(bench.plan.out, distilled_set, config.overwrite, data_dir, log)
+            write_config(bench.plan.out / "config.yaml", bench.plan.config)
+            for repeat in range(len(bench.plan.repeats)):
+                bench.filled_store(repeat, log)
+            pending += [f"{index}:{job.key}" for _, _, job in bench.jobs() if bench.finished_run(job, quiet) is None]
+            inputs.append(bench.worker_inputs())
+        count = job_count(jobs, device or torch.device("cpu"))
+        if pending:
+            log(f"training {len(pending)} students of {len(configs)} sets in {min(count, len(pending))} processes")
+            train_concurrently(several_trainer, inputs, pending, count, device, log)
+        return len(pending)
 
 
 def evaluate_ranked(
@@ -298,6 +337,22 @@ def worker_trainer(inputs: WorkerInputs, device: torch.device) -> Callable[[Any,
         raise RuntimeError("a student process planned other runs than the evaluating process")
     positions = {job.key: (r, j) for r, j, job in bench.jobs()}
     return lambda name, log: bench.train(*positions[name], log)
+
+
+def several_trainer(
+    inputs: Sequence[WorkerInputs], device: torch.device
+) -> Callable[[Any, Callable[[str], None]], dict]:
+    """In a worker of :func:`train_students`: trains job ``"<evaluation>:<key>"``, building each evaluation's
+    bench the first time one of its jobs comes."""
+    trainers: dict[int, Callable[[Any, Callable[[str], None]], dict]] = {}
+
+    def train(name: str, log: Callable[[str], None]) -> dict:
+        index, key = name.split(":", 1)
+        if int(index) not in trainers:
+            trainers[int(index)] = worker_trainer(inputs[int(index)], device)
+        return trainers[int(index)](key, log)
+
+    return train
 
 
 def check_set_teachers(distilled_set: EvaluatedSet, teachers: Sequence[Teacher]) -> None:
