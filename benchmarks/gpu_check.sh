@@ -80,10 +80,12 @@ else
     # The data stage on the GPU node's many cores (CPU only): patch selection against the decode floor.
     step patches $PY benchmarks/patch_speed.py --rounds 1 --per-class 50 --data /tmp/fadrm-imagenet-like \
         --json "$OUT/$TAG-patches.json"
-    step student-jobs $PY benchmarks/student_jobs.py --synthetic cifar100 --device cuda --jobs 1 auto --epochs 2 \
+    step student-jobs $PY benchmarks/student_jobs.py --synthetic cifar100 --device cuda --jobs 1 auto --epochs 1 \
         --repeats 8 --json "$OUT/$TAG-student-jobs.json"
-    step student-speed $PY benchmarks/student_speed.py --device cuda --rounds 1 --json "$OUT/$TAG-student-speed.json"
-    step student-speed-lean $PY benchmarks/student_speed.py --device cuda --rounds 1 --views host \
+    # The demo's and CIFAR's step at the published batch of 16 (the launch-bound case), default and lean.
+    step student-speed $PY benchmarks/student_speed.py --device cuda --rounds 1 --batch-sizes 16 \
+        --json "$OUT/$TAG-student-speed.json"
+    step student-speed-lean $PY benchmarks/student_speed.py --device cuda --rounds 1 --batch-sizes 16 --views host \
         --prefetch-views on --fused-optimizer on --json "$OUT/$TAG-student-speed-lean.json"
     step host-cost-students $PY benchmarks/host_cost.py --students --device cuda \
         --json "$OUT/$TAG-host-cost-students.json"
