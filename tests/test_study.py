@@ -126,3 +126,21 @@ def test_a_study_over_two_jobs_trains_every_set_in_one_pool_and_gives_the_table_
     assert sum("reusing finished run" in line for line in lines) == 16
     rows = [json.loads((tmp_path / name / "study.json").read_text())["rows"] for name in ("one", "two")]
     assert rows[0] == rows[1]
+
+
+def test_a_study_writes_only_into_its_own_folder_and_its_grid_replays(grid, fmnist_root, tmp_path, capsys):
+    """A folder of other files is refused in one line, unchanged; so is the dataset's folder. The study's own
+    folder holds the grid it was made from, which replays the study (everything reused)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "study.md").write_text("my notes")
+    status, _, err = run_cli(["study", str(grid), "--out", str(mine), "--device", "cpu"], capsys)
+    assert status == 2 and len(err) == 1 and "is not a fadrm study (no grid.yaml)" in err[0], err
+    assert sorted(p.name for p in mine.iterdir()) == ["study.md"] and (mine / "study.md").read_text() == "my notes"
+    status, _, err = run_cli(["study", str(grid), "--out", str(fmnist_root / "s"), "--device", "cpu"], capsys)
+    assert status == 2 and len(err) == 1 and not (fmnist_root / "s").exists(), err
+
+    out = tmp_path / "study"
+    assert run_cli(["study", str(grid), "--out", str(out), "--device", "cpu"], capsys)[0] == 0
+    status, lines, _ = run_cli(["study", str(out / "grid.yaml"), "--out", str(out), "--device", "cpu"], capsys)
+    assert status == 0 and not [line for line in lines if "% at the last epoch (best" in line]

@@ -9,10 +9,11 @@ unfinished student of every set then goes to one pool of K worker processes
 (:func:`fadrm.evaluation.train_students`), so that no set's last student holds the others back. The
 baselines are trained once per IPC and seed, with the first method's cell.
 
-It writes into ``<out>``: ``study.md`` (accuracy per method, IPC, student and labels as mean ± std
-over every seed and repeat, with n; the synthesis cost per image), ``study.json`` (every run),
-``accuracy-vs-ipc.png`` and ``grids/<method>-ipc<N>.png`` (the first seed's images, a row per class,
-labelled), where matplotlib is installed for the plot.
+It writes into ``<out>``, an empty folder or one of its own: ``grid.yaml`` (the grid it was made from,
+which ``fadrm study <out>/grid.yaml --out <out>`` replays), ``study.md`` (accuracy per method, IPC,
+student and labels as mean ± std over every seed and repeat, with n; the synthesis cost per image),
+``study.json`` (every run), ``accuracy-vs-ipc.png`` and ``grids/<method>-ipc<N>.png`` (the first
+seed's images, a row per class, labelled), where matplotlib is installed for the plot.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import PROTOCOL_WORDS
+from .config import PROTOCOL_WORDS, dump_yaml
+from .data import data_folder, get_dataset_spec
 from .distilled import DistilledSet
 from .evaluation import train_students
 from .errors import FadrmError
 from .io import atomic_path, write_json
+from .ownership import holds_nothing, refuse_data_folder
 from .report import labelled_grid, plot_accuracy_by_ipc
 from .synthesis.methods import METHODS
 from .teachers import train_teacher
@@ -179,6 +182,24 @@ def plan_study(grid: StudyGrid, out: str | Path, jobs: str = "1", device: str = 
     return StudyPlan(list(to_train.values()), method_teachers, checked)
 
 
+# The grid a study folder was made from: its marker, and the file that replays it (fadrm study OUT/grid.yaml).
+GRID_FILE = "grid.yaml"
+
+
+def claim_study_folder(out: Path, grid: StudyGrid) -> None:
+    """Take ``out`` for the study: refused, in one line and before anything is written, when it holds files but
+    no ``grid.yaml`` (not a fadrm study) or lies in the dataset's folder; then the grid is written there."""
+    refuse_data_folder(out, data_folder(get_dataset_spec(grid.dataset), grid.data_root), "--out")
+    if not holds_nothing(out) and not (out / GRID_FILE).is_file():
+        raise FadrmError(
+            f"--out {out} holds files and is not a fadrm study (no {GRID_FILE}); fadrm writes only into an empty "
+            "folder or its own study: choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / GRID_FILE) as tmp:
+        tmp.write_text(dump_yaml({f.name: getattr(grid, f.name) for f in fields(StudyGrid)}))
+
+
 def run_study(
     grid: StudyGrid, out: str | Path, jobs: str = "1", device: str = "auto", log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -191,6 +212,7 @@ def run_study(
     """
     out = Path(out)
     plan = plan_study(grid, out, jobs, device)
+    claim_study_folder(out, grid)
     for teacher in plan.teachers:
         train_teacher(teacher, log=log)
     cell_plans = [
