@@ -208,6 +208,20 @@ def rded_distill_argv(fmnist_root: Path, teacher: Path, out: Path, *extra: str) 
     ]
 
 
+def quick_teacher_config(data_root: Path, out: Path, **overrides):
+    """A two-epoch, width-4 ConvNet teacher of the Fashion-MNIST fixture (resume and damage tests)."""
+    from fadrm.config import TeacherConfig
+
+    options = dict(model_args={"width": 4}, epochs=2, batch_size=32, workers=0, device="cpu")
+    return TeacherConfig(
+        dataset="fashion-mnist",
+        model="convnet-small",
+        out=str(out),
+        data_root=str(data_root),
+        **{**options, **overrides},
+    )
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, list[str], list[str]]:
     """Exit status, stdout lines and stderr lines of ``fadrm ARGV`` run in this process."""
     try:

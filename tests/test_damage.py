@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fadrm.evaluation.run as evaluation_run
-from conftest import rded_distill_argv, run_cli
+from conftest import quick_teacher_config, rded_distill_argv, run_cli
 
 DAMAGES = ("truncated", "emptied", "flipped", "deleted", "replaced")
 
@@ -221,18 +221,7 @@ def test_a_damaged_unfinished_teacher_is_trained_again(how, fmnist_root, tmp_pat
     from fadrm.teachers import train_teacher
 
     def config(out: Path, seed: int = 0) -> TeacherConfig:
-        return TeacherConfig(
-            dataset="fashion-mnist",
-            model="convnet-small",
-            model_args={"width": 4},
-            out=str(out),
-            data_root=str(fmnist_root),
-            epochs=2,
-            batch_size=32,
-            workers=0,
-            device="cpu",
-            seed=seed,
-        )
+        return quick_teacher_config(fmnist_root, out, seed=seed)
 
     def stop_after_first_epoch(line: str) -> None:
         if line.startswith("epoch 1/2"):

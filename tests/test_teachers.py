@@ -21,7 +21,7 @@ from fadrm.errors import FadrmError
 from fadrm.models import build_model
 from fadrm.teachers import fit_teacher_to_dataset, load_teacher, train_teacher
 
-from conftest import make_teacher_checkpoint
+from conftest import make_teacher_checkpoint, quick_teacher_config
 
 FMNIST = get_dataset_spec("fashion-mnist")
 
@@ -118,18 +118,7 @@ def test_torchvision_weights_offline_message(monkeypatch, tmp_path):
 
 def test_train_teacher_resumes_after_interruption(fmnist_root, tmp_path):
     def config(out: Path, **kw) -> TeacherConfig:
-        return TeacherConfig(
-            dataset="fashion-mnist",
-            model="convnet-small",
-            model_args={"width": 4},
-            out=str(out),
-            data_root=str(fmnist_root),
-            epochs=2,
-            batch_size=32,
-            workers=0,
-            device="cpu",
-            **kw,
-        )
+        return quick_teacher_config(fmnist_root, out, **kw)
 
     straight = train_teacher(config(tmp_path / "a.pt"), log=lambda s: None)
 

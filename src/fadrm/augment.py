@@ -67,7 +67,11 @@ def random_resized_crop_box(
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return _randint(gen, 0, height - h), _randint(gen, 0, width - w), h, w
-    # Fallback: the largest central crop within the ratio bounds.
+    return central_crop_box(height, width, ratio)
+
+
+def central_crop_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """The random-resized crop's fallback when no try fits: the largest central crop within the ratio bounds."""
     in_ratio = width / height
     if in_ratio < ratio[0]:
         w, h = width, round(width / ratio[0])
@@ -119,19 +123,9 @@ def random_resized_crop_boxes(
         (int(t), int(left), int(hh), int(ww))
         for t, left, hh, ww in zip(tops.tolist(), lefts.tolist(), h.tolist(), w.tolist())
     ]
-    central = None
     for position, fitted in enumerate(fits.any(dim=1).tolist()):
-        if not fitted:  # no attempt fitted: the largest central crop within the ratio bounds
-            if central is None:
-                in_ratio = width / height
-                if in_ratio < ratio[0]:
-                    cw, ch = width, round(width / ratio[0])
-                elif in_ratio > ratio[1]:
-                    ch, cw = height, round(height * ratio[1])
-                else:
-                    cw, ch = width, height
-                central = ((height - ch) // 2, (width - cw) // 2, ch, cw)
-            boxes[position] = central
+        if not fitted:
+            boxes[position] = central_crop_box(height, width, ratio)
     return boxes
 
 

@@ -89,9 +89,7 @@ def train_students(configs: Sequence[EvalConfig], jobs: str, log: Callable[[str]
             device = device or runtime.device
             bench = StudentBench.prepare(config, distilled_set, sources, weights, runtime, Ranks(), log)
             held.enter_context(lock_or_nothing(bench.plan.out, "--out", True))
-            data_dir = data_folder(bench.spec, config.data_root)
-            claim_evaluation_folder(bench.plan.out, distilled_set, config.overwrite, data_dir, log)
-            write_config(bench.plan.out / "config.yaml", bench.plan.config)
+            bench.claim(log)
             for repeat in range(len(bench.plan.repeats)):
                 bench.filled_store(repeat, log)
             pending += [f"{index}:{job.key}" for _, _, job in bench.jobs() if bench.finished_run(job, quiet) is None]
@@ -122,9 +120,7 @@ def evaluate_ranked(
     # One writer per results folder (rank 0 for the group): a second evaluation into it is refused.
     with lock_or_nothing(plan.out, "--out", ranks.is_main):
         if ranks.is_main:
-            data_dir = data_folder(spec, config.data_root)
-            claim_evaluation_folder(plan.out, distilled_set, config.overwrite, data_dir, log)
-            write_config(plan.out / "config.yaml", plan.config)
+            bench.claim(log)
         ranks.barrier()
         for name in plan.students:
             build_model(name, 2, spec.channels, spec.image_size)  # fail now on an unknown student, not after hours
@@ -221,6 +217,13 @@ class StudentBench:
             sources,
             weights,
         )
+
+    def claim(self, log: Callable[[str], None]) -> None:
+        """Take the results folder for this evaluation (:func:`~.store.claim_evaluation_folder`) and write the
+        resolved config there (the writing process only, holding the folder's lock)."""
+        data_dir = data_folder(self.spec, self.config.data_root)
+        claim_evaluation_folder(self.plan.out, self.distilled_set, self.config.overwrite, data_dir, log)
+        write_config(self.plan.out / "config.yaml", self.plan.config)
 
     def jobs(self) -> Iterator[tuple[int, int, StudentJob]]:
         """Every student job with its repeat's and its own position, in the order they are reported."""
