@@ -99,15 +99,31 @@ def _epochs_text(runs: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def plot_curves(path: Path, runs: Sequence[dict[str, Any]]) -> bool:
-    """Training loss and validation top-1 per epoch, one line per run; False when matplotlib is absent."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend, or None when matplotlib is not installed."""
     if importlib.util.find_spec("matplotlib") is None:
-        return False
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(plt: Any, fig: Any, path: Path) -> None:
+    """Lay ``fig`` out, write it to ``path`` as a PNG (atomically) and close it."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, runs: Sequence[dict[str, Any]]) -> bool:
+    """Training loss and validation top-1 per epoch, one line per run; False when matplotlib is absent."""
+    plt = _pyplot()
+    if plt is None:
+        return False
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     several_seeds = len({run["seed"] for run in runs}) > 1
     for run in (run for run in runs if run["history"]):  # the full-data arm has no student curve
@@ -120,10 +136,7 @@ def plot_curves(path: Path, runs: Sequence[dict[str, Any]]) -> bool:
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1")
     ax_acc.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
     return True
 
 
@@ -174,13 +187,9 @@ def labelled_grid(
 def plot_accuracy_by_ipc(path: Path, rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> bool:
     """Top-1 against IPC, a line per method (soft labels, each student) and a dashed one per baseline arm, the
     IPCs as ticks on a log axis; False when matplotlib is absent."""
-    if importlib.util.find_spec("matplotlib") is None:
+    plt = _pyplot()
+    if plt is None:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     lines: dict[tuple[str, str, str], list[tuple[int, float, float]]] = {}
     for row in rows:
@@ -198,8 +207,5 @@ def plot_accuracy_by_ipc(path: Path, rows: Sequence[dict[str, Any]], methods: Se
     ax.minorticks_off()
     ax.set(xlabel="images per class (IPC)", ylabel="top-1 (%)", title="accuracy against IPC")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
     return True
