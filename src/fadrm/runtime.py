@@ -211,8 +211,9 @@ def make_runtime(
     ``fused_statistics``: see :class:`Runtime`; off by default until a GPU run has
     timed it (the CPU default must keep 0.3.0's bytes).
     ``fused_optimizer`` ("auto", "on", "off"): auto is on for the CPU, where AdamW's fused step measured
-    7.5x faster than the per-parameter loop for a CIFAR ResNet-18 (5.5 against 41 ms, one thread), and off
-    on CUDA until a GPU run has timed it (torch's multi-tensor step there).
+    4.8x faster than the per-parameter loop for a CIFAR ResNet-18 (5.3 against 25 ms, one thread:
+    ``benchmarks/optimizer_step.py``), and off on CUDA until a GPU run has timed it (torch's multi-tensor
+    step there).
     ``views`` ("auto", "device", "host"): where student views are rendered; auto is the device itself (on
     CUDA the batch at once, as run on an H200 in 0.3). ``prefetch_views`` ("auto", "on", "off"): auto is on
     where views are rendered on the host for a GPU. Neither host rendering nor prefetching has run on a GPU:

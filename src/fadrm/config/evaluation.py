@@ -259,7 +259,7 @@ class EvalConfig(StageConfig):
         defines=False,
         choices=("auto", "on", "off"),
         help="step the students with torch's fused optimiser (one operator, no scalar read per step; other "
-        "rounding); auto: on for the CPU (AdamW 7.5x faster there for a ResNet-18), off on CUDA until timed on a GPU",
+        "rounding); auto: on for the CPU (AdamW 4.8x faster there for a ResNet-18), off on CUDA until timed on a GPU",
     )
     # One save measured 2.9 ms for the demo's ConvNet student, 3.5% of its epoch (benchmarks/student_checkpoint.py).
     checkpoint_every: int = option(
